@@ -1,0 +1,116 @@
+"""Process groups: one world of pp x dp ranks, pipelines on contiguous ranks, data-parallel groups strided."""
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class LaunchError(RuntimeError):
+    """The launch environment is inconsistent; the message says what to change."""
+
+
+@dataclass
+class Layout:
+    rank: int
+    world_size: int
+    pp_size: int
+    dp_size: int
+    pp_rank: int
+    dp_rank: int
+    local_rank: int
+    device: torch.device
+    pp_group: object = None  # ProcessGroup of this rank's pipeline
+    dp_group: object = None  # ProcessGroup of the ranks holding the same stage
+
+    @property
+    def is_first_stage(self):
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self):
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_logger(self):
+        """The one rank that logs: the last stage of replica 0 (it sees the loss)."""
+        return self.dp_rank == 0 and self.is_last_stage
+
+    def pipeline_rank(self, pp_rank):
+        """Global rank of stage `pp_rank` in this rank's pipeline."""
+        return self.dp_rank * self.pp_size + pp_rank
+
+
+def rank_to_coords(rank, pp_size):
+    """OpenChatKit's mapping: pipelines are contiguous ranks."""
+    return rank % pp_size, rank // pp_size
+
+
+def _launch_env(args):
+    """(rank, world_size, local_rank, init_method) from torchrun's variables or from the flags."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if args.rank is not None and args.rank != rank:
+            raise LaunchError(f"--rank {args.rank} disagrees with torchrun's RANK={rank}; drop --rank under torchrun")
+        return rank, world, local_rank, "env://"
+    if args.rank is None:
+        if args.pipeline_group_size * args.data_group_size != 1:
+            raise LaunchError("not under torchrun: pass --rank R (and --world-size, --dist-url) to each process")
+        return 0, 1, 0, args.dist_url
+    world = args.world_size or args.pipeline_group_size * args.data_group_size
+    return args.rank, world, args.cuda_id if args.cuda_id is not None else 0, args.dist_url
+
+
+def init_distributed(args):
+    """Create the world and the pipeline / data-parallel groups. Returns the Layout of this rank."""
+    if args.net_interface:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", args.net_interface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", args.net_interface)
+    rank, world, local_rank, init_method = _launch_env(args)
+    pp, dp = args.pipeline_group_size, args.data_group_size
+    if world != pp * dp:
+        raise LaunchError(f"world size {world} != --pipeline-group-size {pp} x --data-group-size {dp}; "
+                          f"launch {pp * dp} processes or change the group sizes")
+    if not 0 <= rank < world:
+        raise LaunchError(f"--rank {rank} is outside 0..{world - 1}")
+
+    use_cuda = args.use_cuda and torch.cuda.is_available()
+    if use_cuda:
+        cuda_id = args.cuda_id if args.cuda_id is not None else local_rank
+        if cuda_id >= torch.cuda.device_count():
+            raise LaunchError(f"--cuda-id {cuda_id} but this machine has {torch.cuda.device_count()} GPU(s); "
+                              f"launch fewer processes per node or fix --cuda-id")
+        torch.cuda.set_device(cuda_id)
+        device = torch.device("cuda", cuda_id)
+        backend = "nccl" if args.dp_backend == "nccl" else "cpu:gloo,cuda:nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+
+    timeout = datetime.timedelta(seconds=args.dist_timeout)
+    kwargs = dict(backend=backend, rank=rank, world_size=world, timeout=timeout)
+    if init_method != "env://":
+        kwargs["init_method"] = init_method
+    if use_cuda and backend == "nccl":
+        kwargs["device_id"] = device  # eager NCCL init: errors surface at start, not at the first collective
+    dist.init_process_group(**kwargs)
+
+    pp_rank, dp_rank = rank_to_coords(rank, pp)
+    layout = Layout(rank, world, pp, dp, pp_rank, dp_rank, local_rank, device)
+    # Every rank must create every group, in the same order.
+    for replica in range(dp):
+        group = dist.new_group([replica * pp + s for s in range(pp)], timeout=timeout)
+        if replica == dp_rank:
+            layout.pp_group = group
+    for stage in range(pp):
+        group = dist.new_group([r * pp + stage for r in range(dp)], timeout=timeout)
+        if stage == pp_rank:
+            layout.dp_group = group
+    return layout
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()

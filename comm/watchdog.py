@@ -1,0 +1,76 @@
+"""Make a failure on one rank end every rank, naming the rank that failed.
+
+Each rank runs a daemon thread that, through the rendezvous store every process group already has:
+- publishes a heartbeat every second;
+- watches for an "abort" record, written by a rank that raised (see `report_failure`);
+- declares a rank dead when its heartbeat is older than --dist-timeout (a SIGKILL or a lost machine leaves no record).
+On either, it prints one line and exits the process with status 1, so no rank waits forever in a collective.
+"""
+import os
+import sys
+import threading
+import time
+
+import torch.distributed as dist
+
+HEARTBEAT_S = 1.0
+
+
+class Watchdog:
+    def __init__(self, rank, world_size, timeout_s):
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.store = dist.distributed_c10d._get_default_store()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+
+    def start(self):
+        self._beat()
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stopped.set()
+
+    def _beat(self):
+        self.store.set(f"watchdog/heartbeat/{self.rank}", repr(time.time()))
+
+    def _exit(self, message):
+        if self.stopped.is_set():
+            return
+        sys.stderr.write(f"error: [rank {self.rank}] {message}\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    def _run(self):
+        seen = {}  # rank -> (last heartbeat value, local time it last changed)
+        while not self.stopped.wait(HEARTBEAT_S):
+            try:
+                self._beat()
+                if self.store.check(["watchdog/abort"]):
+                    self._exit(f"stopping: {self.store.get('watchdog/abort').decode()}")
+                now = time.time()
+                for other in range(self.world_size):
+                    if other == self.rank:
+                        continue
+                    key = f"watchdog/heartbeat/{other}"
+                    value = self.store.get(key) if self.store.check([key]) else b""
+                    last_value, changed = seen.get(other, (None, now))
+                    if value != last_value:
+                        seen[other] = (value, now)
+                    elif now - changed > self.timeout_s:
+                        self._exit(f"stopping: rank {other} sent no heartbeat for {self.timeout_s:.0f} s "
+                                   f"(--dist-timeout); it died or hangs, see its log")
+            except Exception as exc:  # the store lives with rank 0 / torchrun: losing it means the job is gone
+                self._exit(f"stopping: lost the rendezvous store ({type(exc).__name__}: {exc}); "
+                           f"rank 0 or the launcher died")
+
+
+def report_failure(rank, message):
+    """Tell every rank that this one failed (best effort: the store may already be gone)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set("watchdog/abort", f"rank {rank} failed: {message}")
+    except Exception:  # noqa: BLE001 - nothing more can be done; the heartbeat timeout still catches it
+        pass

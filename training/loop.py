@@ -1,0 +1,288 @@
+"""The training job, read as the story of a run: layout, model, data, optimizer, resume, then steps."""
+import math
+import os
+import platform
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import modules
+from comm import init_distributed
+from comm.watchdog import Watchdog
+from data_parallel import allreduce_gradients
+from optimizer import StageOptimizer
+from pipeline_parallel import Pipeline, split_layers, stage_ids_of_rank
+from training.metrics import StepMeter
+from training.profiling import make_profiler
+from utils.checkpoint import CheckpointError, Checkpointer, files_of
+from utils.logging import make_logger, public_flags
+
+INJECT_INF_ENV = "INJECT_INF_GRAD"  # test hook "STEP:RANK": make one gradient inf on RANK at optimizer step STEP
+
+
+class TokenMeanLoss:
+    """Sum of token cross-entropies times `factor` = loss scale / loss tokens of the whole optimizer step."""
+
+    def __init__(self):
+        self.factor = 1.0
+
+    def __call__(self, logits, labels):
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        return loss * self.factor
+
+
+def model_dtype(args):
+    return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.layout = lay = init_distributed(args)
+        self.watchdog = Watchdog(lay.rank, lay.world_size, args.dist_timeout).start()
+        self.log = make_logger(args.train_log_backend, lay.is_logger, args.project_name, args.job_id,
+                               public_flags(args))
+        self.cfg = cfg = modules.load_model_config(args.model_name, args.model_type)
+        if args.embedding_dim is not None and args.embedding_dim != cfg.hidden_size:
+            raise modules.ModelError(f"--embedding-dim {args.embedding_dim} differs from hidden size "
+                                     f"{cfg.hidden_size} in {args.model_name}/config.json; use "
+                                     f"--embedding-dim {cfg.hidden_size} or omit it")
+        self._build_model()
+        self._build_data()
+        self.steps_total = self._total_optimizer_steps()
+        self.optimizer = StageOptimizer(self.named_params, args, lay, self.steps_total)
+        self.loss_fn = TokenMeanLoss()
+        n_micro = args.batch_size // args.micro_batch_size
+        self.pipeline = Pipeline(self.stage_modules, self.stage_ids, self.num_stages, lay, n_micro, args.pp_mode,
+                                 self.loss_fn)
+        self.checkpointer = Checkpointer(args.checkpoint_path, lay, args.keep_checkpoints)
+        self.step = 0
+        if args.load_checkpoint:
+            self._resume()
+        self.meter = StepMeter(lay.device, modules.flops_per_token(cfg, args.seq_length), lay.world_size,
+                               self.steps_total, self.step)
+        self.profiler = make_profiler(args, lay, self.stage_modules)
+
+    # ------------------------------------------------------------------ set-up
+    def _build_model(self):
+        args, lay, cfg = self.args, self.layout, self.cfg
+        virtual = args.virtual_stages if args.pp_mode == "interleaved-1f1b" else 1
+        self.num_stages = lay.pp_size * virtual
+        per_stage = args.num_layers if virtual == 1 else None
+        self.bounds = split_layers(cfg.num_layers, self.num_stages, per_stage)
+        self.stage_ids = stage_ids_of_rank(lay.pp_rank, lay.pp_size, virtual)
+        if modules.tied_parameter_names(cfg) and self.num_stages > 1:
+            raise modules.ModelError("tied input/output embeddings (tie_word_embeddings) are supported with one "
+                                     "pipeline stage only; use --pipeline-group-size 1")
+        self.stage_modules = []
+        for s in self.stage_ids:
+            start, end = self.bounds[s]
+            module = modules.build_stage(cfg, start, end, s == 0, s == self.num_stages - 1,
+                                         args.activation_checkpointing)
+            if args.load_pretrained_model:
+                modules.load_stage_weights(module, args.model_name)
+            else:
+                modules.init_stage_weights(module, cfg, args.seed)
+            self.stage_modules.append(module.to(device=lay.device, dtype=model_dtype(args)))
+        self.named_params = [(n, p) for m in self.stage_modules for n, p in m.named_parameters()]
+        self.param_names = [n for n, _ in self.named_params]
+        self.log.info(f"model {cfg.model_type}: {cfg.num_layers} layers, hidden {cfg.hidden_size}; "
+                      f"{self.num_stages} stages over pp={lay.pp_size} x dp={lay.dp_size}; stage layers "
+                      f"{self.bounds}")
+
+    def _build_data(self):
+        """Only ranks holding the first or last stage read data (inputs / labels); all read evaluation data,
+        since every stage must run the same number of evaluation batches."""
+        from transformers import AutoTokenizer
+
+        import tasks
+        args, lay = self.args, self.layout
+        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
+        self.stream = None
+        if self.pipeline_holds_ends():
+            self.stream = tasks.PackedStream(
+                args.task_name, self.tokenizer, args.seq_length, args.batch_size, lay.dp_rank, lay.dp_size,
+                seed=args.seed, train_on_inputs=args.train_on_inputs, loss_on_bot_only=args.loss_on_bot_only,
+                shuffle_buffer=args.shuffle_buffer, num_workers=args.data_workers)
+
+    def pipeline_holds_ends(self):
+        return 0 in self.stage_ids or self.num_stages - 1 in self.stage_ids
+
+    def _total_optimizer_steps(self):
+        args, lay = self.args, self.layout
+        if args.total_steps is not None:
+            return args.total_steps // args.gradient_accumulate_step
+        import tasks
+        counted = [None]
+        if lay.rank == 0:  # count once, for all ranks (cached beside the data for later runs)
+            counted[0] = tasks.count_tokens(args.task_name, self.tokenizer)
+        dist.broadcast_object_list(counted, src=0)
+        windows = counted[0] // args.seq_length
+        iterations = math.ceil(args.nepochs * windows / (args.batch_size * lay.dp_size))
+        steps = max(1, math.ceil(iterations / args.gradient_accumulate_step))
+        self.log.info(f"--nepochs {args.nepochs}: {counted[0]} tokens -> {steps} optimizer steps")
+        return steps
+
+    # ------------------------------------------------------------------ checkpoints
+    def _meta(self):
+        cfg, lay, args = self.cfg, self.layout, self.args
+        import transformers
+        return {
+            "model_type": cfg.model_type,
+            "model_config": cfg.hf_config_dict,
+            "shape": {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size},
+            "layout": {"pp": lay.pp_size, "dp": lay.dp_size, "num_stages": self.num_stages,
+                       "stage_layers": self.bounds},
+            "iteration": self.step * args.gradient_accumulate_step,
+            "dtype": str(model_dtype(args)).replace("torch.", ""),
+            "flags": public_flags(args),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version()},
+        }
+
+    def _stage_tensors(self):
+        return {k: v for m in self.stage_modules for k, v in m.state_dict().items()}
+
+    def save_checkpoint(self):
+        stage_state = dict(self.optimizer.state_dict(), step=self.step)
+        data_state = self.stream.state_dict() if self.layout.rank == 0 else None
+        self.checkpointer.save(self.step, self._stage_tensors(), self.optimizer.state_tensors(self.param_names),
+                               stage_state, data_state, self._meta(), self.args.tokenizer_name)
+        self.log.info(f"saved checkpoint {self.checkpointer.step_dir(self.step)}")
+
+    def _resume(self):
+        import json
+        ck, lay = self.checkpointer, self.layout
+        mine = set(self._stage_tensors())
+
+        def files_needed(meta):
+            return files_of(meta, mine) + ["prank_0_state.json", "data_state.json"]
+
+        step, meta = ck.find_resume_step(self._meta(), files_needed, self.args.resume_fallback, self._warn)
+        if step is None:
+            return
+        folder = ck.step_dir(step)
+        weights = ck.read_tensors(step, meta, "_model.safetensors", mine)
+        missing = mine - set(weights)
+        if missing:
+            raise CheckpointError(f"{folder} lacks {len(missing)} tensors of this stage, e.g. {sorted(missing)[0]}")
+        with torch.no_grad():
+            for m in self.stage_modules:
+                for k, v in m.state_dict().items():
+                    v.copy_(weights[k])
+        self.optimizer.load_state_tensors(
+            self.param_names, ck.read_tensors(step, meta, "_optimizer.safetensors", set(self.param_names)))
+        state = json.load(open(os.path.join(folder, "prank_0_state.json")))
+        self.optimizer.load_state_dict(state)
+        if self.stream is not None:
+            self.stream.load_state_dict(json.load(open(os.path.join(folder, "data_state.json"))))
+        self.step = state["step"]
+        self.log.info(f"resumed from {folder} (step {self.step})")
+
+    def _warn(self, message):
+        if self.layout.rank == 0 or self.layout.is_logger:
+            print(message, flush=True)
+
+    # ------------------------------------------------------------------ steps
+    def _global_loss_tokens(self, batches):
+        """Loss tokens of the whole optimizer step, summed over replicas (only the last stage needs it)."""
+        count = sum((b["labels"] != -100).sum() for b in batches).to(self.layout.device, torch.float32)
+        if self.layout.dp_size > 1:
+            dist.all_reduce(count, group=self.layout.dp_group)
+        return count
+
+    def train_step(self):
+        args, lay = self.args, self.layout
+        batches = [next(self.stream) if self.stream else None for _ in range(args.gradient_accumulate_step)]
+        holds_last = self.num_stages - 1 in self.stage_ids
+        loss_sum = torch.zeros((), device=lay.device)
+        if holds_last:
+            tokens = self._global_loss_tokens(batches)
+            self.loss_fn.factor = self.optimizer.loss_scale / tokens.clamp(min=1)
+        for batch in batches:
+            input_ids = batch["input_ids"].to(lay.device, non_blocking=True) if batch else None
+            labels = batch["labels"].to(lay.device, non_blocking=True) if batch else None
+            with self.profiler.span("iteration"):
+                loss = self.pipeline.run(input_ids, labels)
+            if loss is not None:
+                loss_sum += loss
+        self._maybe_inject_inf()
+        with self.profiler.span("dp_allreduce"):
+            allreduce_gradients([p for _, p in self.named_params], lay.dp_group, lay.dp_size)
+        with self.profiler.span("optimizer"):
+            grad_norm, skipped = self.optimizer.step()
+        return loss_sum, grad_norm, skipped
+
+    def _maybe_inject_inf(self):
+        spec = os.environ.get(INJECT_INF_ENV)
+        if spec:
+            step, rank = (int(x) for x in spec.split(":"))
+            if step == self.step + 1 and rank == self.layout.rank:
+                self.named_params[0][1].grad.view(-1)[0] = float("inf")
+
+    def _reduce_loss(self, loss_sum):
+        """Global mean token loss of the step (meaningful on the last-stage ranks)."""
+        loss = loss_sum.detach().clone() / self.optimizer.loss_scale
+        if self.layout.dp_size > 1:
+            dist.all_reduce(loss, group=self.layout.dp_group)
+        return loss.item()
+
+    def evaluate(self):
+        import tasks
+        args, lay = self.args, self.layout
+        paths = [p for p in args.evaluation_data.split(",") if p]
+        total = torch.zeros(2, device=lay.device, dtype=torch.float64)  # loss sum, token count
+        self.loss_fn.factor = 1.0
+        batches = tasks.evaluation_batches(paths, self.tokenizer, args.seq_length, args.batch_size, lay.dp_rank,
+                                           lay.dp_size)
+        for i, batch in enumerate(batches):
+            if args.evaluation_num_batch is not None and i >= args.evaluation_num_batch:
+                break
+            loss = self.pipeline.run(batch["input_ids"].to(lay.device), batch["labels"].to(lay.device), train=False)
+            if loss is not None:
+                total[0] += loss.double()
+                total[1] += (batch["labels"] != -100).sum()
+        if lay.dp_size > 1:
+            dist.all_reduce(total, group=lay.dp_group)
+        if lay.is_logger and total[1] > 0:
+            mean = (total[0] / total[1]).item()
+            self.log.metrics(self.step, {"valid.loss": mean, "valid.perplexity": math.exp(min(mean, 50))})
+
+    def train(self):
+        args, lay = self.args, self.layout
+        tokens_per_step = args.batch_size * lay.dp_size * args.gradient_accumulate_step * args.seq_length
+        self.log.info(f"training {self.steps_total} optimizer steps from step {self.step}; "
+                      f"{tokens_per_step} tokens per step; peak {self.meter.peak_label}")
+        while self.step < self.steps_total:
+            with self.profiler.step(self.step):
+                loss_sum, grad_norm, skipped = self.train_step()
+            self.step += 1
+            holds_last = self.num_stages - 1 in self.stage_ids
+            loss = self._reduce_loss(loss_sum) if holds_last else None
+            if lay.is_logger and (self.step % args.log_interval == 0 or self.step == self.steps_total):
+                values = {"loss": loss, "lr": self.optimizer.lr, "grad_norm": grad_norm}
+                if args.fp16:
+                    values["loss_scale"] = self.optimizer.loss_scale
+                if skipped:
+                    values["skipped"] = 1
+                values.update(self.meter.measure(self.step, tokens_per_step))
+                if self.stream is not None:
+                    values["epochs"] = max(self.stream.epochs.values(), default=0)
+                self.log.metrics(self.step, values)
+            if args.evaluation_steps and self.step % args.evaluation_steps == 0:
+                self.evaluate()
+            if args.checkpoint_steps and self.step % args.checkpoint_steps == 0 and self.step < self.steps_total:
+                self.save_checkpoint()
+        if self.step > self.meter.start_step:
+            self.save_checkpoint()
+        self.profiler.finish()
+
+    def close(self):
+        if dist.is_initialized():
+            dist.barrier()
+            self.watchdog.stop()
+            dist.barrier()
+        if self.stream is not None:
+            self.stream.close()
+        self.log.close()

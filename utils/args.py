@@ -1,0 +1,204 @@
+"""Command-line flags of dist_lm_pretrain_and_finetune.py.
+
+The flag names and meanings are OpenChatKit's (see the training README); new flags keep its spelling style.
+`validate_args` rejects every bad combination that can be found before any process group exists.
+"""
+import argparse
+import os
+
+PP_MODES = ("gpipe", "1f1b", "interleaved-1f1b")
+OPTIMIZERS = ("adam", "adamw", "8bit-adam")
+
+
+class ArgumentError(ValueError):
+    """A flag value that cannot work; the message names the flag and the fix."""
+
+
+def str_to_bool(value):
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "y", "on"):
+        return True
+    if text in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="dist_lm_pretrain_and_finetune.py",
+        description="Pipeline x data-parallel fine-tuning of GPT-NeoX / GPT-J / Llama causal LMs.",
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model-name", required=True, help="Hugging Face model directory or layer-sharded directory")
+    model.add_argument("--tokenizer-name", default=None, help="tokenizer directory (default: --model-name)")
+    model.add_argument("--model-type", default=None, help="gptneox | gptj | llama (default: config.json's model_type)")
+    model.add_argument("--num-layers", type=int, default=None,
+                       help="transformer layers per pipeline stage (default: derived from the config)")
+    model.add_argument("--embedding-dim", type=int, default=None, help="hidden size; checked against the config")
+    model.add_argument("--load-pretrained-model", type=str_to_bool, default=True,
+                       help="true: load weights from --model-name; false: random init from --seed")
+    model.add_argument("--activation-checkpointing", choices=("none", "full", "selective"), default="none",
+                       help="recompute blocks in backward: none, full (every block), selective (every other block)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--task-name", default=None,
+                      help="comma-separated path[:weight] of .jsonl/.jsonl.gz files or folders")
+    data.add_argument("--seq-length", type=int, default=2048)
+    data.add_argument("--batch-size", type=int, default=4, help="sequences per data-parallel replica per iteration")
+    data.add_argument("--micro-batch-size", type=int, default=1, help="sequences per pipeline micro-batch")
+    data.add_argument("--gradient-accumulate-step", type=int, default=1, help="iterations per optimizer step")
+    data.add_argument("--train-on-inputs", action="store_true", help="chat records: also train on user turns")
+    data.add_argument("--loss-on-bot-only", action="store_true", help="OIG text records: loss on <bot> turns only")
+    data.add_argument("--shuffle-buffer", type=int, default=1000, help="records held per task for shuffling")
+    data.add_argument("--data-workers", type=int, default=1, help="background tokenisation workers")
+    data.add_argument("--evaluation-data", default=None, help="comma-separated eval .jsonl files")
+    data.add_argument("--evaluation-steps", type=int, default=0, help="evaluate every N optimizer steps (0: never)")
+    data.add_argument("--evaluation-num-batch", type=int, default=None, help="max eval batches (default: all)")
+
+    schedule = parser.add_argument_group("schedule")
+    schedule.add_argument("--total-steps", type=int, default=None,
+                          help="iterations including gradient-accumulation steps")
+    schedule.add_argument("--nepochs", type=int, default=None, help="derive --total-steps from the token count")
+    schedule.add_argument("--warmup-steps", type=int, default=0)
+    schedule.add_argument("--train-warmup-steps", type=int, default=0, help="OpenChatKit flag; only 0 is supported")
+    schedule.add_argument("--lr", type=float, default=1e-5)
+    schedule.add_argument("--lr-scheduler", choices=("linear", "cosine", "constant"), default="linear")
+    schedule.add_argument("--seed", type=int, default=42)
+
+    optim = parser.add_argument_group("optimizer")
+    optim.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="adam and adamw are both AdamW")
+    optim.add_argument("--weight-decay", type=float, default=0.01)
+    optim.add_argument("--adam-beta1", type=float, default=0.9)
+    optim.add_argument("--adam-beta2", type=float, default=0.999)
+    optim.add_argument("--adam-eps", type=float, default=1e-6)
+    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="global clipping norm (0: off)")
+
+    precision = parser.add_argument_group("precision")
+    precision.add_argument("--fp16", action="store_true", help="fp16 model, fp32 master weights, loss scaling")
+    precision.add_argument("--bf16", action="store_true", help="bf16 model, fp32 master weights")
+    precision.add_argument("--loss-scale", type=float, default=0, help="> 0: static loss scale; 0: dynamic")
+    precision.add_argument("--initial-loss-scale", type=float, default=2 ** 15)
+    precision.add_argument("--loss-scale-window", type=int, default=1000)
+    precision.add_argument("--hysteresis", type=int, default=2)
+    precision.add_argument("--min-loss-scale", type=float, default=1)
+
+    dist = parser.add_argument_group("distributed")
+    dist.add_argument("--dist-url", default="tcp://127.0.0.1:7033", help="rendezvous of rank 0 (without torchrun)")
+    dist.add_argument("--world-size", type=int, default=None)
+    dist.add_argument("--rank", type=int, default=None, help="global rank (without torchrun)")
+    dist.add_argument("--cuda-id", type=int, default=None, help="GPU index on this machine (default: LOCAL_RANK)")
+    dist.add_argument("--use-cuda", type=str_to_bool, default=True, help="false: train on CPU with gloo")
+    dist.add_argument("--pipeline-group-size", type=int, default=1)
+    dist.add_argument("--data-group-size", type=int, default=1)
+    dist.add_argument("--pp-mode", choices=PP_MODES, default="gpipe")
+    dist.add_argument("--virtual-stages", type=int, default=2, help="stages per rank for interleaved-1f1b")
+    dist.add_argument("--dp-backend", choices=("nccl", "gloo"), default="nccl")
+    dist.add_argument("--dp-mode", choices=("allreduce",), default="allreduce")
+    dist.add_argument("--net-interface", default=None, help="sets GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME when unset")
+    dist.add_argument("--dist-timeout", type=float, default=600, help="seconds before a stuck collective aborts")
+
+    ckpt = parser.add_argument_group("checkpoints")
+    ckpt.add_argument("--checkpoint-path", default="./model_ckpts/run")
+    ckpt.add_argument("--checkpoint-steps", type=int, default=0, help="save every N optimizer steps (0: end only)")
+    ckpt.add_argument("--load-checkpoint", type=str_to_bool, default=True, help="resume from <checkpoint-path>/latest")
+    ckpt.add_argument("--resume-fallback", action="store_true",
+                      help="if the latest checkpoint is damaged, resume from the newest complete earlier one")
+    ckpt.add_argument("--keep-checkpoints", "--num-checkpoints", dest="keep_checkpoints", type=int, default=3,
+                      help="checkpoints kept on disk (0: keep all)")
+
+    logging = parser.add_argument_group("logging")
+    logging.add_argument("--train-log-backend", choices=("print", "loguru", "wandb"), default="print")
+    logging.add_argument("--project-name", default="openchatkit-finetune", help="wandb project")
+    logging.add_argument("--job-id", default="0", help="name of this job in logs and wandb")
+    logging.add_argument("--log-interval", type=int, default=1, help="log every N optimizer steps")
+    logging.add_argument("--profiling", choices=("no-profiling", "tidy_profiling", "pytorch_profiling"),
+                         default="no-profiling")
+    logging.add_argument("--profiling-dir", default="./profiles")
+    logging.add_argument("--profiling-steps", type=int, default=3, help="optimizer steps traced when profiling")
+    return parser
+
+
+def validate_args(args):
+    """Raise ArgumentError for combinations that cannot work. Needs no model, data or process group."""
+
+    def positive(name, value):
+        if value is None or value < 1:
+            raise ArgumentError(f"--{name} must be a positive integer, got {value}")
+
+    positive("seq-length", args.seq_length)
+    positive("batch-size", args.batch_size)
+    positive("micro-batch-size", args.micro_batch_size)
+    positive("gradient-accumulate-step", args.gradient_accumulate_step)
+    positive("pipeline-group-size", args.pipeline_group_size)
+    positive("data-group-size", args.data_group_size)
+    if args.batch_size % args.micro_batch_size:
+        raise ArgumentError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
+                            f"{args.micro_batch_size}")
+    pp = args.pipeline_group_size
+    n_micro = args.batch_size // args.micro_batch_size
+    if args.pp_mode == "interleaved-1f1b":
+        if args.virtual_stages < 2:
+            raise ArgumentError("--pp-mode interleaved-1f1b needs --virtual-stages >= 2")
+        if pp < 2:
+            raise ArgumentError("--pp-mode interleaved-1f1b needs --pipeline-group-size >= 2; use gpipe or 1f1b")
+        if n_micro % pp:
+            raise ArgumentError(f"--pp-mode interleaved-1f1b needs the micro-batch count (--batch-size / "
+                                f"--micro-batch-size = {n_micro}) to be a multiple of --pipeline-group-size {pp}")
+    if args.pp_mode == "1f1b" and pp > 1 and n_micro < pp:
+        raise ArgumentError(f"--pp-mode 1f1b needs at least --pipeline-group-size ({pp}) micro-batches per "
+                            f"iteration, got {n_micro}; raise --batch-size or lower --micro-batch-size")
+    expected_world = pp * args.data_group_size
+    if args.world_size is not None and args.world_size != expected_world:
+        raise ArgumentError(f"--world-size {args.world_size} must equal --pipeline-group-size x --data-group-size "
+                            f"= {expected_world}")
+    if args.fp16 and args.bf16:
+        raise ArgumentError("--fp16 and --bf16 exclude each other; pick one")
+    if args.loss_scale < 0:
+        raise ArgumentError(f"--loss-scale must be >= 0 (0 = dynamic), got {args.loss_scale}")
+    if args.initial_loss_scale <= 0 or args.min_loss_scale <= 0 or args.loss_scale_window < 1 or args.hysteresis < 1:
+        raise ArgumentError("--initial-loss-scale and --min-loss-scale must be > 0, --loss-scale-window and "
+                            "--hysteresis >= 1")
+    if args.lr < 0:
+        raise ArgumentError(f"--lr must be >= 0, got {args.lr}")
+    if args.warmup_steps < 0:
+        raise ArgumentError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.train_warmup_steps != 0:
+        raise ArgumentError("--train-warmup-steps is not supported (OpenChatKit ignored it); pass 0 or drop it")
+    if not 0 <= args.adam_beta1 < 1 or not 0 <= args.adam_beta2 < 1 or args.adam_eps <= 0:
+        raise ArgumentError("--adam-beta1/--adam-beta2 must be in [0, 1) and --adam-eps > 0")
+    if args.weight_decay < 0 or args.max_grad_norm < 0:
+        raise ArgumentError("--weight-decay and --max-grad-norm must be >= 0")
+    if args.total_steps is None and args.nepochs is None:
+        raise ArgumentError("give --total-steps N or --nepochs N")
+    if args.total_steps is not None and args.total_steps < 1:
+        raise ArgumentError(f"--total-steps must be >= 1, got {args.total_steps}")
+    if args.nepochs is not None and args.nepochs < 1:
+        raise ArgumentError(f"--nepochs must be >= 1, got {args.nepochs}")
+    if args.total_steps is not None and args.total_steps % args.gradient_accumulate_step:
+        raise ArgumentError(f"--total-steps {args.total_steps} counts iterations including accumulation; it must be "
+                            f"a multiple of --gradient-accumulate-step {args.gradient_accumulate_step}")
+    if args.checkpoint_steps < 0 or args.evaluation_steps < 0 or args.keep_checkpoints < 0:
+        raise ArgumentError("--checkpoint-steps, --evaluation-steps and --keep-checkpoints must be >= 0")
+    if args.evaluation_steps and not args.evaluation_data:
+        raise ArgumentError("--evaluation-steps needs --evaluation-data FILE[,FILE]")
+    if not args.task_name:
+        raise ArgumentError("--task-name is required: comma-separated path[:weight] of .jsonl files")
+    if not os.path.isdir(args.model_name):
+        raise ArgumentError(f"--model-name {args.model_name}: no such directory (hub names cannot be downloaded "
+                            f"here; pass a local Hugging Face or layer-sharded directory)")
+    if not os.path.isfile(os.path.join(args.model_name, "config.json")):
+        raise ArgumentError(f"--model-name {args.model_name}: no config.json in it")
+    tokenizer = args.tokenizer_name or args.model_name
+    if not os.path.isdir(tokenizer):
+        raise ArgumentError(f"--tokenizer-name {tokenizer}: no such directory")
+    if args.dist_timeout <= 0:
+        raise ArgumentError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    if args.log_interval < 1:
+        raise ArgumentError("--log-interval must be >= 1")
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    args.tokenizer_name = args.tokenizer_name or args.model_name
+    return args

@@ -1,0 +1,81 @@
+"""Log backends (--train-log-backend print|loguru|wandb). Only the logging rank creates one; others get Silent."""
+import json
+import os
+import sys
+import time
+
+
+class PrintLogger:
+    def info(self, message):
+        print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+    def metrics(self, step, values):
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+        self.info(f"step {step} {shown}")
+
+    def close(self):
+        pass
+
+
+class LoguruLogger(PrintLogger):
+    def __init__(self):
+        from loguru import logger
+        self.logger = logger
+
+    def info(self, message):
+        self.logger.info(message)
+
+
+class WandbLogger(PrintLogger):
+    """One wandb run per job (only the logging rank creates it). WANDB_NAME names the run; WANDB_MODE=offline
+    works without network."""
+
+    def __init__(self, project, job_id, config):
+        import wandb
+        self.wandb = wandb
+        self.run = wandb.init(project=project, name=os.environ.get("WANDB_NAME") or f"job-{job_id}",
+                              config=config)
+
+    def metrics(self, step, values):
+        super().metrics(step, values)
+        self.wandb.log(values, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class Silent:
+    def info(self, message):
+        pass
+
+    def metrics(self, step, values):
+        pass
+
+    def close(self):
+        pass
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def make_logger(backend, is_logger, project, job_id, config):
+    if not is_logger:
+        return Silent()
+    if backend == "loguru":
+        return LoguruLogger()
+    if backend == "wandb":
+        return WandbLogger(project, job_id, config)
+    return PrintLogger()
+
+
+def public_flags(args):
+    """Flags as JSON-safe values, for wandb config and checkpoint metadata (no secrets live in flags)."""
+    return json.loads(json.dumps(vars(args), default=str))
+
+
+def error_line(message):
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()

@@ -255,13 +255,14 @@ class Trainer:
         self.log.info(f"training {self.steps_total} optimizer steps from step {self.step}; "
                       f"{tokens_per_step} tokens per step; peak {self.meter.peak_label}")
         while self.step < self.steps_total:
+            lr = self.optimizer.lr  # the rate this step uses (the scheduler advances inside the step)
             with self.profiler.step(self.step):
                 loss_sum, grad_norm, skipped = self.train_step()
             self.step += 1
             holds_last = self.num_stages - 1 in self.stage_ids
             loss = self._reduce_loss(loss_sum) if holds_last else None
             if lay.is_logger and (self.step % args.log_interval == 0 or self.step == self.steps_total):
-                values = {"loss": loss, "lr": self.optimizer.lr, "grad_norm": grad_norm}
+                values = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
                 if args.fp16:
                     values["loss_scale"] = self.optimizer.loss_scale
                 if skipped:

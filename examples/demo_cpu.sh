@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# CPU demo: a tiny GPT-NeoX-architecture model (made locally, random weights) fine-tuned on the bundled sample chat
+# data with a 2-stage pipeline: 2 processes, gloo, no GPU. Finishes in a few minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/demo}
+MODEL=$OUT/tiny-gptneox
+if [ ! -f "$MODEL/config.json" ]; then
+  python3 tools/make_tiny_model.py --output "$MODEL" --model-type gptneox --hidden-size 128 --num-layers 4 \
+    --num-heads 4
+fi
+export OMP_NUM_THREADS=1
+python3 -m torch.distributed.run --nproc_per_node=2 --master_port="${MASTER_PORT:-29517}" \
+  dist_lm_pretrain_and_finetune.py \
+  --model-name "$MODEL" --tokenizer-name "$MODEL" --model-type gptneox \
+  --task-name assets/data/sample_chat.jsonl:0.7,assets/data/sample_messages.jsonl:0.3 \
+  --evaluation-data assets/data/sample_eval.jsonl --evaluation-steps 20 --evaluation-num-batch 4 \
+  --seq-length 128 --batch-size 8 --micro-batch-size 2 --gradient-accumulate-step 1 \
+  --total-steps "${DEMO_STEPS:-60}" --warmup-steps 5 --lr 2e-3 --lr-scheduler cosine \
+  --pipeline-group-size 2 --data-group-size 1 --pp-mode 1f1b \
+  --use-cuda false --dp-backend gloo \
+  --checkpoint-path "$OUT/checkpoints" --checkpoint-steps 30 --load-checkpoint false \
+  --log-interval 5 "$@"
+python3 tools/convert_to_hf.py --checkpoint-path "$OUT/checkpoints" --output "$OUT/hf-export"

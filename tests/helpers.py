@@ -1,0 +1,92 @@
+"""Shared test helpers: tiny models, chat data, and real multi-process launches of the entrypoint."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRYPOINT = os.path.join(REPO, "dist_lm_pretrain_and_finetune.py")
+TOKENIZER = os.path.join(REPO, "assets", "tokenizer")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model(path, model_type="gptneox", hidden=32, layers=4, heads=4, extra=()):
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_tiny_model.py"), "--output", str(path),
+                    "--model-type", model_type, "--hidden-size", str(hidden), "--num-layers", str(layers),
+                    "--num-heads", str(heads), *extra], check=True, capture_output=True)
+    return str(path)
+
+
+def make_chat_data(path, n=120, seed=0):
+    """OIG-style text records and chat-format records of varied length."""
+    import random
+    rng = random.Random(seed)
+    words = "the a model learns to answer short questions about numbers colours cities rivers and time".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            question = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+            answer = " ".join(rng.choice(words) for _ in range(rng.randint(2, 20)))
+            if i % 3 == 0:
+                record = {"messages": [{"role": "user", "content": question},
+                                       {"role": "assistant", "content": answer}]}
+            else:
+                record = {"text": f"<human>: {question}?\n<bot>: {answer}."}
+            f.write(json.dumps(record) + "\n")
+    return str(path)
+
+
+def base_flags(model_dir, data, ckpt, **overrides):
+    flags = {
+        "model-name": model_dir, "tokenizer-name": model_dir, "task-name": data, "checkpoint-path": ckpt,
+        "seq-length": 32, "batch-size": 4, "micro-batch-size": 1, "gradient-accumulate-step": 1,
+        "total-steps": 3, "warmup-steps": 0, "lr": 1e-3, "seed": 7, "use-cuda": "false", "dp-backend": "gloo",
+        "load-checkpoint": "false", "dist-timeout": 60,
+    }
+    flags.update(overrides)
+    out = []
+    for key, value in flags.items():
+        if value is True:
+            out.append(f"--{key}")
+        elif value is not None and value is not False:
+            out += [f"--{key}", str(value)]
+    return out
+
+
+def run_torchrun(nproc, flags, env=None, timeout=300, cwd=None):
+    """Run the entrypoint under torchrun on CPU; returns the CompletedProcess (never raises on failure)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", "--tee=3", ENTRYPOINT, *flags]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
+
+
+def run_ranks(world, flags, env=None, timeout=300, kill_rank=None):
+    """Start one process per rank with --rank/--world-size/--dist-url, as the shell scripts do."""
+    port = free_port()
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    full_env.pop("RANK", None)
+    full_env.pop("WORLD_SIZE", None)
+    procs = [subprocess.Popen([sys.executable, ENTRYPOINT, *flags, "--rank", str(r), "--world-size", str(world),
+                               "--dist-url", f"tcp://127.0.0.1:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=REPO)
+             for r in range(world)]
+    return procs
+
+
+def read_checkpoint_weights(ckpt_dir, step=None, suffix="_model.safetensors"):
+    """All HF-named weights of a training checkpoint (every stage file merged); with suffix
+    "_optimizer.safetensors" too, the optimizer state ("<name>/exp_avg", ...)."""
+    from safetensors.torch import load_file
+    step = step if step is not None else int(open(os.path.join(ckpt_dir, "latest")).read())
+    folder = os.path.join(ckpt_dir, f"checkpoint_{step}")
+    tensors = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(suffix):
+            tensors.update(load_file(os.path.join(folder, name)))
+    return tensors

@@ -1,0 +1,92 @@
+"""Every pipeline / data-parallel layout trains exactly like one process.
+
+Reference: the transformers model and a plain torch AdamW (decay on weights only, linear schedule, global clipping
+at 1.0) on the same global batches, fp32 on CPU. Each layout is a real multi-process run of the entrypoint under
+torchrun on gloo; its final checkpoint must equal the reference within rtol 1e-5 / atol 4e-5.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import base_flags, make_chat_data, make_model, read_checkpoint_weights, run_torchrun
+
+STEPS, SEQ, GLOBAL_BATCH, LR, SEED = 3, 32, 4, 1e-3, 7
+
+
+def hf_saved_name(name):
+    """transformers 5 names the GPT-NeoX head lm_head in memory and embed_out on disk."""
+    return "embed_out.weight" if name == "lm_head.weight" else name
+
+
+def reference_weights(model_dir, data):
+    import tasks
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    stream = tasks.PackedStream(data, tokenizer, SEQ, GLOBAL_BATCH, 0, 1, seed=SEED)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    named = list(model.named_parameters())
+    decay = [p for n, p in named if not (n.endswith(".bias") or p.ndim < 2)]
+    plain = [p for n, p in named if n.endswith(".bias") or p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": plain, "weight_decay": 0.0}],
+                            lr=LR, betas=(0.9, 0.999), eps=1e-6)
+    sched = get_linear_schedule_with_warmup(opt, 0, STEPS)
+    for _ in range(STEPS):
+        batch = next(stream)
+        logits = model(batch["input_ids"]).logits
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        (loss / (labels != -100).sum()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    stream.close()
+    expected = {hf_saved_name(k): v.detach() for k, v in model.state_dict().items()}
+    for name, param in named:
+        for key in ("exp_avg", "exp_avg_sq"):
+            expected[f"{hf_saved_name(name)}/{key}"] = opt.state[param][key]
+    return expected
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    model_dir = make_model(root / "model", hidden=32, layers=4, heads=4)
+    data = make_chat_data(root / "chat.jsonl")
+    return root, model_dir, data, reference_weights(model_dir, data)
+
+
+# (pp, dp, pp-mode, batch-size per replica, gradient-accumulate-step)
+LAYOUTS = [
+    (1, 1, "gpipe", 4, 1),
+    (1, 1, "gpipe", 2, 2),
+    (1, 2, "gpipe", 2, 1),
+    (2, 1, "gpipe", 4, 1),
+    (2, 1, "1f1b", 4, 1),
+    (2, 1, "1f1b", 2, 2),
+    (2, 1, "interleaved-1f1b", 4, 1),
+    (2, 2, "gpipe", 2, 1),
+    (2, 2, "1f1b", 2, 1),
+    (4, 1, "gpipe", 4, 1),
+    (4, 1, "1f1b", 4, 1),
+]
+
+
+@pytest.mark.parametrize("pp,dp,mode,batch,accum", LAYOUTS, ids=[f"pp{a}-dp{b}-{c}-b{d}-acc{e}" for a, b, c, d, e in
+                                                                  LAYOUTS])
+def test_layout_matches_one_process_reference(setup, pp, dp, mode, batch, accum):
+    root, model_dir, data, expected = setup
+    ckpt = root / f"ckpt-{pp}-{dp}-{mode}-{batch}-{accum}"
+    flags = base_flags(model_dir, data, str(ckpt), **{
+        "pipeline-group-size": pp, "data-group-size": dp, "pp-mode": mode, "batch-size": batch,
+        "gradient-accumulate-step": accum, "total-steps": STEPS * accum, "seq-length": SEQ, "lr": LR,
+        "seed": SEED})
+    result = run_torchrun(pp * dp, flags)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    got = read_checkpoint_weights(str(ckpt), suffix=("_model.safetensors", "_optimizer.safetensors"))
+    assert set(expected) <= set(got)
+    assert len(expected) >= 3 * 30
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m: f"{name}: {m}")

@@ -2,6 +2,9 @@
 import math
 import os
 import platform
+import time
+
+PROCESS_START = time.time()  # launch-to-first-step is measured from here (module import ~ process start)
 
 import torch
 import torch.distributed as dist
@@ -42,7 +45,7 @@ class Trainer:
         self.layout = lay = init_distributed(args)
         self.watchdog = Watchdog(lay.rank, lay.world_size, args.dist_timeout).start()
         self.log = make_logger(args.train_log_backend, lay.is_logger, args.project_name, args.job_id,
-                               public_flags(args))
+                               public_flags(args), args.metrics_file)
         self.cfg = cfg = modules.load_model_config(args.model_name, args.model_type)
         if args.embedding_dim is not None and args.embedding_dim != cfg.hidden_size:
             raise modules.ModelError(f"--embedding-dim {args.embedding_dim} differs from hidden size "
@@ -84,7 +87,12 @@ class Trainer:
                 modules.load_stage_weights(module, args.model_name)
             else:
                 modules.init_stage_weights(module, cfg, args.seed)
-            self.stage_modules.append(module.to(device=lay.device, dtype=model_dtype(args)))
+            module = module.to(device=lay.device, dtype=model_dtype(args))
+            if args.compile:
+                for block in module.modules():
+                    if isinstance(block, modules.stage.family(cfg).Block):
+                        block.compile()
+            self.stage_modules.append(module)
         self.named_params = [(n, p) for m in self.stage_modules for n, p in m.named_parameters()]
         self.param_names = [n for n, _ in self.named_params]
         self.log.info(f"model {cfg.model_type}: {cfg.num_layers} layers, hidden {cfg.hidden_size}; "
@@ -249,6 +257,31 @@ class Trainer:
             mean = (total[0] / total[1]).item()
             self.log.metrics(self.step, {"valid.loss": mean, "valid.perplexity": math.exp(min(mean, 50))})
 
+    def _log_step(self, loss, lr, grad_norm, skipped, tokens_per_step):
+        """Called by every rank (the memory gather is collective); only the logging rank writes."""
+        lay = self.layout
+        memory = None
+        if lay.device.type == "cuda":
+            mine = torch.tensor([torch.cuda.max_memory_allocated(lay.device) / 2 ** 30], device=lay.device)
+            gathered = [torch.zeros_like(mine) for _ in range(lay.world_size)]
+            dist.all_gather(gathered, mine)
+            memory = [round(m.item(), 2) for m in gathered]
+        if not lay.is_logger:
+            return
+        values = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+        if self.args.fp16:
+            values["loss_scale"] = self.optimizer.loss_scale
+        if skipped:
+            values["skipped"] = 1
+        values.update(self.meter.measure(self.step, tokens_per_step))
+        if memory:
+            values["mem_gb_per_rank"] = memory
+        if self.step == self.meter.start_step + 1:
+            values["launch_to_first_step_s"] = time.time() - PROCESS_START
+        if self.stream is not None:
+            values["epochs"] = max(self.stream.epochs.values(), default=0)
+        self.log.metrics(self.step, values)
+
     def train(self):
         args, lay = self.args, self.layout
         tokens_per_step = args.batch_size * lay.dp_size * args.gradient_accumulate_step * args.seq_length
@@ -261,16 +294,8 @@ class Trainer:
             self.step += 1
             holds_last = self.num_stages - 1 in self.stage_ids
             loss = self._reduce_loss(loss_sum) if holds_last else None
-            if lay.is_logger and (self.step % args.log_interval == 0 or self.step == self.steps_total):
-                values = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
-                if args.fp16:
-                    values["loss_scale"] = self.optimizer.loss_scale
-                if skipped:
-                    values["skipped"] = 1
-                values.update(self.meter.measure(self.step, tokens_per_step))
-                if self.stream is not None:
-                    values["epochs"] = max(self.stream.epochs.values(), default=0)
-                self.log.metrics(self.step, values)
+            if self.step % args.log_interval == 0 or self.step == self.steps_total:
+                self._log_step(loss, lr, grad_norm, skipped, tokens_per_step)
             if args.evaluation_steps and self.step % args.evaluation_steps == 0:
                 self.evaluate()
             if args.checkpoint_steps and self.step % args.checkpoint_steps == 0 and self.step < self.steps_total:

@@ -29,12 +29,14 @@ class StepMeter:
         self.started = time.perf_counter()
         self.last = self.started
         self.start_step = start_step
+        self.last_step = start_step
 
-    def measure(self, step, tokens):
-        """Metrics of the step just finished; `tokens` = tokens trained in it across the job."""
+    def measure(self, step, tokens_per_step):
+        """Metrics since the last call; `tokens_per_step` = tokens one optimizer step trains across the job."""
         now = time.perf_counter()
         seconds = now - self.last
-        self.last = now
+        tokens = tokens_per_step * (step - self.last_step)
+        self.last, self.last_step = now, step
         values = {"tokens_per_s": tokens / seconds, "step_s": seconds}
         if self.peak:
             values["mfu"] = tokens * self.flops_per_token / seconds / (self.world_size * self.peak)

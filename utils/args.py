@@ -40,6 +40,7 @@ def build_parser():
                        help="true: load weights from --model-name; false: random init from --seed")
     model.add_argument("--activation-checkpointing", choices=("none", "full", "selective"), default="none",
                        help="recompute blocks in backward: none, full (every block), selective (every other block)")
+    model.add_argument("--compile", action="store_true", help="torch.compile each transformer block (GPU speed)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--task-name", default=None,
@@ -112,6 +113,7 @@ def build_parser():
     logging.add_argument("--project-name", default="openchatkit-finetune", help="wandb project")
     logging.add_argument("--job-id", default="0", help="name of this job in logs and wandb")
     logging.add_argument("--log-interval", type=int, default=1, help="log every N optimizer steps")
+    logging.add_argument("--metrics-file", default=None, help="also append each step's metrics as JSON lines here")
     logging.add_argument("--profiling", choices=("no-profiling", "tidy_profiling", "pytorch_profiling"),
                          default="no-profiling")
     logging.add_argument("--profiling-dir", default="./profiles")

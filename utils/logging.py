@@ -44,6 +44,27 @@ class WandbLogger(PrintLogger):
         self.run.finish()
 
 
+class JsonlMetrics:
+    """Wraps a logger and appends every metrics record to a JSON-lines file (benchmarks read it)."""
+
+    def __init__(self, inner, path):
+        self.inner = inner
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.file = open(path, "a")
+
+    def info(self, message):
+        self.inner.info(message)
+
+    def metrics(self, step, values):
+        self.inner.metrics(step, values)
+        self.file.write(json.dumps(dict(values, step=step)) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+        self.inner.close()
+
+
 class Silent:
     def info(self, message):
         pass
@@ -61,14 +82,16 @@ def _fmt(value):
     return str(value)
 
 
-def make_logger(backend, is_logger, project, job_id, config):
+def make_logger(backend, is_logger, project, job_id, config, metrics_file=None):
     if not is_logger:
         return Silent()
     if backend == "loguru":
-        return LoguruLogger()
-    if backend == "wandb":
-        return WandbLogger(project, job_id, config)
-    return PrintLogger()
+        logger = LoguruLogger()
+    elif backend == "wandb":
+        logger = WandbLogger(project, job_id, config)
+    else:
+        logger = PrintLogger()
+    return JsonlMetrics(logger, metrics_file) if metrics_file else logger
 
 
 def public_flags(args):

@@ -12,9 +12,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from utils.args import ArgumentError, parse_args, validate_args  # noqa: E402
 from utils.logging import error_line  # noqa: E402
 
-# Errors whose message is the whole story (bad flags, files, checkpoints, layouts): one line, no traceback.
-USER_ERRORS = ("ArgumentError", "LaunchError", "ModelError", "TaskError", "CheckpointError", "LayoutError",
-               "OptimizerError")
+
+
+def user_error_types():
+    """Errors whose message is the whole story (bad flags, files, data, checkpoints, layouts): one line, no
+    traceback, exit 2."""
+    from comm import LaunchError
+    from modules import ModelError
+    from optimizer import OptimizerError
+    from pipeline_parallel import LayoutError
+    from tasks import TaskError
+    from utils.checkpoint import CheckpointError
+    return (ArgumentError, LaunchError, ModelError, OptimizerError, LayoutError, TaskError, CheckpointError)
 
 
 def main(argv=None):
@@ -41,7 +50,7 @@ def main(argv=None):
         return 130
     except Exception as exc:  # one line for the user; the traceback only for our own bugs
         rank = os.environ.get("RANK", args.rank if args.rank is not None else 0)
-        user_error = type(exc).__name__ in USER_ERRORS
+        user_error = isinstance(exc, user_error_types())
         if not user_error:
             traceback.print_exc()
         error_line(f"[rank {rank}] {exc}" if user_error else f"[rank {rank}] {type(exc).__name__}: {exc}")

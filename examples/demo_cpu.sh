@@ -16,9 +16,9 @@ python3 -m torch.distributed.run --nproc_per_node=2 --master_port="${MASTER_PORT
   --task-name assets/data/sample_chat.jsonl:0.7,assets/data/sample_messages.jsonl:0.3 \
   --evaluation-data assets/data/sample_eval.jsonl --evaluation-steps 20 --evaluation-num-batch 4 \
   --seq-length 128 --batch-size 8 --micro-batch-size 2 --gradient-accumulate-step 1 \
-  --total-steps "${DEMO_STEPS:-60}" --warmup-steps 5 --lr 2e-3 --lr-scheduler cosine \
+  --total-steps "${DEMO_STEPS:-40}" --warmup-steps 5 --lr 2e-3 --lr-scheduler cosine \
   --pipeline-group-size 2 --data-group-size 1 --pp-mode 1f1b \
   --use-cuda false --dp-backend gloo \
-  --checkpoint-path "$OUT/checkpoints" --checkpoint-steps 30 --load-checkpoint false \
+  --checkpoint-path "$OUT/checkpoints" --checkpoint-steps 20 --load-checkpoint false \
   --log-interval 5 "$@"
 python3 tools/convert_to_hf.py --checkpoint-path "$OUT/checkpoints" --output "$OUT/hf-export"

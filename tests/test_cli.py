@@ -1,0 +1,90 @@
+"""Bad flags and inputs: one line naming the flag or file and the fix, exit code 2, no traceback."""
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ENTRYPOINT, base_flags, make_chat_data, make_model, run_torchrun
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return root, make_model(root / "model", hidden=32, layers=4, heads=4), make_chat_data(root / "chat.jsonl")
+
+
+def run_single(flags, timeout=120):
+    """One process, no torchrun: pp = dp = 1 needs no --rank."""
+    return subprocess.run([sys.executable, ENTRYPOINT, *flags], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+# Caught by validate_args before torch is even imported.
+FLAG_ERRORS = [
+    ({"batch-size": 3, "micro-batch-size": 2}, ["--batch-size 3", "--micro-batch-size 2"]),
+    ({"fp16": True, "bf16": True}, ["--fp16", "--bf16"]),
+    ({"world-size": 3, "pipeline-group-size": 2}, ["--world-size 3", "= 2"]),
+    ({"pp-mode": "interleaved-1f1b"}, ["interleaved-1f1b", "--pipeline-group-size"]),
+    ({"pp-mode": "1f1b", "pipeline-group-size": 4, "batch-size": 2}, ["1f1b", "micro-batches"]),
+    ({"total-steps": None}, ["--total-steps"]),
+    ({"total-steps": 5, "gradient-accumulate-step": 2}, ["--total-steps 5", "--gradient-accumulate-step 2"]),
+    ({"train-warmup-steps": 5}, ["--train-warmup-steps"]),
+    ({"evaluation-steps": 2}, ["--evaluation-data"]),
+    ({"seq-length": 0}, ["--seq-length"]),
+    ({"loss-scale": -1}, ["--loss-scale"]),
+    ({"model-name": "/nonexistent/model"}, ["--model-name /nonexistent/model"]),
+]
+
+
+@pytest.mark.parametrize("overrides,fragments", FLAG_ERRORS, ids=[str(i) for i in range(len(FLAG_ERRORS))])
+def test_bad_flags_exit_2_with_one_line(setup, tmp_path, overrides, fragments):
+    _, model_dir, data = setup
+    result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **overrides))
+    assert_one_line_error(result, *fragments)
+
+
+def test_argparse_rejects_unknown_choice(setup, tmp_path):
+    _, model_dir, data = setup
+    result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{"pp-mode": "zero-bubble"}))
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+# Found once the model config or data is read (inside the process group).
+RUNTIME_ERRORS = [
+    ({"num-layers": 3}, ["--num-layers 3", "--num-layers 4"]),
+    ({"model-type": "llama"}, ["llama", "gptneox"]),
+    ({"embedding-dim": 64}, ["--embedding-dim 64", "32"]),
+    ({"task-name": "/nonexistent/data.jsonl"}, ["/nonexistent/data.jsonl"]),
+]
+
+
+@pytest.mark.parametrize("overrides,fragments", RUNTIME_ERRORS, ids=[str(i) for i in range(len(RUNTIME_ERRORS))])
+def test_bad_model_or_data_exit_2(setup, tmp_path, overrides, fragments):
+    _, model_dir, data = setup
+    result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **overrides))
+    assert_one_line_error(result, *fragments)
+
+
+def test_malformed_jsonl_names_file_and_line(setup, tmp_path):
+    _, model_dir, _ = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "<human>: hi\\n<bot>: hello"}\n{"text": broken\n')
+    result = run_single(base_flags(model_dir, str(bad), str(tmp_path / "ck")))
+    assert_one_line_error(result, "bad.jsonl", "2")
+
+
+def test_error_on_one_rank_stops_all_ranks(setup, tmp_path):
+    """A 2-stage pipeline where only the last stage's data is bad still ends both ranks, non-zero."""
+    _, model_dir, data = setup
+    flags = base_flags(model_dir, data, str(tmp_path / "ck"), **{"pipeline-group-size": 2, "num-layers": 3})
+    result = run_torchrun(2, flags, timeout=120)
+    assert result.returncode != 0
+    assert "--num-layers 3" in result.stderr + result.stdout

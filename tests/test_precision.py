@@ -1,0 +1,61 @@
+"""fp16 and bf16 paths: they train, keep fp32 master weights, and an fp16 overflow is decided for the whole job."""
+import json
+
+import pytest
+import torch
+
+from tests.helpers import base_flags, make_chat_data, make_model, read_checkpoint_weights, run_torchrun
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("precision")
+    return root, make_model(root / "model", hidden=32, layers=4, heads=4), make_chat_data(root / "chat.jsonl")
+
+
+def read_metrics(path):
+    return {r["step"]: r for r in map(json.loads, open(path)) if "loss" in r}
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_half_precision_trains_with_fp32_master_weights(setup, precision, dtype):
+    root, model_dir, data = setup
+    ckpt, metrics = root / f"ck-{precision}", root / f"metrics-{precision}.jsonl"
+    flags = base_flags(model_dir, data, str(ckpt), **{
+        precision: True, "pipeline-group-size": 2, "total-steps": 6, "lr": 3e-3, "metrics-file": str(metrics)})
+    result = run_torchrun(2, flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = read_metrics(metrics)
+    assert sorted(steps) == list(range(1, 7))
+    assert all("skipped" not in r for r in steps.values())
+    assert steps[6]["loss"] < steps[1]["loss"]
+    weights = read_checkpoint_weights(str(ckpt))
+    assert all(w.dtype == dtype for w in weights.values())
+    optimizer = read_checkpoint_weights(str(ckpt), suffix="_optimizer.safetensors")
+    masters = {k: v for k, v in optimizer.items() if k.endswith("/master")}
+    assert set(masters) == {f"{k}/master" for k in weights}
+    for name, weight in weights.items():
+        master = masters[f"{name}/master"]
+        assert master.dtype == torch.float32
+        torch.testing.assert_close(master.to(dtype), weight, rtol=0, atol=0)  # model = rounded master
+
+
+def test_fp16_overflow_on_one_stage_skips_the_step_everywhere(setup):
+    """An inf gradient injected on rank 0 (first stage) at step 2: both stages skip step 2 and the scale halves.
+    With a constant LR, the weights after 2 steps (one skipped) then equal those of a clean 1-step run."""
+    root, model_dir, data = setup
+    common = {"fp16": True, "pipeline-group-size": 2, "lr-scheduler": "constant", "hysteresis": 1}
+    clean = root / "ck-clean"
+    result = run_torchrun(2, base_flags(model_dir, data, str(clean), **common, **{"total-steps": 1}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    injected, metrics = root / "ck-inf", root / "metrics-inf.jsonl"
+    result = run_torchrun(2, base_flags(model_dir, data, str(injected), **common, **{
+        "total-steps": 2, "metrics-file": str(metrics)}), env={"INJECT_INF_GRAD": "2:0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = read_metrics(metrics)
+    assert "skipped" not in steps[1] and steps[2]["skipped"] == 1
+    assert steps[1]["loss_scale"] == 2 ** 15 and steps[2]["loss_scale"] == 2 ** 14
+    want, got = read_checkpoint_weights(str(clean)), read_checkpoint_weights(str(injected))
+    assert set(want) == set(got)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name  # rank 0's and rank 1's stages both skipped

@@ -1,5 +1,6 @@
 """--profiling: tidy_profiling writes Chrome Trace Event JSON (pid = rank, one lane per kind of work);
-pytorch_profiling uses torch.profiler. Both trace the first --profiling-steps optimizer steps of the run.
+pytorch_profiling uses torch.profiler. Both trace --profiling-steps optimizer steps after one warm-up step (the
+first step also runs the pipeline's shape inference and any compilation).
 
 tidy_profiling spans: per micro-batch forward and backward compute of every stage on this rank (module hooks), the
 send/recv gaps the pipeline schedule spends between them ("wait" lane: time outside compute inside an iteration),
@@ -33,6 +34,7 @@ class TidyProfiler:
         self.out_dir = out_dir
         self.layout = layout
         self.steps = steps
+        self.first_step = None
         self.events = []
         self.active = False
         self.cuda = layout.device.type == "cuda"
@@ -77,7 +79,8 @@ class TidyProfiler:
 
     @contextlib.contextmanager
     def step(self, step):
-        self.active = step < self.steps
+        self.first_step = step if self.first_step is None else self.first_step
+        self.active = 1 <= step - self.first_step <= self.steps
         self.micro = {}
         yield
         self.active = False
@@ -123,8 +126,9 @@ class TorchProfiler(NoProfiler):
         activities = [torch.profiler.ProfilerActivity.CPU]
         if layout.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self.steps = steps
-        self.profiler = torch.profiler.profile(activities=activities, record_shapes=False)
+        self.profiler = torch.profiler.profile(
+            activities=activities, schedule=torch.profiler.schedule(wait=0, warmup=1, active=steps, repeat=1),
+            on_trace_ready=self._export)
         self.profiler.start()
         self.running = True
 
@@ -134,19 +138,20 @@ class TorchProfiler(NoProfiler):
     @contextlib.contextmanager
     def step(self, step):
         yield
-        if self.running and step + 1 >= self.steps:
-            self.finish()
+        if self.running:
+            self.profiler.step()
 
-    def finish(self):
-        if not self.running:
-            return
-        self.running = False
-        self.profiler.stop()
+    def _export(self, profiler):
         os.makedirs(self.out_dir, exist_ok=True)
-        self.profiler.export_chrome_trace(os.path.join(self.out_dir, f"torch_rank_{self.layout.rank}.json"))
-        summary = self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        profiler.export_chrome_trace(os.path.join(self.out_dir, f"torch_rank_{self.layout.rank}.json"))
+        summary = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
         with open(os.path.join(self.out_dir, f"torch_rank_{self.layout.rank}_summary.txt"), "w") as f:
             f.write(summary)
+
+    def finish(self):
+        if self.running:
+            self.running = False
+            self.profiler.stop()
 
 
 def make_profiler(args, layout, stage_modules):

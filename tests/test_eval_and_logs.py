@@ -1,0 +1,84 @@
+"""Evaluation equals the transformers model's loss; one process logs; profiling writes Chrome traces."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import base_flags, make_chat_data, make_model, run_torchrun
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evallogs")
+    model_dir = make_model(root / "model", hidden=32, layers=4, heads=4)
+    return root, model_dir, make_chat_data(root / "chat.jsonl"), make_chat_data(root / "eval.jsonl", n=30, seed=3)
+
+
+def reference_eval_loss(model_dir, eval_path, seq_length, batch_size):
+    import tasks
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in tasks.evaluation_batches([eval_path], tokenizer, seq_length, batch_size, 0, 1):
+            logits = model(batch["input_ids"]).logits
+            total += F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
+                                     reduction="sum").item()
+            count += (batch["labels"] != -100).sum().item()
+    return total / count
+
+
+def test_evaluation_loss_matches_transformers_and_one_rank_logs(setup):
+    """pp=2 x dp=2, lr 0: valid.loss after step 1 is the untouched model's mean token loss on the eval file."""
+    root, model_dir, data, eval_path = setup
+    metrics = root / "metrics.jsonl"
+    flags = base_flags(model_dir, data, str(root / "ck"), **{
+        "pipeline-group-size": 2, "data-group-size": 2, "batch-size": 2, "total-steps": 2, "lr": 0.0,
+        "evaluation-data": eval_path, "evaluation-steps": 1, "metrics-file": str(metrics)})
+    result = run_torchrun(4, flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in open(metrics)]
+    evals = [r for r in records if "valid.loss" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    want = reference_eval_loss(model_dir, eval_path, 32, 4)
+    assert evals[0]["valid.loss"] == pytest.approx(want, rel=1e-5)
+    assert evals[0]["valid.perplexity"] == pytest.approx(math.exp(want), rel=1e-5)
+    # one logging process: each step line printed once in the output of all 4 ranks
+    step_lines = [line for line in result.stdout.splitlines() if " step 1 loss=" in line]
+    assert len(step_lines) == 1, result.stdout[-3000:]
+
+
+def test_tidy_profiling_writes_per_rank_and_merged_traces(setup):
+    root, model_dir, data, _ = setup
+    out = root / "profiles"
+    flags = base_flags(model_dir, data, str(root / "ck-prof"), **{
+        "pipeline-group-size": 2, "pp-mode": "1f1b", "total-steps": 3, "profiling": "tidy_profiling",
+        "profiling-dir": str(out), "profiling-steps": 1})
+    result = run_torchrun(2, flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["merged.json", "rank_0.json", "rank_1.json"]
+    events = [e for e in json.load(open(out / "merged.json"))["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in events} == {0, 1}
+    lanes = {(e["pid"], e["args"]["lane"]) for e in events}
+    for rank in (0, 1):
+        for lane in ("forward", "backward", "optimizer", "iteration"):
+            assert (rank, lane) in lanes, (rank, lane)
+    forwards = [e for e in events if e["pid"] == 0 and e["args"]["lane"] == "forward"]
+    assert len(forwards) == 4  # one per micro-batch of the one profiled step (after the warm-up step)
+    assert all(e["dur"] >= 0 and e["ts"] > 0 for e in events)
+
+
+def test_pytorch_profiling_writes_trace_and_summary(setup):
+    root, model_dir, data, _ = setup
+    out = root / "torch-profiles"
+    flags = base_flags(model_dir, data, str(root / "ck-torchprof"), **{
+        "total-steps": 3, "profiling": "pytorch_profiling", "profiling-dir": str(out), "profiling-steps": 1})
+    result = run_torchrun(1, flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["torch_rank_0.json", "torch_rank_0_summary.txt"]
+    names = {e.get("name") for e in json.load(open(out / "torch_rank_0.json"))["traceEvents"]}
+    assert {"optimizer", "iteration"} <= names

@@ -23,6 +23,7 @@ class Layout:
     device: torch.device
     pp_group: object = None  # ProcessGroup of this rank's pipeline
     dp_group: object = None  # ProcessGroup of the ranks holding the same stage
+    ends_group: object = None  # first + last stage of this pipeline (tied embeddings), when requested
 
     @property
     def is_first_stage(self):
@@ -63,8 +64,9 @@ def _launch_env(args):
     return args.rank, world, args.cuda_id if args.cuda_id is not None else 0, args.dist_url
 
 
-def init_distributed(args):
-    """Create the world and the pipeline / data-parallel groups. Returns the Layout of this rank."""
+def init_distributed(args, ends_group=False):
+    """Create the world and the pipeline / data-parallel groups (and, with `ends_group`, a group of each
+    pipeline's first and last stage, for tied embeddings). Returns the Layout of this rank."""
     if args.net_interface:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", args.net_interface)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", args.net_interface)
@@ -108,6 +110,11 @@ def init_distributed(args):
         group = dist.new_group([r * pp + stage for r in range(dp)], timeout=timeout)
         if stage == pp_rank:
             layout.dp_group = group
+    if ends_group and pp > 1:
+        for replica in range(dp):
+            group = dist.new_group([replica * pp, replica * pp + pp - 1], timeout=timeout)
+            if replica == dp_rank and pp_rank in (0, pp - 1):
+                layout.ends_group = group
     return layout
 
 

@@ -49,8 +49,9 @@ def _inner_optimizer(kind, groups, lr, betas, eps, on_cuda):
 
 
 class StageOptimizer:
-    def __init__(self, named_params, args, layout, total_optimizer_steps):
+    def __init__(self, named_params, args, layout, total_optimizer_steps, norm_exclude=()):
         self.layout = layout
+        self.in_norm = [name not in norm_exclude for name, _ in named_params]
         self.model_params = [p for _, p in named_params]
         self.mixed = any(p.dtype != torch.float32 for p in self.model_params)
         if self.mixed:
@@ -104,7 +105,7 @@ class StageOptimizer:
         grads = [m.grad for m in self.master_params]
         if self.scaler.scale != 1.0:
             torch._foreach_div_(grads, self.scaler.scale)
-        norm = self._global_grad_norm(grads)
+        norm = self._global_grad_norm([g for g, counted in zip(grads, self.in_norm) if counted])
         grad_norm = norm.item()  # the step's one host sync: every rank decides the same way
         overflow = not math.isfinite(grad_norm)
         self.scaler.update(overflow)

@@ -13,12 +13,12 @@ from tests.helpers import base_flags, make_chat_data, make_model, read_checkpoin
 STEPS, SEQ, GLOBAL_BATCH, LR, SEED = 3, 32, 4, 1e-3, 7
 
 
-def hf_saved_name(name):
+def hf_saved_name(name, model_type):
     """transformers 5 names the GPT-NeoX head lm_head in memory and embed_out on disk."""
-    return "embed_out.weight" if name == "lm_head.weight" else name
+    return "embed_out.weight" if name == "lm_head.weight" and model_type == "gpt_neox" else name
 
 
-def reference_weights(model_dir, data):
+def reference_weights(model_dir, data, steps=STEPS):
     import tasks
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
@@ -31,8 +31,8 @@ def reference_weights(model_dir, data):
     plain = [p for n, p in named if n.endswith(".bias") or p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": plain, "weight_decay": 0.0}],
                             lr=LR, betas=(0.9, 0.999), eps=1e-6)
-    sched = get_linear_schedule_with_warmup(opt, 0, STEPS)
-    for _ in range(STEPS):
+    sched = get_linear_schedule_with_warmup(opt, 0, steps)
+    for _ in range(steps):
         batch = next(stream)
         logits = model(batch["input_ids"]).logits
         labels = batch["labels"]
@@ -43,10 +43,11 @@ def reference_weights(model_dir, data):
         sched.step()
         opt.zero_grad()
     stream.close()
-    expected = {hf_saved_name(k): v.detach() for k, v in model.state_dict().items()}
+    kind = model.config.model_type
+    expected = {hf_saved_name(k, kind): v.detach() for k, v in model.state_dict().items()}
     for name, param in named:
         for key in ("exp_avg", "exp_avg_sq"):
-            expected[f"{hf_saved_name(name)}/{key}"] = opt.state[param][key]
+            expected[f"{hf_saved_name(name, kind)}/{key}"] = opt.state[param][key]
     return expected
 
 
@@ -88,5 +89,27 @@ def test_layout_matches_one_process_reference(setup, pp, dp, mode, batch, accum)
     got = read_checkpoint_weights(str(ckpt), suffix=("_model.safetensors", "_optimizer.safetensors"))
     assert set(expected) <= set(got)
     assert len(expected) >= 3 * 30
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["1f1b", "interleaved-1f1b"])
+def test_llama_gqa_tied_embeddings_split_over_stages(tmp_path, mode):
+    """Llama with grouped-query attention and tied embeddings: the head lives on the last stage and the embedding
+    on the first; their gradients are summed, so both copies stay equal to the reference's single matrix."""
+    model_dir = make_model(tmp_path / "llama", model_type="llama", hidden=32, layers=4, heads=4,
+                           extra=("--num-kv-heads", "2", "--tie-word-embeddings"))
+    data = make_chat_data(tmp_path / "chat.jsonl")
+    expected = reference_weights(model_dir, data)
+    assert torch.equal(expected["lm_head.weight"], expected["model.embed_tokens.weight"])
+    for suffix in ("/exp_avg", "/exp_avg_sq"):  # one matrix in transformers; our last stage holds a copy of it
+        expected["lm_head.weight" + suffix] = expected["model.embed_tokens.weight" + suffix]
+    ckpt = tmp_path / "ckpt"
+    flags = base_flags(model_dir, data, str(ckpt), **{
+        "pipeline-group-size": 2, "pp-mode": mode, "total-steps": STEPS, "seq-length": SEQ, "lr": LR,
+        "seed": SEED})
+    result = run_torchrun(2, flags)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    got = read_checkpoint_weights(str(ckpt), suffix=("_model.safetensors", "_optimizer.safetensors"))
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m: f"{name}: {m}")

@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TOKENIZER = os.path.join(REPO, "assets", "tokenizer")
 
 
-def build_config(model_type, hidden, layers, heads, vocab, max_positions, kv_heads=None):
+def build_config(model_type, hidden, layers, heads, vocab, max_positions, kv_heads=None, tied=False):
     from transformers import GPTJConfig, GPTNeoXConfig, LlamaConfig
     if model_type == "gptneox":
         return GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
@@ -27,7 +27,7 @@ def build_config(model_type, hidden, layers, heads, vocab, max_positions, kv_hea
         return LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                            num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                            intermediate_size=int(8 * hidden / 3) // 8 * 8, max_position_embeddings=max_positions,
-                           tie_word_embeddings=False)
+                           tie_word_embeddings=tied)
     raise SystemExit(f"error: --model-type must be gptneox, gptj or llama, got {model_type!r}")
 
 
@@ -39,6 +39,7 @@ def main(argv=None):
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--num-kv-heads", type=int, default=None, help="llama: grouped-query attention")
+    parser.add_argument("--tie-word-embeddings", action="store_true", help="llama: share embedding and head")
     parser.add_argument("--max-positions", type=int, default=2048)
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     parser.add_argument("--vocab-size", type=int, default=None, help="default: tokenizer size rounded up to 128")
@@ -53,7 +54,7 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     vocab = args.vocab_size or (len(tokenizer) + 127) // 128 * 128
     config = build_config(args.model_type, args.hidden_size, args.num_layers, args.num_heads, vocab,
-                          args.max_positions, args.num_kv_heads)
+                          args.max_positions, args.num_kv_heads, args.tie_word_embeddings)
     config.eos_token_id = config.bos_token_id = tokenizer.eos_token_id
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config)

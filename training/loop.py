@@ -42,11 +42,12 @@ def model_dtype(args):
 class Trainer:
     def __init__(self, args):
         self.args = args
-        self.layout = lay = init_distributed(args)
+        self.cfg = cfg = modules.load_model_config(args.model_name, args.model_type)
+        self.tied = modules.tied_parameter_names(cfg)  # {head: embedding} when the two share weights
+        self.layout = lay = init_distributed(args, ends_group=bool(self.tied))
         self.watchdog = Watchdog(lay.rank, lay.world_size, args.dist_timeout).start()
         self.log = make_logger(args.train_log_backend, lay.is_logger, args.project_name, args.job_id,
                                public_flags(args), args.metrics_file)
-        self.cfg = cfg = modules.load_model_config(args.model_name, args.model_type)
         if args.embedding_dim is not None and args.embedding_dim != cfg.hidden_size:
             raise modules.ModelError(f"--embedding-dim {args.embedding_dim} differs from hidden size "
                                      f"{cfg.hidden_size} in {args.model_name}/config.json; use "
@@ -54,7 +55,11 @@ class Trainer:
         self._build_model()
         self._build_data()
         self.steps_total = self._total_optimizer_steps()
-        self.optimizer = StageOptimizer(self.named_params, args, lay, self.steps_total)
+        # A tied head on a separate last stage is a copy of the embedding: its gradient is summed with the
+        # embedding's (see _sync_tied_gradients), and it is left out of the gradient norm so it counts once.
+        self.tied_copies = {n for n in self.tied if n in self.param_names and self.num_stages > 1}
+        self.optimizer = StageOptimizer(self.named_params, args, lay, self.steps_total,
+                                        norm_exclude=self.tied_copies)
         self.loss_fn = TokenMeanLoss()
         n_micro = args.batch_size // args.micro_batch_size
         self.pipeline = Pipeline(self.stage_modules, self.stage_ids, self.num_stages, lay, n_micro, args.pp_mode,
@@ -75,9 +80,6 @@ class Trainer:
         per_stage = args.num_layers if virtual == 1 else None
         self.bounds = split_layers(cfg.num_layers, self.num_stages, per_stage)
         self.stage_ids = stage_ids_of_rank(lay.pp_rank, lay.pp_size, virtual)
-        if modules.tied_parameter_names(cfg) and self.num_stages > 1:
-            raise modules.ModelError("tied input/output embeddings (tie_word_embeddings) are supported with one "
-                                     "pipeline stage only; use --pipeline-group-size 1")
         self.stage_modules = []
         for s in self.stage_ids:
             start, end = self.bounds[s]
@@ -135,17 +137,21 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _meta(self):
         cfg, lay, args = self.cfg, self.layout, self.args
+        import numpy
+        import safetensors
         import transformers
         return {
+            "format": "checkpoint/1",
             "model_type": cfg.model_type,
             "model_config": cfg.hf_config_dict,
             "shape": {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size},
             "layout": {"pp": lay.pp_size, "dp": lay.dp_size, "num_stages": self.num_stages,
-                       "stage_layers": self.bounds},
+                       "stage_layers": self.bounds, "pp_mode": args.pp_mode},
             "iteration": self.step * args.gradient_accumulate_step,
             "dtype": str(model_dtype(args)).replace("torch.", ""),
             "flags": public_flags(args),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "safetensors": safetensors.__version__, "numpy": numpy.__version__,
                          "python": platform.python_version()},
         }
 
@@ -153,40 +159,66 @@ class Trainer:
         return {k: v for m in self.stage_modules for k, v in m.state_dict().items()}
 
     def save_checkpoint(self):
+        start = time.time()
         stage_state = dict(self.optimizer.state_dict(), step=self.step)
         data_state = self.stream.state_dict() if self.layout.rank == 0 else None
         self.checkpointer.save(self.step, self._stage_tensors(), self.optimizer.state_tensors(self.param_names),
                                stage_state, data_state, self._meta(), self.args.tokenizer_name)
-        self.log.info(f"saved checkpoint {self.checkpointer.step_dir(self.step)}")
+        self.log.info(f"saved checkpoint {self.checkpointer.step_dir(self.step)} ({time.time() - start:.1f} s)")
 
     def _resume(self):
+        """Continue from `latest`: weights, optimizer state and master weights, loss scale, LR schedule, data
+        position and (same layout) RNG states. Any layout reads any other's files; a checkpoint that cannot be
+        used raises CheckpointError on every rank (or, with --resume-fallback, an earlier one is used)."""
         import json
         ck, lay = self.checkpointer, self.layout
-        mine = set(self._stage_tensors())
+        current = self._stage_tensors()
+        mine = set(current)
+
+        def same_layout(meta):
+            layout = meta.get("layout", {})
+            return (layout.get("pp"), layout.get("dp"), layout.get("num_stages")) == (
+                lay.pp_size, lay.dp_size, self.num_stages)
 
         def files_needed(meta):
-            return files_of(meta, mine) + ["prank_0_state.json", "data_state.json"]
+            rng = [f"rank_{lay.rank}_rng.safetensors"] if same_layout(meta) else []
+            return files_of(meta, mine) + ["prank_0_state.json", "data_state.json"] + rng
 
-        step, meta = ck.find_resume_step(self._meta(), files_needed, self.args.resume_fallback, self._warn)
+        step, meta = ck.find_resume_step(self._meta(), files_needed, self.args.resume_fallback, self._warn,
+                                         {k: tuple(v.shape) for k, v in current.items()})
         if step is None:
             return
         folder = ck.step_dir(step)
         weights = ck.read_tensors(step, meta, "_model.safetensors", mine)
-        missing = mine - set(weights)
-        if missing:
-            raise CheckpointError(f"{folder} lacks {len(missing)} tensors of this stage, e.g. {sorted(missing)[0]}")
+        opt = ck.read_tensors(step, meta, "_optimizer.safetensors", set(self.param_names))
+        masters = {k[:-len("/master")]: v for k, v in opt.items() if k.endswith("/master")}
+        if self.optimizer.mixed:  # a checkpoint of an fp32 run has no master copies: its weights are them
+            for name in self.param_names:
+                opt.setdefault(f"{name}/master", weights[name].float())
+        else:  # fp32 run from a bf16/fp16 checkpoint: take the fp32 master copies, not the rounded weights
+            weights.update(masters)
+            opt = {k: v for k, v in opt.items() if not k.endswith("/master")}
         with torch.no_grad():
             for m in self.stage_modules:
                 for k, v in m.state_dict().items():
                     v.copy_(weights[k])
-        self.optimizer.load_state_tensors(
-            self.param_names, ck.read_tensors(step, meta, "_optimizer.safetensors", set(self.param_names)))
-        state = json.load(open(os.path.join(folder, "prank_0_state.json")))
+        self.optimizer.load_state_tensors(self.param_names, opt)
+        with open(os.path.join(folder, "prank_0_state.json")) as f:
+            state = json.load(f)
+        if not state.get("scaler"):  # the checkpoint had no loss scaler (fp32/bf16): keep this run's initial one
+            state["scaler"] = self.optimizer.scaler.state_dict()
         self.optimizer.load_state_dict(state)
         if self.stream is not None:
-            self.stream.load_state_dict(json.load(open(os.path.join(folder, "data_state.json"))))
+            with open(os.path.join(folder, "data_state.json")) as f:
+                self.stream.load_state_dict(json.load(f))
+        if same_layout(meta):
+            rng = ck.read_rng(step, lay.rank)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and lay.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], lay.device)
         self.step = state["step"]
-        self.log.info(f"resumed from {folder} (step {self.step})")
+        layout = meta["layout"]
+        self.log.info(f"resumed from {folder} (step {self.step}; saved with pp={layout['pp']} x dp={layout['dp']})")
 
     def _warn(self, message):
         if self.layout.rank == 0 or self.layout.is_logger:
@@ -216,11 +248,24 @@ class Trainer:
             if loss is not None:
                 loss_sum += loss
         self._maybe_inject_inf()
+        self._sync_tied_gradients()
         with self.profiler.span("dp_allreduce"):
             allreduce_gradients([p for _, p in self.named_params], lay.dp_group, lay.dp_size)
         with self.profiler.span("optimizer"):
             grad_norm, skipped = self.optimizer.step()
         return loss_sum, grad_norm, skipped
+
+    def _sync_tied_gradients(self):
+        """Tied embeddings split over two stages: both copies get the sum of their gradients, so both take the
+        same update and stay equal."""
+        if self.layout.ends_group is None or not self.tied:
+            return
+        params = dict(self.named_params)
+        for name in [n for pair in self.tied.items() for n in pair if n in params]:  # this rank holds one end
+            param = params[name]
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, group=self.layout.ends_group)
 
     def _maybe_inject_inf(self):
         spec = os.environ.get(INJECT_INF_ENV)

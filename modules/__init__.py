@@ -1,0 +1,36 @@
+"""Model families (GPT-NeoX, GPT-J, Llama) as pipeline-stage building blocks, with Hugging Face parameter names.
+
+    cfg = load_model_config(model_dir)                       # config.json -> ModelConfig
+    stage = build_stage(cfg, 0, 8, is_first=True, is_last=False)
+    load_stage_weights(stage, model_dir)                     # or init_stage_weights(stage, cfg, seed)
+    hidden = stage(input_ids)
+
+Reading order: config.py, layers.py, gptneox.py / gptj.py / llama.py, stage.py, weights.py, flops.py, export.py.
+"""
+
+from .config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelError, load_model_config, model_config_from_dict
+from .export import save_hf_directory
+from .flops import count_parameters, flops_per_token
+from .stage import Stage, build_stage, embedding_name, head_name, tied_parameter_names
+from .weights import Checkpoint, expected_names, expected_shapes, init_stage_weights, load_stage_weights
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "Checkpoint",
+    "ModelConfig",
+    "ModelError",
+    "Stage",
+    "build_stage",
+    "count_parameters",
+    "embedding_name",
+    "expected_names",
+    "expected_shapes",
+    "flops_per_token",
+    "head_name",
+    "init_stage_weights",
+    "load_model_config",
+    "load_stage_weights",
+    "save_hf_directory",
+    "model_config_from_dict",
+    "tied_parameter_names",
+]

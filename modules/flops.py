@@ -1,0 +1,30 @@
+"""Parameter and FLOP counts for MFU (GUIDE §5): 6·N_nonembedding + 12·L·d·S per token."""
+
+from __future__ import annotations
+
+import math
+
+from .config import ModelConfig
+from .stage import embedding_name, head_name
+from .weights import expected_shapes
+
+
+def count_parameters(cfg: ModelConfig, include_embedding: bool = True) -> int:
+    """Parameters of the full model; a tied head is counted once (as the embedding)."""
+    shapes = expected_shapes(cfg)
+    if cfg.tie_word_embeddings:
+        del shapes[head_name(cfg)]
+    if not include_embedding:
+        del shapes[embedding_name(cfg)]
+        if cfg.tie_word_embeddings:  # the head matmul still runs: count it as non-embedding compute
+            shapes[head_name(cfg)] = (cfg.vocab_size, cfg.hidden_size)
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
+def flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
+    """Training FLOPs per token: 6·N (forward + backward of every matmul) + 12·L·d·S (attention scores).
+
+    N excludes the input embedding table (a lookup, no matmul) but includes the LM head, as torchtitan does.
+    """
+    n = count_parameters(cfg, include_embedding=False)
+    return 6 * n + 12 * cfg.num_layers * cfg.hidden_size * seq_length

@@ -1,0 +1,124 @@
+"""Pieces shared by the three families: rotary embedding, causal attention, RMSNorm, activations.
+
+Rotary follows Hugging Face exactly: cos/sin are computed in float32 from float32 inverse frequencies, then cast to
+the activation dtype (as transformers does), once per stage forward and reused by every block of the stage.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def rotary_inv_freq(cfg: ModelConfig, device: torch.device | str | None = "cpu") -> torch.Tensor:
+    """float32 inverse frequencies [rotary_dim // 2], with linear or llama3 scaling as transformers computes them."""
+    dim = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    # llama3: long wavelengths divided by `factor`, short ones kept, a smooth blend in between.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class Rotary(nn.Module):
+    """Produces (cos, sin) [1 or B, 1, S, rotary_dim] for a stage; `interleaved` is GPT-J's every-two layout."""
+
+    def __init__(self, cfg: ModelConfig, interleaved: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.interleaved = interleaved
+        self.register_buffer("inv_freq", rotary_inv_freq(cfg, "cpu"), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # `.to(bf16)`, `.to_empty()` or meta init would cast or wipe inv_freq: recompute it in float32 on the new
+        # device.
+        super()._apply(fn, recurse)
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq = rotary_inv_freq(self.cfg, self.inv_freq.device)
+        return self
+
+    def forward(self, seq_len: int, dtype: torch.dtype, position_ids: torch.Tensor | None = None):
+        inv_freq = self.inv_freq
+        if position_ids is None:
+            positions = torch.arange(seq_len, device=inv_freq.device, dtype=torch.float32)[None]
+        else:
+            positions = position_ids.to(device=inv_freq.device, dtype=torch.float32)
+        freqs = positions[..., None] * inv_freq  # [B, S, rotary_dim // 2]
+        if self.interleaved:
+            emb = torch.repeat_interleave(freqs, 2, dim=-1)  # f0 f0 f1 f1 ...
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)  # f0 f1 ... f0 f1 ...
+        return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of each head of x [B, H, S, D]; the rest pass through (partial rotary)."""
+    rotary_dim = cos.shape[-1]
+    rotate = _rotate_every_two if interleaved else _rotate_half
+    if rotary_dim == x.shape[-1]:
+        return x * cos + rotate(x) * sin
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((x_rot * cos + rotate(x_rot) * sin, x_pass), dim=-1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA on [B, H, S, D] (k/v may have fewer heads: GQA); returns [B, S, H*D]."""
+    if k.shape[1] != q.shape[1]:
+        # Expand rather than enable_gqa: every SDPA backend (flash, efficient, cuDNN) takes equal head counts.
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    b, h, s, d = out.shape
+    return out.transpose(1, 2).reshape(b, s, h * d)
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalise in float32, cast back, then scale (same op order as transformers)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def activation(name: str):
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    return F.silu

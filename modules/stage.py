@@ -1,0 +1,129 @@
+"""A pipeline stage: [embedding] -> blocks layer_start..layer_end-1 -> [final norm + LM head].
+
+The module tree mirrors Hugging Face's, so `stage.state_dict()` keys are exactly the HF checkpoint keys with global
+layer indices (e.g. `gpt_neox.layers.5.attention.dense.weight`): any layout can read any other layout's checkpoint.
+
+Tied embeddings (`tie_word_embeddings`): when one stage holds both ends it shares one Parameter, as transformers
+does. When the ends live on different stages, the last stage owns a separate head weight (initialised and loaded
+from the embedding); the engine must keep the two in sync, e.g. by summing their gradients across the first and
+last stage before the optimizer step. `tied_parameter_names(cfg)` names the pair.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from . import gptj, gptneox, llama
+from .config import ModelConfig, ModelError
+from .layers import Rotary
+
+FAMILIES = {"gptneox": gptneox, "gptj": gptj, "llama": llama}
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+
+def family(cfg: ModelConfig):
+    return FAMILIES[cfg.model_type]
+
+
+def head_name(cfg: ModelConfig) -> str:
+    """HF name of the LM head weight (`embed_out.weight` for GPT-NeoX, `lm_head.weight` otherwise)."""
+    return f"{family(cfg).HEAD}.weight"
+
+
+def embedding_name(cfg: ModelConfig) -> str:
+    fam = family(cfg)
+    return f"{fam.PREFIX}.{fam.EMBED}.weight"
+
+
+def tied_parameter_names(cfg: ModelConfig) -> dict[str, str]:
+    """{head weight name: embedding weight name} when the config ties them, else {}."""
+    return {head_name(cfg): embedding_name(cfg)} if cfg.tie_word_embeddings else {}
+
+
+class Stage(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_start: int,
+        layer_end: int,
+        is_first: bool,
+        is_last: bool,
+        activation_checkpointing: str = "none",
+    ):
+        super().__init__()
+        if not 0 <= layer_start <= layer_end <= cfg.num_layers:
+            raise ModelError(
+                f"stage layers [{layer_start}, {layer_end}) are outside the model's {cfg.num_layers} layers"
+            )
+        if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ModelError(
+                f"activation_checkpointing={activation_checkpointing!r}; expected one of "
+                f"{', '.join(ACTIVATION_CHECKPOINTING)}"
+            )
+        fam = family(cfg)
+        self.cfg = cfg
+        self.layer_start, self.layer_end = layer_start, layer_end
+        self.is_first, self.is_last = is_first, is_last
+        self.activation_checkpointing = activation_checkpointing
+
+        # `body` is registered under the family prefix (gpt_neox / transformer / model) to get HF's key names.
+        body = nn.Module()
+        if is_first:
+            setattr(body, fam.EMBED, nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id))
+        setattr(body, fam.LAYERS, nn.ModuleDict({str(i): fam.Block(cfg) for i in range(layer_start, layer_end)}))
+        if is_last:
+            setattr(body, fam.FINAL_NORM, fam.final_norm(cfg))
+        self.add_module(fam.PREFIX, body)
+        if is_last:
+            head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=fam.HEAD_BIAS)
+            if is_first and cfg.tie_word_embeddings:
+                head.weight = getattr(body, fam.EMBED).weight
+            self.add_module(fam.HEAD, head)
+        self.rotary = Rotary(cfg, fam.INTERLEAVED_ROTARY)  # holds only the non-persistent inv_freq buffer
+
+    def _checkpointed(self, local_index: int) -> bool:
+        if self.activation_checkpointing == "full":
+            return True
+        return self.activation_checkpointing == "selective" and local_index % 2 == 0
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x: input_ids [B, S] (first stage) or hidden [B, S, H]; returns logits [B, S, V] (last) or hidden."""
+        fam = family(self.cfg)
+        body = getattr(self, fam.PREFIX)
+        h = getattr(body, fam.EMBED)(x) if self.is_first else x
+        blocks = getattr(body, fam.LAYERS)
+        if len(blocks):
+            cos, sin = self.rotary(h.shape[1], h.dtype, position_ids)  # once per stage, shared by all blocks
+            for i, block in enumerate(blocks.values()):
+                if self._checkpointed(i) and torch.is_grad_enabled():
+                    h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, use_reentrant=False)
+                else:
+                    h = block(h, cos, sin)
+        if self.is_last:
+            h = getattr(self, fam.HEAD)(getattr(body, fam.FINAL_NORM)(h))
+        return h
+
+    def extra_repr(self) -> str:
+        return (
+            f"model_type={self.cfg.model_type}, layers=[{self.layer_start}, {self.layer_end}), "
+            f"is_first={self.is_first}, is_last={self.is_last}, "
+            f"activation_checkpointing={self.activation_checkpointing}"
+        )
+
+
+def build_stage(
+    cfg: ModelConfig,
+    layer_start: int,
+    layer_end: int,
+    is_first: bool,
+    is_last: bool,
+    activation_checkpointing: str = "none",
+) -> Stage:
+    """A stage module holding blocks [layer_start, layer_end), plus the embedding if first and head if last.
+
+    Parameters are created in torch's default dtype/device (use `.to()` or a `torch.device(...)` context);
+    weights are placeholders until `init_stage_weights` or `load_stage_weights`.
+    """
+    return Stage(cfg, layer_start, layer_end, is_first, is_last, activation_checkpointing)

@@ -1,0 +1,129 @@
+"""Training checkpoint -> Hugging Face model directory.
+
+    python tools/convert_to_hf.py --checkpoint-path ckpt/ [--step N] --output hf_model/ [--dtype bf16]
+
+Reads `<ckpt>/latest` (or --step), then `<ckpt>/checkpoint_<step>/meta.json` and the stage files
+`prank_<p>_model.safetensors` for p < layout.pp. Stage files hold Hugging Face-named tensors, so the pipeline layout
+used in training needs no flags here: the stages are merged by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+
+from modules.config import ModelError, model_config_from_dict  # noqa: E402
+from modules.export import DTYPES, save_hf_directory  # noqa: E402
+
+_HF_MODEL_TYPES = {"gpt_neox": "gptneox"}
+
+
+class StageFiles(Mapping):
+    """The tensors of several safetensors files as one read-on-demand mapping {name: tensor}."""
+
+    def __init__(self, paths: list[str]):
+        from safetensors import safe_open
+
+        self._where: dict[str, str] = {}
+        for path in paths:
+            try:
+                with safe_open(path, framework="pt") as f:
+                    keys = list(f.keys())
+            except Exception as e:  # safetensors' own error types
+                raise ModelError(f"{path}: cannot read safetensors file ({e})") from None
+            for key in keys:
+                if key in self._where:
+                    raise ModelError(f"{path}: tensor {key!r} is also in {self._where[key]}")
+                self._where[key] = path
+
+    def __getitem__(self, key):
+        from safetensors import safe_open
+
+        with safe_open(self._where[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    def shape_of(self, key) -> list[int]:
+        from safetensors import safe_open
+
+        with safe_open(self._where[key], framework="pt") as f:
+            return f.get_slice(key).get_shape()
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self):
+        return len(self._where)
+
+
+def resolve_step(checkpoint_path: str, step: int | None) -> int:
+    if not os.path.isdir(checkpoint_path):
+        raise ModelError(f"{checkpoint_path}: checkpoint directory not found")
+    if step is not None:
+        return step
+    latest = os.path.join(checkpoint_path, "latest")
+    try:
+        with open(latest) as f:
+            text = f.read().strip()
+    except OSError:
+        raise ModelError(f"{latest}: file not found; pass --step N to pick a checkpoint") from None
+    try:
+        return int(text)
+    except ValueError:
+        raise ModelError(f"{latest}: expected a step number, found {text[:40]!r}") from None
+
+
+def convert(checkpoint_path: str, output_dir: str, step: int | None = None, dtype: str = "fp32") -> str:
+    """Write the HF directory for one checkpoint step; returns the checkpoint folder used."""
+    step = resolve_step(checkpoint_path, step)
+    folder = os.path.join(checkpoint_path, f"checkpoint_{step}")
+    if not os.path.isdir(folder):
+        raise ModelError(f"{folder}: checkpoint for step {step} not found")
+    meta_path = os.path.join(folder, "meta.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        model_type, model_config, pp = meta["model_type"], meta["model_config"], int(meta["layout"]["pp"])
+    except OSError:
+        raise ModelError(f"{meta_path}: file not found") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{meta_path}: expected JSON with model_type, model_config and layout.pp ({e!r})") from None
+    cfg = model_config_from_dict(model_config, _HF_MODEL_TYPES.get(model_type, model_type), source=meta_path)
+    paths = [os.path.join(folder, f"prank_{p}_model.safetensors") for p in range(pp)]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ModelError(f"{path}: stage weights not found (meta.json says pp={pp})")
+    tokenizer_dir = os.path.join(folder, "tokenizer")
+    save_hf_directory(
+        StageFiles(paths),
+        cfg,
+        output_dir,
+        dtype=dtype,
+        tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
+        source=folder,
+    )
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint-path", required=True, help="training checkpoint directory (holds `latest`)")
+    parser.add_argument("--step", type=int, default=None, help="step to convert (default: the one in `latest`)")
+    parser.add_argument("--output", required=True, help="Hugging Face model directory to write")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
+    args = parser.parse_args(argv)
+    try:
+        folder = convert(args.checkpoint_path, args.output, args.step, args.dtype)
+    except (ModelError, OSError) as e:
+        print(f"convert_to_hf: error: {e}", file=sys.stderr)
+        return 2
+    print(f"convert_to_hf: wrote {args.output} from {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

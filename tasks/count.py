@@ -1,0 +1,122 @@
+"""count_tokens: packed tokens (document tokens + its EOS) of a task spec, for --nepochs.
+
+Counted once per file and cached beside it in `.<file name>.token_count.json`, keyed by the tokenizer fingerprint and
+the file's size and mtime; when the data directory is not writable the cache goes to
+$XDG_CACHE_HOME/openchatkit-tasks (~/.cache/...) or, failing that, the system temp dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+from .evaluation import iter_lines
+from .render import Renderer
+from .spec import parse_task_spec
+from .tokenize import Encoder
+
+CACHE_FORMAT = 1
+_MAX_ENTRIES = 8
+
+
+def _fallback_dirs() -> list[str]:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return [os.path.join(base, "openchatkit-tasks", "token_counts"),
+            os.path.join(tempfile.gettempdir(), f"openchatkit-tasks-{os.getuid() if hasattr(os, 'getuid') else 0}")]
+
+
+def cache_paths(path: str) -> list[str]:
+    """Where the count of `path` may be cached, in order of preference."""
+    d, name = os.path.split(os.path.abspath(path))
+    key = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+    return [os.path.join(d, f".{name}.token_count.json")] + \
+        [os.path.join(f, f"{key}-{name}.token_count.json") for f in _fallback_dirs()]
+
+
+def _read_cache(path: str, fingerprint: str, size: int, mtime_ns: int):
+    for cp in cache_paths(path):
+        try:
+            with open(cp) as fh:
+                entry = json.load(fh)["entries"][fingerprint]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if entry.get("size") == size and entry.get("mtime_ns") == mtime_ns:
+            return entry
+    return None
+
+
+def _write_cache(path: str, fingerprint: str, entry: dict) -> str | None:
+    for cp in cache_paths(path):
+        try:
+            try:
+                with open(cp) as fh:
+                    data = json.load(fh)
+                if data.get("format") != CACHE_FORMAT:
+                    raise ValueError
+            except (OSError, ValueError):
+                data = {"format": CACHE_FORMAT, "file": os.path.basename(path), "entries": {}}
+            data["entries"].pop(fingerprint, None)
+            data["entries"][fingerprint] = entry
+            while len(data["entries"]) > _MAX_ENTRIES:
+                data["entries"].pop(next(iter(data["entries"])))
+            os.makedirs(os.path.dirname(cp), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cp), prefix=".tmp-token-count-")
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(data, fh)
+                os.chmod(tmp, 0o644)  # mkstemp makes 0600; others sharing the data should read the cache too
+                os.replace(tmp, cp)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            return cp
+        except OSError:
+            continue
+    return None
+
+
+def count_file(path: str, encoder: Encoder, renderer: Renderer, batch_docs: int = 1024) -> dict:
+    """Tokenise one file: {"tokens": packed tokens incl. one EOS per record, "records": n}."""
+    tokens = records = 0
+    docs = []
+    for p, line_no, line in iter_lines([path]):
+        docs.append(renderer.render_text_only(line, p, line_no))
+        if len(docs) >= batch_docs:
+            tokens += sum(encoder.lengths(docs))
+            records += len(docs)
+            docs = []
+    if docs:
+        tokens += sum(encoder.lengths(docs))
+        records += len(docs)
+    return {"tokens": tokens, "records": records}
+
+
+def count_tokens(task_spec, tokenizer, per_task: bool = False, use_cache: bool = True):
+    """Packed tokens of one pass over every task (each record's tokens + one EOS).
+
+    Returns the total (int), or {task name: tokens} with per_task=True. One epoch of the mixture in optimizer steps
+    is about total / (seq_length * batch_size * dp_size).
+    """
+    tasks = parse_task_spec(task_spec)
+    encoder = Encoder(tokenizer)
+    renderer = Renderer(tokenizer)
+    fp = encoder.fingerprint
+    counts: dict[str, int] = {}
+    done: dict[str, int] = {}
+    for t in tasks:
+        total = 0
+        for f in t.files:
+            if f not in done:
+                st = os.stat(f)
+                entry = _read_cache(f, fp, st.st_size, st.st_mtime_ns) if use_cache else None
+                if entry is None:
+                    entry = count_file(f, encoder, renderer)
+                    entry.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+                    if use_cache:
+                        _write_cache(f, fp, entry)
+                done[f] = int(entry["tokens"])
+            total += done[f]
+        counts[t.name] = total
+    return counts if per_task else sum(counts.values())

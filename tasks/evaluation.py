@@ -1,0 +1,49 @@
+"""Evaluation batches: every record of the files once, in order (no weights, no shuffle, no cycling), rendered,
+masked and packed exactly like training.
+
+The tail of the stream becomes one last window padded with EOS inputs and -100 labels, and the last global batch is
+filled with all-padding windows (EOS inputs, -100 labels), so shapes stay fixed and every data-parallel replica
+yields the same number of batches. Weights in a spec are ignored.
+"""
+
+from __future__ import annotations
+
+from .packing import Packer
+from .reader import _open
+from .render import Renderer
+from .spec import parse_task_spec
+from .tokenize import Encoder
+
+
+def iter_lines(files):
+    """(path, line_no, raw line) of every non-blank line, files in the order given."""
+    for path in files:
+        with _open(path) as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.isspace():
+                    yield path, line_no, line
+
+
+def evaluation_batches(paths, tokenizer, seq_length: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                       train_on_inputs: bool = False, loss_on_bot_only: bool = False, chunk_docs: int = 256):
+    """Yield dicts of int64 tensors [batch_size, seq_length] (input_ids, labels, position_ids, doc_ids).
+
+    paths: a --task-name style spec ("a.jsonl,dir/") or a list of paths.
+    """
+    tasks = parse_task_spec(paths)
+    renderer = Renderer(tokenizer, train_on_inputs, loss_on_bot_only)
+    encoder = Encoder(tokenizer)
+    packer = Packer(seq_length, batch_size, dp_rank, dp_size, 0, encoder.eos)
+    files = [f for t in tasks for f in t.files]
+    docs = []
+    for path, line_no, line in iter_lines(files):
+        docs.append(renderer.render_line(line, path, line_no))
+        if len(docs) >= chunk_docs:
+            for batch, _ in packer.feed(None, encoder.encode_chunk(docs)):
+                yield batch
+            docs = []
+    if docs:
+        for batch, _ in packer.feed(None, encoder.encode_chunk(docs)):
+            yield batch
+    for batch, _ in packer.flush():
+        yield batch

@@ -1,0 +1,94 @@
+"""`--task-name` parsing: comma-separated ``path[:weight]`` entries, as in OpenChatKit.
+
+A path is a ``.jsonl`` / ``.jsonl.gz`` file or a directory of them (top level only, sorted by name; the directory is
+one task). Weights default to 1.0 and are normalised to sum to 1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+class TaskError(ValueError):
+    """A problem with the task data or spec, phrased so the user knows what to fix."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str  # the entry's path as written (made unique with "#n" if repeated)
+    path: str  # absolute path of the file or directory
+    weight: float  # normalised sampling weight
+    raw_weight: float  # weight as written
+    files: tuple[str, ...]  # absolute paths of the data files, sorted
+
+
+def is_data_file(name: str) -> bool:
+    return name.endswith(DATA_SUFFIXES) and not os.path.basename(name).startswith(".")
+
+
+def _files_of(entry: str, path: str, where: str) -> tuple[str, ...]:
+    if os.path.isdir(path):
+        files = tuple(sorted(os.path.join(path, f) for f in os.listdir(path)
+                             if is_data_file(f) and os.path.isfile(os.path.join(path, f))))
+        if not files:
+            raise TaskError(f"--task-name {where} '{entry}': directory {path} holds no .jsonl or .jsonl.gz files; "
+                            f"put the data files directly in it or name the files themselves")
+        return files
+    if os.path.isfile(path):
+        if not path.endswith(DATA_SUFFIXES):
+            raise TaskError(f"--task-name {where} '{entry}': {path} is not a .jsonl or .jsonl.gz file; rename it "
+                            f"(one JSON object per line) or point at a directory of .jsonl files")
+        return (path,)
+    raise TaskError(f"--task-name {where} '{entry}': no such file or directory {path!r}; give a .jsonl/.jsonl.gz "
+                    f"file or a directory of them (named tasks like 'cot' are not built in)")
+
+
+def parse_task_spec(spec: str | list[str] | tuple[str, ...]) -> list[TaskSpec]:
+    """Parse ``"a.jsonl:0.5,dir/,b.jsonl.gz"`` into TaskSpecs with normalised weights.
+
+    Raises TaskError (a ValueError) naming the bad entry and the fix.
+    """
+    if isinstance(spec, (list, tuple)):
+        entries = [str(e) for e in spec]
+    else:
+        if not isinstance(spec, str) or not spec.strip():
+            raise TaskError("--task-name is empty; give comma-separated path[:weight] entries, "
+                            "e.g. --task-name data/chat.jsonl:0.8,data/extra/:0.2")
+        entries = spec.split(",")
+    parsed = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(entries, 1):
+        entry = raw.strip()
+        where = f"entry {i}"
+        if not entry:
+            raise TaskError(f"--task-name {where} is empty (two commas in a row or a trailing comma?); "
+                            f"remove it or give path[:weight]")
+        path, weight_text = entry, None
+        if not os.path.exists(os.path.expanduser(entry)) and ":" in entry:
+            path, weight_text = entry.rsplit(":", 1)
+            path = path.strip()
+            weight_text = weight_text.strip()
+        weight = 1.0
+        if weight_text is not None:
+            try:
+                weight = float(weight_text)
+            except ValueError:
+                raise TaskError(f"--task-name {where} '{entry}': weight {weight_text!r} is not a number; "
+                                f"write path:weight with a positive number, e.g. {path}:0.5") from None
+            if not math.isfinite(weight) or weight <= 0:
+                raise TaskError(f"--task-name {where} '{entry}': weight must be a positive number, got "
+                                f"{weight_text}; drop the task or give it a weight > 0, e.g. {path}:0.5")
+        if not path:
+            raise TaskError(f"--task-name {where} '{entry}': missing path before ':'; write path[:weight]")
+        abspath = os.path.abspath(os.path.expanduser(path))
+        files = _files_of(entry, abspath, where)
+        n = seen.get(path, 0) + 1
+        seen[path] = n
+        name = path if n == 1 else f"{path}#{n}"
+        parsed.append((name, abspath, weight, files))
+    total = sum(w for _, _, w, _ in parsed)
+    return [TaskSpec(name=n, path=p, weight=w / total, raw_weight=w, files=f) for n, p, w, f in parsed]

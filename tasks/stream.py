@@ -1,0 +1,330 @@
+"""PackedStream: the training data iterator (weighted multi-task, shuffled, packed, resumable, prefetched).
+
+Pipeline (in a background thread when num_workers >= 1):
+  Mixture (weighted task choice + per-task shuffle buffer readers)  → chunks of raw lines
+  → thread pool of `num_workers` tokenisers (render + batched Rust encode, GIL released)  → in-order Chunks
+  → Packer (EOS packing, windows, global batches, this replica's rows)  → queue of `prefetch` batches.
+Every batch carries the position after it (a StateRef); the consumer remembers the one of the last batch it handed
+out, so state_dict() describes exactly what training consumed, never what was prefetched.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+from .packing import ChunkMeta, Packer, StateRef
+from .reader import Mixture, file_signature
+from .render import Renderer
+from .spec import TaskError, parse_task_spec
+from .tokenize import Encoder
+
+STATE_FORMAT = "tasks.PackedStream/1"
+_ERROR = object()
+
+
+def _positive(name, value, minimum=1):
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise TaskError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def format_sample(batch, tokenizer, row: int = 0) -> str:
+    """Decode one row; spans that take loss (as labels) are wrapped in [[ ]]."""
+    ids = batch["input_ids"][row].tolist()
+    labels = batch["labels"][row].tolist()
+    toks = list(ids)
+    flags = [False] + [lab != -100 for lab in labels]  # flag of token t as a prediction target
+    if labels[-1] != -100:
+        toks.append(labels[-1])
+    else:
+        flags = flags[:-1]
+    parts, start = [], 0
+    for t in range(1, len(toks) + 1):
+        if t == len(toks) or flags[t] != flags[start]:
+            text = tokenizer.decode(toks[start:t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            parts.append(f"[[{text}]]" if flags[start] else text)
+            start = t
+    return "".join(parts)
+
+
+class PackedStream:
+    """Infinite iterator of batches: dicts of int64 tensors [batch_size, seq_length] with input_ids, labels
+    (already shifted, -100 = no loss), position_ids (restart per document) and doc_ids."""
+
+    def __init__(self, task_spec, tokenizer, seq_length: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                 seed: int = 42, train_on_inputs: bool = False, loss_on_bot_only: bool = False,
+                 shuffle_buffer: int = 1000, num_workers: int = 1, prefetch: int = 4, chunk_docs: int = 256,
+                 chunk_bytes: int = 1 << 20, show_data: bool | None = None, show_every: int | None = None):
+        _positive("seq_length", seq_length)
+        _positive("batch_size", batch_size)
+        _positive("dp_size", dp_size)
+        _positive("shuffle_buffer", shuffle_buffer)
+        _positive("num_workers", num_workers, 0)
+        _positive("prefetch", prefetch)
+        _positive("chunk_docs", chunk_docs)
+        if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
+            raise TaskError(f"dp_rank must be in [0, {dp_size}), got {dp_rank!r}")
+        self.tasks = parse_task_spec(task_spec)
+        self.tokenizer = tokenizer
+        self.seq_length, self.batch_size = seq_length, batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.seed = int(seed)
+        self.train_on_inputs, self.loss_on_bot_only = train_on_inputs, loss_on_bot_only
+        self.shuffle_buffer = shuffle_buffer
+        self.num_workers, self.prefetch = num_workers, prefetch
+        self.chunk_docs, self.chunk_bytes = chunk_docs, chunk_bytes
+        self.renderer = Renderer(tokenizer, train_on_inputs, loss_on_bot_only)
+        self.encoder = Encoder(tokenizer)
+        self._codec = Mixture(self.tasks, self.seed, shuffle_buffer)  # serialises snapshots; never reads
+        self._pipe = _Pipeline(self)
+        if show_data is None:
+            show_data = os.environ.get("SHOW_DATA", "").strip().lower() not in ("", "0", "false", "no")
+        self.show_data = show_data and dp_rank == 0
+        self.show_every = show_every or int(os.environ.get("SHOW_DATA_EVERY", "100") or 100)
+        self._resume: dict | None = None  # JSON state to start from
+        self._consumed: StateRef | dict | None = None  # position after the last batch handed out
+        self._served = 0
+        self._gen = None
+        self._thread = None
+        self._queue = None
+        self._stop = None
+        self._error: BaseException | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise StopIteration
+        try:
+            if self.num_workers == 0:
+                if self._gen is None:
+                    self._gen = self._pipe.batches(self._resume, None)
+                batch, ref = next(self._gen)
+            else:
+                if self._thread is None:
+                    self._start()
+                while True:
+                    try:
+                        item = self._queue.get(timeout=1.0)
+                        break
+                    except queue.Empty:
+                        if not self._thread.is_alive():
+                            raise RuntimeError("tasks: the data loader thread died without reporting an error")
+                if item[0] is _ERROR:
+                    raise item[1]
+                batch, ref = item
+        except StopIteration:
+            raise RuntimeError("tasks: the training stream ended, which it never should") from None
+        except Exception as e:  # the stream is dead: raise the same error from every later next()
+            self._error = e
+            self._shutdown()
+            raise
+        self._consumed = ref
+        if self.show_data and self._served % self.show_every == 0:
+            print(f"[tasks] SHOW_DATA batch {self._served} row 0 (loss on [[...]] spans, "
+                  f"{int((batch['labels'][0] != -100).sum())}/{self.seq_length} labels):\n"
+                  f"{format_sample(batch, self.tokenizer)}\n[tasks] end of sample", file=sys.stderr, flush=True)
+        self._served += 1
+        return batch
+
+    # ------------------------------------------------------------------ background thread
+    def _start(self):
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._stop = threading.Event()
+        # the thread holds the pipeline, not self, so an unclosed stream can still be collected (and __del__ stops it)
+        self._thread = threading.Thread(target=_run, args=(self._pipe, self._resume, self._queue, self._stop),
+                                        name="tasks-loader", daemon=True)
+        self._thread.start()
+
+    def _shutdown(self):
+        if self._thread is not None:
+            self._stop.set()
+            try:
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=10)
+            self._thread = None
+        if self._gen is not None:
+            self._gen.close()
+            self._gen = None
+
+    def close(self):
+        self._shutdown()
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self._shutdown()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ state
+    @property
+    def epochs(self) -> dict[str, int]:
+        """Completed passes over each task's files, as of the last batch handed out."""
+        ref = self._consumed
+        if ref is None:
+            return dict(self._resume["epochs"]) if self._resume else {t.name: 0 for t in self.tasks}
+        if isinstance(ref, dict):
+            return dict(ref["epochs"])
+        eps = self._codec.epochs_of(ref.meta.snapshot)
+        for t, e in ref.meta.doc_epochs[: ref.skip_docs + 1]:
+            eps[t] = max(eps[t], e)
+        return {t.name: e for t, e in zip(self.tasks, eps)}
+
+    def _identity(self) -> dict:
+        return {
+            "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
+            "tokenizer": self.encoder.fingerprint,
+            "tasks": [{"name": t.name, "weight": t.raw_weight, "files": [file_signature(f) for f in t.files]}
+                      for t in self.tasks],
+        }
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position after the last batch handed out (identical on every dp replica)."""
+        ref = self._consumed
+        if isinstance(ref, dict):
+            return _copy_json(ref)
+        if ref is None:
+            if self._resume is not None:
+                return _copy_json(self._resume)
+            source = Mixture(self.tasks, self.seed, self.shuffle_buffer)
+            position = {"source": source.snapshot_to_json(source.snapshot()), "skip_docs": 0, "skip_tokens": 0}
+            windows = 0
+        else:
+            position = {"source": self._codec.snapshot_to_json(ref.meta.snapshot), "skip_docs": ref.skip_docs,
+                        "skip_tokens": ref.skip_tokens}
+            windows = ref.windows
+        return {"format": STATE_FORMAT, **self._identity(), "seq_length": self.seq_length,
+                "global_batch": self.batch_size * self.dp_size, "windows": windows,
+                "tokens": windows * self.seq_length, "epochs": self.epochs, "position": position}
+
+    def load_state_dict(self, state: dict, strict: bool = True):
+        """Continue after the batch `state` was taken at. strict=False tolerates data files that changed size."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise TaskError(f"not a data-stream state (expected format {STATE_FORMAT!r}); was it written by "
+                            f"tasks.PackedStream.state_dict()?")
+        mine = self._identity()
+        for key, what in (("seed", "--seed"), ("shuffle_buffer", "the shuffle buffer size"),
+                          ("tokenizer", "the tokenizer (vocab/merges/chat template)")):
+            if state[key] != mine[key]:
+                raise TaskError(f"cannot resume the data stream: {what} changed since the checkpoint "
+                                f"({state[key]!r} → {mine[key]!r}); restore it or start the data stream afresh")
+        old, new = state["tasks"], mine["tasks"]
+        if [(t["name"], t["weight"]) for t in old] != [(t["name"], t["weight"]) for t in new]:
+            raise TaskError("cannot resume the data stream: --task-name changed since the checkpoint "
+                            f"({','.join(t['name'] + ':' + str(t['weight']) for t in old)}); restore it or start "
+                            f"the data stream afresh")
+        for t_old, t_new in zip(old, new):
+            names_old = [f[0] for f in t_old["files"]]
+            names_new = [f[0] for f in t_new["files"]]
+            if names_old != names_new or (strict and t_old["files"] != t_new["files"]):
+                raise TaskError(f"cannot resume the data stream: the files of task '{t_new['name']}' changed since "
+                                f"the checkpoint (was {t_old['files']}, now {t_new['files']}); restore them, or "
+                                f"pass strict=False to continue anyway (not an exact resume)")
+        self._shutdown()
+        self._error = None
+        self._closed = False
+        self._resume = _copy_json(state)
+        self._consumed = self._resume
+        self._served = 0
+
+
+class _Pipeline:
+    """What the loader thread runs: Mixture → tokeniser pool → Packer, yielding (batch, StateRef)."""
+
+    def __init__(self, stream: PackedStream):
+        for name in ("tasks", "renderer", "encoder", "seq_length", "batch_size", "dp_rank", "dp_size", "seed",
+                     "shuffle_buffer", "num_workers", "chunk_docs", "chunk_bytes"):
+            setattr(self, name, getattr(stream, name))
+
+    def chunks(self, mix: Mixture, drop: int):
+        while True:
+            snap = mix.snapshot()
+            docs, eps, nbytes = [], [], 0
+            while len(docs) < self.chunk_docs and nbytes < self.chunk_bytes:
+                t, item = mix.next_doc()
+                docs.append((t, item))
+                eps.append((t, mix.readers[t].epoch))
+                nbytes += len(item[0])
+            yield ChunkMeta(snap, drop, eps), docs
+            drop = 0
+
+    def encode(self, files, docs, drop):
+        render = self.renderer.render_line
+        rendered = [render(item[0], files[t][item[1]], item[3]) for t, item in docs]
+        return self.encoder.encode_chunk(rendered, drop)
+
+    def batches(self, resume: dict | None, stop: threading.Event | None):
+        mix = Mixture(self.tasks, self.seed, self.shuffle_buffer)
+        windows, skip_docs, drop = 0, 0, 0
+        if resume is not None:
+            pos = resume["position"]
+            mix.load_json(pos["source"])
+            skip_docs, drop, windows = int(pos["skip_docs"]), int(pos["skip_tokens"]), int(resume["windows"])
+        files = [t.files for t in self.tasks]
+        packer = Packer(self.seq_length, self.batch_size, self.dp_rank, self.dp_size, windows, self.encoder.eos)
+        pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="tasks-tokenize") if stop else None
+        pending: deque = deque()
+        try:
+            for _ in range(skip_docs):
+                mix.next_doc()
+            for meta, docs in self.chunks(mix, drop):
+                if pool is None:
+                    yield from packer.feed(meta, self.encode(files, docs, meta.drop))
+                    continue
+                pending.append((meta, pool.submit(self.encode, files, docs, meta.drop)))
+                if len(pending) > self.num_workers:
+                    m, fut = pending.popleft()
+                    yield from packer.feed(m, fut.result())
+                if stop.is_set():
+                    return
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+            mix.close()
+
+
+def _run(pipe: _Pipeline, resume, q: queue.Queue, stop: threading.Event):
+    gen = pipe.batches(resume, stop)
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    try:
+        for item in gen:
+            if not put(item):
+                break
+    except BaseException as e:  # handed to the consumer, raised from next()
+        put((_ERROR, e))
+    finally:
+        gen.close()
+
+
+def _copy_json(d):
+    import json
+    return json.loads(json.dumps(d))

@@ -11,7 +11,7 @@ Reading order: config.py, layers.py, gptneox.py / gptj.py / llama.py, stage.py, 
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelError, load_model_config, model_config_from_dict
 from .export import save_hf_directory
 from .flops import count_parameters, flops_per_token
-from .stage import Stage, build_stage, embedding_name, head_name, tied_parameter_names
+from .stage import Stage, build_stage, embedding_name, head_name, materialize_stage, tied_parameter_names
 from .weights import Checkpoint, expected_names, expected_shapes, init_stage_weights, load_stage_weights
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "init_stage_weights",
     "load_model_config",
     "load_stage_weights",
+    "materialize_stage",
     "save_hf_directory",
     "model_config_from_dict",
     "tied_parameter_names",

@@ -127,3 +127,13 @@ def build_stage(
     weights are placeholders until `init_stage_weights` or `load_stage_weights`.
     """
     return Stage(cfg, layer_start, layer_end, is_first, is_last, activation_checkpointing)
+
+
+def materialize_stage(stage: Stage, device: torch.device, dtype: torch.dtype) -> Stage:
+    """Allocate a stage built on the meta device directly as `dtype` on `device` (no full-size fp32 copy on the
+    host first), re-tying a shared head: to_empty() gives each module its own new Parameter."""
+    stage = stage.to(dtype=dtype).to_empty(device=device)
+    fam = family(stage.cfg)
+    if stage.is_first and stage.is_last and stage.cfg.tie_word_embeddings:
+        getattr(stage, fam.HEAD).weight = getattr(getattr(stage, fam.PREFIX), fam.EMBED).weight
+    return stage

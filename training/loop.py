@@ -83,13 +83,14 @@ class Trainer:
         self.stage_modules = []
         for s in self.stage_ids:
             start, end = self.bounds[s]
-            module = modules.build_stage(cfg, start, end, s == 0, s == self.num_stages - 1,
-                                         args.activation_checkpointing)
+            with torch.device("meta"):  # parameters are allocated once, on the device, in the training dtype
+                module = modules.build_stage(cfg, start, end, s == 0, s == self.num_stages - 1,
+                                             args.activation_checkpointing)
+            module = modules.materialize_stage(module, lay.device, model_dtype(args))
             if args.load_pretrained_model:
                 modules.load_stage_weights(module, args.model_name)
             else:
                 modules.init_stage_weights(module, cfg, args.seed)
-            module = module.to(device=lay.device, dtype=model_dtype(args))
             if args.compile:
                 for block in module.modules():
                     if isinstance(block, modules.stage.family(cfg).Block):
@@ -114,7 +115,8 @@ class Trainer:
             self.stream = tasks.PackedStream(
                 args.task_name, self.tokenizer, args.seq_length, args.batch_size, lay.dp_rank, lay.dp_size,
                 seed=args.seed, train_on_inputs=args.train_on_inputs, loss_on_bot_only=args.loss_on_bot_only,
-                shuffle_buffer=args.shuffle_buffer, num_workers=args.data_workers)
+                shuffle_buffer=args.shuffle_buffer, num_workers=args.data_workers,
+                show_data=None if lay.rank == 0 else False)  # SHOW_DATA samples printed by one rank only
 
     def pipeline_holds_ends(self):
         return 0 in self.stage_ids or self.num_stages - 1 in self.stage_ids

@@ -1,0 +1,67 @@
+"""Target 3: data parallelism. Pythia-1.4B shape, seq 2048, dp=2 on 2 GPUs (or pp=2 x dp=2 on 4 GPUs).
+
+  target 3: tokens/s with dp replicas >= 0.9 x dp x tokens/s of the same layout with ONE replica
+            (dp=2, pp=1: >= 0.9 x 2 x the one-GPU figure), both measured in this call.
+
+Runs, in this order:
+  baseline    transformers on 1 GPU (the layers/pp-layer model when pp > 1), same micro-batch and batch per step
+              per replica; 'x base' is the ratio of achieved FLOP/s per GPU (= MFU ratio);
+  1 replica   our trainer, pp GPUs, dp=1;
+  dp replicas our trainer, pp x dp GPUs (batch per replica unchanged, so dp times the tokens per step).
+
+    python bench/bench_dp.py                              # 2 GPUs: dp=2
+    python bench/bench_dp.py --pp 2 --dp 2                # 4 GPUs: pp=2 x dp=2 (1f1b)
+    python bench/bench_dp.py --smoke                      # CPU check (gloo)
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (SHAPES, Session, add_common_args, apply_smoke, baseline_layers_that_fit,  # noqa: E402
+                    ratio)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    ap.add_argument("--shape", default="pythia-1.4b", choices=sorted(SHAPES))
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--dp", type=int, default=2)
+    ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per replica per step")
+    ap.add_argument("--schedule", default="1f1b", help="pipeline schedule when --pp > 1")
+    ap.add_argument("--compile", action="store_true", help="--compile in every run of ours")
+    ap.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"])
+    args = ap.parse_args()
+    apply_smoke(args, ap)
+    if args.smoke:
+        args.shape, args.micro_batch_size, args.batch_size = "tiny", 2, 4
+    if args.batch_size % args.micro_batch_size:
+        sys.exit(f"--micro-batch-size {args.micro_batch_size} must divide --batch-size {args.batch_size}")
+    layers = SHAPES[args.shape]["num_layers"]
+    schedule = args.schedule if args.pp > 1 else "gpipe"  # pp=1 runs a plain micro-batch loop either way
+
+    s = Session("bench_dp", args)
+    model = s.model_dir(args.shape)
+    data = s.data_file(args.steps * args.batch_size * args.dp * args.seq_length)
+    common = dict(model_dir=model, data=data, pp=args.pp, micro_batch=args.micro_batch_size, batch=args.batch_size,
+                  schedule=schedule, compile=args.compile, activation_checkpointing=args.activation_checkpointing)
+
+    fit = baseline_layers_that_fit(args.shape, -(-layers // args.pp), args.micro_batch_size, args.seq_length,
+                                   s.env["gpu_memory_gb"])
+    base = s.baseline(f"baseline 1 GPU L{fit}", model_dir=s.model_dir(args.shape, fit),
+                      micro_batch=args.micro_batch_size, accum=args.batch_size // args.micro_batch_size)
+    one = s.ours(f"ours pp{args.pp} dp1", nproc=args.pp, dp=1, **common)
+    many = s.ours(f"ours pp{args.pp} dp{args.dp}", nproc=args.pp * args.dp, dp=args.dp, **common)
+    s.target(f"3: dp{args.dp} tok/s / ({args.dp} x dp1 tok/s)",
+             ratio(many.get("tokens_per_s"), one.get("tokens_per_s") and args.dp * one["tokens_per_s"]), 0.9,
+             ours=many, reference=one)
+    s.finish(extra={"shape_name": args.shape, "pp": args.pp, "dp": args.dp, "baseline_layers": fit},
+             ratio_to=base)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Targets 1 and 5: our trainer on ONE GPU against the transformers baseline, Pythia-1.4B shape, seq 2048.
+
+  target 1: our best bf16 tokens/s >= 1.3 x the baseline's (transformers, micro-batch 4, GUIDE §6);
+  target 5: fp16 with dynamic loss scaling within 5% of bf16 (each `...+fp16` variant against its twin without
+            fp16: ratio >= 0.95).
+
+Every variant trains `--batch-size` sequences per optimizer step (the baseline too: micro-batch 4 x batch/4
+accumulation steps), so all runs train the same tokens per step. A variant is `+`-joined words:
+  mbN           micro-batch size N (must divide the step's batch)     compile      --compile (torch.compile blocks)
+  fp16          --fp16 instead of --bf16                               bsN          this variant's batch per step
+  ac-full, ac-selective   --activation-checkpointing
+
+    python bench/bench_single_gpu.py --variants mb4,mb4+compile,mb8+compile,mb4+compile+fp16
+    python bench/bench_single_gpu.py --smoke        # CPU check, tiny model
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import SHAPES, Session, add_common_args, apply_smoke, ratio  # noqa: E402
+
+
+def parse_variant(text: str, default_batch: int) -> dict:
+    v = {"label": text, "micro_batch": 1, "batch": default_batch, "compile": False, "fp16": False,
+         "activation_checkpointing": "none"}
+    for word in text.split("+"):
+        if word.startswith("mb") and word[2:].isdigit():
+            v["micro_batch"] = int(word[2:])
+        elif word.startswith("bs") and word[2:].isdigit():
+            v["batch"] = int(word[2:])
+        elif word == "compile":
+            v["compile"] = True
+        elif word == "fp16":
+            v["fp16"] = True
+        elif word == "bf16":
+            pass
+        elif word.startswith("ac-") and word[3:] in ("none", "full", "selective"):
+            v["activation_checkpointing"] = word[3:]
+        else:
+            sys.exit(f"--variants: unknown word {word!r} in {text!r} (mbN, bsN, compile, fp16, ac-full, "
+                     f"ac-selective)")
+    if v["batch"] % v["micro_batch"]:
+        sys.exit(f"--variants {text!r}: micro-batch {v['micro_batch']} does not divide the batch {v['batch']}")
+    return v
+
+
+def twin_without_fp16(variant: dict, runs: dict) -> dict | None:
+    words = [w for w in variant["label"].split("+") if w != "fp16"]
+    return runs.get("+".join(words))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    ap.add_argument("--shape", default="pythia-1.4b", choices=sorted(SHAPES))
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step (all runs)")
+    ap.add_argument("--baseline-micro-batch", type=int, default=4)
+    ap.add_argument("--variants", default="mb4,mb4+compile,mb8+compile,mb4+compile+fp16",
+                    help="comma-separated; see the module docstring")
+    args = ap.parse_args()
+    apply_smoke(args, ap)
+    if args.smoke:
+        args.shape, args.batch_size, args.baseline_micro_batch = "tiny", 4, 2
+        if args.variants == ap.get_default("variants"):
+            args.variants = "mb2,mb4,mb2+fp16"
+    variants = [parse_variant(t.strip(), args.batch_size) for t in args.variants.split(",") if t.strip()]
+    if args.batch_size % args.baseline_micro_batch:
+        sys.exit(f"--baseline-micro-batch {args.baseline_micro_batch} must divide --batch-size {args.batch_size}")
+
+    s = Session("bench_single_gpu", args)
+    model = s.model_dir(args.shape)
+    biggest = max(v["batch"] for v in variants + [{"batch": args.batch_size}])
+    data = s.data_file(args.steps * biggest * args.seq_length)
+
+    base = s.baseline(f"baseline mb{args.baseline_micro_batch}", model_dir=model,
+                      micro_batch=args.baseline_micro_batch, accum=args.batch_size // args.baseline_micro_batch)
+    ours = {}
+    for v in variants:
+        ours[v["label"]] = s.ours(v["label"], model_dir=model, data=data, nproc=1, micro_batch=v["micro_batch"],
+                                  batch=v["batch"], compile=v["compile"], fp16=v["fp16"],
+                                  activation_checkpointing=v["activation_checkpointing"])
+
+    bf16 = [r for r in ours.values() if r["precision"] != "fp16" and r.get("tokens_per_s")]
+    best = max(bf16, key=lambda r: r["tokens_per_s"], default=None)
+    s.target("1: best bf16 tokens/s / baseline", ratio(best and best["tokens_per_s"], base.get("tokens_per_s")),
+             1.3, detail=f"best: {best['label']}" if best else "no bf16 run finished", ours=best, reference=base)
+    for v in variants:
+        if v["fp16"]:
+            run, twin = ours[v["label"]], twin_without_fp16(v, ours)
+            skipped = f"; {run['skipped_steps']} fp16 steps skipped (overflow)" if run.get("skipped_steps") else ""
+            s.target(f"5: {v['label']} / its bf16 twin", ratio(run.get("tokens_per_s"),
+                                                                twin and twin.get("tokens_per_s")), 0.95,
+                     detail=(f"twin: {twin['label']}" if twin else "no bf16 twin in --variants") + skipped,
+                     ours=run, reference=twin)
+    s.finish(extra={"shape_name": args.shape, "batch_per_step": args.batch_size}, ratio_to=base)
+
+
+if __name__ == "__main__":
+    main()

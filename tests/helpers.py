@@ -90,3 +90,58 @@ def read_checkpoint_weights(ckpt_dir, step=None, suffix="_model.safetensors"):
         if name.endswith(suffix):
             tensors.update(load_file(os.path.join(folder, name)))
     return tensors
+
+
+def run_torchrun_launcher(nproc, flags, launcher_args=(), env=None, timeout=300):
+    """run_torchrun with extra torchrun arguments (e.g. ["--max-restarts", "1"]); with "--rdzv-backend" among
+    them no --master_port is passed."""
+    port = [] if "--rdzv-backend" in launcher_args else [f"--master_port={free_port()}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *port, "--tee=3",
+           *launcher_args, ENTRYPOINT, *flags]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+
+
+def wait_ranks(procs, timeout=300):
+    """Wait for the processes of run_ranks; [(returncode, stdout, stderr)] per rank (killed after `timeout`)."""
+    import time
+    deadline = time.time() + timeout
+    out = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            stderr += "\n[wait_ranks: killed after timeout]"
+        out.append((proc.returncode, stdout, stderr))
+    return out
+
+
+def read_metrics(path, key="loss"):
+    """{step: value} from a --metrics-file (JSON lines); later lines win."""
+    values = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                if key in record:
+                    values[record["step"]] = record[key]
+    return values
+
+
+def damaged_files(folder):
+    """Files of a checkpoint folder whose sha256 differs from meta.json (missing ones included)."""
+    import hashlib
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    bad = []
+    for name, digest in meta["files"].items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            bad.append(name)
+            continue
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != digest:
+                bad.append(name)
+    return bad

@@ -182,9 +182,16 @@ class Trainer:
             return (layout.get("pp"), layout.get("dp"), layout.get("num_stages")) == (
                 lay.pp_size, lay.dp_size, self.num_stages)
 
+        def tied_sources(meta):
+            """{head: embedding} for a separate tied head whose optimizer state the checkpoint lacks (saved with
+            one stage, where head and embedding are one Parameter): it starts from the embedding's state."""
+            saved = {k.split("/", 1)[0] for keys in meta.get("tensors", {}).values() for k in keys if "/" in k}
+            return {h: e for h, e in self.tied.items() if h in self.param_names and h not in saved}
+
         def files_needed(meta):
             rng = [f"rank_{lay.rank}_rng.safetensors"] if same_layout(meta) else []
-            return files_of(meta, mine) + ["prank_0_state.json", "data_state.json"] + rng
+            owners = mine | set(tied_sources(meta).values())
+            return files_of(meta, owners) + ["prank_0_state.json", "data_state.json"] + rng
 
         step, meta = ck.find_resume_step(self._meta(), files_needed, self.args.resume_fallback, self._warn,
                                          {k: tuple(v.shape) for k, v in current.items()})
@@ -192,7 +199,11 @@ class Trainer:
             return
         folder = ck.step_dir(step)
         weights = ck.read_tensors(step, meta, "_model.safetensors", mine)
-        opt = ck.read_tensors(step, meta, "_optimizer.safetensors", set(self.param_names))
+        tied = tied_sources(meta)
+        opt = ck.read_tensors(step, meta, "_optimizer.safetensors", set(self.param_names) | set(tied.values()))
+        for head, embedding in tied.items():
+            for key in [k for k in opt if k.split("/", 1)[0] == embedding]:
+                opt[head + key[len(embedding):]] = opt[key]
         masters = {k[:-len("/master")]: v for k, v in opt.items() if k.endswith("/master")}
         if self.optimizer.mixed:  # a checkpoint of an fp32 run has no master copies: its weights are them
             for name in self.param_names:

@@ -3,30 +3,43 @@
 <checkpoint-path>/
   latest                               the step of the newest complete checkpoint (changed last, atomically)
   checkpoint_<step>/
-    meta.json                          step, model type and config, layout, flags, versions, sha256 of every file
+    meta.json                          step, model type and config, layout, flags, versions; sha256 and size of
+                                       every file, tensor names of every safetensors file
     prank_<p>_model.safetensors        stage p's weights, Hugging Face names (global layer index)
     prank_<p>_optimizer.safetensors    "<param name>/<state>" tensors: AdamW moments, step, fp32 master weights
     prank_<p>_state.json               LR scheduler and loss scaler
-    rank_<r>_rng.safetensors           torch RNG states of global rank r
+    rank_<r>_rng.safetensors           torch RNG states of global rank r (restored when the layout is the same)
     data_state.json                    position of the training data stream
     tokenizer/                         the tokenizer files, so the checkpoint exports on its own
 
-A save is written into `.tmp_checkpoint_<step>` by all ranks, checked across ranks, then renamed by rank 0; `latest`
-moves only after that. Only replica 0 writes model and optimizer files (replicas hold identical copies).
-Multi-node runs need --checkpoint-path on a filesystem every node sees.
+A save is written into `.tmp_checkpoint_<step>` by all ranks (every file fsynced), checked across ranks, then renamed
+by rank 0; `latest` moves only after that, and older checkpoints are rotated out (and stale `.tmp_*` folders of
+crashed saves removed) only after that. Only replica 0 writes model and optimizer files (replicas hold identical
+copies). Multi-node runs need --checkpoint-path on a filesystem every node sees. Nothing read from disk is unpickled:
+tensors go through safetensors, everything else through JSON.
+
+Test hooks (environment variables; they fire only on torchrun's first attempt, TORCHELASTIC_RESTART_COUNT unset/0):
+  CKPT_FAULT_AFTER_FILES=N[:STEP[:RANK]]  os._exit(9) after writing N files of a save (of STEP, on RANK)
+  CKPT_FAULT_OSERROR=STEP[:RANK]           writing the save of STEP (on RANK) fails with ENOSPC (disk full)
+  CKPT_HOLD_AFTER_SAVE=STEP:SECONDS        every rank sleeps after the save of STEP completed (to kill it there)
 """
+import errno
 import hashlib
 import json
 import os
 import shutil
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-FAULT_ENV = "CKPT_FAULT_AFTER_FILES"  # test hook: os._exit(9) after writing this many files in a save
+FAULT_ENV = "CKPT_FAULT_AFTER_FILES"  # test hook: os._exit(9) after writing N files of a save
+OSERROR_ENV = "CKPT_FAULT_OSERROR"  # test hook: a save fails with ENOSPC
+HOLD_ENV = "CKPT_HOLD_AFTER_SAVE"  # test hook: pause after a completed save
+TMP_PREFIX = ".tmp_"  # every temporary name under --checkpoint-path starts with this
 
 
 class CheckpointError(RuntimeError):
@@ -39,6 +52,33 @@ def _sha256(path):
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _hook(name):
+    """The ":"-separated fields of test hook `name`, or None when unset or on a torchrun restart."""
+    spec = os.environ.get(name)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    return spec.split(":")
+
+
+def _targets(fields, step, rank):
+    """Whether optional hook fields [STEP, RANK] ("" or absent: any) name this save."""
+    return all(x == "" or int(x) == want for x, want in zip(fields, (step, rank)))
+
+
+def _fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _describe(exc):
+    """One line for an exception (safetensors reports I/O failures with its own error type)."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+    return " ".join(str(text).split())
 
 
 def _write_json(path, obj):
@@ -64,16 +104,33 @@ def _all_ok(ok, device):
 
 
 def _contiguous_cpu(tensors):
-    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    """CPU copies safetensors can write: contiguous, and no two sharing memory (tied embeddings)."""
+    out, storages = {}, set()
+    for key, value in tensors.items():
+        tensor = value.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in storages:
+            tensor = tensor.clone()
+        storages.add(storage)
+        out[key] = tensor
+    return out
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
 
 
 def read_latest(root):
     path = os.path.join(root, "latest")
     if not os.path.exists(path):
         return None
-    text = open(path).read().strip()
+    try:
+        text = open(path).read().strip()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {_describe(exc)}") from None
     if not text.isdigit():
-        raise CheckpointError(f"{path} holds {text!r}, not a step number; fix or delete it")
+        raise CheckpointError(f"{path} holds {text[:40]!r}, not a step number; write the step of a complete "
+                              f"checkpoint_<step> into it, or delete it to start over")
     return int(text)
 
 
@@ -98,31 +155,45 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- save
     def save(self, step, stage_tensors, optimizer_tensors, stage_state, data_state, meta, tokenizer_dir):
-        """Every rank calls this. Raises CheckpointError on every rank if any rank failed to write."""
+        """Every rank calls this. Raises CheckpointError on every rank if any rank failed to write; the previous
+        checkpoint and `latest` are then untouched."""
         lay = self.layout
-        tmp = os.path.join(self.root, f".tmp_checkpoint_{step}")
-        written, error = [], None
-        try:
-            if lay.rank == 0:
+        tmp = os.path.join(self.root, f"{TMP_PREFIX}checkpoint_{step}")
+        untouched = "; the previous checkpoint and `latest` are untouched"
+        error = None
+        if lay.rank == 0:
+            try:
                 os.makedirs(self.root, exist_ok=True)
-                shutil.rmtree(tmp, ignore_errors=True)
+                if os.path.exists(tmp):
+                    shutil.rmtree(tmp)
                 os.makedirs(tmp)
-        except OSError as exc:
-            error = f"cannot create {tmp}: {exc.strerror or exc}"
+            except OSError as exc:
+                error = f"cannot create checkpoint folder {tmp}: {_describe(exc)}"
         if not _all_ok(error is None, lay.device):
-            raise CheckpointError(error or f"rank 0 could not create {tmp}; check --checkpoint-path")
+            raise CheckpointError(f"checkpoint {step} not saved: {error or 'rank 0 could not create ' + tmp}"
+                                  f"{untouched}. --checkpoint-path must be a writable directory")
 
-        keys = {}  # safetensors file -> tensor names, so readers open only the files they need
+        files, sizes, keys = {}, {}, {}  # keys: safetensors file -> tensor names (readers open only what they need)
+        written = []
+        fault = _hook(FAULT_ENV)
+        oserror = _hook(OSERROR_ENV)
 
         def write(name, writer, tensors=None):
             path = os.path.join(tmp, name)
+            if oserror and _targets(oserror, step, lay.rank):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" ({OSERROR_ENV})", path)
             writer(path)
-            written.append(name)
+            paths = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in sorted(os.listdir(path))]
+            for full in paths:
+                _fsync_file(full)
+                rel = os.path.relpath(full, tmp).replace(os.sep, "/")
+                files[rel], sizes[rel] = _sha256(full), os.path.getsize(full)
             if tensors is not None:
                 keys[name] = sorted(tensors)
-            fault = os.environ.get(FAULT_ENV)
-            if fault and len(written) >= int(fault):
+            written.append(name)
+            if fault and _targets(fault[1:], step, lay.rank) and len(written) >= int(fault[0]):
                 sys.stderr.write(f"[rank {lay.rank}] {FAULT_ENV}: simulated crash while saving\n")
+                sys.stderr.flush()
                 os._exit(9)
 
         try:
@@ -141,93 +212,167 @@ class Checkpointer:
                 write("data_state.json", lambda path: _write_json(path, data_state))
                 if tokenizer_dir:
                     write("tokenizer", lambda path: _copy_tokenizer(tokenizer_dir, path))
-        except OSError as exc:
-            error = f"rank {lay.rank} could not write checkpoint {tmp}: {exc.strerror or exc}"
-        hashes = {name: _sha256(os.path.join(tmp, name)) for name in written
-                  if os.path.isfile(os.path.join(tmp, name))} if error is None else {}
+        except Exception as exc:  # noqa: BLE001 - OSError, or safetensors' error for the same I/O failures
+            where = exc.filename if isinstance(exc, OSError) and exc.filename else os.path.join(tmp, "")
+            error = f"rank {lay.rank} could not write {where}: {_describe(exc)}"
         gathered = [None] * lay.world_size
-        dist.all_gather_object(gathered, (error, hashes, keys))
-        errors = [e for e, _, _ in gathered if e]
+        dist.all_gather_object(gathered, (error, files, sizes, keys))
+        errors = [e for e, _, _, _ in gathered if e]
         if errors:
             if lay.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"{errors[0]}; the previous checkpoint is untouched (free space or fix "
-                                  f"permissions of --checkpoint-path)")
+            raise CheckpointError(f"checkpoint {step} not saved: {errors[0]}{untouched}. Free space on, or fix the "
+                                  f"permissions of, --checkpoint-path {self.root}")
+
         error = None
         if lay.rank == 0:
             try:
-                files, tensors = {}, {}
-                for _, h, k in gathered:
-                    files.update(h)
-                    tensors.update(k)
-                _write_json(os.path.join(tmp, "meta.json"), dict(meta, step=step, files=files, tensors=tensors))
+                all_files, all_sizes, all_keys = {}, {}, {}
+                for _, f, z, k in gathered:
+                    all_files.update(f)
+                    all_sizes.update(z)
+                    all_keys.update(k)
+                _write_json(os.path.join(tmp, "meta.json"),
+                            dict(meta, step=step, files=all_files, sizes=all_sizes, tensors=all_keys))
                 _fsync_dir(tmp)
                 final = self.step_dir(step)
-                if os.path.exists(final):
-                    shutil.rmtree(final)
+                if os.path.exists(final):  # a leftover of an abandoned run: move it aside, never delete in place
+                    old = os.path.join(self.root, f"{TMP_PREFIX}replaced_checkpoint_{step}")
+                    if os.path.exists(old):
+                        shutil.rmtree(old)
+                    os.rename(final, old)
                 os.rename(tmp, final)
-                _write_json(os.path.join(self.root, "latest.tmp"), step)
-                os.replace(os.path.join(self.root, "latest.tmp"), os.path.join(self.root, "latest"))
                 _fsync_dir(self.root)
-                self._rotate(step)
+                latest_tmp = os.path.join(self.root, f"{TMP_PREFIX}latest")
+                with open(latest_tmp, "w") as f:
+                    f.write(f"{step}\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(latest_tmp, os.path.join(self.root, "latest"))
+                _fsync_dir(self.root)
             except OSError as exc:
-                error = f"could not finish checkpoint {step} in {self.root}: {exc.strerror or exc}"
+                error = f"could not finish checkpoint {step} in {self.root}: {_describe(exc)}"
         if not _all_ok(error is None, lay.device):
-            raise CheckpointError(error or "rank 0 failed to finish the checkpoint; see its log")
+            raise CheckpointError(error or f"rank 0 could not finish checkpoint {step}; see its log")
+        if lay.rank == 0:
+            self._clean(step)
+        hold = _hook(HOLD_ENV)
+        if hold and int(hold[0]) == step:
+            time.sleep(float(hold[1]))
 
-    def _rotate(self, newest):
-        if self.keep <= 0:
-            return
-        for step in list_steps(self.root)[:-self.keep]:
-            if step < newest:
-                shutil.rmtree(self.step_dir(step), ignore_errors=True)
+    def _clean(self, newest):
+        """After checkpoint `newest` is complete: drop leftovers of crashed saves and rotate old checkpoints.
+        Best effort: a failure here never harms a complete checkpoint."""
+        doomed = [name for name in os.listdir(self.root) if name.startswith(TMP_PREFIX)]
+        if self.keep > 0:
+            for step in list_steps(self.root)[:-self.keep]:
+                if step < newest:  # rename first, so a kill mid-delete never leaves a half checkpoint_<step>
+                    name = f"{TMP_PREFIX}deleting_checkpoint_{step}"
+                    try:
+                        os.rename(self.step_dir(step), os.path.join(self.root, name))
+                        doomed.append(name)
+                    except OSError as exc:
+                        sys.stderr.write(f"warning: could not remove {self.step_dir(step)}: {_describe(exc)}\n")
+        for name in doomed:
+            path = os.path.join(self.root, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
 
     # ---------------------------------------------------------------- load
-    def _validate(self, step, expected_meta, files_needed):
+    def _validate(self, step, expected_meta, files_needed, expected_shapes):
         """Return (meta, None) if checkpoint `step` is usable by this rank, else (None, reason)."""
         folder = self.step_dir(step)
         meta_path = os.path.join(folder, "meta.json")
+        if not os.path.isdir(folder):
+            return None, f"{folder} does not exist"
         try:
-            meta = json.load(open(meta_path))
+            with open(meta_path) as f:
+                meta = json.load(f)
         except (OSError, ValueError) as exc:
-            return None, f"{meta_path} unreadable ({exc})"
-        for key in ("model_type",):
-            if meta.get(key) != expected_meta[key]:
-                return None, f"{meta_path} is a {meta.get(key)} checkpoint, this run trains {expected_meta[key]}"
-        for key in ("num_layers", "hidden_size", "vocab_size"):
-            if meta.get("shape", {}).get(key) != expected_meta["shape"][key]:
-                return None, (f"{meta_path}: {key} {meta.get('shape', {}).get(key)} differs from this model's "
-                              f"{expected_meta['shape'][key]}")
-        for name in files_needed(meta):
-            path = os.path.join(folder, name)
-            if name not in meta["files"]:
-                return None, f"{path} is not listed in {meta_path}"
-            if not os.path.isfile(path):
-                return None, f"{path} is missing"
-            if _sha256(path) != meta["files"][name]:
-                return None, f"{path} fails its sha256 check (truncated or modified)"
+            return None, f"{meta_path} is missing or unreadable ({_describe(exc)})"
+        try:
+            if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or meta.get("step") != step:
+                return None, f"{meta_path} is not the metadata of a complete checkpoint {step}"
+            if meta.get("model_type") != expected_meta["model_type"]:
+                return None, (f"{folder} is a {meta.get('model_type')} checkpoint, this run trains "
+                              f"{expected_meta['model_type']} (--model-name)")
+            for key in ("num_layers", "hidden_size", "vocab_size"):
+                theirs, ours = meta.get("shape", {}).get(key), expected_meta["shape"][key]
+                if theirs != ours:
+                    return None, (f"{folder} is of another model: {key} {theirs}, this model (--model-name) has "
+                                  f"{ours}")
+            for name in files_needed(meta):
+                path = os.path.join(folder, name)
+                if name not in meta["files"]:
+                    return None, f"{path} is not listed in {meta_path}"
+                if not os.path.isfile(path):
+                    return None, f"{path} is missing"
+                size, expected_size = os.path.getsize(path), meta.get("sizes", {}).get(name)
+                if expected_size is not None and size != expected_size:
+                    return None, f"{path} is truncated or modified ({size} bytes, {expected_size} written)"
+                if _sha256(path) != meta["files"][name]:
+                    return None, f"{path} fails its sha256 check (modified or corrupted)"
+            if expected_shapes:
+                found = {}
+                for name in files_of(meta, expected_shapes):
+                    if name.endswith("_model.safetensors"):
+                        with safe_open(os.path.join(folder, name), framework="pt") as f:
+                            for key in f.keys():
+                                if key in expected_shapes:
+                                    found[key] = tuple(f.get_slice(key).get_shape())
+                for key, shape in sorted(expected_shapes.items()):
+                    if key not in found:
+                        return None, f"{folder} lacks tensor {key} of this model (another model's checkpoint?)"
+                    if found[key] != tuple(shape):
+                        return None, (f"{folder} is of another model: {key} has shape {list(found[key])}, this "
+                                      f"model (--model-name) needs {list(shape)}")
+        except Exception as exc:  # noqa: BLE001 - any damage is a reason, never a crash on one rank only
+            return None, f"{folder} is damaged ({_describe(exc)})"
         return meta, None
 
-    def find_resume_step(self, expected_meta, files_needed, fallback, log):
-        """The step every rank resumes from (None: start fresh). Raises CheckpointError when unusable."""
+    def _agree(self, reason):
+        """The first rank's reason, on every rank (None when every rank can use the checkpoint)."""
+        reasons = [None] * self.layout.world_size
+        dist.all_gather_object(reasons, reason)
+        return next((r for r in reasons if r), None)
+
+    def find_resume_step(self, expected_meta, files_needed, fallback, log, expected_shapes=None):
+        """(step, meta) every rank resumes from ((None, None): start fresh). Raises CheckpointError on every rank
+        when the checkpoint `latest` names cannot be used (unless `fallback` finds an earlier complete one)."""
         latest = read_latest(self.root)
+        steps = list_steps(self.root)
+        fix = ("pass --resume-fallback to resume from the newest complete earlier checkpoint, or "
+               "--load-checkpoint false to start over (a new run should use a new --checkpoint-path)")
         if latest is None:
-            return None, None
-        candidates = [latest] + ([s for s in reversed(list_steps(self.root)) if s < latest] if fallback else [])
-        first_reason = None
+            if not steps:
+                return None, None
+            if not fallback:
+                raise CheckpointError(f"{self.root} holds checkpoint_{steps[-1]} but no `latest` file; write the "
+                                      f"step to resume into {os.path.join(self.root, 'latest')}, or {fix}")
+            candidates = list(reversed(steps))
+        else:
+            candidates = [latest] + ([s for s in reversed(steps) if s < latest] if fallback else [])
+        first = None
         for step in candidates:
-            meta, reason = self._validate(step, expected_meta, files_needed)
-            if _all_ok(reason is None, self.layout.device):
-                if step != latest:
-                    log(f"WARNING: resuming from checkpoint {step}: checkpoint {latest} is damaged "
-                        f"({first_reason})")
+            meta, reason = self._validate(step, expected_meta, files_needed, expected_shapes)
+            reason = self._agree(_one_line(reason) if reason else None)
+            if reason is None:
+                if first is not None:
+                    log(f"WARNING: --resume-fallback: resuming from checkpoint {step}, because checkpoint "
+                        f"{first[0]} cannot be used: {first[1]}")
                 return step, meta
-            first_reason = first_reason or reason or "damaged on another rank"
+            first = first or (step, reason)
             if not fallback:
                 break
-        raise CheckpointError(f"cannot resume from {self.step_dir(latest)}: {first_reason}. Fix it, pass "
-                              f"--resume-fallback to use an earlier checkpoint, or --load-checkpoint false to "
-                              f"start over")
+        if fallback:
+            raise CheckpointError(f"no usable checkpoint in {self.root} (newest problem: {first[1]}); fix it, or "
+                                  f"pass --load-checkpoint false to start over")
+        raise CheckpointError(f"cannot resume from checkpoint {latest}: {first[1]}. Fix it, or {fix}")
 
     def read_tensors(self, step, meta, suffix, owners):
         """Tensors of files `*suffix` of checkpoint `step` whose name (before any "/") is in `owners`: a stage's
@@ -242,6 +387,10 @@ class Checkpointer:
                 for key in wanted:
                     out[key] = f.get_tensor(key)
         return out
+
+    def read_rng(self, step, rank):
+        """The RNG states rank `rank` saved in checkpoint `step` ({"cpu": ..., ["cuda": ...]})."""
+        return load_file(os.path.join(self.step_dir(step), f"rank_{rank}_rng.safetensors"))
 
 
 def files_of(meta, owners):

@@ -5,6 +5,7 @@ Each rank runs a daemon thread that, through the rendezvous store every process 
 - watches for an "abort" record, written by a rank that raised (see `report_failure`);
 - declares a rank dead when its heartbeat is older than --dist-timeout (a SIGKILL or a lost machine leaves no record).
 On either, it prints one line and exits the process with status 1, so no rank waits forever in a collective.
+Keys carry torchrun's restart count, so an attempt never reads the records of a failed earlier attempt.
 """
 import os
 import sys
@@ -14,6 +15,10 @@ import time
 import torch.distributed as dist
 
 HEARTBEAT_S = 1.0
+
+
+def _key(name):
+    return f"watchdog/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
 
 
 class Watchdog:
@@ -34,7 +39,7 @@ class Watchdog:
         self.stopped.set()
 
     def _beat(self):
-        self.store.set(f"watchdog/heartbeat/{self.rank}", repr(time.time()))
+        self.store.set(_key(f"heartbeat/{self.rank}"), repr(time.time()))
 
     def _exit(self, message):
         if self.stopped.is_set():
@@ -48,13 +53,15 @@ class Watchdog:
         while not self.stopped.wait(HEARTBEAT_S):
             try:
                 self._beat()
-                if self.store.check(["watchdog/abort"]):
-                    self._exit(f"stopping: {self.store.get('watchdog/abort').decode()}")
+                if self.store.check([_key("abort")]):
+                    failed, message = self.store.get(_key("abort")).decode().split("|", 1)
+                    if int(failed) != self.rank:  # the failing rank itself reports and exits on its own
+                        self._exit(f"stopping: {message}")
                 now = time.time()
                 for other in range(self.world_size):
                     if other == self.rank:
                         continue
-                    key = f"watchdog/heartbeat/{other}"
+                    key = _key(f"heartbeat/{other}")
                     value = self.store.get(key) if self.store.check([key]) else b""
                     last_value, changed = seen.get(other, (None, now))
                     if value != last_value:
@@ -71,6 +78,6 @@ def report_failure(rank, message):
     """Tell every rank that this one failed (best effort: the store may already be gone)."""
     try:
         store = dist.distributed_c10d._get_default_store()
-        store.set("watchdog/abort", f"rank {rank} failed: {message}")
+        store.set(_key("abort"), f"{rank}|rank {rank} failed: {message}")
     except Exception:  # noqa: BLE001 - nothing more can be done; the heartbeat timeout still catches it
         pass

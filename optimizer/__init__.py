@@ -89,7 +89,7 @@ class StageOptimizer:
                 m.grad = None
 
     def _global_grad_norm(self, grads):
-        sumsq = torch.stack([n.float() ** 2 for n in torch._foreach_norm(grads)]).sum()
+        sumsq = torch.stack(torch._foreach_norm(grads)).float().square().sum()  # a few kernels, not one per tensor
         if self.layout.pp_size > 1:
             dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=self.layout.pp_group)
         return sumsq.sqrt()

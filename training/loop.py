@@ -18,7 +18,7 @@ from optimizer import StageOptimizer
 from pipeline_parallel import Pipeline, split_layers, stage_ids_of_rank
 from training.metrics import StepMeter
 from training.profiling import make_profiler
-from utils.checkpoint import CheckpointError, Checkpointer, files_of
+from utils.checkpoint import Checkpointer, files_of
 from utils.logging import make_logger, public_flags
 
 INJECT_INF_ENV = "INJECT_INF_GRAD"  # test hook "STEP:RANK": make one gradient inf on RANK at optimizer step STEP

@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 MODEL=${MODEL:?set MODEL}; DATA=${DATA:?set DATA}
 MASTER_ADDR=${MASTER_ADDR:?set MASTER_ADDR to node 0}; NNODES=${NNODES:?}; NODE_RANK=${NODE_RANK:?}
 export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-eth0} GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-eth0}
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # a fresh rendezvous store per restart attempt (see README)
 torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="${GPUS_PER_NODE:-8}" \
-  --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}" --max-restarts "${MAX_RESTARTS:-3}" \
+  --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29400}" --rdzv-id "${JOB_ID:-finetune}" \
+  --max-restarts "${MAX_RESTARTS:-3}" \
   dist_lm_pretrain_and_finetune.py \
   --model-name "$MODEL" --task-name "$DATA" \
   --pipeline-group-size "${PP:-8}" --data-group-size "$((NNODES * ${GPUS_PER_NODE:-8} / ${PP:-8}))" \

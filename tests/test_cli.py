@@ -1,4 +1,5 @@
 """Bad flags and inputs: one line naming the flag or file and the fix, exit code 2, no traceback."""
+import os
 import subprocess
 import sys
 
@@ -88,3 +89,28 @@ def test_error_on_one_rank_stops_all_ranks(setup, tmp_path):
     result = run_torchrun(2, flags, timeout=120)
     assert result.returncode != 0
     assert "--num-layers 3" in result.stderr + result.stdout
+
+
+def test_8bit_adam_without_bitsandbytes_says_how_to_install(setup, tmp_path):
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed here")
+    except ImportError:
+        pass
+    _, model_dir, data = setup
+    result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), optimizer="8bit-adam"))
+    assert_one_line_error(result, "8bit-adam", "pip install bitsandbytes")
+
+
+def test_nepochs_derives_total_steps_from_a_cached_token_count(setup, tmp_path):
+    _, model_dir, _ = setup
+    data = make_chat_data(tmp_path / "epochs.jsonl", n=60)
+    flags = base_flags(model_dir, data, str(tmp_path / "ck"), **{"total-steps": None, "nepochs": 2})
+    result = run_single(flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(li for li in result.stdout.splitlines() if "--nepochs 2:" in li)
+    tokens = int(line.split(": ")[1].split(" tokens")[0])
+    steps = int(line.split("-> ")[1].split(" optimizer")[0])
+    assert steps == -(-2 * (tokens // 32) // 4)  # ceil(epochs x windows / sequences per step)
+    assert os.path.exists(tmp_path / ".epochs.jsonl.token_count.json")
+    assert open(tmp_path / "ck" / "latest").read().strip() == str(steps)

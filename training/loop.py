@@ -119,7 +119,12 @@ class Trainer:
                 show_data=None if lay.rank == 0 else False)  # SHOW_DATA samples printed by one rank only
 
     def pipeline_holds_ends(self):
-        return 0 in self.stage_ids or self.num_stages - 1 in self.stage_ids
+        return 0 in self.stage_ids or self.holds_last
+
+    @property
+    def holds_last(self):
+        """This rank computes the loss."""
+        return self.num_stages - 1 in self.stage_ids
 
     def _total_optimizer_steps(self):
         args, lay = self.args, self.layout
@@ -248,9 +253,8 @@ class Trainer:
     def train_step(self):
         args, lay = self.args, self.layout
         batches = [next(self.stream) if self.stream else None for _ in range(args.gradient_accumulate_step)]
-        holds_last = self.num_stages - 1 in self.stage_ids
         loss_sum = torch.zeros((), device=lay.device)
-        if holds_last:
+        if self.holds_last:
             tokens = self._global_loss_tokens(batches)
             self.loss_fn.factor = self.optimizer.loss_scale / tokens.clamp(min=1)
         for batch in batches:
@@ -350,9 +354,8 @@ class Trainer:
             with self.profiler.step(self.step):
                 loss_sum, grad_norm, skipped = self.train_step()
             self.step += 1
-            holds_last = self.num_stages - 1 in self.stage_ids
-            loss = self._reduce_loss(loss_sum) if holds_last else None
             if self.step % args.log_interval == 0 or self.step == self.steps_total:
+                loss = self._reduce_loss(loss_sum) if self.holds_last else None  # a host sync: only when logged
                 self._log_step(loss, lr, grad_norm, skipped, tokens_per_step)
             if args.evaluation_steps and self.step % args.evaluation_steps == 0:
                 self.evaluate()

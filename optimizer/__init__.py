@@ -123,7 +123,8 @@ class StageOptimizer:
         self.zero_grad()
         return grad_norm, False
 
-    # Checkpoint I/O works on plain tensors keyed by parameter name (any layout can read them).
+    # Checkpoint I/O works on plain tensors keyed by parameter name (any layout can read them). Python numbers
+    # in the state (bitsandbytes keeps its step count as an int) travel as 0-d tensors under a "#py" suffix.
     def state_tensors(self, names):
         """{f"{name}/{key}": tensor} for the optimizer state and fp32 master weights of `names` (same order)."""
         out = {}
@@ -131,6 +132,8 @@ class StageOptimizer:
             for key, value in self.inner.state.get(master, {}).items():
                 if torch.is_tensor(value):
                     out[f"{name}/{key}"] = value.detach()
+                elif isinstance(value, (int, float)):
+                    out[f"{name}/{key}#py"] = torch.tensor(value)
             if self.mixed:
                 out[f"{name}/master"] = master.detach()
         return out
@@ -141,7 +144,14 @@ class StageOptimizer:
                 master.data.copy_(tensors[f"{name}/master"])
             keys = {k.split("/", 1)[1] for k in tensors if k.split("/", 1)[0] == name} - {"master"}
             if keys:
-                self.inner.state[master] = {k: tensors[f"{name}/{k}"].to(master.device).clone() for k in keys}
+                state = {}
+                for key in keys:
+                    value = tensors[f"{name}/{key}"]
+                    if key.endswith("#py"):
+                        state[key[:-len("#py")]] = value.item()
+                    else:
+                        state[key] = value.to(master.device).clone()
+                self.inner.state[master] = state
 
     def state_dict(self):
         return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}

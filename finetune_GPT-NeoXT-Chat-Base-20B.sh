@@ -74,7 +74,7 @@ ${DATASETS}/unified_image_prompts_instructions.jsonl:0.01 \
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
 for rank in $(seq 0 $((NUM_GPUS - 1))); do
-  python "${DIR}/dist_lm_pretrain_and_finetune.py" ${ARGS} --cuda-id "$rank" --rank "$rank" &
+  "${PYTHON:-python3}" "${DIR}/dist_lm_pretrain_and_finetune.py" ${ARGS} --cuda-id "$rank" --rank "$rank" &
   pids+=($!)
 done
 status=0

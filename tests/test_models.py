@@ -380,7 +380,7 @@ def test_layer_sharded_errors_name_the_file(tmp_path):
     hf = make_hf_model("llama_gqa", tmp_path / "hf")
     cfg = modules.load_model_config(str(tmp_path / "hf"))
     write_openchatkit_pt(hf, cfg, tmp_path / "pt")
-    layer = torch.load(tmp_path / "pt" / "pytorch_1.pt")
+    layer = torch.load(tmp_path / "pt" / "pytorch_1.pt", weights_only=True)
     layer["self_attn.extra.weight"] = torch.zeros(1)
     torch.save(layer, tmp_path / "pt" / "pytorch_1.pt")
     modules.load_stage_weights(modules.build_stage(cfg, 0, 1, True, False), str(tmp_path / "pt"))

@@ -52,6 +52,21 @@ def test_bad_flags_exit_2_with_one_line(setup, tmp_path, overrides, fragments):
     assert_one_line_error(result, *fragments)
 
 
+def test_tokenizer_dir_without_tokenizer_files(setup, tmp_path):
+    _, model_dir, data = setup
+    empty = tmp_path / "no-tokenizer"
+    empty.mkdir()
+    result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{"tokenizer-name": str(empty)}))
+    assert_one_line_error(result, f"--tokenizer-name {empty}", "tokenizer.json")
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(setup, tmp_path):
+    _, _, data = setup
+    small = make_model(tmp_path / "small-vocab", hidden=32, layers=2, heads=4, extra=("--vocab-size", "1000"))
+    result = run_single(base_flags(small, data, str(tmp_path / "ck")))
+    assert_one_line_error(result, "50257 tokens", "vocabulary has 1000")
+
+
 def test_argparse_rejects_unknown_choice(setup, tmp_path):
     _, model_dir, data = setup
     result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{"pp-mode": "zero-bubble"}))

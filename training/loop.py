@@ -110,6 +110,9 @@ class Trainer:
         import tasks
         args, lay = self.args, self.layout
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
+        if len(self.tokenizer) > self.cfg.vocab_size:  # ids past the embedding would crash (or assert on a GPU)
+            raise modules.ModelError(f"--tokenizer-name {args.tokenizer_name} has {len(self.tokenizer)} tokens but "
+                                     f"the model's vocabulary has {self.cfg.vocab_size}; use the model's tokenizer")
         self.stream = None
         if self.pipeline_holds_ends():
             self.stream = tasks.PackedStream(

@@ -7,6 +7,8 @@ import argparse
 import os
 
 PP_MODES = ("gpipe", "1f1b", "interleaved-1f1b")
+# One of these must be in --tokenizer-name: transformers 5 otherwise builds an empty tokenizer without a word.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 OPTIMIZERS = ("adam", "adamw", "8bit-adam")
 
 
@@ -194,6 +196,9 @@ def validate_args(args):
     tokenizer = args.tokenizer_name or args.model_name
     if not os.path.isdir(tokenizer):
         raise ArgumentError(f"--tokenizer-name {tokenizer}: no such directory")
+    if not any(os.path.isfile(os.path.join(tokenizer, name)) for name in TOKENIZER_FILES):
+        raise ArgumentError(f"--tokenizer-name {tokenizer}: no tokenizer files in it (one of "
+                            f"{', '.join(TOKENIZER_FILES)}); point it at the model's tokenizer")
     if args.dist_timeout <= 0:
         raise ArgumentError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     if args.log_interval < 1:

@@ -82,3 +82,24 @@ def test_pytorch_profiling_writes_trace_and_summary(setup):
     assert sorted(os.listdir(out)) == ["torch_rank_0.json", "torch_rank_0_summary.txt"]
     names = {e.get("name") for e in json.load(open(out / "torch_rank_0.json"))["traceEvents"]}
     assert {"optimizer", "iteration"} <= names
+
+
+def test_wandb_offline_one_run_per_job_without_secrets(setup, tmp_path):
+    """pp=2 x dp=2 (4 processes) with the wandb backend: exactly one offline run, named by WANDB_NAME, holding the
+    step metrics; an API key in the environment never reaches the run's files."""
+    pytest.importorskip("wandb")
+    root, model_dir, data, _ = setup
+    flags = base_flags(model_dir, data, str(tmp_path / "ck"), **{
+        "pipeline-group-size": 2, "data-group-size": 2, "batch-size": 2, "total-steps": 2,
+        "train-log-backend": "wandb", "project-name": "unit-test"})
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    result = run_torchrun(4, flags, env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_NAME": "one-run",
+                                         "WANDB_API_KEY": secret, "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1, runs
+    run_dir = tmp_path / "wandb" / runs[0]
+    blobs = b"".join(p.read_bytes() for p in run_dir.rglob("*") if p.is_file())
+    assert b"one-run" in blobs and b"grad_norm" in blobs
+    assert secret.encode() not in blobs
+    assert secret not in result.stdout + result.stderr

@@ -52,6 +52,9 @@ class Trainer:
             raise modules.ModelError(f"--embedding-dim {args.embedding_dim} differs from hidden size "
                                      f"{cfg.hidden_size} in {args.model_name}/config.json; use "
                                      f"--embedding-dim {cfg.hidden_size} or omit it")
+        if args.seq_length > cfg.max_position_embeddings:
+            self.log.info(f"WARNING: --seq-length {args.seq_length} is longer than the model was trained for "
+                          f"(max_position_embeddings {cfg.max_position_embeddings} in config.json)")
         self._build_model()
         self._build_data()
         self.steps_total = self._total_optimizer_steps()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CPU demo: a tiny GPT-NeoX-architecture model (made locally, random weights) fine-tuned on the bundled sample chat
-# data with a 2-stage pipeline: 2 processes, gloo, no GPU. Finishes in a few minutes on 2 cores.
+# data with a 2-stage pipeline: 2 processes, gloo, no GPU. About 1.5 minutes on 2 cores (loss ~10.8 -> ~2.6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/demo}
@@ -16,7 +16,7 @@ python3 -m torch.distributed.run --nproc_per_node=2 --master_port="${MASTER_PORT
   --task-name assets/data/sample_chat.jsonl:0.7,assets/data/sample_messages.jsonl:0.3 \
   --evaluation-data assets/data/sample_eval.jsonl --evaluation-steps 20 --evaluation-num-batch 4 \
   --seq-length 128 --batch-size 8 --micro-batch-size 2 --gradient-accumulate-step 1 \
-  --total-steps "${DEMO_STEPS:-40}" --warmup-steps 5 --lr 2e-3 --lr-scheduler cosine \
+  --total-steps "${DEMO_STEPS:-60}" --warmup-steps 5 --lr 2e-3 --lr-scheduler cosine \
   --pipeline-group-size 2 --data-group-size 1 --pp-mode 1f1b \
   --use-cuda false --dp-backend gloo \
   --checkpoint-path "$OUT/checkpoints" --checkpoint-steps 20 --load-checkpoint false \

@@ -363,10 +363,12 @@ class Trainer:
             if self.step % args.log_interval == 0 or self.step == self.steps_total:
                 loss = self._reduce_loss(loss_sum) if self.holds_last else None  # a host sync: only when logged
                 self._log_step(loss, lr, grad_norm, skipped, tokens_per_step)
+            started = time.perf_counter()
             if args.evaluation_steps and self.step % args.evaluation_steps == 0:
                 self.evaluate()
             if args.checkpoint_steps and self.step % args.checkpoint_steps == 0 and self.step < self.steps_total:
                 self.save_checkpoint()
+            self.meter.exclude(time.perf_counter() - started)
         if self.step > self.meter.start_step:
             self.save_checkpoint()
         self.profiler.finish()

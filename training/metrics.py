@@ -31,6 +31,10 @@ class StepMeter:
         self.start_step = start_step
         self.last_step = start_step
 
+    def exclude(self, seconds):
+        """Leave time spent outside training steps (evaluation, checkpoints) out of the next throughput figure."""
+        self.last += seconds
+
     def measure(self, step, tokens_per_step):
         """Metrics since the last call; `tokens_per_step` = tokens one optimizer step trains across the job."""
         now = time.perf_counter()

@@ -78,12 +78,20 @@ LAYOUTS = [
 @pytest.mark.parametrize("pp,dp,mode,batch,accum", LAYOUTS, ids=[f"pp{a}-dp{b}-{c}-b{d}-acc{e}" for a, b, c, d, e in
                                                                   LAYOUTS])
 def test_layout_matches_one_process_reference(setup, pp, dp, mode, batch, accum):
+    run_and_compare(setup, pp, dp, mode, batch, accum)
+
+
+def test_activation_checkpointing_and_recomputed_loss_match_the_reference(setup):
+    run_and_compare(setup, 2, 1, "1f1b", 4, 1, {"activation-checkpointing": "full"})
+
+
+def run_and_compare(setup, pp, dp, mode, batch, accum, extra=None):
     root, model_dir, data, expected = setup
-    ckpt = root / f"ckpt-{pp}-{dp}-{mode}-{batch}-{accum}"
+    ckpt = root / f"ckpt-{pp}-{dp}-{mode}-{batch}-{accum}-{len(extra or {})}"
     flags = base_flags(model_dir, data, str(ckpt), **{
         "pipeline-group-size": pp, "data-group-size": dp, "pp-mode": mode, "batch-size": batch,
         "gradient-accumulate-step": accum, "total-steps": STEPS * accum, "seq-length": SEQ, "lr": LR,
-        "seed": SEED})
+        "seed": SEED, **(extra or {})})
     result = run_torchrun(pp * dp, flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     got = read_checkpoint_weights(str(ckpt), suffix=("_model.safetensors", "_optimizer.safetensors"))

@@ -9,6 +9,7 @@ PROCESS_START = time.time()  # launch-to-first-step is measured from here (modul
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import modules
 from comm import init_distributed
@@ -24,14 +25,26 @@ from utils.logging import make_logger, public_flags
 INJECT_INF_ENV = "INJECT_INF_GRAD"  # test hook "STEP:RANK": make one gradient inf on RANK at optimizer step STEP
 
 
-class TokenMeanLoss:
-    """Sum of token cross-entropies times `factor` = loss scale / loss tokens of the whole optimizer step."""
+def _summed_cross_entropy(logits, labels):
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
 
-    def __init__(self):
+
+class TokenMeanLoss:
+    """Sum of token cross-entropies times `factor` = loss scale / loss tokens of the whole optimizer step.
+
+    With `recompute`, the fp32 log-probabilities are not kept for backward but recomputed from the logits: a GPipe
+    last stage otherwise holds them for every micro-batch in flight (2048 x 50k vocab x 4 bytes = 0.4 GB each).
+    """
+
+    def __init__(self, recompute=False):
         self.factor = 1.0
+        self.recompute = recompute
 
     def __call__(self, logits, labels):
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        if self.recompute and torch.is_grad_enabled():
+            loss = torch.utils.checkpoint.checkpoint(_summed_cross_entropy, logits, labels, use_reentrant=False)
+        else:
+            loss = _summed_cross_entropy(logits, labels)
         return loss * self.factor
 
 
@@ -63,7 +76,7 @@ class Trainer:
         self.tied_copies = {n for n in self.tied if n in self.param_names and self.num_stages > 1}
         self.optimizer = StageOptimizer(self.named_params, args, lay, self.steps_total,
                                         norm_exclude=self.tied_copies)
-        self.loss_fn = TokenMeanLoss()
+        self.loss_fn = TokenMeanLoss(recompute=args.activation_checkpointing != "none")
         n_micro = args.batch_size // args.micro_batch_size
         self.pipeline = Pipeline(self.stage_modules, self.stage_ids, self.num_stages, lay, n_micro, args.pp_mode,
                                  self.loss_fn)

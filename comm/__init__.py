@@ -26,10 +26,6 @@ class Layout:
     ends_group: object = None  # first + last stage of this pipeline (tied embeddings), when requested
 
     @property
-    def is_first_stage(self):
-        return self.pp_rank == 0
-
-    @property
     def is_last_stage(self):
         return self.pp_rank == self.pp_size - 1
 
@@ -37,10 +33,6 @@ class Layout:
     def is_logger(self):
         """The one rank that logs: the last stage of replica 0 (it sees the loss)."""
         return self.dp_rank == 0 and self.is_last_stage
-
-    def pipeline_rank(self, pp_rank):
-        """Global rank of stage `pp_rank` in this rank's pipeline."""
-        return self.dp_rank * self.pp_size + pp_rank
 
 
 def rank_to_coords(rank, pp_size):
@@ -116,8 +108,3 @@ def init_distributed(args, ends_group=False):
             if replica == dp_rank and pp_rank in (0, pp - 1):
                 layout.ends_group = group
     return layout
-
-
-def shutdown():
-    if dist.is_initialized():
-        dist.destroy_process_group()

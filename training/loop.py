@@ -294,7 +294,7 @@ class Trainer:
     def _sync_tied_gradients(self):
         """Tied embeddings split over two stages: both copies get the sum of their gradients, so both take the
         same update and stay equal."""
-        if self.layout.ends_group is None or not self.tied:
+        if self.layout.ends_group is None:  # created only for tied embeddings with pp > 1
             return
         params = dict(self.named_params)
         for name in [n for pair in self.tied.items() for n in pair if n in params]:  # this rank holds one end

@@ -67,7 +67,8 @@ def _targets(fields, step, rank):
     return all(x == "" or int(x) == want for x, want in zip(fields, (step, rank)))
 
 
-def _fsync_file(path):
+def _fsync(path):
+    """Flush a file's or a folder's entries to disk (a folder: so a rename in it survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -86,14 +87,6 @@ def _write_json(path, obj):
         json.dump(obj, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _all_ok(ok, device):
@@ -185,7 +178,7 @@ class Checkpointer:
             writer(path)
             paths = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in sorted(os.listdir(path))]
             for full in paths:
-                _fsync_file(full)
+                _fsync(full)
                 rel = os.path.relpath(full, tmp).replace(os.sep, "/")
                 files[rel], sizes[rel] = _sha256(full), os.path.getsize(full)
             if tensors is not None:
@@ -234,7 +227,7 @@ class Checkpointer:
                     all_keys.update(k)
                 _write_json(os.path.join(tmp, "meta.json"),
                             dict(meta, step=step, files=all_files, sizes=all_sizes, tensors=all_keys))
-                _fsync_dir(tmp)
+                _fsync(tmp)
                 final = self.step_dir(step)
                 if os.path.exists(final):  # a leftover of an abandoned run: move it aside, never delete in place
                     old = os.path.join(self.root, f"{TMP_PREFIX}replaced_checkpoint_{step}")
@@ -242,14 +235,14 @@ class Checkpointer:
                         shutil.rmtree(old)
                     os.rename(final, old)
                 os.rename(tmp, final)
-                _fsync_dir(self.root)
+                _fsync(self.root)
                 latest_tmp = os.path.join(self.root, f"{TMP_PREFIX}latest")
                 with open(latest_tmp, "w") as f:
                     f.write(f"{step}\n")
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(latest_tmp, os.path.join(self.root, "latest"))
-                _fsync_dir(self.root)
+                _fsync(self.root)
             except OSError as exc:
                 error = f"could not finish checkpoint {step} in {self.root}: {_describe(exc)}"
         if not _all_ok(error is None, lay.device):

@@ -8,7 +8,7 @@ Every variant trains `--batch-size` sequences per optimizer step (the baseline t
 accumulation steps), so all runs train the same tokens per step. A variant is `+`-joined words:
   mbN           micro-batch size N (must divide the step's batch)     compile      --compile (torch.compile blocks)
   fp16          --fp16 instead of --bf16                               bsN          this variant's batch per step
-  ac-full, ac-selective   --activation-checkpointing
+  ac-full, ac-selective   --activation-checkpointing               flash, cudnn, efficient   --attention-backend
 
     python bench/bench_single_gpu.py --variants mb4,mb4+compile,mb8+compile,mb4+compile+fp16
     python bench/bench_single_gpu.py --smoke        # CPU check, tiny model
@@ -25,7 +25,7 @@ from common import SHAPES, Session, add_common_args, apply_smoke, ratio  # noqa:
 
 def parse_variant(text: str, default_batch: int) -> dict:
     v = {"label": text, "micro_batch": 1, "batch": default_batch, "compile": False, "fp16": False,
-         "activation_checkpointing": "none"}
+         "activation_checkpointing": "none", "attention_backend": "auto"}
     for word in text.split("+"):
         if word.startswith("mb") and word[2:].isdigit():
             v["micro_batch"] = int(word[2:])
@@ -39,9 +39,11 @@ def parse_variant(text: str, default_batch: int) -> dict:
             pass
         elif word.startswith("ac-") and word[3:] in ("none", "full", "selective"):
             v["activation_checkpointing"] = word[3:]
+        elif word in ("flash", "cudnn", "efficient"):
+            v["attention_backend"] = word
         else:
             sys.exit(f"--variants: unknown word {word!r} in {text!r} (mbN, bsN, compile, fp16, ac-full, "
-                     f"ac-selective)")
+                     f"ac-selective, flash, cudnn, efficient)")
     if v["batch"] % v["micro_batch"]:
         sys.exit(f"--variants {text!r}: micro-batch {v['micro_batch']} does not divide the batch {v['batch']}")
     return v
@@ -81,7 +83,8 @@ def main():
     for v in variants:
         ours[v["label"]] = s.ours(v["label"], model_dir=model, data=data, nproc=1, micro_batch=v["micro_batch"],
                                   batch=v["batch"], compile=v["compile"], fp16=v["fp16"],
-                                  activation_checkpointing=v["activation_checkpointing"])
+                                  activation_checkpointing=v["activation_checkpointing"],
+                                  extra=["--attention-backend", v["attention_backend"]])
 
     bf16 = [r for r in ours.values() if r["precision"] != "fp16" and r.get("tokens_per_s")]
     best = max(bf16, key=lambda r: r["tokens_per_s"], default=None)

@@ -89,7 +89,14 @@ def init_distributed(args, ends_group=False):
         kwargs["init_method"] = init_method
     if use_cuda and backend == "nccl":
         kwargs["device_id"] = device  # eager NCCL init: errors surface at start, not at the first collective
-    dist.init_process_group(**kwargs)
+    try:
+        dist.init_process_group(**kwargs)
+    except dist.DistNetworkError as exc:
+        if "EADDRINUSE" not in str(exc) and "address already in use" not in str(exc):
+            raise
+        where = init_method if init_method != "env://" else f"MASTER_PORT={os.environ.get('MASTER_PORT')}"
+        raise LaunchError(f"rank 0 cannot listen on {where}: the port is in use (another job?); pick a free port "
+                          f"with --dist-url (or torchrun --master_port)") from None
 
     pp_rank, dp_rank = rank_to_coords(rank, pp)
     layout = Layout(rank, world, pp, dp, pp_rank, dp_rank, local_rank, device)

@@ -6,6 +6,7 @@ the activation dtype (as transformers does), once per stage forward and reused b
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -85,6 +86,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
         return x * cos + rotate(x) * sin
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
     return torch.cat((x_rot * cos + rotate(x_rot) * sin, x_pass), dim=-1)
+
+
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+def attention_backend(name: str) -> contextlib.AbstractContextManager:
+    """A context in which SDPA tries backend `name` first and falls back to the others where it does not apply
+    (a head size it lacks, a CPU); "auto" keeps torch's own order. Blocks compiled inside it use it too."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name == "auto":
+        return contextlib.nullcontext()
+    order = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    first = order.pop(name)
+    return sdpa_kernel([first, *order.values()], set_priority=True)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,9 @@ import torch.distributed as dist
 from optimizer.scaler import LossScaler, NoScaler
 
 
+MASTER_GRAD_CHUNK_BYTES = 1 << 30
+
+
 class OptimizerError(RuntimeError):
     pass
 
@@ -37,7 +40,7 @@ def no_decay(name, param):
     return name.endswith(".bias") or param.ndim < 2
 
 
-def _inner_optimizer(kind, groups, lr, betas, eps, on_cuda):
+def _inner_optimizer(kind, groups, lr, betas, eps):
     if kind == "8bit-adam":
         try:
             import bitsandbytes as bnb  # slow import: only when asked for
@@ -45,7 +48,8 @@ def _inner_optimizer(kind, groups, lr, betas, eps, on_cuda):
             raise OptimizerError("--optimizer 8bit-adam needs bitsandbytes: pip install bitsandbytes "
                                  f"({exc})") from None
         return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas, eps=eps)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if on_cuda else None)
+    # Fused on CPU too, so that the tests run the same update (and its in-kernel unscaling) as the GPUs.
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 
 class StageOptimizer:
@@ -62,7 +66,7 @@ class StageOptimizer:
         plain = [m for (n, p), m in zip(named_params, self.master_params) if no_decay(n, p)]
         groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": plain, "weight_decay": 0.0}]
         self.inner = _inner_optimizer(args.optimizer, groups, args.lr, (args.adam_beta1, args.adam_beta2),
-                                      args.adam_eps, layout.device.type == "cuda")
+                                      args.adam_eps)
         warmup = math.ceil(args.warmup_steps / args.gradient_accumulate_step)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.inner, lr_multiplier(args.lr_scheduler, warmup, total_optimizer_steps))
@@ -89,37 +93,64 @@ class StageOptimizer:
                 m.grad = None
 
     def _global_grad_norm(self, grads):
-        sumsq = torch.stack(torch._foreach_norm(grads)).float().square().sum()  # a few kernels, not one per tensor
+        """L2 norm over the whole pipeline of the (still loss-scaled) gradients, accumulated in fp32: an fp16
+        gradient holding inf or nan makes it non-finite, which is how overflow is detected."""
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # a few kernels, not one per tensor
+        sumsq = torch.stack(norms).square().sum() if norms else torch.zeros((), device=self.layout.device)
         if self.layout.pp_size > 1:
             dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=self.layout.pp_group)
         return sumsq.sqrt()
+
+    def _chunks(self):
+        """Index ranges of parameters holding about MASTER_GRAD_CHUNK_BYTES of fp32 gradients each: master
+        gradients exist for one range at a time, so the step never holds a full fp32 copy of all gradients."""
+        if not self.mixed:
+            return [range(len(self.master_params))]
+        ranges, start, size = [], 0, 0
+        for i, m in enumerate(self.master_params):
+            size += m.numel() * 4
+            if size >= MASTER_GRAD_CHUNK_BYTES or i == len(self.master_params) - 1:
+                ranges.append(range(start, i + 1))
+                start, size = i + 1, 0
+        return ranges
 
     def step(self):
         """Unscale, check overflow, clip, update. Returns (grad_norm: float, skipped: bool)."""
         for p in self.model_params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if self.mixed:
-            for m, p in zip(self.master_params, self.model_params):
-                m.grad = p.grad.float()
-        grads = [m.grad for m in self.master_params]
-        if self.scaler.scale != 1.0:
-            torch._foreach_div_(grads, self.scaler.scale)
-        norm = self._global_grad_norm([g for g, counted in zip(grads, self.in_norm) if counted])
-        grad_norm = norm.item()  # the step's one host sync: every rank decides the same way
+        scale = self.scaler.scale
+        scaled_norm = self._global_grad_norm([p.grad for p, counted in zip(self.model_params, self.in_norm)
+                                              if counted])
+        grad_norm = scaled_norm.item() / scale  # the step's one host sync: every rank decides the same way
         overflow = not math.isfinite(grad_norm)
         self.scaler.update(overflow)
         if overflow:
             self.zero_grad()
             return grad_norm, True
+        clip = 1.0
         if self.max_grad_norm > 0:
-            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-            torch._foreach_mul_(grads, coef)
-        self.inner.step()
+            clip = min(1.0, self.max_grad_norm / (grad_norm + 1e-6))
+        # Unscaling and clipping are one division of every gradient; fused AdamW does it inside its own kernel.
+        divisor = scale / clip
+        fused = self.inner.defaults.get("fused")
+        if fused:
+            self.inner.grad_scale = torch.tensor(divisor, dtype=torch.float32, device=self.layout.device)
+        for chunk in self._chunks():
+            masters = [self.master_params[i] for i in chunk]
+            if self.mixed:
+                for i, m in zip(chunk, masters):
+                    m.grad = self.model_params[i].grad.float()
+                    self.model_params[i].grad = None
+            if divisor != 1.0 and not fused:
+                torch._foreach_div_([m.grad for m in masters], divisor)
+            self.inner.step()  # steps only the parameters that have a gradient: this chunk's
+            if self.mixed:
+                with torch.no_grad():
+                    torch._foreach_copy_([self.model_params[i] for i in chunk], masters)
+                for m in masters:
+                    m.grad = None
         self.scheduler.step()
-        if self.mixed:
-            with torch.no_grad():
-                torch._foreach_copy_(self.model_params, self.master_params)
         self.zero_grad()
         return grad_norm, False
 

@@ -1,11 +1,12 @@
 """Bad flags and inputs: one line naming the flag or file and the fix, exit code 2, no traceback."""
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ENTRYPOINT, base_flags, make_chat_data, make_model, run_torchrun
+from tests.helpers import ENTRYPOINT, base_flags, free_port, make_chat_data, make_model, run_torchrun
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +16,9 @@ def setup(tmp_path_factory):
 
 
 def run_single(flags, timeout=120):
-    """One process, no torchrun: pp = dp = 1 needs no --rank."""
+    """One process, no torchrun: pp = dp = 1 needs no --rank (a free port: the default 7033 may be taken)."""
+    if "--dist-url" not in flags:
+        flags = [*flags, "--dist-url", f"tcp://127.0.0.1:{free_port()}"]
     return subprocess.run([sys.executable, ENTRYPOINT, *flags], capture_output=True, text=True, timeout=timeout)
 
 
@@ -87,6 +90,17 @@ def test_bad_model_or_data_exit_2(setup, tmp_path, overrides, fragments):
     _, model_dir, data = setup
     result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **overrides))
     assert_one_line_error(result, *fragments)
+
+
+def test_port_in_use_names_the_port_and_the_flag(setup, tmp_path):
+    _, model_dir, data = setup
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{
+            "dist-url": f"tcp://127.0.0.1:{port}"}))
+    assert_one_line_error(result, str(port), "in use", "--dist-url")
 
 
 def test_malformed_jsonl_names_file_and_line(setup, tmp_path):

@@ -85,3 +85,55 @@ def test_state_round_trip_continues_identically(dtype):
     step(b, b_params, 2)
     for (_, pa), (_, pb) in zip(a_params, b_params):
         assert torch.equal(pa, pb)
+
+
+def named_params(dtype, seed=0, shapes=((16, 8), (8,), (8, 8))):
+    torch.manual_seed(seed)
+    return [(f"p{i}", torch.nn.Parameter(torch.randn(*s).to(dtype))) for i, s in enumerate(shapes)]
+
+
+def test_fp16_unscale_and_clip_match_a_plain_fp32_reference():
+    """fp16 model, loss-scaled gradients, clipping active: the update (which unscales and clips inside fused
+    AdamW's kernel) equals torch AdamW on fp32 copies with unscaled gradients and clip_grad_norm_."""
+    params = named_params(torch.float16)
+    reference = [torch.nn.Parameter(p.detach().float().clone()) for _, p in params]
+    opt = make_optimizer(params, torch.float16)
+    ref_opt = torch.optim.AdamW([{"params": [reference[0], reference[2]], "weight_decay": 0.01},
+                                 {"params": [reference[1]], "weight_decay": 0.0}], lr=1e-2, eps=1e-6, foreach=False)
+    ref_schedule = torch.optim.lr_scheduler.LambdaLR(ref_opt, lr_multiplier("linear", 0, 10))  # as make_optimizer
+    for k in range(3):
+        grads = [torch.randn(p.shape) * 0.2 for _, p in params]  # norm ~2.8: clipped to max_grad_norm 1.0
+        for (_, p), g in zip(params, grads):
+            p.grad = (g * opt.loss_scale).half()
+        for r, g in zip(reference, grads):
+            r.grad = (g * opt.loss_scale).half().float() / opt.loss_scale  # the same rounding of the gradients
+        want = torch.nn.utils.clip_grad_norm_(reference, 1.0).item()
+        got, skipped = opt.step()
+        ref_opt.step()
+        ref_schedule.step()
+        assert not skipped and got == pytest.approx(want, rel=1e-5)
+        for m, r in zip(opt.master_params, reference):
+            torch.testing.assert_close(m, r, rtol=1e-5, atol=1e-6)
+            assert m.grad is None
+
+
+def test_master_gradients_in_chunks_update_like_one_chunk(monkeypatch):
+    """bf16 model: fp32 master gradients are made one chunk of parameters at a time; the result is the same as
+    with every gradient at once, and no gradient (model or master) is left over."""
+    import optimizer
+    results = []
+    for chunk_bytes in (1 << 30, 1):  # all at once; every tensor its own chunk
+        monkeypatch.setattr(optimizer, "MASTER_GRAD_CHUNK_BYTES", chunk_bytes)
+        params = named_params(torch.bfloat16)
+        opt = make_optimizer(params, torch.bfloat16)
+        assert len(opt._chunks()) == (1 if chunk_bytes == 1 << 30 else 3)
+        for k in range(2):
+            for i, (_, p) in enumerate(params):
+                p.grad = torch.full_like(p, 0.01 * (k + i + 1))
+            opt.step()
+        assert all(p.grad is None for _, p in params) and all(m.grad is None for m in opt.master_params)
+        results.append([m.detach().clone() for m in opt.master_params])
+        for (_, p), m in zip(params, opt.master_params):
+            assert torch.equal(p, m.to(torch.bfloat16))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -32,19 +32,22 @@ def _summed_cross_entropy(logits, labels):
 class TokenMeanLoss:
     """Sum of token cross-entropies times `factor` = loss scale / loss tokens of the whole optimizer step.
 
-    With `recompute`, the fp32 log-probabilities are not kept for backward but recomputed from the logits: a GPipe
-    last stage otherwise holds them for every micro-batch in flight (2048 x 50k vocab x 4 bytes = 0.4 GB each).
+    Eager cross-entropy materialises fp32 log-probabilities (2048 x 50k vocab x 4 bytes = 0.4 GB per sequence) and
+    keeps them for backward. `compiled` fuses the fp32 cast, log-softmax and gather into a kernel that reads the
+    logits once and keeps only a row max and sum. Otherwise `recompute` drops the log-probabilities after forward
+    and recomputes them in backward: a GPipe last stage would hold them for every micro-batch in flight.
     """
 
-    def __init__(self, recompute=False):
+    def __init__(self, recompute=False, compiled=False):
         self.factor = 1.0
-        self.recompute = recompute
+        self.cross_entropy = torch.compile(_summed_cross_entropy) if compiled else _summed_cross_entropy
+        self.recompute = recompute and not compiled
 
     def __call__(self, logits, labels):
         if self.recompute and torch.is_grad_enabled():
-            loss = torch.utils.checkpoint.checkpoint(_summed_cross_entropy, logits, labels, use_reentrant=False)
+            loss = torch.utils.checkpoint.checkpoint(self.cross_entropy, logits, labels, use_reentrant=False)
         else:
-            loss = _summed_cross_entropy(logits, labels)
+            loss = self.cross_entropy(logits, labels)
         return loss * self.factor
 
 
@@ -76,7 +79,7 @@ class Trainer:
         self.tied_copies = {n for n in self.tied if n in self.param_names and self.num_stages > 1}
         self.optimizer = StageOptimizer(self.named_params, args, lay, self.steps_total,
                                         norm_exclude=self.tied_copies)
-        self.loss_fn = TokenMeanLoss(recompute=args.activation_checkpointing != "none")
+        self.loss_fn = TokenMeanLoss(recompute=args.activation_checkpointing != "none", compiled=args.compile)
         n_micro = args.batch_size // args.micro_batch_size
         self.pipeline = Pipeline(self.stage_modules, self.stage_ids, self.num_stages, lay, n_micro, args.pp_mode,
                                  self.loss_fn)
@@ -368,6 +371,14 @@ class Trainer:
         tokens_per_step = args.batch_size * lay.dp_size * args.gradient_accumulate_step * args.seq_length
         self.log.info(f"training {self.steps_total} optimizer steps from step {self.step}; "
                       f"{tokens_per_step} tokens per step; peak {self.meter.peak_label}")
+        with modules.attention_backend(args.attention_backend):
+            self._train_steps(tokens_per_step)
+        if self.step > self.meter.start_step:
+            self.save_checkpoint()
+        self.profiler.finish()
+
+    def _train_steps(self, tokens_per_step):
+        args = self.args
         while self.step < self.steps_total:
             lr = self.optimizer.lr  # the rate this step uses (the scheduler advances inside the step)
             with self.profiler.step(self.step):
@@ -382,9 +393,6 @@ class Trainer:
             if args.checkpoint_steps and self.step % args.checkpoint_steps == 0 and self.step < self.steps_total:
                 self.save_checkpoint()
             self.meter.exclude(time.perf_counter() - started)
-        if self.step > self.meter.start_step:
-            self.save_checkpoint()
-        self.profiler.finish()
 
     def close(self):
         if dist.is_initialized():

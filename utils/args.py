@@ -42,7 +42,10 @@ def build_parser():
                        help="true: load weights from --model-name; false: random init from --seed")
     model.add_argument("--activation-checkpointing", choices=("none", "full", "selective"), default="none",
                        help="recompute blocks in backward: none, full (every block), selective (every other block)")
-    model.add_argument("--compile", action="store_true", help="torch.compile each transformer block (GPU speed)")
+    model.add_argument("--compile", action="store_true",
+                       help="torch.compile each transformer block and the loss (GPU speed)")
+    model.add_argument("--attention-backend", choices=("auto", "flash", "cudnn", "efficient", "math"),
+                       default="auto", help="scaled-dot-product attention kernel tried first (auto: torch's order)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--task-name", default=None,

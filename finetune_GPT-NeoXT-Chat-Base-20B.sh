@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Fine-tune GPT-NeoX-20B into GPT-NeoXT-Chat-Base-20B: 8 processes on one 8-GPU node, pipeline of 8 stages.
-# Copy this file and edit the variables below (or set them in the environment).
+# Copy this file and edit the variables below (or set them in the environment). NUM_GPUS=4 runs 4 stages of 11
+# layers; on 80 GB cards add EXTRA_ARGS="--optimizer 8bit-adam" (fp32 Adam moments alone are 40 GB per stage).
 set -euo pipefail
 DIR=$(cd "$(dirname "$0")" && pwd)
 
 BASE_MODEL=${BASE_MODEL:-"${DIR}/pretrained/GPT-NeoX-20B/EleutherAI_gpt-neox-20b"}  # HF or layer-sharded dir
 DATASETS=${DATASETS:-"${DIR}/data/OIG/files"}
 CHECKPOINT_PATH=${CHECKPOINT_PATH:-"${DIR}/model_ckpts/GPT-Neo-XT-Chat-Base-20B"}
+TRAINER=${TRAINER:-"${DIR}/dist_lm_pretrain_and_finetune.py"}  # set it when the copy lives elsewhere
 TOTAL_STEPS=${FINETUNE_TOTAL_STEPS:-20000}
 CHECKPOINT_STEPS=${CHECKPOINT_STEPS:-100}
-NUM_GPUS=8
+NUM_GPUS=${NUM_GPUS:-8}                                 # = pipeline stages (one per GPU)
+MODEL_LAYERS=44                                         # GPT-NeoX-20B
+LAYERS_PER_STAGE=$(( (MODEL_LAYERS + NUM_GPUS - 1) / NUM_GPUS ))
+MASTER_PORT=${MASTER_PORT:-7033}                        # another job on this node? pick another port
 netif=${NET_INTERFACE:-lo}
 export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$netif}
 export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$netif}
@@ -60,9 +65,9 @@ ${DATASETS}/unified_image_prompts_instructions.jsonl:0.01 \
 --total-steps ${TOTAL_STEPS} --warmup-steps 10 --train-warmup-steps 0 \
 --checkpoint-steps ${CHECKPOINT_STEPS} \
 --lr 1e-6 --seq-length 2048 --batch-size 64 --micro-batch-size 1 --gradient-accumulate-step 1 \
---dist-url tcp://127.0.0.1:7033 \
---num-layers 6 --embedding-dim 6144 \
---world-size ${NUM_GPUS} --pipeline-group-size 8 --data-group-size 1 \
+--dist-url tcp://127.0.0.1:${MASTER_PORT} \
+--num-layers ${LAYERS_PER_STAGE} --embedding-dim 6144 \
+--world-size ${NUM_GPUS} --pipeline-group-size ${NUM_GPUS} --data-group-size 1 \
 --job-id 0 --net-interface ${netif} \
 --fp16 \
 --dp-backend nccl \
@@ -70,15 +75,21 @@ ${DATASETS}/unified_image_prompts_instructions.jsonl:0.01 \
 --pp-mode gpipe --profiling no-profiling \
 --activation-checkpointing full ${EXTRA_ARGS:-}"
 
-# One process per GPU; if any of them fails, stop them all (the training's own watchdog does the same).
+# One process per GPU. The first one to fail stops the others: a rank that dies before the job is up (a port in
+# use, say) would otherwise leave them waiting for it until --dist-timeout.
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
 for rank in $(seq 0 $((NUM_GPUS - 1))); do
-  "${PYTHON:-python3}" "${DIR}/dist_lm_pretrain_and_finetune.py" ${ARGS} --cuda-id "$rank" --rank "$rank" &
+  "${PYTHON:-python3}" "${TRAINER}" ${ARGS} --cuda-id "$rank" --rank "$rank" &
   pids+=($!)
 done
 status=0
-for pid in "${pids[@]}"; do
-  wait "$pid" || status=$?
+for _ in "${pids[@]}"; do
+  wait -n && continue
+  code=$?
+  if [ "$status" -eq 0 ]; then
+    status=$code
+    kill "${pids[@]}" 2>/dev/null
+  fi
 done
 exit $status

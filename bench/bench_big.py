@@ -2,8 +2,8 @@
 fine-tune with 8-bit Adam (bitsandbytes, carried as a wheel; --optimizer adam also works), 20 steps.
 
   target 4a: MFU >= 40% (GUIDE §5 FLOPs, 989 TFLOP/s per H100/H200);
-  target 4b: launch (torchrun start) to the end of the first step <= 60 s, loading the weights with
-             --load-pretrained-model true;
+  target 4b: launch (torchrun start) to the end of the first step <= 60 s (GPT-NeoX-20B: 120 s), loading the
+             weights with --load-pretrained-model true;
   and the peak memory per GPU (reported, no threshold).
 
 In order:
@@ -208,7 +208,8 @@ def main():
                  activation_checkpointing=args.activation_checkpointing, optimizer=args.optimizer,
                  load_pretrained=True, extra=extra)
     s.target("4a: MFU", run.get("mfu"), 0.40, ours=run, reference=base)
-    s.target("4b: launch to first step, s", run.get("launch_to_first_step_s"), 60, compare="<=",
+    limit = 120 if args.shape == "neox-20b" else 60  # 20B: issue #8's two minutes
+    s.target("4b: launch to first step, s", run.get("launch_to_first_step_s"), limit, compare="<=",
              detail=f"page cache {cache}; trainer's own figure {_s(run.get('trainer_launch_to_first_step_s'))}",
              ours=run)
     s.finish(extra={"shape_name": args.shape, "pp": args.pp, "micro_batches": n_micro, "model_written": written,

@@ -1,9 +1,9 @@
 """Target 2: pipeline parallelism. Pythia-2.8B shape on pp=2 (or Pythia-6.9B on pp=4), seq 2048.
 
-  target 2: per-GPU throughput of the pipeline >= 0.88 x our trainer on ONE GPU running one stage's worth of
-            layers alone (a model of the same width with layers/pp layers, same micro-batches per step). Each GPU
-            of the pipeline handles every token for its share of the layers, so throughput per GPU is compared as
-            achieved FLOP/s per GPU (the MFU ratio), not as tokens/s divided by pp.
+  target 2: per-GPU throughput of the pipeline >= 0.88 (pp=2; 0.85 at pp=4) x our trainer on ONE GPU running one
+            stage's worth of layers alone (a model of the same width with layers/pp layers, same micro-batches per
+            step). Each GPU of the pipeline handles every token for its share of the layers, so throughput per GPU
+            is compared as achieved FLOP/s per GPU (the MFU ratio), not as tokens/s divided by pp.
 
 Runs, in this order (one torchrun launch each):
   baseline    transformers on 1 GPU, the layers/pp-layer model (auto-shrunk if it would not fit; see the JSON's
@@ -71,7 +71,8 @@ def main():
         # Every GPU of a pipeline handles every token for its 1/pp of the layers, so the fair per-GPU measure is
         # achieved FLOP/s per GPU (MFU), not tokens/s divided by pp.
         s.target(f"2: pp{args.pp} {schedule} per-GPU FLOP/s (MFU) / 1-GPU L{stage_layers}",
-                 ratio(run.get("mfu"), ref and ref.get("mfu")), 0.88, ours=run, reference=ref)
+                 ratio(run.get("mfu"), ref and ref.get("mfu")), 0.88 if args.pp <= 2 else 0.85, ours=run,
+                 reference=ref)
     s.finish(extra={"shape_name": args.shape, "layers": layers, "stage_layers": stage_layers, "pp": args.pp,
                     "micro_batches": n_micro, "baseline_layers": fit}, ratio_to=base)
 

@@ -70,7 +70,10 @@ def init_distributed(args, ends_group=False):
     if not 0 <= rank < world:
         raise LaunchError(f"--rank {rank} is outside 0..{world - 1}")
 
-    use_cuda = args.use_cuda and torch.cuda.is_available()
+    use_cuda = args.use_cuda
+    if use_cuda and not torch.cuda.is_available():  # never fall back to a CPU run on a GPU node without saying so
+        raise LaunchError(f"--use-cuda true but torch {torch.__version__} sees no GPU (a CPU-only build, no driver, "
+                          f"or CUDA_VISIBLE_DEVICES hides them); fix that, or pass --use-cuda false to train on CPU")
     if use_cuda:
         cuda_id = args.cuda_id if args.cuda_id is not None else local_rank
         if cuda_id >= torch.cuda.device_count():

@@ -1,0 +1,69 @@
+"""The shipped 20B recipe script itself, on CPU: its environment overrides train a tiny model end to end, and one
+rank failing before the job is up stops the others at once."""
+import os
+import re
+import socket
+import stat
+import subprocess
+import time
+
+import pytest
+
+from tests.helpers import REPO, free_port, make_chat_data, make_model, read_checkpoint_weights
+
+RECIPE = os.path.join(REPO, "finetune_GPT-NeoXT-Chat-Base-20B.sh")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model, every data file the recipe names, and a stand-in nvidia-smi listing two GPUs."""
+    root = tmp_path_factory.mktemp("recipe")
+    model = make_model(root / "model", hidden=32, layers=4, heads=4)
+    data = root / "data"
+    data.mkdir()
+    with open(RECIPE) as f:
+        names = set(re.findall(r"\$\{DATASETS\}/(unified_\w+\.jsonl)", f.read()))
+    assert len(names) == 26
+    for i, name in enumerate(sorted(names)):
+        make_chat_data(data / name, n=20, seed=i)
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: stand-in'\necho 'GPU 1: stand-in'\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IXUSR)
+    return root, model, str(data), str(bin_dir)
+
+
+def recipe_env(setup, ckpt, port):
+    root, model, data, bin_dir = setup
+    # EXTRA_ARGS come last on the command line, so they override the recipe's 20B sizes for the tiny model.
+    extra = "--use-cuda false --embedding-dim 32 --num-layers 2 --seq-length 32 --batch-size 2 --dist-timeout 60"
+    return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1",
+                NUM_GPUS="2", MASTER_PORT=str(port), BASE_MODEL=model, DATASETS=data, CHECKPOINT_PATH=str(ckpt),
+                FINETUNE_TOTAL_STEPS="2", CHECKPOINT_STEPS="2", EXTRA_ARGS=extra)
+
+
+def test_recipe_trains_with_its_environment_overrides(setup):
+    ckpt = setup[0] / "ckpt"
+    result = subprocess.run(["bash", RECIPE], env=recipe_env(setup, ckpt, free_port()), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "2 stages over pp=2 x dp=1" in result.stdout + result.stderr
+    weights = read_checkpoint_weights(str(ckpt))
+    assert any(".layers.0." in k for k in weights) and any(".layers.3." in k for k in weights)
+
+
+def test_recipe_stops_every_rank_when_one_fails_at_start(setup):
+    """Rank 0 cannot listen on the port (something holds it); rank 1 would wait for it until --dist-timeout. The
+    script must stop rank 1 as soon as rank 0 exits, and exit with rank 0's code."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        result = subprocess.run(["bash", RECIPE], env=recipe_env(setup, setup[0] / "ckpt-fail", port),
+                                capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - start
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "in use" in result.stderr
+    assert took < 45, f"the recipe took {took:.0f} s to stop after a rank failed"

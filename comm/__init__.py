@@ -95,11 +95,16 @@ def init_distributed(args, ends_group=False):
     try:
         dist.init_process_group(**kwargs)
     except dist.DistNetworkError as exc:
-        if "EADDRINUSE" not in str(exc) and "address already in use" not in str(exc):
-            raise
-        where = init_method if init_method != "env://" else f"MASTER_PORT={os.environ.get('MASTER_PORT')}"
-        raise LaunchError(f"rank 0 cannot listen on {where}: the port is in use (another job?); pick a free port "
-                          f"with --dist-url (or torchrun --master_port)") from None
+        where = init_method if init_method != "env://" else (f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} "
+                                                             f"MASTER_PORT={os.environ.get('MASTER_PORT')}")
+        if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
+            raise LaunchError(f"rank 0 cannot listen on {where}: the port is in use (another job?); pick a free "
+                              f"port with --dist-url (or torchrun --master_port)") from None
+        if "timed out" in str(exc):
+            raise LaunchError(f"rank {rank} could not reach rank 0 at {where} within --dist-timeout "
+                              f"{args.dist_timeout} s: is rank 0 running (or did it fail first?), and is the address "
+                              f"right?") from None
+        raise
 
     pp_rank, dp_rank = rank_to_coords(rank, pp)
     layout = Layout(rank, world, pp, dp, pp_rank, dp_rank, local_rank, device)

@@ -103,6 +103,15 @@ def test_port_in_use_names_the_port_and_the_flag(setup, tmp_path):
     assert_one_line_error(result, str(port), "in use", "--dist-url")
 
 
+def test_rank_without_rank_0_says_so_after_the_timeout(setup, tmp_path):
+    _, model_dir, data = setup
+    port = free_port()  # nothing listens there: rank 0 never started
+    result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{
+        "pipeline-group-size": 2, "world-size": 2, "rank": 1, "dist-timeout": 5,
+        "dist-url": f"tcp://127.0.0.1:{port}"}))
+    assert_one_line_error(result, "rank 1", str(port), "--dist-timeout 5")
+
+
 def test_malformed_jsonl_names_file_and_line(setup, tmp_path):
     _, model_dir, _ = setup
     bad = tmp_path / "bad.jsonl"

@@ -11,12 +11,11 @@ Reading order: config.py, layers.py, gptneox.py / gptj.py / llama.py, stage.py, 
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelError, load_model_config, model_config_from_dict
 from .export import save_hf_directory
 from .flops import count_parameters, flops_per_token
-from .layers import ATTENTION_BACKENDS, attention_backend
+from .layers import attention_backend
 from .stage import Stage, build_stage, embedding_name, head_name, materialize_stage, tied_parameter_names
 from .weights import Checkpoint, expected_names, expected_shapes, init_stage_weights, load_stage_weights
 
 __all__ = [
-    "ATTENTION_BACKENDS",
     "SUPPORTED_MODEL_TYPES",
     "attention_backend",
     "Checkpoint",

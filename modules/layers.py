@@ -88,9 +88,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     return torch.cat((x_rot * cos + rotate(x_rot) * sin, x_pass), dim=-1)
 
 
-ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-
-
 def attention_backend(name: str) -> contextlib.AbstractContextManager:
     """A context in which SDPA tries backend `name` first and falls back to the others where it does not apply
     (a head size it lacks, a CPU); "auto" keeps torch's own order. Blocks compiled inside it use it too."""

@@ -1,6 +1,8 @@
 """Process groups: one world of pp x dp ranks, pipelines on contiguous ranks, data-parallel groups strided."""
 import datetime
 import os
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +58,28 @@ def _launch_env(args):
     return args.rank, world, args.cuda_id if args.cuda_id is not None else 0, args.dist_url
 
 
+START_GRACE_S = 10
+
+
+def _init_process_group_within(kwargs, seconds, rank, where):
+    """init_process_group, but a rank stuck in it exits with one line after `seconds`. torch's own timeout does not
+    cover every case: an address that accepts connections but is not rank 0's store (another job holds the port
+    and rank 0 failed on it) keeps a rank waiting for ever, and the watchdog only starts once the group is up."""
+    def give_up():
+        sys.stderr.write(f"error: [rank {rank}] no rendezvous at {where} within {seconds:.0f} s (--dist-timeout "
+                         f"+ {START_GRACE_S} s): is rank 0 running, and is that its address and port?\n")
+        sys.stderr.flush()
+        os._exit(2)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        dist.init_process_group(**kwargs)
+    finally:
+        timer.cancel()
+
+
 def init_distributed(args, ends_group=False):
     """Create the world and the pipeline / data-parallel groups (and, with `ends_group`, a group of each
     pipeline's first and last stage, for tied embeddings). Returns the Layout of this rank."""
@@ -92,11 +116,11 @@ def init_distributed(args, ends_group=False):
         kwargs["init_method"] = init_method
     if use_cuda and backend == "nccl":
         kwargs["device_id"] = device  # eager NCCL init: errors surface at start, not at the first collective
+    where = init_method if init_method != "env://" else (f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} "
+                                                         f"MASTER_PORT={os.environ.get('MASTER_PORT')}")
     try:
-        dist.init_process_group(**kwargs)
+        _init_process_group_within(kwargs, args.dist_timeout + START_GRACE_S, rank, where)
     except dist.DistNetworkError as exc:
-        where = init_method if init_method != "env://" else (f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} "
-                                                             f"MASTER_PORT={os.environ.get('MASTER_PORT')}")
         if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
             raise LaunchError(f"rank 0 cannot listen on {where}: the port is in use (another job?); pick a free "
                               f"port with --dist-url (or torchrun --master_port)") from None

@@ -112,6 +112,20 @@ def test_rank_without_rank_0_says_so_after_the_timeout(setup, tmp_path):
     assert_one_line_error(result, "rank 1", str(port), "--dist-timeout 5")
 
 
+def test_rank_facing_a_foreign_listener_exits_after_the_timeout(setup, tmp_path):
+    """Something that is not rank 0's store holds the port (another job, after rank 0 failed on it): rank 1's
+    connection is accepted and never answered. It must still exit, with one line, soon after --dist-timeout."""
+    _, model_dir, data = setup
+    with socket.socket() as foreign:
+        foreign.bind(("127.0.0.1", 0))
+        foreign.listen()
+        port = foreign.getsockname()[1]
+        result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{
+            "pipeline-group-size": 2, "world-size": 2, "rank": 1, "dist-timeout": 5,
+            "dist-url": f"tcp://127.0.0.1:{port}"}), timeout=60)
+    assert_one_line_error(result, "rank 1", str(port))
+
+
 def test_malformed_jsonl_names_file_and_line(setup, tmp_path):
     _, model_dir, _ = setup
     bad = tmp_path / "bad.jsonl"

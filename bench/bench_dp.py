@@ -11,8 +11,8 @@ Runs, in this order:
   the layout  our trainer, pp x dp GPUs (batch per replica unchanged, so dp times the tokens per step).
 
     python bench/bench_dp.py                              # 2 GPUs: dp=2
-    python bench/bench_dp.py --pp 2 --dp 2 --micro-batch-size 2 --batch-size 32 --compile
-                                                          # 4 GPUs: pp=2 x dp=2 (1f1b), 16 micro-batches
+    python bench/bench_dp.py --pp 2 --dp 2 --micro-batch-size 2 --batch-size 64 --compile
+                                                          # 4 GPUs: pp=2 x dp=2 (1f1b), 32 micro-batches
     python bench/bench_dp.py --smoke                      # CPU check (gloo)
 """
 

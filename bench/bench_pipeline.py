@@ -48,7 +48,7 @@ def main():
     layers = args.layers or SHAPES[args.shape]["num_layers"]
     n_micro = args.micro_batches or (4 if args.smoke else 8) * args.pp
     batch = n_micro * args.micro_batch_size
-    stage_layers = -(-layers // args.pp)  # the largest stage (extra layers go to the earliest stages)
+    stage_layers = -(-layers // args.pp)  # one stage's share (the trainer may move a layer off the last stage)
 
     s = Session("bench_pipeline", args)
     full = s.model_dir(args.shape, layers)

@@ -10,7 +10,7 @@ Reading order: config.py, layers.py, gptneox.py / gptj.py / llama.py, stage.py, 
 
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelError, load_model_config, model_config_from_dict
 from .export import save_hf_directory
-from .flops import count_parameters, flops_per_token
+from .flops import count_parameters, flops_per_token, head_cost_in_layers
 from .layers import attention_backend
 from .stage import Stage, build_stage, embedding_name, head_name, materialize_stage, tied_parameter_names
 from .weights import Checkpoint, expected_names, expected_shapes, init_stage_weights, load_stage_weights
@@ -28,6 +28,7 @@ __all__ = [
     "expected_names",
     "expected_shapes",
     "flops_per_token",
+    "head_cost_in_layers",
     "head_name",
     "init_stage_weights",
     "load_model_config",

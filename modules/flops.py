@@ -28,3 +28,11 @@ def flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
     """
     n = count_parameters(cfg, include_embedding=False)
     return 6 * n + 12 * cfg.num_layers * cfg.hidden_size * seq_length
+
+
+def head_cost_in_layers(cfg: ModelConfig, seq_length: int) -> float:
+    """Training FLOPs per token of the LM head over those of one transformer layer (same terms as
+    flops_per_token), to balance pipeline stages: the last stage runs the head on top of its layers."""
+    head = cfg.vocab_size * cfg.hidden_size
+    layer_params = (count_parameters(cfg, include_embedding=False) - head) / cfg.num_layers
+    return 6 * head / (6 * layer_params + 12 * cfg.hidden_size * seq_length)

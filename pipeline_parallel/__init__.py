@@ -15,11 +15,14 @@ class LayoutError(ValueError):
     """The layer split asked for does not fit the model."""
 
 
-def split_layers(total_layers, num_stages, layers_per_stage=None):
+def split_layers(total_layers, num_stages, layers_per_stage=None, head_cost=0.0):
     """[(start, end)] per stage. Extra layers go to the earliest stages: the last one also carries the LM head.
 
     `layers_per_stage` is OpenChatKit's --num-layers: accepted when it equals the largest stage of the balanced split
-    (e.g. 44 layers on 8 stages: --num-layers 6 gives 6,6,6,6,5,5,5,5).
+    (e.g. 44 layers on 8 stages: --num-layers 6 gives 6,6,6,6,5,5,5,5), and then that split is used as is.
+    Without it, `head_cost` (the LM head's compute in layers, modules.head_cost_in_layers) moves layers off the last
+    stage while that lowers the busiest stage's work: every stage waits for the slowest one. Pythia-1.4B (head ~1.8
+    layers) on 2 stages splits 13/11, not 12/12; GPT-NeoX-20B (0.7) on 8 stages keeps 6,6,6,6,5,5,5,5.
     """
     if num_stages > total_layers:
         raise LayoutError(f"{num_stages} pipeline stages for a model of {total_layers} layers; "
@@ -29,11 +32,28 @@ def split_layers(total_layers, num_stages, layers_per_stage=None):
     if layers_per_stage is not None and layers_per_stage != max(sizes):
         raise LayoutError(f"--num-layers {layers_per_stage} (layers per stage) does not fit {total_layers} layers "
                           f"over {num_stages} stages; use --num-layers {max(sizes)} or omit it")
+    if layers_per_stage is None:
+        sizes = _lighten_last_stage(sizes, head_cost)
     bounds, start = [], 0
     for size in sizes:
         bounds.append((start, start + size))
         start += size
     return bounds
+
+
+def _lighten_last_stage(sizes, head_cost):
+    def busiest(candidate):
+        return max(candidate[:-1] + [candidate[-1] + head_cost])
+
+    while len(sizes) > 1 and sizes[-1] > 1:
+        lightest = min(range(len(sizes) - 1), key=lambda i: (sizes[i], i))
+        candidate = list(sizes)
+        candidate[lightest] += 1
+        candidate[-1] -= 1
+        if busiest(candidate) >= busiest(sizes):
+            break
+        sizes = candidate
+    return sizes
 
 
 def stage_ids_of_rank(pp_rank, pp_size, virtual):

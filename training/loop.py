@@ -97,7 +97,8 @@ class Trainer:
         virtual = args.virtual_stages if args.pp_mode == "interleaved-1f1b" else 1
         self.num_stages = lay.pp_size * virtual
         per_stage = args.num_layers if virtual == 1 else None
-        self.bounds = split_layers(cfg.num_layers, self.num_stages, per_stage)
+        self.bounds = split_layers(cfg.num_layers, self.num_stages, per_stage,
+                                   head_cost=modules.head_cost_in_layers(cfg, args.seq_length))
         self.stage_ids = stage_ids_of_rank(lay.pp_rank, lay.pp_size, virtual)
         self.stage_modules = []
         for s in self.stage_ids:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Fine-tune GPT-NeoX-20B into GPT-NeoXT-Chat-Base-20B: 8 processes on one 8-GPU node, pipeline of 8 stages.
 # Copy this file and edit the variables below (or set them in the environment). NUM_GPUS=4 runs 4 stages of 11
-# layers; on 80 GB cards add EXTRA_ARGS="--optimizer 8bit-adam" (fp32 Adam moments alone are 40 GB per stage).
+# layers; fp32 Adam moments alone are then 40 GB per stage, so on 80 GB cards try
+# EXTRA_ARGS="--optimizer 8bit-adam --pp-mode 1f1b" (an estimate: GPT-NeoX-20B on 4 GPUs peaked at 68 GB with
+# 8-bit Adam, 1f1b and no recompute in bench/RESULTS.md; gpipe holds all 64 micro-batches' activations).
 set -euo pipefail
 DIR=$(cd "$(dirname "$0")" && pwd)
 
@@ -78,7 +80,7 @@ ${DATASETS}/unified_image_prompts_instructions.jsonl:0.01 \
 # One process per GPU. The first one to fail stops the others: a rank that dies before the job is up (a port in
 # use, say) would otherwise leave them waiting for it until --dist-timeout.
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
+trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
 for rank in $(seq 0 $((NUM_GPUS - 1))); do
   "${PYTHON:-python3}" "${TRAINER}" ${ARGS} --cuda-id "$rank" --rank "$rank" &
   pids+=($!)
@@ -89,7 +91,7 @@ for _ in "${pids[@]}"; do
   code=$?
   if [ "$status" -eq 0 ]; then
     status=$code
-    kill "${pids[@]}" 2>/dev/null
+    kill "${pids[@]}" 2>/dev/null || true  # some may have exited already: not an error of its own
   fi
 done
 exit $status

@@ -61,10 +61,13 @@ def _launch_env(args):
 START_GRACE_S = 10
 
 
-def _init_process_group_within(kwargs, seconds, rank, where):
-    """init_process_group, but a rank stuck in it exits with one line after `seconds`. torch's own timeout does not
-    cover every case: an address that accepts connections but is not rank 0's store (another job holds the port
-    and rank 0 failed on it) keeps a rank waiting for ever, and the watchdog only starts once the group is up."""
+def _rendezvous_within(init_method, rank, world, timeout, where):
+    """The store every rank meets at (as init_process_group would make it), but a rank stuck here exits with one
+    line after --dist-timeout + START_GRACE_S. torch's own timeout does not cover every case: an address that
+    accepts connections but is not rank 0's store (another job holds the port and rank 0 failed on it) keeps a
+    rank waiting for ever, and the watchdog only starts once the group is up."""
+    seconds = timeout.total_seconds() + START_GRACE_S
+
     def give_up():
         sys.stderr.write(f"error: [rank {rank}] no rendezvous at {where} within {seconds:.0f} s (--dist-timeout "
                          f"+ {START_GRACE_S} s): is rank 0 running, and is that its address and port?\n")
@@ -75,9 +78,11 @@ def _init_process_group_within(kwargs, seconds, rank, where):
     timer.daemon = True
     timer.start()
     try:
-        dist.init_process_group(**kwargs)
+        store, _, _ = next(dist.rendezvous(init_method, rank, world, timeout=timeout))
     finally:
         timer.cancel()
+    store.set_timeout(timeout)
+    return dist.PrefixStore("default_pg", store)  # the prefix init_process_group gives the store it makes itself
 
 
 def init_distributed(args, ends_group=False):
@@ -111,24 +116,30 @@ def init_distributed(args, ends_group=False):
         backend = "gloo"
 
     timeout = datetime.timedelta(seconds=args.dist_timeout)
-    kwargs = dict(backend=backend, rank=rank, world_size=world, timeout=timeout)
-    if init_method != "env://":
-        kwargs["init_method"] = init_method
-    if use_cuda and backend == "nccl":
-        kwargs["device_id"] = device  # eager NCCL init: errors surface at start, not at the first collective
     where = init_method if init_method != "env://" else (f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} "
                                                          f"MASTER_PORT={os.environ.get('MASTER_PORT')}")
     try:
-        _init_process_group_within(kwargs, args.dist_timeout + START_GRACE_S, rank, where)
+        store = _rendezvous_within(init_method, rank, world, timeout, where)
     except dist.DistNetworkError as exc:
         if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
             raise LaunchError(f"rank 0 cannot listen on {where}: the port is in use (another job?); pick a free "
-                              f"port with --dist-url (or torchrun --master_port)") from None
+                              f"port (--dist-url, torchrun --rdzv-endpoint / --master_port, or the recipe's "
+                              f"MASTER_PORT)") from None
         if "timed out" in str(exc):
             raise LaunchError(f"rank {rank} could not reach rank 0 at {where} within --dist-timeout "
-                              f"{args.dist_timeout} s: is rank 0 running (or did it fail first?), and is the address "
+                              f"{args.dist_timeout:g} s: is rank 0 running (or did it fail first?), and is the address "
                               f"right?") from None
         raise
+    except dist.DistStoreError as exc:
+        if "waiting for clients" not in str(exc):
+            raise
+        raise LaunchError(f"rank 0 waited {args.dist_timeout:g} s at {where} but not every one of the {world} ranks "
+                          f"joined ({str(exc).splitlines()[0]}); start them all with the same address (or did one fail "
+                          f"first?)") from None
+    kwargs = dict(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    if use_cuda and backend == "nccl":
+        kwargs["device_id"] = device  # eager NCCL init: errors surface at start, not at the first collective
+    dist.init_process_group(**kwargs)
 
     pp_rank, dp_rank = rank_to_coords(rank, pp)
     layout = Layout(rank, world, pp, dp, pp_rank, dp_rank, local_rank, device)

@@ -95,23 +95,27 @@ class StageOptimizer:
     def _global_grad_norm(self, grads):
         """L2 norm over the whole pipeline of the (still loss-scaled) gradients, accumulated in fp32: an fp16
         gradient holding inf or nan makes it non-finite, which is how overflow is detected."""
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # a few kernels, not one per tensor
-        sumsq = torch.stack(norms).square().sum() if norms else torch.zeros((), device=self.layout.device)
+        sumsq = torch.zeros((), device=self.layout.device)
+        if grads:  # a stage may count none (only a tied head copy)
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # a few kernels, not one per tensor
+            sumsq = torch.stack(norms).square().sum()
         if self.layout.pp_size > 1:
             dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=self.layout.pp_group)
         return sumsq.sqrt()
 
     def _chunks(self):
-        """Index ranges of parameters holding about MASTER_GRAD_CHUNK_BYTES of fp32 gradients each: master
-        gradients exist for one range at a time, so the step never holds a full fp32 copy of all gradients."""
+        """Index ranges of parameters holding at most MASTER_GRAD_CHUNK_BYTES of fp32 gradients each (or one
+        larger tensor): master gradients exist for one range at a time, so the step never holds a full fp32 copy
+        of all gradients."""
         if not self.mixed:
             return [range(len(self.master_params))]
         ranges, start, size = [], 0, 0
         for i, m in enumerate(self.master_params):
+            if i > start and size + m.numel() * 4 > MASTER_GRAD_CHUNK_BYTES:
+                ranges.append(range(start, i))
+                start, size = i, 0
             size += m.numel() * 4
-            if size >= MASTER_GRAD_CHUNK_BYTES or i == len(self.master_params) - 1:
-                ranges.append(range(start, i + 1))
-                start, size = i + 1, 0
+        ranges.append(range(start, len(self.master_params)))
         return ranges
 
     def step(self):

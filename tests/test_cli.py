@@ -123,7 +123,14 @@ def test_rank_facing_a_foreign_listener_exits_after_the_timeout(setup, tmp_path)
         result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{
             "pipeline-group-size": 2, "world-size": 2, "rank": 1, "dist-timeout": 5,
             "dist-url": f"tcp://127.0.0.1:{port}"}), timeout=60)
-    assert_one_line_error(result, "rank 1", str(port))
+    assert_one_line_error(result, "rank 1", str(port), "no rendezvous")
+
+
+def test_rank_0_alone_says_the_others_did_not_join(setup, tmp_path):
+    _, model_dir, data = setup
+    result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{
+        "pipeline-group-size": 2, "world-size": 2, "rank": 0, "dist-timeout": 5}))
+    assert_one_line_error(result, "rank 0", "2 ranks joined", "1/2")
 
 
 def test_malformed_jsonl_names_file_and_line(setup, tmp_path):

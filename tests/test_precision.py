@@ -63,14 +63,14 @@ def test_fp16_overflow_on_one_stage_skips_the_step_everywhere(setup):
 
 
 def test_compiled_blocks_and_loss_train_like_eager(setup):
-    """--compile (torch.compile of every block and of the loss) changes kernels, not the math: on CPU in fp32,
-    three steps give the weights of the eager run."""
+    """--compile (torch.compile of every block and of the loss) and --attention-backend change kernels, not the
+    math: on CPU in fp32, three steps give the weights of the eager run with torch's default attention."""
     root, model_dir, data = setup
     weights = {}
     for compiled in (False, True):
         ckpt = root / f"ck-compile-{compiled}"
-        result = run_torchrun(1, base_flags(model_dir, data, str(ckpt), compile=compiled, **{"lr": 3e-3}),
-                              timeout=400)
+        flags = {"lr": 3e-3, "attention-backend": "math" if compiled else "auto"}
+        result = run_torchrun(1, base_flags(model_dir, data, str(ckpt), compile=compiled, **flags), timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
         weights[compiled] = read_checkpoint_weights(str(ckpt))
     assert set(weights[True]) == set(weights[False])

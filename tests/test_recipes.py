@@ -67,3 +67,13 @@ def test_recipe_stops_every_rank_when_one_fails_at_start(setup):
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "in use" in result.stderr
     assert took < 45, f"the recipe took {took:.0f} s to stop after a rank failed"
+
+
+def test_recipe_exits_with_the_ranks_code_on_a_bad_flag(setup):
+    """A user error exits 2 from every rank; the script passes that on (not the status of killing ranks that had
+    already exited)."""
+    env = recipe_env(setup, setup[0] / "ckpt-bad", free_port())
+    env.update(NUM_GPUS="1", EXTRA_ARGS=env["EXTRA_ARGS"] + " --micro-batch-size 3")  # does not divide batch 2
+    result = subprocess.run(["bash", RECIPE], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "--micro-batch-size" in result.stderr

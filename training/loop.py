@@ -33,9 +33,10 @@ class TokenMeanLoss:
     """Sum of token cross-entropies times `factor` = loss scale / loss tokens of the whole optimizer step.
 
     Eager cross-entropy materialises fp32 log-probabilities (2048 x 50k vocab x 4 bytes = 0.4 GB per sequence) and
-    keeps them for backward. `compiled` fuses the fp32 cast, log-softmax and gather into a kernel that reads the
-    logits once and keeps only a row max and sum. Otherwise `recompute` drops the log-probabilities after forward
-    and recomputes them in backward: a GPipe last stage would hold them for every micro-batch in flight.
+    keeps them for backward. `compiled` fuses the fp32 cast, log-softmax and gather into one kernel that keeps only
+    the logits (already held, in the model dtype) and a row max and sum for backward. Otherwise `recompute` drops
+    the log-probabilities after forward and recomputes them in backward: a GPipe last stage would hold them for
+    every micro-batch in flight.
     """
 
     def __init__(self, recompute=False, compiled=False):

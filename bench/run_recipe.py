@@ -26,8 +26,8 @@ Written to $OUT/run_recipe.json, every process's output to $OUT/run_recipe.log. 
 checkpoint, export) is deleted at the end unless --keep; it refuses to start when the disk cannot hold
 model (2) + checkpoint (14) + export (2) bytes per parameter.
 
-Device command (4 GPUs, half the layers: stages of 6,6,5,5):
-    python3 bench/run_recipe.py --gpus 4 --layers 22
+Device command (4 GPUs, 12 layers: the 2026-11-27 run; half the layers, --layers 22, has stages of 6,6,5,5):
+    python3 bench/run_recipe.py --gpus 4 --layers 12
 CPU check (tiny model, 2 processes, a stand-in nvidia-smi, smaller batch and sequence; about a minute):
     python3 bench/run_recipe.py --smoke
 """
@@ -46,8 +46,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (REPO, SAFE_ENV, SHAPES, Session, free_port, hf_config, log_tail, read_jsonl,  # noqa: E402
-                    remove_stale, stop_group, summarize, write_oig_data)
+from common import (REPO, SAFE_ENV, SHAPES, Session, free_port, hf_config, read_jsonl,  # noqa: E402
+                    remove_stale, summarize, write_oig_data)
 
 import modules  # noqa: E402  (the repository root is on sys.path now)
 
@@ -57,7 +57,6 @@ SAMPLE_TEXT = os.path.join(REPO, "assets", "data", "sample_chat.jsonl")
 # Disk per parameter: the bf16 model we write, the checkpoint (fp16 weights 2 + fp32 master 4 + AdamW moments 8),
 # the fp16 export.
 DISK_BYTES_PER_PARAM = {"model": 2, "checkpoint": 14, "export": 2}
-ERROR_GRACE_S = 30  # after a rank's `error:` line, the others get this long to exit before they are stopped
 DATASET_TOKENS = 25_000  # per file: ~150 records, a few thousand over the 26 files (the loader cycles epochs)
 
 
@@ -224,7 +223,8 @@ def parse_args():
             if getattr(args, name) == ap.get_default(name):
                 setattr(args, name, value)
     args.layers = args.layers or SHAPES[args.shape]["num_layers"]
-    args.run_timeout = args.time_budget  # Session's runner (export, logits): one budget for everything
+    args.run_timeout = args.time_budget  # Session's runner (recipe, export, logits): one budget for everything
+    args.final_checkpoint = True  # the recipe runs to its end: its checkpoint is part of the measurement
     return args
 
 
@@ -246,59 +246,6 @@ def dir_gb(path: str) -> float | None:
     if not os.path.isdir(path):
         return None
     return round(sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files) / 1e9, 3)
-
-
-def run_recipe(s: Session, script: str, env: dict, metrics: str, steps: int) -> dict:
-    """Session._run for the recipe, which also stops the ranks left ERROR_GRACE_S after a rank's `error:` line: the
-    recipe waits for every rank, and a rank that fails before the trainer's watchdog runs (at the rendezvous, say)
-    leaves the others waiting for --dist-timeout (600 s). Returns _run's keys plus `output` (the recipe's)."""
-    timeout = s.remaining()
-    with open(s.log_path, "a") as log:
-        log.write(f"\n##### recipe\n##### bash {script}\n")
-        log.flush()
-        start = log.tell()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(["bash", script], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        first_step_at = last_step_at = error_at = None
-        while True:
-            rc = proc.poll()
-            now = time.perf_counter() - t0
-            done = [r["step"] for r in read_jsonl(metrics) if "step_s" in r]
-            if done and first_step_at is None:
-                first_step_at = now
-            if done and max(done) >= steps and last_step_at is None:
-                last_step_at = now
-            if rc is not None:
-                status = "ok" if rc == 0 else f"exit {rc}"
-                break
-            if error_at is None:
-                with open(s.log_path, "rb") as f:
-                    f.seek(start)
-                    if any(line.startswith(b"error:") for line in f):
-                        error_at = now
-            if error_at is not None and now - error_at > ERROR_GRACE_S:
-                stop_group(proc)
-                status = f"failed (a rank's error line; the others stopped after {ERROR_GRACE_S} s)"
-                break
-            if now > timeout:
-                stop_group(proc)
-                status = "time budget spent"
-                break
-            time.sleep(0.2)
-        wall = time.perf_counter() - t0
-    with open(s.log_path, "rb") as f:
-        f.seek(start)
-        output = f.read().decode(errors="replace")
-    result = {"status": status, "wall_s": round(wall, 1), "command": f"bash {script}", "output": output,
-              "launch_to_first_step_s": round(first_step_at, 1) if first_step_at is not None else None,
-              "launch_to_last_step_s": round(last_step_at, 1) if last_step_at is not None else None,
-              # the end-of-run checkpoint and the shutdown
-              "last_step_to_exit_s": round(wall - last_step_at, 1) if last_step_at is not None else None}
-    if status != "ok":
-        result["error_tail"] = log_tail(s.log_path, start)
-        print(f"--- recipe: {status}; last lines of its output:\n{result['error_tail']}\n---", flush=True)
-    return result
 
 
 def main():
@@ -386,8 +333,13 @@ def main():
                "activation_checkpointing": flag_value(text, "--activation-checkpointing"),
                "optimizer": flag_value(text, "--optimizer"), "edits": edits, "env": recipe_env}
         s.note(f"recipe: {args.gpus} processes, {args.steps} steps of {tokens_per_step} tokens, one checkpoint")
-        run.update(run_recipe(s, script, env, metrics, args.steps))
-        out = run.pop("output")
+        with open(s.log_path) as f:
+            before = len(f.read())
+        run.update(s._run("recipe", ["bash", script], env, metrics, args.steps))
+        with open(s.log_path) as f:
+            out = f.read()[before:]  # the recipe's output (the ranks print the checkpoint's save time)
+        if run.get("launch_to_last_step_s") is not None:
+            run["last_step_to_exit_s"] = round(run["wall_s"] - run["launch_to_last_step_s"], 1)
         records = read_jsonl(metrics)
         fpt = float(modules.flops_per_token(modules.load_model_config(model_dir), seq))
         run.update(flops_per_token=fpt, step_records=records,

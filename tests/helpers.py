@@ -1,4 +1,5 @@
 """Shared test helpers: tiny models, chat data, and real multi-process launches of the entrypoint."""
+import contextlib
 import json
 import os
 import socket
@@ -16,11 +17,40 @@ def free_port():
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def held_port():
+    """A port something else listens on and never answers (another job's, say); yields the port number."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
 def make_model(path, model_type="gptneox", hidden=32, layers=4, heads=4, extra=()):
     subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_tiny_model.py"), "--output", str(path),
                     "--model-type", model_type, "--hidden-size", str(hidden), "--num-layers", str(layers),
                     "--num-heads", str(heads), *extra], check=True, capture_output=True)
     return str(path)
+
+
+def hf_attention(config) -> str:
+    """transformers' attention for a reference model: SDPA like ours, except GPT-J (transformers 5.17, the GPU
+    image, has no SDPA path for it)."""
+    return "eager" if config.model_type == "gptj" else "sdpa"
+
+
+def save_random_hf_model(config, directory):
+    """A random transformers model of `config` (weights std 0.2, bos = eos = 0, seed 0), saved (safetensors) into
+    `directory`; returns it in eval mode."""
+    import torch
+    import transformers
+
+    config.initializer_range = 0.2
+    config.bos_token_id = config.eos_token_id = 0
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=hf_attention(config)).eval()
+    model.save_pretrained(str(directory))
+    return model
 
 
 def make_chat_data(path, n=120, seed=0):

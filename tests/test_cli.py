@@ -1,12 +1,11 @@
 """Bad flags and inputs: one line naming the flag or file and the fix, exit code 2, no traceback."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ENTRYPOINT, base_flags, free_port, make_chat_data, make_model, run_torchrun
+from tests.helpers import ENTRYPOINT, base_flags, free_port, held_port, make_chat_data, make_model, run_torchrun
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +93,7 @@ def test_bad_model_or_data_exit_2(setup, tmp_path, overrides, fragments):
 
 def test_port_in_use_names_the_port_and_the_flag(setup, tmp_path):
     _, model_dir, data = setup
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with held_port() as port:
         result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{
             "dist-url": f"tcp://127.0.0.1:{port}"}))
     assert_one_line_error(result, str(port), "in use", "--dist-url")
@@ -116,10 +112,7 @@ def test_rank_facing_a_foreign_listener_exits_after_the_timeout(setup, tmp_path)
     """Something that is not rank 0's store holds the port (another job, after rank 0 failed on it): rank 1's
     connection is accepted and never answered. It must still exit, with one line, soon after --dist-timeout."""
     _, model_dir, data = setup
-    with socket.socket() as foreign:
-        foreign.bind(("127.0.0.1", 0))
-        foreign.listen()
-        port = foreign.getsockname()[1]
+    with held_port() as port:
         result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{
             "pipeline-group-size": 2, "world-size": 2, "rank": 1, "dist-timeout": 5,
             "dist-url": f"tcp://127.0.0.1:{port}"}), timeout=60)

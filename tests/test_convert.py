@@ -21,6 +21,7 @@ sys.path.insert(0, REPO)
 import modules  # noqa: E402
 from modules.export import save_hf_directory  # noqa: E402
 from modules.weights import canonical_name  # noqa: E402
+from tests.helpers import hf_attention, save_random_hf_model  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -45,18 +46,8 @@ def make_tokenizer(directory):
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(str(directory))
 
 
-def attention(config) -> str:
-    """SDPA like ours, except GPT-J: transformers 5.17 (the GPU image) has no SDPA path for it."""
-    return "eager" if config.model_type == "gptj" else "sdpa"
-
-
 def make_hf_model(name, directory):
-    config = CONFIGS[name]()
-    config.initializer_range = 0.2
-    config.bos_token_id = config.eos_token_id = 0
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention(config)).eval()
-    model.save_pretrained(str(directory))
+    model = save_random_hf_model(CONFIGS[name](), directory)
     make_tokenizer(directory)
     return model
 
@@ -121,7 +112,7 @@ def test_round_trip_is_bit_identical(name, tmp_path):
         assert "embed_out.weight" in load_file(str(tmp_path / "out" / "model.safetensors"))
 
     model, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), output_loading_info=True,
-                                                                    attn_implementation=attention(hf.config))
+                                                                    attn_implementation=hf_attention(hf.config))
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -18,6 +18,7 @@ sys.path.insert(0, REPO)
 
 import modules  # noqa: E402
 from modules import ModelError  # noqa: E402
+from tests.helpers import save_random_hf_model  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -52,20 +53,9 @@ CONFIGS = {
 }
 
 
-def attention(config) -> str:
-    """SDPA like ours, except GPT-J: transformers 5.17 (the GPU image) has no SDPA path for it."""
-    return "eager" if config.model_type == "gptj" else "sdpa"
-
-
 def make_hf_model(name: str, directory) -> transformers.PreTrainedModel:
     """A random transformers model of config `name`, saved (safetensors) into `directory`."""
-    config = CONFIGS[name]()
-    config.initializer_range = 0.2
-    config.bos_token_id = config.eos_token_id = 0
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention(config)).eval()
-    model.save_pretrained(str(directory))
-    return model
+    return save_random_hf_model(CONFIGS[name](), directory)
 
 
 def hf_name(cfg, our_name: str) -> str:

@@ -2,14 +2,13 @@
 rank failing before the job is up stops the others at once."""
 import os
 import re
-import socket
 import stat
 import subprocess
 import time
 
 import pytest
 
-from tests.helpers import REPO, free_port, make_chat_data, make_model, read_checkpoint_weights
+from tests.helpers import REPO, free_port, held_port, make_chat_data, make_model, read_checkpoint_weights
 
 RECIPE = os.path.join(REPO, "finetune_GPT-NeoXT-Chat-Base-20B.sh")
 
@@ -56,10 +55,7 @@ def test_recipe_trains_with_its_environment_overrides(setup):
 def test_recipe_stops_every_rank_when_one_fails_at_start(setup):
     """Rank 0 cannot listen on the port (something holds it); rank 1 would wait for it until --dist-timeout. The
     script must stop rank 1 as soon as rank 0 exits, and exit with rank 0's code."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with held_port() as port:
         start = time.monotonic()
         result = subprocess.run(["bash", RECIPE], env=recipe_env(setup, setup[0] / "ckpt-fail", port),
                                 capture_output=True, text=True, timeout=120)

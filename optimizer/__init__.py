@@ -76,6 +76,7 @@ class StageOptimizer:
         else:
             self.scaler = NoScaler()
         self.max_grad_norm = args.max_grad_norm
+        self.grad_chunks = self._grad_chunks()  # fixed by the parameters: worked out once, not every step
 
     @property
     def loss_scale(self):
@@ -103,7 +104,7 @@ class StageOptimizer:
             dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=self.layout.pp_group)
         return sumsq.sqrt()
 
-    def _chunks(self):
+    def _grad_chunks(self):
         """Index ranges of parameters holding at most MASTER_GRAD_CHUNK_BYTES of fp32 gradients each (or one
         larger tensor): master gradients exist for one range at a time, so the step never holds a full fp32 copy
         of all gradients."""
@@ -140,7 +141,7 @@ class StageOptimizer:
         fused = self.inner.defaults.get("fused")
         if fused:
             self.inner.grad_scale = torch.tensor(divisor, dtype=torch.float32, device=self.layout.device)
-        for chunk in self._chunks():
+        for chunk in self.grad_chunks:
             masters = [self.master_params[i] for i in chunk]
             if self.mixed:
                 for i, m in zip(chunk, masters):

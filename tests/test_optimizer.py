@@ -126,7 +126,7 @@ def test_master_gradients_in_chunks_update_like_one_chunk(monkeypatch):
         monkeypatch.setattr(optimizer, "MASTER_GRAD_CHUNK_BYTES", chunk_bytes)
         params = named_params(torch.bfloat16)
         opt = make_optimizer(params, torch.bfloat16)
-        assert len(opt._chunks()) == (1 if chunk_bytes == 1 << 30 else 3)
+        assert len(opt.grad_chunks) == (1 if chunk_bytes == 1 << 30 else 3)
         for k in range(2):
             for i, (_, p) in enumerate(params):
                 p.grad = torch.full_like(p, 0.01 * (k + i + 1))

@@ -8,10 +8,12 @@ import sys
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Pipeline stages hold activations of many sizes at once; expandable segments keep the CUDA caching allocator
+# from fragmenting near the memory limit (20B on 80 GB cards). A user's own setting wins. Set before torch loads.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from utils.args import ArgumentError, parse_args, validate_args  # noqa: E402
 from utils.logging import error_line  # noqa: E402
-
 
 
 def user_error_types():

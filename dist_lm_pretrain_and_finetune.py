@@ -28,6 +28,45 @@ def user_error_types():
     return (ArgumentError, LaunchError, ModelError, OptimizerError, LayoutError, TaskError, CheckpointError)
 
 
+def one_line(exc) -> str:
+    return " ".join(str(exc).split())
+
+
+def out_of_memory_line(oom, args) -> str:
+    """Torch's own figures (what it tried to allocate, what was free) and what lowers peak memory for these flags."""
+    figures = one_line(oom).split(" Including non-PyTorch memory")[0]  # the rest is allocator tuning advice
+    fixes = []
+    if args.pp_mode == "gpipe" and args.pipeline_group_size > 1:
+        fixes.append("--pp-mode 1f1b (gpipe keeps every micro-batch's activations until the backward)")
+    if args.micro_batch_size > 1:
+        fixes.append(f"a --micro-batch-size below {args.micro_batch_size}")
+    if args.activation_checkpointing != "full":
+        fixes.append("--activation-checkpointing " + ("full" if args.activation_checkpointing == "selective"
+                                                      else "selective or full"))
+    if args.optimizer != "8bit-adam":
+        fixes.append("--optimizer 8bit-adam")
+    fixes.append("more pipeline stages (--pipeline-group-size)")
+    return f"out of GPU memory ({figures}); to lower peak memory use {', '.join(fixes)}"
+
+
+def describe_failure(exc, args) -> tuple[str, int]:
+    """The error line and exit status for an exception that ended training: 2 for the user's input or a layout
+    that does not fit (one line says it all), 1 for our own bugs (the traceback is printed too).
+    torch.distributed.pipelining wraps whatever a stage raises in a multi-line RuntimeError, so look underneath."""
+    import torch
+
+    chain = [exc]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    for cause in chain:
+        if isinstance(cause, torch.OutOfMemoryError):
+            return out_of_memory_line(cause, args), 2
+    for cause in chain:
+        if isinstance(cause, user_error_types()):
+            return one_line(cause), 2
+    return f"{type(chain[-1]).__name__}: {one_line(chain[-1])}", 1
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -38,7 +77,7 @@ def main(argv=None):
 
     import torch.distributed as dist
 
-    from comm.watchdog import report_failure
+    from comm.watchdog import failure_of_another_rank, report_failure
     from training.loop import Trainer
 
     trainer = None
@@ -52,13 +91,17 @@ def main(argv=None):
         return 130
     except Exception as exc:  # one line for the user; the traceback only for our own bugs
         rank = os.environ.get("RANK", args.rank if args.rank is not None else 0)
-        user_error = isinstance(exc, user_error_types())
-        if not user_error:
+        first_failure = failure_of_another_rank(int(rank)) if dist.is_initialized() else None
+        if first_failure:
+            error_line(f"[rank {rank}] stopping: {first_failure}")
+            return 1
+        line, code = describe_failure(exc, args)
+        if code == 1:
             traceback.print_exc()
-        error_line(f"[rank {rank}] {exc}" if user_error else f"[rank {rank}] {type(exc).__name__}: {exc}")
+        error_line(f"[rank {rank}] {line}")
         if dist.is_initialized():
-            report_failure(rank, f"{type(exc).__name__}: {exc}")
-        return 2 if user_error else 1
+            report_failure(rank, line)
+        return code
     finally:
         if dist.is_initialized() and trainer is not None and trainer.watchdog.stopped.is_set():
             dist.destroy_process_group()

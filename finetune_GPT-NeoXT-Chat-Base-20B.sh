@@ -2,8 +2,9 @@
 # Fine-tune GPT-NeoX-20B into GPT-NeoXT-Chat-Base-20B: 8 processes on one 8-GPU node, pipeline of 8 stages.
 # Copy this file and edit the variables below (or set them in the environment). NUM_GPUS=4 runs 4 stages of 11
 # layers; fp32 Adam moments alone are then 40 GB per stage, so on 80 GB cards try
-# EXTRA_ARGS="--optimizer 8bit-adam --pp-mode 1f1b" (an estimate: GPT-NeoX-20B on 4 GPUs peaked at 68 GB with
-# 8-bit Adam, 1f1b and no recompute in bench/RESULTS.md; gpipe holds all 64 micro-batches' activations).
+# EXTRA_ARGS="--optimizer 8bit-adam --pp-mode 1f1b" (bench/RESULTS.md: GPT-NeoX-20B on 4 x H100 80GB peaked at
+# 67.5 GB with 8-bit Adam, 1f1b, bf16 and no recompute; this recipe's fp16 + full recompute was not run on 4 GPUs;
+# gpipe holds all 64 micro-batches' activations).
 set -euo pipefail
 DIR=$(cd "$(dirname "$0")" && pwd)
 

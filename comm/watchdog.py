@@ -53,10 +53,9 @@ class Watchdog:
         while not self.stopped.wait(HEARTBEAT_S):
             try:
                 self._beat()
-                if self.store.check([_key("abort")]):
-                    failed, message = self.store.get(_key("abort")).decode().split("|", 1)
-                    if int(failed) != self.rank:  # the failing rank itself reports and exits on its own
-                        self._exit(f"stopping: {message}")
+                reported = _reported_failure(self.store)
+                if reported and reported[0] != self.rank:  # the failing rank itself reports and exits on its own
+                    self._exit(f"stopping: {reported[1]}")
                 now = time.time()
                 for other in range(self.world_size):
                     if other == self.rank:
@@ -74,10 +73,29 @@ class Watchdog:
                            f"rank 0 or the launcher died")
 
 
+def _reported_failure(store):
+    """(rank, message) of the first rank that reported a failure, or None."""
+    if not store.check([_key("abort")]):
+        return None
+    failed, message = store.get(_key("abort")).decode().split("|", 1)
+    return int(failed), message
+
+
 def report_failure(rank, message):
-    """Tell every rank that this one failed (best effort: the store may already be gone)."""
+    """Tell every rank that this one failed (best effort: the store may already be gone). The first report stays:
+    later ones are usually consequences of it."""
     try:
         store = dist.distributed_c10d._get_default_store()
-        store.set(_key("abort"), f"{rank}|rank {rank} failed: {message}")
+        store.compare_set(_key("abort"), "", f"{rank}|rank {rank} failed: {message}")
     except Exception:  # noqa: BLE001 - nothing more can be done; the heartbeat timeout still catches it
         pass
+
+
+def failure_of_another_rank(rank):
+    """The failure another rank reported, if any. A rank whose collective broke because a peer exited (gloo closes
+    the connection at once) names that first failure instead of its own consequential error."""
+    try:
+        reported = _reported_failure(dist.distributed_c10d._get_default_store())
+    except Exception:  # noqa: BLE001 - the store is gone with the launcher: report this rank's own error
+        return None
+    return reported[1] if reported and reported[0] != rank else None

@@ -88,10 +88,11 @@ def base_flags(model_dir, data, ckpt, **overrides):
     return out
 
 
-def run_torchrun(nproc, flags, env=None, timeout=300, cwd=None):
-    """Run the entrypoint under torchrun on CPU; returns the CompletedProcess (never raises on failure)."""
+def run_torchrun(nproc, flags, env=None, timeout=300, cwd=None, script=ENTRYPOINT):
+    """Run the entrypoint (or a script that wraps it) under torchrun on CPU; returns the CompletedProcess (never
+    raises on failure)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "--tee=3", ENTRYPOINT, *flags]
+           f"--master_port={free_port()}", "--tee=3", script, *flags]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
 

@@ -1,11 +1,12 @@
 """Bad flags and inputs: one line naming the flag or file and the fix, exit code 2, no traceback."""
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ENTRYPOINT, base_flags, free_port, held_port, make_chat_data, make_model, run_torchrun
+from tests.helpers import ENTRYPOINT, REPO, base_flags, free_port, held_port, make_chat_data, make_model, run_torchrun
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +142,45 @@ def test_error_on_one_rank_stops_all_ranks(setup, tmp_path):
     result = run_torchrun(2, flags, timeout=120)
     assert result.returncode != 0
     assert "--num-layers 3" in result.stderr + result.stdout
+
+
+# Runs the real entrypoint with the last stage's forward raising what CUDA raises when the card is full.
+LAST_STAGE_OUT_OF_MEMORY = """
+import runpy, sys, torch
+sys.path.insert(0, {repo!r})
+import modules.stage
+forward = modules.stage.Stage.forward
+def forward_out_of_memory(self, *args, **kwargs):
+    if self.is_last:
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 16.00 MiB. GPU 1 has a total capacity of 79.18 GiB of which "
+            "4.12 MiB is free. Including non-PyTorch memory, this process has 79.17 GiB memory in use.")
+    return forward(self, *args, **kwargs)
+modules.stage.Stage.forward = forward_out_of_memory
+sys.argv[0] = {entrypoint!r}
+runpy.run_path({entrypoint!r}, run_name="__main__")
+"""
+
+
+def test_out_of_memory_in_a_pipeline_stage_is_one_line_with_the_fixes(setup, tmp_path):
+    """torch.distributed.pipelining wraps a stage's error in a multi-line RuntimeError; the user must still get
+    one line that says out of memory, torch's figures, and which flags lower peak memory, on every rank."""
+    _, model_dir, data = setup
+    script = tmp_path / "oom_on_last_stage.py"
+    script.write_text(LAST_STAGE_OUT_OF_MEMORY.format(repo=REPO, entrypoint=ENTRYPOINT))
+    flags = base_flags(model_dir, data, str(tmp_path / "ck"), **{"pipeline-group-size": 2, "pp-mode": "gpipe"})
+    result = run_torchrun(2, flags, timeout=120, script=str(script))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    failing = re.findall(r"error: \[rank 1\] (.*)", output)
+    assert len(failing) == 1, output[-3000:]
+    for fragment in ["out of GPU memory", "Tried to allocate 16.00 MiB", "4.12 MiB is free", "--pp-mode 1f1b",
+                     "--activation-checkpointing selective or full", "--optimizer 8bit-adam"]:
+        assert fragment in failing[0], failing[0]
+    assert "Including non-PyTorch" not in failing[0]
+    assert "failed to run forward" not in output
+    assert not re.search(r"\[default\d\]:Traceback", output), output[-3000:]  # torchrun's own one may follow
+    assert re.search(r"error: \[rank 0\] stopping: rank 1 failed: out of GPU memory", output), output[-3000:]
 
 
 def test_8bit_adam_without_bitsandbytes_says_how_to_install(setup, tmp_path):

@@ -193,8 +193,14 @@ class StageOptimizer:
         return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state):
+        """The schedule continues at the checkpoint's step with this run's --lr and schedule flags."""
+        base_lrs = list(self.scheduler.base_lrs)
         self.scheduler.load_state_dict(state["scheduler"])
-        # LambdaLR restores its counter, not the groups' current lr: set it, or the next step uses step 0's lr.
-        for group, lr in zip(self.inner.param_groups, self.scheduler.get_last_lr()):
+        self.scheduler.base_lrs = base_lrs  # LambdaLR would restore the checkpoint's --lr
+        # It restores its step counter but not the groups' current lr: set it, or the next step uses step 0's lr.
+        step = self.scheduler.last_epoch
+        lrs = [base * multiplier(step) for base, multiplier in zip(base_lrs, self.scheduler.lr_lambdas)]
+        self.scheduler._last_lr = lrs
+        for group, lr in zip(self.inner.param_groups, lrs):
             group["lr"] = lr
         self.scaler.load_state_dict(state["scaler"])

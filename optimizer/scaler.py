@@ -34,6 +34,8 @@ class LossScaler:
         return {"scale": self.scale, "clean_steps": self.clean_steps, "hysteresis_left": self.hysteresis_left}
 
     def load_state_dict(self, state):
+        if self.static:  # this run's --loss-scale is the user's choice now, whatever the checkpoint ran with
+            return
         self.scale = float(state["scale"])
         self.clean_steps = int(state["clean_steps"])
         self.hysteresis_left = int(state["hysteresis_left"])

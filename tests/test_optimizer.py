@@ -25,6 +25,8 @@ def test_loss_scaler_hysteresis_window_and_floor():
     static = LossScaler(static_scale=128.0)
     static.update(overflow=True)
     assert static.scale == 128.0
+    static.load_state_dict(scaler.state_dict())  # resuming a dynamic run with --loss-scale 128 keeps 128
+    assert static.scale == 128.0
 
 
 def test_lr_schedules():
@@ -42,9 +44,9 @@ def test_no_weight_decay_on_biases_and_norms():
     assert not no_decay("model.layers.0.mlp.up_proj.weight", torch.zeros(4, 4))
 
 
-def make_optimizer(params, dtype):
-    args = argparse.Namespace(weight_decay=0.01, optimizer="adam", lr=1e-2, adam_beta1=0.9, adam_beta2=0.999,
-                              adam_eps=1e-6, warmup_steps=0, gradient_accumulate_step=1, lr_scheduler="linear",
+def make_optimizer(params, dtype, lr=1e-2, lr_scheduler="linear"):
+    args = argparse.Namespace(weight_decay=0.01, optimizer="adam", lr=lr, adam_beta1=0.9, adam_beta2=0.999,
+                              adam_eps=1e-6, warmup_steps=0, gradient_accumulate_step=1, lr_scheduler=lr_scheduler,
                               fp16=dtype == torch.float16, initial_loss_scale=2.0 ** 15, loss_scale_window=1000,
                               hysteresis=2, min_loss_scale=1.0, loss_scale=0.0, max_grad_norm=1.0)
     layout = Layout(0, 1, 1, 1, 0, 0, 0, torch.device("cpu"))
@@ -85,6 +87,23 @@ def test_state_round_trip_continues_identically(dtype):
     step(b, b_params, 2)
     for (_, pa), (_, pb) in zip(a_params, b_params):
         assert torch.equal(pa, pb)
+
+
+def test_resume_takes_this_runs_lr_and_schedule_at_the_checkpoints_step():
+    saved = make_optimizer([("w", torch.nn.Parameter(torch.ones(2, 2)))], torch.float32)
+    for _ in range(4):
+        saved.inner.step()  # no gradients: only the counters move
+        saved.scheduler.step()
+    resumed = make_optimizer([("w", torch.nn.Parameter(torch.ones(2, 2)))], torch.float32, lr=1e-5,
+                             lr_scheduler="constant")
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.lr == 1e-5 and resumed.scheduler.get_last_lr() == [1e-5, 1e-5]
+    resumed.inner.step()
+    resumed.scheduler.step()  # the counter went on from the checkpoint's step 4
+    assert resumed.scheduler.last_epoch == 5 and resumed.lr == 1e-5
+    again = make_optimizer([("w", torch.nn.Parameter(torch.ones(2, 2)))], torch.float32)
+    again.load_state_dict(saved.state_dict())
+    assert again.lr == pytest.approx(1e-2 * 0.6)  # same flags: linear decay over 10 steps, at step 4
 
 
 def named_params(dtype, seed=0, shapes=((16, 8), (8,), (8, 8))):

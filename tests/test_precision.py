@@ -56,6 +56,8 @@ def test_fp16_overflow_on_one_stage_skips_the_step_everywhere(setup):
     steps = read_metrics(metrics)
     assert "skipped" not in steps[1] and steps[2]["skipped"] == 1
     assert steps[1]["loss_scale"] == 2 ** 15 and steps[2]["loss_scale"] == 2 ** 14
+    # step 2's loss is unscaled by the scale it ran with, not the halved one (that would log it doubled)
+    assert 0.7 < steps[2]["loss"] / steps[1]["loss"] < 1.4, (steps[1]["loss"], steps[2]["loss"])
     want, got = read_checkpoint_weights(str(clean)), read_checkpoint_weights(str(injected))
     assert set(want) == set(got)
     for name in want:

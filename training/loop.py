@@ -278,9 +278,10 @@ class Trainer:
         args, lay = self.args, self.layout
         batches = [next(self.stream) if self.stream else None for _ in range(args.gradient_accumulate_step)]
         loss_sum = torch.zeros((), device=lay.device)
+        scale = self.optimizer.loss_scale  # the step below may change it (fp16)
         if self.holds_last:
             tokens = self._global_loss_tokens(batches)
-            self.loss_fn.factor = self.optimizer.loss_scale / tokens.clamp(min=1)
+            self.loss_fn.factor = scale / tokens.clamp(min=1)
         for batch in batches:
             input_ids = batch["input_ids"].to(lay.device, non_blocking=True) if batch else None
             labels = batch["labels"].to(lay.device, non_blocking=True) if batch else None
@@ -294,7 +295,7 @@ class Trainer:
             allreduce_gradients([p for _, p in self.named_params], lay.dp_group, lay.dp_size)
         with self.profiler.span("optimizer"):
             grad_norm, skipped = self.optimizer.step()
-        return loss_sum, grad_norm, skipped
+        return loss_sum / scale, grad_norm, skipped
 
     def _sync_tied_gradients(self):
         """Tied embeddings split over two stages: both copies get the sum of their gradients, so both take the
@@ -317,7 +318,7 @@ class Trainer:
 
     def _reduce_loss(self, loss_sum):
         """Global mean token loss of the step (meaningful on the last-stage ranks)."""
-        loss = loss_sum.detach().clone() / self.optimizer.loss_scale
+        loss = loss_sum.detach().clone()
         if self.layout.dp_size > 1:
             dist.all_reduce(loss, group=self.layout.dp_group)
         return loss.item()

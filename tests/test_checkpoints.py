@@ -226,6 +226,10 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
                       "tokenizer-name": setup["model"], "load-pretrained-model": "false"})
     case("fallback", steps=(EVERY * 2, STEPS), damage=("prank_1_optimizer.safetensors", "truncate"),
          **{"resume-fallback": True})
+    for name, flags in (("bad-latest", {}), ("bad-latest-fallback", {"resume-fallback": True})):
+        case(name, **flags)
+        with open(os.path.join(cases[name][0], "latest"), "wb") as f:
+            f.write(b"\xff\xfe2\n")  # not even text
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     case("not-a-directory", steps=None, **{"checkpoint-path": str(blocker / "ckpt"), "load-checkpoint": "false",
@@ -245,12 +249,13 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
         "shapes": "gpt_neox.layers.0.mlp.dense_4h_to_h.weight has shape [32, 128], this model (--model-name) needs "
                   "[32, 64]",
         "not-a-directory": "Not a directory",
+        "bad-latest": "not a step number",
     }
     for name, text in expected.items():
         rc, stdout, stderr = out[name]
         assert rc != 0, (name, stdout[-2000:], stderr[-2000:])  # 2; 1 when the rank's own watchdog exits first
         assert_user_error(stderr, text)
-        if name not in ("not-a-directory",):
+        if name not in ("not-a-directory", "bad-latest"):
             assert "cannot resume" in stderr or "no `latest`" in stderr, stderr[-2000:]
             assert "--resume-fallback" in stderr and "--load-checkpoint false" in stderr
     assert "--checkpoint-path must be a writable directory" in out["not-a-directory"][2]
@@ -263,6 +268,10 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
             f"used: ") in stdout, stdout[-2000:]
     assert "prank_1_optimizer.safetensors is truncated or modified" in stdout
     assert_close(cases["fallback"][0], ref)
+    rc, stdout, stderr = out["bad-latest-fallback"]  # an unreadable `latest`: the newest complete checkpoint
+    assert rc == 0, stdout[-2000:] + stderr[-2000:]
+    assert "WARNING: --resume-fallback:" in stdout and "not a step number" in stdout, stdout[-2000:]
+    assert f"resumed from {os.path.join(cases['bad-latest-fallback'][0], f'checkpoint_{STEPS}')}" in stdout
 
     # a failed save (disk full on rank 1): every rank stops non-zero naming the cause; checkpoint 2 stays whole
     ckpt = cases["disk-full"][0]

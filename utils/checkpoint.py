@@ -118,10 +118,11 @@ def read_latest(root):
     if not os.path.exists(path):
         return None
     try:
-        text = open(path).read().strip()
+        with open(path, "rb") as f:
+            text = f.read(4096).decode("ascii", errors="replace").strip()
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {_describe(exc)}") from None
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise CheckpointError(f"{path} holds {text[:40]!r}, not a step number; write the step of a complete "
                               f"checkpoint_<step> into it, or delete it to start over")
     return int(text)
@@ -337,7 +338,13 @@ class Checkpointer:
     def find_resume_step(self, expected_meta, files_needed, fallback, log, expected_shapes=None):
         """(step, meta) every rank resumes from ((None, None): start fresh). Raises CheckpointError on every rank
         when the checkpoint `latest` names cannot be used (unless `fallback` finds an earlier complete one)."""
-        latest = read_latest(self.root)
+        try:
+            latest = read_latest(self.root)
+        except CheckpointError as exc:
+            if not fallback:
+                raise
+            log(f"WARNING: --resume-fallback: {exc}; resuming from the newest complete checkpoint instead")
+            latest = None
         steps = list_steps(self.root)
         fix = ("pass --resume-fallback to resume from the newest complete earlier checkpoint, or "
                "--load-checkpoint false to start over (a new run should use a new --checkpoint-path)")

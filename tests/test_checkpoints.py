@@ -230,6 +230,11 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
         case(name, **flags)
         with open(os.path.join(cases[name][0], "latest"), "wb") as f:
             f.write(b"\xff\xfe2\n")  # not even text
+    case("optimizer")  # saved by an 8-bit Adam run (bitsandbytes' state), resumed with AdamW
+    meta_path = os.path.join(cases["optimizer"][0], f"checkpoint_{STEPS}", "meta.json")
+    meta = json.load(open(meta_path))
+    meta["flags"]["optimizer"] = "8bit-adam"
+    json.dump(meta, open(meta_path, "w"))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     case("not-a-directory", steps=None, **{"checkpoint-path": str(blocker / "ckpt"), "load-checkpoint": "false",
@@ -250,12 +255,13 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
                   "[32, 64]",
         "not-a-directory": "Not a directory",
         "bad-latest": "not a step number",
+        "optimizer": "holds 8bit-adam state and this run has --optimizer adam; resume with --optimizer 8bit-adam",
     }
     for name, text in expected.items():
         rc, stdout, stderr = out[name]
         assert rc != 0, (name, stdout[-2000:], stderr[-2000:])  # 2; 1 when the rank's own watchdog exits first
         assert_user_error(stderr, text)
-        if name not in ("not-a-directory", "bad-latest"):
+        if name not in ("not-a-directory", "bad-latest", "optimizer"):
             assert "cannot resume" in stderr or "no `latest`" in stderr, stderr[-2000:]
             assert "--resume-fallback" in stderr and "--load-checkpoint false" in stderr
     assert "--checkpoint-path must be a writable directory" in out["not-a-directory"][2]

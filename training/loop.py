@@ -19,7 +19,7 @@ from optimizer import StageOptimizer
 from pipeline_parallel import Pipeline, split_layers, stage_ids_of_rank
 from training.metrics import StepMeter
 from training.profiling import make_profiler
-from utils.checkpoint import Checkpointer, files_of
+from utils.checkpoint import CheckpointError, Checkpointer, files_of
 from utils.logging import make_logger, public_flags
 
 INJECT_INF_ENV = "INJECT_INF_GRAD"  # test hook "STEP:RANK": make one gradient inf on RANK at optimizer step STEP
@@ -227,6 +227,11 @@ class Trainer:
         if step is None:
             return
         folder = ck.step_dir(step)
+        saved_optimizer = meta.get("flags", {}).get("optimizer", self.args.optimizer)
+        if (saved_optimizer == "8bit-adam") != (self.args.optimizer == "8bit-adam"):  # adam and adamw are one
+            raise CheckpointError(f"cannot resume from {folder}: it holds {saved_optimizer} state and this run has "
+                                  f"--optimizer {self.args.optimizer}; resume with --optimizer {saved_optimizer}, "
+                                  f"or export it with tools/convert_to_hf.py and start a new run from that model")
         weights = ck.read_tensors(step, meta, "_model.safetensors", mine)
         tied = tied_sources(meta)
         opt = ck.read_tensors(step, meta, "_optimizer.safetensors", set(self.param_names) | set(tied.values()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import io
 import json
@@ -69,11 +70,14 @@ def write_training_checkpoint(cfg, stages, ckpt_dir, step, tokenizer_src=None):
     """The checkpoint layout convert_to_hf.py reads (what the training engine writes)."""
     folder = ckpt_dir / f"checkpoint_{step}"
     folder.mkdir(parents=True)
+    files, sizes = {}, {}
     for p, stage in enumerate(stages):
         tensors = {k: v.detach().clone() for k, v in stage.state_dict().items()}  # clone: a tied head shares memory
-        save_file(tensors, str(folder / f"prank_{p}_model.safetensors"))
+        path = folder / f"prank_{p}_model.safetensors"
+        save_file(tensors, str(path))
+        files[path.name], sizes[path.name] = hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size
     meta = {"step": step, "model_type": cfg.model_type, "model_config": cfg.hf_config_dict,
-            "layout": {"pp": len(stages), "dp": 1}}
+            "layout": {"pp": len(stages), "dp": 1}, "files": files, "sizes": sizes}
     (folder / "meta.json").write_text(json.dumps(meta))
     if tokenizer_src is not None:
         (folder / "tokenizer").mkdir()
@@ -171,6 +175,9 @@ def test_convert_errors(tmp_path):
     ckpt.mkdir()
     one_line_error(run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", out),
                    "latest: file not found", "--step")
+    (ckpt / "latest").write_bytes(b"\xff\xfe")
+    one_line_error(run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", out),
+                   "not a step number", "--step N")
 
     make_hf_model("gptneox", tmp_path / "hf")
     cfg = modules.load_model_config(str(tmp_path / "hf"))
@@ -179,10 +186,27 @@ def test_convert_errors(tmp_path):
     one_line_error(run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--step", 5, "--output", out),
                    "checkpoint_5: checkpoint for step 5 not found")
 
-    tensors = load_file(str(folder / "prank_1_model.safetensors"))
-    del tensors["gpt_neox.layers.2.mlp.dense_4h_to_h.bias"]
-    save_file(tensors, str(folder / "prank_1_model.safetensors"))
+    assert run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", out).returncode == 0
     one_line_error(run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", out),
+                   "already holds model weights (model.safetensors)", "new folder")
+    exported = (out / "model.safetensors").read_bytes()
+
+    stage_file = folder / "prank_1_model.safetensors"
+    data = bytearray(stage_file.read_bytes())
+    data[-5] ^= 0xFF  # a flipped bit in the tensor data: still a valid safetensors file
+    stage_file.write_bytes(bytes(data))
+    one_line_error(run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", tmp_path / "out2"),
+                   "prank_1_model.safetensors fails its sha256 check", "--step")
+    assert not (tmp_path / "out2").exists() and (out / "model.safetensors").read_bytes() == exported
+
+    tensors = load_file(str(stage_file))
+    del tensors["gpt_neox.layers.2.mlp.dense_4h_to_h.bias"]
+    save_file(tensors, str(stage_file))
+    meta = json.loads((folder / "meta.json").read_text())  # re-signed, as if written that way
+    meta["files"]["prank_1_model.safetensors"] = hashlib.sha256(stage_file.read_bytes()).hexdigest()
+    meta["sizes"]["prank_1_model.safetensors"] = stage_file.stat().st_size
+    (folder / "meta.json").write_text(json.dumps(meta))
+    one_line_error(run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", tmp_path / "out3"),
                    "checkpoint_4: tensor 'gpt_neox.layers.2.mlp.dense_4h_to_h.bias' is missing")
 
     os.remove(folder / "prank_1_model.safetensors")

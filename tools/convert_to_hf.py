@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from modules.config import ModelError, model_config_from_dict  # noqa: E402
 from modules.export import DTYPES, save_hf_directory  # noqa: E402
+from utils.checkpoint import CheckpointError, file_problem, read_latest  # noqa: E402
 
 _HF_MODEL_TYPES = {"gpt_neox": "gptneox"}
 
@@ -65,16 +66,14 @@ def resolve_step(checkpoint_path: str, step: int | None) -> int:
         raise ModelError(f"{checkpoint_path}: checkpoint directory not found")
     if step is not None:
         return step
-    latest = os.path.join(checkpoint_path, "latest")
     try:
-        with open(latest) as f:
-            text = f.read().strip()
-    except OSError:
-        raise ModelError(f"{latest}: file not found; pass --step N to pick a checkpoint") from None
-    try:
-        return int(text)
-    except ValueError:
-        raise ModelError(f"{latest}: expected a step number, found {text[:40]!r}") from None
+        latest = read_latest(checkpoint_path)
+    except CheckpointError as e:
+        raise ModelError(f"{e}; or pass --step N to pick a checkpoint") from None
+    if latest is None:
+        raise ModelError(f"{os.path.join(checkpoint_path, 'latest')}: file not found; pass --step N to pick a "
+                         f"checkpoint")
+    return latest
 
 
 def convert(checkpoint_path: str, output_dir: str, step: int | None = None, dtype: str = "fp32") -> str:
@@ -88,15 +87,21 @@ def convert(checkpoint_path: str, output_dir: str, step: int | None = None, dtyp
         with open(meta_path) as f:
             meta = json.load(f)
         model_type, model_config, pp = meta["model_type"], meta["model_config"], int(meta["layout"]["pp"])
+        dict(meta["files"])  # sha256 per file: checked below
     except OSError:
         raise ModelError(f"{meta_path}: file not found") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"{meta_path}: expected JSON with model_type, model_config and layout.pp ({e!r})") from None
+        raise ModelError(f"{meta_path}: expected JSON with model_type, model_config, layout.pp and files "
+                         f"({e!r})") from None
     cfg = model_config_from_dict(model_config, _HF_MODEL_TYPES.get(model_type, model_type), source=meta_path)
-    paths = [os.path.join(folder, f"prank_{p}_model.safetensors") for p in range(pp)]
-    for path in paths:
-        if not os.path.isfile(path):
-            raise ModelError(f"{path}: stage weights not found (meta.json says pp={pp})")
+    names = [f"prank_{p}_model.safetensors" for p in range(pp)]
+    for name in names:
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise ModelError(f"{os.path.join(folder, name)}: stage weights not found (meta.json says pp={pp})")
+        problem = file_problem(folder, meta, name)
+        if problem:
+            raise ModelError(f"{problem}; export another step (--step) or restore the file")
+    paths = [os.path.join(folder, name) for name in names]
     tokenizer_dir = os.path.join(folder, "tokenizer")
     save_hf_directory(
         StageFiles(paths),

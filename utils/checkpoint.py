@@ -54,6 +54,22 @@ def _sha256(path):
     return digest.hexdigest()
 
 
+def file_problem(folder, meta, name):
+    """Why checkpoint file `name` cannot be trusted (missing, truncated, modified), or None. `meta` is the folder's
+    meta.json, which lists every file's sha256 and size."""
+    path = os.path.join(folder, name)
+    if name not in meta["files"]:
+        return f"{path} is not listed in {os.path.join(folder, 'meta.json')}"
+    if not os.path.isfile(path):
+        return f"{path} is missing"
+    size, expected_size = os.path.getsize(path), meta.get("sizes", {}).get(name)
+    if expected_size is not None and size != expected_size:
+        return f"{path} is truncated or modified ({size} bytes, {expected_size} written)"
+    if _sha256(path) != meta["files"][name]:
+        return f"{path} fails its sha256 check (modified or corrupted)"
+    return None
+
+
 def _hook(name):
     """The ":"-separated fields of test hook `name`, or None when unset or on a torchrun restart."""
     spec = os.environ.get(name)
@@ -301,16 +317,9 @@ class Checkpointer:
                     return None, (f"{folder} is of another model: {key} {theirs}, this model (--model-name) has "
                                   f"{ours}")
             for name in files_needed(meta):
-                path = os.path.join(folder, name)
-                if name not in meta["files"]:
-                    return None, f"{path} is not listed in {meta_path}"
-                if not os.path.isfile(path):
-                    return None, f"{path} is missing"
-                size, expected_size = os.path.getsize(path), meta.get("sizes", {}).get(name)
-                if expected_size is not None and size != expected_size:
-                    return None, f"{path} is truncated or modified ({size} bytes, {expected_size} written)"
-                if _sha256(path) != meta["files"][name]:
-                    return None, f"{path} fails its sha256 check (modified or corrupted)"
+                problem = file_problem(folder, meta, name)
+                if problem:
+                    return None, problem
             if expected_shapes:
                 found = {}
                 for name in files_of(meta, expected_shapes):

@@ -162,8 +162,8 @@ class TaskReader:
                     line = fh.readline()
                     if not line or line.isspace():
                         raise TaskError(f"cannot resume task '{self.task.name}': {self.files[f]} changed since the "
-                                        f"checkpoint (no record at byte {pos}); restore the data or start the data "
-                                        f"stream afresh")
+                                        f"checkpoint (no record at byte {pos}); restore the data, or pass "
+                                        f"--resume-data restart to read the data from the start")
                 buf.append((line, f, pos, lno))
         finally:
             for fh in handles.values():

@@ -218,7 +218,8 @@ class PackedStream:
                 "tokens": windows * self.seq_length, "epochs": self.epochs, "position": position}
 
     def load_state_dict(self, state: dict, strict: bool = True):
-        """Continue after the batch `state` was taken at. strict=False tolerates data files that changed size."""
+        """Continue after the batch `state` was taken at. strict=False tolerates data files that changed size (the
+        trainer's --resume-data continue; its --resume-data restart does not call this)."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise TaskError(f"not a data-stream state (expected format {STATE_FORMAT!r}); was it written by "
                             f"tasks.PackedStream.state_dict()?")
@@ -227,19 +228,23 @@ class PackedStream:
                           ("tokenizer", "the tokenizer (vocab/merges/chat template)")):
             if state[key] != mine[key]:
                 raise TaskError(f"cannot resume the data stream: {what} changed since the checkpoint "
-                                f"({state[key]!r} → {mine[key]!r}); restore it or start the data stream afresh")
+                                f"({state[key]!r} → {mine[key]!r}); restore it, or pass --resume-data restart to read "
+                                f"the data from the start")
         old, new = state["tasks"], mine["tasks"]
         if [(t["name"], t["weight"]) for t in old] != [(t["name"], t["weight"]) for t in new]:
             raise TaskError("cannot resume the data stream: --task-name changed since the checkpoint "
-                            f"({','.join(t['name'] + ':' + str(t['weight']) for t in old)}); restore it or start "
-                            f"the data stream afresh")
+                            f"({','.join(t['name'] + ':' + str(t['weight']) for t in old)}); restore it, or pass "
+                            f"--resume-data restart to read the data from the start")
         for t_old, t_new in zip(old, new):
             names_old = [f[0] for f in t_old["files"]]
             names_new = [f[0] for f in t_new["files"]]
             if names_old != names_new or (strict and t_old["files"] != t_new["files"]):
+                resized_only = names_old == names_new  # the saved position still names a file and an offset
                 raise TaskError(f"cannot resume the data stream: the files of task '{t_new['name']}' changed since "
-                                f"the checkpoint (was {t_old['files']}, now {t_new['files']}); restore them, or "
-                                f"pass strict=False to continue anyway (not an exact resume)")
+                                f"the checkpoint (was {t_old['files']}, now {t_new['files']}); restore them, or pass "
+                                + ("--resume-data continue to go on at the saved position (not an exact resume) or "
+                                   if resized_only else "")
+                                + "--resume-data restart to read the data from the start")
         self._shutdown()
         self._error = None
         self._closed = False

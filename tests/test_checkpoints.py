@@ -326,3 +326,28 @@ def test_tied_embeddings_resume_from_one_stage_to_two(setup, tmp_path):
     assert set(got) == set(want)
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_changed_data_on_resume_stops_unless_resume_data_says_how(setup, tmp_path):
+    """A data file that grew since the checkpoint: the exact resume stops with one line naming both ways on;
+    --resume-data continue goes on at the saved position, --resume-data restart reads the data from the start."""
+    data = tmp_path / "grows.jsonl"
+    shutil.copy(setup["data"], data)
+    one = {"pipeline-group-size": 1, "task-name": str(data), "total-steps": EVERY, "checkpoint-steps": 0}
+    first = wait_ranks(run_ranks(1, flags_for(setup, tmp_path / "ck", **one)))
+    assert first[0][0] == 0, first[0][2][-3000:]
+    with open(data, "a") as f, open(setup["data"]) as source:
+        f.write(source.readline())
+    modes = ("exact", "continue", "restart")
+    procs = {mode: run_ranks(1, flags_for(setup, copy_checkpoints(tmp_path / "ck", tmp_path / mode, [EVERY], EVERY),
+                                          **dict(one, **{"total-steps": EVERY + 1, "resume-data": mode})))
+             for mode in modes}
+    (rc, _, stderr), = wait_ranks(procs["exact"])
+    assert rc != 0
+    assert_user_error(stderr, "the files of task")
+    assert "--resume-data continue" in stderr and "--resume-data restart" in stderr
+    for mode in ("continue", "restart"):
+        (rc, stdout, stderr), = wait_ranks(procs[mode])
+        assert rc == 0, stdout[-2000:] + stderr[-2000:]
+        assert latest(tmp_path / mode) == EVERY + 1
+        assert ("data read from the start" in stdout + stderr) == (mode == "restart")

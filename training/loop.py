@@ -255,9 +255,9 @@ class Trainer:
         if not state.get("scaler"):  # the checkpoint had no loss scaler (fp32/bf16): keep this run's initial one
             state["scaler"] = self.optimizer.scaler.state_dict()
         self.optimizer.load_state_dict(state)
-        if self.stream is not None:
+        if self.stream is not None and self.args.resume_data != "restart":
             with open(os.path.join(folder, "data_state.json")) as f:
-                self.stream.load_state_dict(json.load(f))
+                self.stream.load_state_dict(json.load(f), strict=self.args.resume_data == "exact")
         if same_layout(meta):
             rng = ck.read_rng(step, lay.rank)
             torch.set_rng_state(rng["cpu"])
@@ -265,7 +265,9 @@ class Trainer:
                 torch.cuda.set_rng_state(rng["cuda"], lay.device)
         self.step = state["step"]
         layout = meta["layout"]
-        self.log.info(f"resumed from {folder} (step {self.step}; saved with pp={layout['pp']} x dp={layout['dp']})")
+        self.log.info(f"resumed from {folder} (step {self.step}; saved with pp={layout['pp']} x dp={layout['dp']})"
+                      + ("; data read from the start (--resume-data restart)"
+                         if self.args.resume_data == "restart" else ""))
 
     def _warn(self, message):
         if self.layout.rank == 0 or self.layout.is_logger:

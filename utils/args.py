@@ -110,6 +110,10 @@ def build_parser():
     ckpt.add_argument("--load-checkpoint", type=str_to_bool, default=True, help="resume from <checkpoint-path>/latest")
     ckpt.add_argument("--resume-fallback", action="store_true",
                       help="if the latest checkpoint is damaged, resume from the newest complete earlier one")
+    ckpt.add_argument("--resume-data", choices=("exact", "continue", "restart"), default="exact",
+                      help="data stream on resume: exact (refuse changed data files or data flags), continue (go on "
+                           "at the saved position in data files that changed size; not an exact resume), restart "
+                           "(read the data from the start; weights, optimizer and LR schedule still resume)")
     ckpt.add_argument("--keep-checkpoints", "--num-checkpoints", dest="keep_checkpoints", type=int, default=3,
                       help="checkpoints kept on disk (0: keep all)")
 

@@ -230,6 +230,10 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
         case(name, **flags)
         with open(os.path.join(cases[name][0], "latest"), "wb") as f:
             f.write(b"\xff\xfe2\n")  # not even text
+    residual = json.load(open(os.path.join(setup["model"], "config.json")))["use_parallel_residual"]
+    case("residual", **{"model-name": _model_variant(setup, tmp_path / "other-residual",
+                                                     use_parallel_residual=not residual),
+                        "tokenizer-name": setup["model"], "load-pretrained-model": "false"})
     case("optimizer")  # saved by an 8-bit Adam run (bitsandbytes' state), resumed with AdamW
     meta_path = os.path.join(cases["optimizer"][0], f"checkpoint_{STEPS}", "meta.json")
     meta = json.load(open(meta_path))
@@ -255,13 +259,14 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
                   "[32, 64]",
         "not-a-directory": "Not a directory",
         "bad-latest": "not a step number",
+        "residual": f"it was trained with use_parallel_residual={residual!r}, the model of --model-name",
         "optimizer": "holds 8bit-adam state and this run has --optimizer adam; resume with --optimizer 8bit-adam",
     }
     for name, text in expected.items():
         rc, stdout, stderr = out[name]
         assert rc != 0, (name, stdout[-2000:], stderr[-2000:])  # 2; 1 when the rank's own watchdog exits first
         assert_user_error(stderr, text)
-        if name not in ("not-a-directory", "bad-latest", "optimizer"):
+        if name not in ("not-a-directory", "bad-latest", "optimizer", "residual"):
             assert "cannot resume" in stderr or "no `latest`" in stderr, stderr[-2000:]
             assert "--resume-fallback" in stderr and "--load-checkpoint false" in stderr
     assert "--checkpoint-path must be a writable directory" in out["not-a-directory"][2]

@@ -227,6 +227,7 @@ class Trainer:
         if step is None:
             return
         folder = ck.step_dir(step)
+        self._check_same_architecture(meta, folder)
         saved_optimizer = meta.get("flags", {}).get("optimizer", self.args.optimizer)
         if (saved_optimizer == "8bit-adam") != (self.args.optimizer == "8bit-adam"):  # adam and adamw are one
             raise CheckpointError(f"cannot resume from {folder}: it holds {saved_optimizer} state and this run has "
@@ -268,6 +269,19 @@ class Trainer:
         self.log.info(f"resumed from {folder} (step {self.step}; saved with pp={layout['pp']} x dp={layout['dp']})"
                       + ("; data read from the start (--resume-data restart)"
                          if self.args.resume_data == "restart" else ""))
+
+    def _check_same_architecture(self, meta, folder):
+        """Shapes are checked with the files; settings that change the function without changing any shape (tied
+        embeddings, residual form, rotary, norm eps, activation) must match too, or the resume is a different model."""
+        import dataclasses
+        saved = modules.model_config_from_dict(meta["model_config"], source=os.path.join(folder, "meta.json"))
+        free = {"hf_config_dict", "initializer_range", "max_position_embeddings", "pad_token_id"}
+        for f in dataclasses.fields(saved):
+            theirs, ours = getattr(saved, f.name), getattr(self.cfg, f.name)
+            if f.name not in free and theirs != ours:
+                raise CheckpointError(f"cannot resume from {folder}: it was trained with {f.name}={theirs!r}, the "
+                                      f"model of --model-name {self.args.model_name} has {ours!r}; resume with the "
+                                      f"model it was trained from")
 
     def _warn(self, message):
         if self.layout.rank == 0 or self.layout.is_logger:

@@ -25,7 +25,9 @@ def user_error_types():
     from pipeline_parallel import LayoutError
     from tasks import TaskError
     from utils.checkpoint import CheckpointError
-    return (ArgumentError, LaunchError, ModelError, OptimizerError, LayoutError, TaskError, CheckpointError)
+    from utils.logging import LoggingError
+    return (ArgumentError, LaunchError, ModelError, OptimizerError, LayoutError, TaskError, CheckpointError,
+            LoggingError)
 
 
 def one_line(exc) -> str:

@@ -30,7 +30,7 @@ def evaluation_batches(paths, tokenizer, seq_length: int, batch_size: int, dp_ra
 
     paths: a --task-name style spec ("a.jsonl,dir/") or a list of paths.
     """
-    tasks = parse_task_spec(paths)
+    tasks = parse_task_spec(paths, flag="--evaluation-data")
     renderer = Renderer(tokenizer, train_on_inputs, loss_on_bot_only)
     encoder = Encoder(tokenizer)
     packer = Packer(seq_length, batch_size, dp_rank, dp_size, 0, encoder.eos)

@@ -35,37 +35,37 @@ def _files_of(entry: str, path: str, where: str) -> tuple[str, ...]:
         files = tuple(sorted(os.path.join(path, f) for f in os.listdir(path)
                              if is_data_file(f) and os.path.isfile(os.path.join(path, f))))
         if not files:
-            raise TaskError(f"--task-name {where} '{entry}': directory {path} holds no .jsonl or .jsonl.gz files; "
+            raise TaskError(f"{where} '{entry}': directory {path} holds no .jsonl or .jsonl.gz files; "
                             f"put the data files directly in it or name the files themselves")
         return files
     if os.path.isfile(path):
         if not path.endswith(DATA_SUFFIXES):
-            raise TaskError(f"--task-name {where} '{entry}': {path} is not a .jsonl or .jsonl.gz file; rename it "
+            raise TaskError(f"{where} '{entry}': {path} is not a .jsonl or .jsonl.gz file; rename it "
                             f"(one JSON object per line) or point at a directory of .jsonl files")
         return (path,)
-    raise TaskError(f"--task-name {where} '{entry}': no such file or directory {path!r}; give a .jsonl/.jsonl.gz "
+    raise TaskError(f"{where} '{entry}': no such file or directory {path!r}; give a .jsonl/.jsonl.gz "
                     f"file or a directory of them (named tasks like 'cot' are not built in)")
 
 
-def parse_task_spec(spec: str | list[str] | tuple[str, ...]) -> list[TaskSpec]:
+def parse_task_spec(spec: str | list[str] | tuple[str, ...], flag: str = "--task-name") -> list[TaskSpec]:
     """Parse ``"a.jsonl:0.5,dir/,b.jsonl.gz"`` into TaskSpecs with normalised weights.
 
-    Raises TaskError (a ValueError) naming the bad entry and the fix.
+    Raises TaskError (a ValueError) naming `flag`, the bad entry and the fix.
     """
     if isinstance(spec, (list, tuple)):
         entries = [str(e) for e in spec]
     else:
         if not isinstance(spec, str) or not spec.strip():
-            raise TaskError("--task-name is empty; give comma-separated path[:weight] entries, "
-                            "e.g. --task-name data/chat.jsonl:0.8,data/extra/:0.2")
+            raise TaskError(f"{flag} is empty; give comma-separated path[:weight] entries, "
+                            f"e.g. {flag} data/chat.jsonl:0.8,data/extra/:0.2")
         entries = spec.split(",")
     parsed = []
     seen: dict[str, int] = {}
     for i, raw in enumerate(entries, 1):
         entry = raw.strip()
-        where = f"entry {i}"
+        where = f"{flag} entry {i}"
         if not entry:
-            raise TaskError(f"--task-name {where} is empty (two commas in a row or a trailing comma?); "
+            raise TaskError(f"{where} is empty (two commas in a row or a trailing comma?); "
                             f"remove it or give path[:weight]")
         path, weight_text = entry, None
         if not os.path.exists(os.path.expanduser(entry)) and ":" in entry:
@@ -77,13 +77,13 @@ def parse_task_spec(spec: str | list[str] | tuple[str, ...]) -> list[TaskSpec]:
             try:
                 weight = float(weight_text)
             except ValueError:
-                raise TaskError(f"--task-name {where} '{entry}': weight {weight_text!r} is not a number; "
+                raise TaskError(f"{where} '{entry}': weight {weight_text!r} is not a number; "
                                 f"write path:weight with a positive number, e.g. {path}:0.5") from None
             if not math.isfinite(weight) or weight <= 0:
-                raise TaskError(f"--task-name {where} '{entry}': weight must be a positive number, got "
+                raise TaskError(f"{where} '{entry}': weight must be a positive number, got "
                                 f"{weight_text}; drop the task or give it a weight > 0, e.g. {path}:0.5")
         if not path:
-            raise TaskError(f"--task-name {where} '{entry}': missing path before ':'; write path[:weight]")
+            raise TaskError(f"{where} '{entry}': missing path before ':'; write path[:weight]")
         abspath = os.path.abspath(os.path.expanduser(path))
         files = _files_of(entry, abspath, where)
         n = seen.get(path, 0) + 1

@@ -1,4 +1,5 @@
 """Bad flags and inputs: one line naming the flag or file and the fix, exit code 2, no traceback."""
+import json
 import os
 import re
 import subprocess
@@ -15,11 +16,12 @@ def setup(tmp_path_factory):
     return root, make_model(root / "model", hidden=32, layers=4, heads=4), make_chat_data(root / "chat.jsonl")
 
 
-def run_single(flags, timeout=120):
+def run_single(flags, timeout=120, env=None):
     """One process, no torchrun: pp = dp = 1 needs no --rank (a free port: the default 7033 may be taken)."""
     if "--dist-url" not in flags:
         flags = [*flags, "--dist-url", f"tcp://127.0.0.1:{free_port()}"]
-    return subprocess.run([sys.executable, ENTRYPOINT, *flags], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, ENTRYPOINT, *flags], capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def assert_one_line_error(result, *fragments):
@@ -45,6 +47,14 @@ FLAG_ERRORS = [
     ({"seq-length": 0}, ["--seq-length"]),
     ({"loss-scale": -1}, ["--loss-scale"]),
     ({"model-name": "/nonexistent/model"}, ["--model-name /nonexistent/model"]),
+    ({"lr": "nan"}, ["--lr must be a finite number"]),
+    ({"max-grad-norm": "nan"}, ["--max-grad-norm must be a finite number"]),
+    ({"total-steps": 3, "nepochs": 2}, ["--total-steps", "--nepochs", "one of them"]),
+    ({"evaluation-num-batch": 0}, ["--evaluation-num-batch"]),
+    ({"dist-url": "127.0.0.1:7055"}, ["--dist-url 127.0.0.1:7055", "tcp://HOST:PORT"]),
+    ({"net-interface": "bogus0"}, ["--net-interface bogus0", "no such network interface"]),
+    ({"metrics-file": "/dev/null/m.jsonl"}, ["--metrics-file", "/dev/null is not a directory"]),
+    ({"checkpoint-path": "/dev/null/ck"}, ["--checkpoint-path /dev/null/ck", "/dev/null is not a directory"]),
 ]
 
 
@@ -76,12 +86,55 @@ def test_argparse_rejects_unknown_choice(setup, tmp_path):
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
+def test_load_checkpoint_false_never_replaces_another_runs_checkpoints(setup, tmp_path):
+    _, model_dir, data = setup
+    ckpt = tmp_path / "used"
+    (ckpt / "checkpoint_2").mkdir(parents=True)
+    (ckpt / "checkpoint_2" / "meta.json").write_text("{}")
+    (ckpt / "latest").write_text("2\n")
+    result = run_single(base_flags(model_dir, data, str(ckpt), **{"load-checkpoint": "false"}))
+    assert_one_line_error(result, f"--checkpoint-path {ckpt} holds another run's checkpoints", "new --checkpoint-path")
+    assert sorted(os.listdir(ckpt)) == ["checkpoint_2", "latest"] and (ckpt / "latest").read_text() == "2\n"
+
+
+def test_broken_tokenizer_file_names_the_flag(setup, tmp_path):
+    _, model_dir, data = setup
+    broken = tmp_path / "broken-tokenizer"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text('{"version": "1.0", truncated')
+    result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{"tokenizer-name": str(broken)}))
+    assert_one_line_error(result, f"--tokenizer-name {broken}: cannot load the tokenizer")
+
+
+def test_wandb_without_a_key_says_how_to_log_in(setup, tmp_path):
+    pytest.importorskip("wandb")
+    _, model_dir, data = setup
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="online", WANDB_DIR=str(tmp_path), HOME=str(tmp_path))  # no ~/.netrc key either
+    result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{"train-log-backend": "wandb"}),
+                        env=env)
+    assert_one_line_error(result, "--train-log-backend wandb", "WANDB_MODE=offline")
+
+
+def test_data_without_a_token_to_learn_stops_at_the_first_step(setup, tmp_path):
+    """Chat records with no assistant turn mask every label: loss 0 and no update would be a silent no-op run."""
+    _, model_dir, _ = setup
+    data = tmp_path / "users-only.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i} about rivers"}]})
+                            + "\n" for i in range(40)))
+    result = run_single(base_flags(model_dir, str(data), str(tmp_path / "ck")))
+    assert_one_line_error(result, "hold no token to learn", "--train-on-inputs")
+    assert "step 1 " not in result.stdout
+
+
 # Found once the model config or data is read (inside the process group).
 RUNTIME_ERRORS = [
     ({"num-layers": 3}, ["--num-layers 3", "--num-layers 4"]),
     ({"model-type": "llama"}, ["llama", "gptneox"]),
     ({"embedding-dim": 64}, ["--embedding-dim 64", "32"]),
     ({"task-name": "/nonexistent/data.jsonl"}, ["/nonexistent/data.jsonl"]),
+    ({"evaluation-steps": 2, "evaluation-data": "/nonexistent/eval.jsonl"},
+     ["--evaluation-data entry 1", "/nonexistent/eval.jsonl"]),
 ]
 
 
@@ -90,6 +143,7 @@ def test_bad_model_or_data_exit_2(setup, tmp_path, overrides, fragments):
     _, model_dir, data = setup
     result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **overrides))
     assert_one_line_error(result, *fragments)
+    assert "step 1 " not in result.stdout  # before the first step, not at the first evaluation
 
 
 def test_port_in_use_names_the_port_and_the_flag(setup, tmp_path):
@@ -133,6 +187,16 @@ def test_malformed_jsonl_names_file_and_line(setup, tmp_path):
     bad.write_text('{"text": "<human>: hi\\n<bot>: hello"}\n{"text": broken\n')
     result = run_single(base_flags(model_dir, str(bad), str(tmp_path / "ck")))
     assert_one_line_error(result, "bad.jsonl", "2")
+
+
+def test_num_layers_is_checked_under_interleaved_1f1b(setup, tmp_path):
+    """With virtual stages --num-layers counts a rank's layers; a wrong value is not silently ignored."""
+    _, model_dir, data = setup
+    flags = base_flags(model_dir, data, str(tmp_path / "ck"), **{
+        "pipeline-group-size": 2, "pp-mode": "interleaved-1f1b", "num-layers": 3})
+    result = run_torchrun(2, flags, timeout=120)
+    assert result.returncode != 0
+    assert "--num-layers 3" in result.stderr + result.stdout and "--num-layers 2" in result.stderr + result.stdout
 
 
 def test_error_on_one_rank_stops_all_ranks(setup, tmp_path):

@@ -72,6 +72,7 @@ class Trainer:
         if args.seq_length > cfg.max_position_embeddings:
             self.log.info(f"WARNING: --seq-length {args.seq_length} is longer than the model was trained for "
                           f"(max_position_embeddings {cfg.max_position_embeddings} in config.json)")
+        self._check_inputs()
         self._build_model()
         self._build_data()
         self.steps_total = self._total_optimizer_steps()
@@ -86,6 +87,7 @@ class Trainer:
                                  self.loss_fn)
         self.checkpointer = Checkpointer(args.checkpoint_path, lay, args.keep_checkpoints)
         self.step = 0
+        self.loss_tokens_seen = False
         if args.load_checkpoint:
             self._resume()
         self.meter = StepMeter(lay.device, modules.flops_per_token(cfg, args.seq_length), lay.world_size,
@@ -98,6 +100,8 @@ class Trainer:
         virtual = args.virtual_stages if args.pp_mode == "interleaved-1f1b" else 1
         self.num_stages = lay.pp_size * virtual
         per_stage = args.num_layers if virtual == 1 else None
+        if virtual > 1 and args.num_layers is not None:  # it counts a rank's layers: the same rule as one stage each
+            split_layers(cfg.num_layers, lay.pp_size, args.num_layers)
         self.bounds = split_layers(cfg.num_layers, self.num_stages, per_stage,
                                    head_cost=modules.head_cost_in_layers(cfg, args.seq_length))
         self.stage_ids = stage_ids_of_rank(lay.pp_rank, lay.pp_size, virtual)
@@ -123,17 +127,40 @@ class Trainer:
                       f"{self.num_stages} stages over pp={lay.pp_size} x dp={lay.dp_size}; stage layers "
                       f"{self.bounds}")
 
-    def _build_data(self):
-        """Only ranks holding the first or last stage read data (inputs / labels); all read evaluation data,
-        since every stage must run the same number of evaluation batches."""
+    def _check_inputs(self):
+        """Data flags, the tokenizer and the optimizer's library before the model load (minutes for 20B), so that a
+        typo costs seconds."""
+        import importlib.util
+
         from transformers import AutoTokenizer
 
         import tasks
-        args, lay = self.args, self.layout
-        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
+        from optimizer import OptimizerError
+        args = self.args
+        tasks.parse_task_spec(args.task_name)
+        if args.evaluation_data:
+            tasks.parse_task_spec(args.evaluation_data, flag="--evaluation-data")
+            if not args.evaluation_steps:
+                self.log.info("WARNING: --evaluation-data is never read without --evaluation-steps N")
+        if args.loss_scale and not args.fp16:
+            self.log.info("WARNING: --loss-scale applies to --fp16 only; this run does not scale the loss")
+        if args.optimizer == "8bit-adam" and importlib.util.find_spec("bitsandbytes") is None:
+            raise OptimizerError("--optimizer 8bit-adam needs bitsandbytes: pip install bitsandbytes")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
+        except Exception as exc:  # noqa: BLE001 - a broken file surfaces as JSON, Value or OS errors
+            raise modules.ModelError(f"--tokenizer-name {args.tokenizer_name}: cannot load the tokenizer "
+                                     f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); point it at the "
+                                     f"model's tokenizer directory") from None
         if len(self.tokenizer) > self.cfg.vocab_size:  # ids past the embedding would crash (or assert on a GPU)
             raise modules.ModelError(f"--tokenizer-name {args.tokenizer_name} has {len(self.tokenizer)} tokens but "
                                      f"the model's vocabulary has {self.cfg.vocab_size}; use the model's tokenizer")
+
+    def _build_data(self):
+        """Only ranks holding the first or last stage read data (inputs / labels); all read evaluation data,
+        since every stage must run the same number of evaluation batches."""
+        import tasks
+        args, lay = self.args, self.layout
         self.stream = None
         if self.pipeline_holds_ends():
             self.stream = tasks.PackedStream(
@@ -302,6 +329,8 @@ class Trainer:
         scale = self.optimizer.loss_scale  # the step below may change it (fp16)
         if self.holds_last:
             tokens = self._global_loss_tokens(batches)
+            if not self.loss_tokens_seen:  # one host sync, on the run's first step only
+                self._check_loss_tokens(int(tokens.item()))
             self.loss_fn.factor = scale / tokens.clamp(min=1)
         for batch in batches:
             input_ids = batch["input_ids"].to(lay.device, non_blocking=True) if batch else None
@@ -317,6 +346,19 @@ class Trainer:
         with self.profiler.span("optimizer"):
             grad_norm, skipped = self.optimizer.step()
         return loss_sum / scale, grad_norm, skipped
+
+    def _check_loss_tokens(self, count):
+        """A first step without one label to learn means the data or the masking flags are wrong; training on
+        would log loss 0 and change nothing."""
+        import tasks
+        if count == 0:
+            args = self.args
+            fix = (", or drop --loss-on-bot-only" if args.loss_on_bot_only else
+                   ", or pass --train-on-inputs to learn the user turns too" if not args.train_on_inputs else "")
+            raise tasks.TaskError(f"the first step's {args.batch_size * self.layout.dp_size} sequences of "
+                                  f"--task-name hold no token to learn: every label is masked (no assistant / "
+                                  f"<bot> turns?); check the data{fix}")
+        self.loss_tokens_seen = True
 
     def _sync_tied_gradients(self):
         """Tied embeddings split over two stages: both copies get the sum of their gradients, so both take the

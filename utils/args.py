@@ -4,7 +4,9 @@ The flag names and meanings are OpenChatKit's (see the training README); new fla
 `validate_args` rejects every bad combination that can be found before any process group exists.
 """
 import argparse
+import math
 import os
+import socket
 
 PP_MODES = ("gpipe", "1f1b", "interleaved-1f1b")
 # One of these must be in --tokenizer-name: transformers 5 otherwise builds an empty tokenizer without a word.
@@ -130,12 +132,43 @@ def build_parser():
     return parser
 
 
+def _writable_dir(flag, path, what="directory"):
+    """A directory that is there or can be made and written: the nearest existing ancestor decides."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ArgumentError(f"{flag} {path}: {probe} is not a directory; give a {what} that can be created")
+    if not os.access(probe, os.W_OK):
+        raise ArgumentError(f"{flag} {path}: {probe} is not writable; give a {what} you can write")
+
+
+def _check_paths(args):
+    _writable_dir("--checkpoint-path", args.checkpoint_path)
+    if args.metrics_file:
+        _writable_dir("--metrics-file", os.path.dirname(os.path.abspath(args.metrics_file)), "file path")
+        if os.path.isdir(args.metrics_file):
+            raise ArgumentError(f"--metrics-file {args.metrics_file} is a directory; give a file path")
+    if args.profiling != "no-profiling":
+        _writable_dir("--profiling-dir", args.profiling_dir)
+    if not args.load_checkpoint and os.path.isdir(args.checkpoint_path):
+        used = sorted(n for n in os.listdir(args.checkpoint_path) if n == "latest" or n.startswith("checkpoint_"))
+        if used:  # a fresh run would save over them and rotate them away
+            raise ArgumentError(f"--checkpoint-path {args.checkpoint_path} holds another run's checkpoints "
+                                f"({', '.join(used[:3])}) and --load-checkpoint false would replace them; give a new "
+                                f"--checkpoint-path, resume with --load-checkpoint true, or delete them")
+
+
 def validate_args(args):
     """Raise ArgumentError for combinations that cannot work. Needs no model, data or process group."""
 
     def positive(name, value):
         if value is None or value < 1:
             raise ArgumentError(f"--{name} must be a positive integer, got {value}")
+
+    for name, value in sorted(vars(args).items()):
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every `<` check below
+            raise ArgumentError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
     positive("seq-length", args.seq_length)
     positive("batch-size", args.batch_size)
@@ -180,8 +213,8 @@ def validate_args(args):
         raise ArgumentError("--adam-beta1/--adam-beta2 must be in [0, 1) and --adam-eps > 0")
     if args.weight_decay < 0 or args.max_grad_norm < 0:
         raise ArgumentError("--weight-decay and --max-grad-norm must be >= 0")
-    if args.total_steps is None and args.nepochs is None:
-        raise ArgumentError("give --total-steps N or --nepochs N")
+    if (args.total_steps is None) == (args.nepochs is None):
+        raise ArgumentError("give --total-steps N or --nepochs N (one of them)")
     if args.total_steps is not None and args.total_steps < 1:
         raise ArgumentError(f"--total-steps must be >= 1, got {args.total_steps}")
     if args.nepochs is not None and args.nepochs < 1:
@@ -210,6 +243,20 @@ def validate_args(args):
         raise ArgumentError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     if args.log_interval < 1:
         raise ArgumentError("--log-interval must be >= 1")
+    if args.evaluation_num_batch is not None and args.evaluation_num_batch < 1:
+        raise ArgumentError(f"--evaluation-num-batch must be >= 1 (omit it to evaluate every batch), got "
+                            f"{args.evaluation_num_batch}")
+    if args.dist_url and not args.dist_url.startswith(("tcp://", "env://", "file://")):
+        raise ArgumentError(f"--dist-url {args.dist_url}: expected tcp://HOST:PORT (the address of rank 0)")
+    if args.net_interface:
+        try:
+            names = {name for _, name in socket.if_nameindex()}
+        except OSError:  # no interface list on this system: let the process group find out
+            names = {args.net_interface}
+        if args.net_interface not in names:
+            raise ArgumentError(f"--net-interface {args.net_interface}: no such network interface here (this "
+                                f"machine has {', '.join(sorted(names))})")
+    _check_paths(args)
 
 
 def parse_args(argv=None):

@@ -26,15 +26,28 @@ class LoguruLogger(PrintLogger):
         self.logger.info(message)
 
 
+class LoggingError(RuntimeError):
+    """A log backend that cannot start: the message says how to fix it."""
+
+
 class WandbLogger(PrintLogger):
     """One wandb run per job (only the logging rank creates it). WANDB_NAME names the run; WANDB_MODE=offline
     works without network."""
 
     def __init__(self, project, job_id, config):
-        import wandb
+        try:
+            import wandb
+        except ImportError:
+            raise LoggingError("--train-log-backend wandb needs wandb: pip install wandb") from None
         self.wandb = wandb
-        self.run = wandb.init(project=project, name=os.environ.get("WANDB_NAME") or f"job-{job_id}",
-                              config=config)
+        try:
+            self.run = wandb.init(project=project, name=os.environ.get("WANDB_NAME") or f"job-{job_id}",
+                                  config=config)
+        except Exception as exc:  # noqa: BLE001 - wandb raises its own types (no key, no network, bad project)
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise LoggingError(f"--train-log-backend wandb: wandb could not start a run ({type(exc).__name__}: "
+                               f"{first_line}); log in (wandb login, or WANDB_API_KEY) or run with "
+                               f"WANDB_MODE=offline") from None
 
     def metrics(self, step, values):
         super().metrics(step, values)

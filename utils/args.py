@@ -27,8 +27,14 @@ def str_to_bool(value):
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line instead of the full usage block (this command has ~60 flags)."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dist_lm_pretrain_and_finetune.py",
         description="Pipeline x data-parallel fine-tuning of GPT-NeoX / GPT-J / Llama causal LMs.",
     )
@@ -101,7 +107,9 @@ def build_parser():
     dist.add_argument("--data-group-size", type=int, default=1)
     dist.add_argument("--pp-mode", choices=PP_MODES, default="gpipe")
     dist.add_argument("--virtual-stages", type=int, default=2, help="stages per rank for interleaved-1f1b")
-    dist.add_argument("--dp-backend", choices=("nccl", "gloo"), default="nccl")
+    dist.add_argument("--dp-backend", choices=("nccl", "gloo"), default="nccl",
+                      help="on GPUs both move CUDA tensors with NCCL (gloo cannot); gloo adds a gloo group for CPU "
+                           "tensors. Without GPUs (--use-cuda false) everything runs on gloo")
     dist.add_argument("--dp-mode", choices=("allreduce",), default="allreduce")
     dist.add_argument("--net-interface", default=None, help="sets GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME when unset")
     dist.add_argument("--dist-timeout", type=float, default=600, help="seconds before a stuck collective aborts")

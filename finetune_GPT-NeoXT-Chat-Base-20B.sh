@@ -30,14 +30,16 @@ if [ "${gpus:-0}" -lt "$NUM_GPUS" ]; then
   exit 2
 fi
 
-ARGS="--model-name ${BASE_MODEL} \
---tokenizer-name ${BASE_MODEL} \
---project-name together \
---model-type gptneox \
---optimizer adam \
---seed 42 \
---load-pretrained-model true \
---task-name \
+# One array element per word, so paths with spaces stay whole: keep the quotes around values when editing.
+ARGS=(
+  --model-name "${BASE_MODEL}"
+  --tokenizer-name "${BASE_MODEL}"
+  --project-name together
+  --model-type gptneox
+  --optimizer adam
+  --seed 42
+  --load-pretrained-model true
+  --task-name "\
 ${DATASETS}/unified_ni.jsonl:0.2,\
 ${DATASETS}/unified_p3.jsonl:0.5,\
 ${DATASETS}/unified_flan.jsonl:0.2,\
@@ -63,27 +65,31 @@ ${DATASETS}/unified_mathqa_flanv2_kojma_cot.jsonl:0.01,\
 ${DATASETS}/unified_joke_explanations.jsonl:0.01,\
 ${DATASETS}/unified_cuad.jsonl:0.01,\
 ${DATASETS}/unified_abstract_infill.jsonl:0.1,\
-${DATASETS}/unified_image_prompts_instructions.jsonl:0.01 \
---checkpoint-path ${CHECKPOINT_PATH} \
---total-steps ${TOTAL_STEPS} --warmup-steps 10 --train-warmup-steps 0 \
---checkpoint-steps ${CHECKPOINT_STEPS} \
---lr 1e-6 --seq-length 2048 --batch-size 64 --micro-batch-size 1 --gradient-accumulate-step 1 \
---dist-url tcp://127.0.0.1:${MASTER_PORT} \
---num-layers ${LAYERS_PER_STAGE} --embedding-dim 6144 \
---world-size ${NUM_GPUS} --pipeline-group-size ${NUM_GPUS} --data-group-size 1 \
---job-id 0 --net-interface ${netif} \
---fp16 \
---dp-backend nccl \
---dp-mode allreduce \
---pp-mode gpipe --profiling no-profiling \
---activation-checkpointing full ${EXTRA_ARGS:-}"
+${DATASETS}/unified_image_prompts_instructions.jsonl:0.01"
+  --checkpoint-path "${CHECKPOINT_PATH}"
+  --total-steps "${TOTAL_STEPS}" --warmup-steps 10 --train-warmup-steps 0
+  --checkpoint-steps "${CHECKPOINT_STEPS}"
+  --lr 1e-6 --seq-length 2048 --batch-size 64 --micro-batch-size 1 --gradient-accumulate-step 1
+  --dist-url "tcp://127.0.0.1:${MASTER_PORT}"
+  --num-layers "${LAYERS_PER_STAGE}" --embedding-dim 6144
+  --world-size "${NUM_GPUS}" --pipeline-group-size "${NUM_GPUS}" --data-group-size 1
+  --job-id 0 --net-interface "${netif}"
+  --fp16
+  --dp-backend nccl
+  --dp-mode allreduce
+  --pp-mode gpipe --profiling no-profiling
+  --activation-checkpointing full
+)
+# Unquoted on purpose: EXTRA_ARGS holds several flags, split at spaces (so no spaces inside its values).
+# shellcheck disable=SC2206
+ARGS+=(${EXTRA_ARGS:-})
 
 # One process per GPU. The first one to fail stops the others: a rank that dies before the job is up (a port in
 # use, say) would otherwise leave them waiting for it until --dist-timeout.
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
 for rank in $(seq 0 $((NUM_GPUS - 1))); do
-  "${PYTHON:-python3}" "${TRAINER}" ${ARGS} --cuda-id "$rank" --rank "$rank" &
+  "${PYTHON:-python3}" "${TRAINER}" "${ARGS[@]}" --cuda-id "$rank" --rank "$rank" &
   pids+=($!)
 done
 status=0

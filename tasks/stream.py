@@ -32,6 +32,20 @@ def _positive(name, value, minimum=1):
         raise TaskError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _show_every_from_env() -> int:
+    raw = os.environ.get("SHOW_DATA_EVERY", "").strip()
+    if not raw:
+        return 100
+    try:
+        every = int(raw)
+    except ValueError:
+        every = 0
+    if every < 1:
+        raise TaskError(f"SHOW_DATA_EVERY={raw!r} is not a whole number >= 1; set it to how many batches apart "
+                        f"SHOW_DATA prints a sample (e.g. SHOW_DATA_EVERY=100), or unset it")
+    return every
+
+
 def format_sample(batch, tokenizer, row: int = 0) -> str:
     """Decode one row; spans that take loss (as labels) are wrapped in [[ ]]."""
     ids = batch["input_ids"][row].tolist()
@@ -84,7 +98,10 @@ class PackedStream:
         if show_data is None:
             show_data = os.environ.get("SHOW_DATA", "").strip().lower() not in ("", "0", "false", "no")
         self.show_data = show_data and dp_rank == 0
-        self.show_every = show_every or int(os.environ.get("SHOW_DATA_EVERY", "100") or 100)
+        if show_every is None:
+            show_every = _show_every_from_env()
+        _positive("show_every", show_every)
+        self.show_every = show_every
         self._resume: dict | None = None  # JSON state to start from
         self._consumed: StateRef | dict | None = None  # position after the last batch handed out
         self._served = 0

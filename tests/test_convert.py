@@ -228,6 +228,12 @@ def test_save_hf_directory_rejects_unexpected_tensors(tmp_path):
 
 def test_prepare_rejects_bad_input(tmp_path):
     make_hf_model("gptj", tmp_path / "hf")
+    before = sorted(os.listdir(tmp_path / "hf"))
+    os.symlink(tmp_path / "hf", tmp_path / "link")
+    for same in (tmp_path / "hf", f"{tmp_path}/hf/", tmp_path / "link"):  # the model directory by another name
+        one_line_error(run_tool("prepare_pretrained.py", "--model-name", tmp_path / "hf", "--output", same),
+                       f"--output {same} is the model directory", "new directory")
+        assert sorted(os.listdir(tmp_path / "hf")) == before  # nothing written into the source
     tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
     tensors["transformer.h.0.attn.q_proj.weight"] = tensors["transformer.h.0.attn.q_proj.weight"][:16].clone()
     tensors["transformer.h.7.mlp.fc_in.weight"] = torch.zeros(1)

@@ -50,6 +50,7 @@ def test_evaluation_loss_matches_transformers_and_one_rank_logs(setup):
     # one logging process: each step line printed once in the output of all 4 ranks
     step_lines = [line for line in result.stdout.splitlines() if " step 1 loss=" in line]
     assert len(step_lines) == 1, result.stdout[-3000:]
+    assert (result.stdout + result.stderr).count("MFU is not reported") == 1  # CPU: no peak, said once
 
 
 def test_tidy_profiling_writes_per_rank_and_merged_traces(setup):

@@ -15,10 +15,12 @@ RECIPE = os.path.join(REPO, "finetune_GPT-NeoXT-Chat-Base-20B.sh")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A tiny model, every data file the recipe names, and a stand-in nvidia-smi listing two GPUs."""
-    root = tmp_path_factory.mktemp("recipe")
-    model = make_model(root / "model", hidden=32, layers=4, heads=4)
-    data = root / "data"
+    """A tiny model, every data file the recipe names, and a stand-in nvidia-smi listing two GPUs. The model, data
+    and checkpoint paths have spaces in them, which the script must pass on whole."""
+    root = tmp_path_factory.mktemp("recipe") / "my runs"
+    root.mkdir()
+    model = make_model(root / "base model", hidden=32, layers=4, heads=4)
+    data = root / "chat data"
     data.mkdir()
     with open(RECIPE) as f:
         names = set(re.findall(r"\$\{DATASETS\}/(unified_\w+\.jsonl)", f.read()))
@@ -43,7 +45,8 @@ def recipe_env(setup, ckpt, port):
 
 
 def test_recipe_trains_with_its_environment_overrides(setup):
-    ckpt = setup[0] / "ckpt"
+    ckpt = setup[0] / "run 1 ckpt"
+    assert " " in str(ckpt) and " " in setup[1] and " " in setup[2]
     result = subprocess.run(["bash", RECIPE], env=recipe_env(setup, ckpt, free_port()), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -441,6 +442,49 @@ def test_gz_same_as_plain(tmp_path, tok):
     same(ref[11:], take(r, 19))
 
 
+def broken_gz(path, how):
+    """A .jsonl.gz of 200 records, cut in half ("truncated") or plain JSON lines under a .gz name ("plain")."""
+    if how == "plain":
+        return write_jsonl(path, text_records(200, seed=2))
+    write_jsonl(path, text_records(200, seed=2), gz=True)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return str(path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "plain"])
+def test_corrupt_gz_names_file_and_fix(tmp_path, tok, how):
+    p = broken_gz(tmp_path / "x.jsonl.gz", how)
+    readers = {
+        "training": lambda: take(PackedStream(p, tok, 16, 2, shuffle_buffer=5, num_workers=1), 500),
+        "evaluation": lambda: list(evaluation_batches(p, tok, 16, 2)),
+        "token count": lambda: count_tokens(p, tok, use_cache=False),
+    }
+    for what, read in readers.items():
+        with pytest.raises(TaskError) as e:
+            read()
+        msg = str(e.value)
+        assert f"cannot read {p}:" in msg and "re-download" in msg and "\n" not in msg, (what, msg)
+    if how == "truncated":  # the line the cut falls in: records before it were read
+        assert re.search(rf"{re.escape(p)}:([1-9]\d*): Compressed file ended", msg), msg
+
+
+def test_gz_truncated_after_checkpoint_fails_on_resume(tmp_path, tok):
+    path = tmp_path / "x.jsonl.gz"
+    p = write_jsonl(path, text_records(200, seed=2), gz=True)
+    kw = dict(seq_length=16, batch_size=2, shuffle_buffer=5, num_workers=0, chunk_docs=3)
+    s = PackedStream(p, tok, **kw)
+    take(s, 20)
+    st = json.loads(json.dumps(s.state_dict()))
+    path.write_bytes(path.read_bytes()[:30])  # now ends well before the saved position
+    r = PackedStream(p, tok, **kw)
+    r.load_state_dict(st, strict=False)  # --resume-data continue: seeks to the saved offset
+    line = st["position"]["source"]["tasks"][0]["line"]
+    assert line > 0
+    with pytest.raises(TaskError, match=re.escape(f"cannot read {p} (skipping to line {line + 1}): ")):
+        next(r)
+
+
 # ------------------------------------------------------------------ token counting
 def test_count_tokens_cached(tmp_path, tok, monkeypatch):
     import tasks.count as count_mod
@@ -511,3 +555,13 @@ def test_show_data(tmp_path, tok, monkeypatch, capsys):
     take(s, 3)
     err = capsys.readouterr().err
     assert err.count("SHOW_DATA batch") == 2 and "[[ hello.<|endoftext|>]]" in err
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "2.5"])
+def test_show_data_every_must_be_positive_integer(tmp_path, tok, monkeypatch, value):
+    p = write_jsonl(tmp_path / "t.jsonl", text_records(3))
+    monkeypatch.setenv("SHOW_DATA", "1")
+    monkeypatch.setenv("SHOW_DATA_EVERY", value)
+    with pytest.raises(TaskError) as e:
+        PackedStream(p, tok, 16, 1, num_workers=0)
+    assert f"SHOW_DATA_EVERY={value!r}" in str(e.value) and ">= 1" in str(e.value)

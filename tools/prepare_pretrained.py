@@ -25,6 +25,10 @@ def prepare(model_dir: str, output_dir: str) -> list[str]:
     """Write the layer-sharded copy of `model_dir` into `output_dir`; returns the files written."""
     from safetensors.torch import save_file
 
+    # Writing into the source would mix the shards into the model directory before config.json's copy fails.
+    if os.path.realpath(output_dir) == os.path.realpath(model_dir):
+        raise ModelError(f"--output {output_dir} is the model directory {model_dir} itself; give --output a new "
+                         f"directory for the layer-sharded copy")
     cfg = load_model_config(model_dir)
     ckpt = Checkpoint(model_dir, cfg)
     if ckpt.format != "hf":

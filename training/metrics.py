@@ -3,20 +3,42 @@ import time
 
 import torch
 
-# Dense bf16/fp16 tensor-core peak per GPU (vendor datasheets, without sparsity).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
-              "V100": 125e12}
+# Dense bf16/fp16 tensor-core peak per GPU (vendor datasheets, without sparsity). Keys are whole words of the name
+# torch reports ("NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB"); the key with the most words wins, so an H100 PCIe
+# or NVL card gets its own peak rather than the SXM one under plain "H100".
+PEAK_FLOPS = {
+    "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+    "H800": 989e12, "H800 PCIe": 756e12,
+    "H200": 989e12, "H200 NVL": 835e12, "GH200": 989e12,
+    "A100": 312e12, "A800": 312e12,
+    "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12,
+}
+
+
+def _words(name: str) -> list[str]:
+    return name.lower().replace("-", " ").split()
+
+
+def peak_for_name(name: str):
+    """(flops/s, label) for a GPU name, or (None, label saying MFU is not reported) where no peak is known."""
+    words = _words(name)
+
+    def named(key):  # the key's words appear in a row in the name
+        k = _words(key)
+        return any(words[i:i + len(k)] == k for i in range(len(words) - len(k) + 1))
+
+    matches = [key for key in PEAK_FLOPS if named(key)]
+    if not matches:
+        return None, f"not known for {name}, so MFU is not reported"
+    best = max(matches, key=lambda key: len(_words(key)))
+    return PEAK_FLOPS[best], f"{best} bf16 dense {PEAK_FLOPS[best] / 1e12:.0f} TFLOP/s"
 
 
 def peak_flops(device):
-    """(flops/s, label) of one device, or (None, reason) where unknown (CPU, unlisted GPU)."""
+    """(flops/s, label) of one device, or (None, label saying MFU is not reported) for CPU or an unlisted GPU."""
     if device.type != "cuda":
-        return None, "cpu"
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_FLOPS.items():
-        if key in name:
-            return value, f"{key} bf16 dense {value / 1e12:.0f} TFLOP/s"
-    return None, name
+        return None, "not known for CPU, so MFU is not reported"
+    return peak_for_name(torch.cuda.get_device_name(device))
 
 
 class StepMeter:

@@ -72,12 +72,12 @@ def dataset_names(text: str) -> list[str]:
 
 
 def flag_value(text: str, flag: str) -> str:
-    """The value of `flag` in the recipe's ARGS="..." block (its comments may mention flags too)."""
-    block = re.search(r'^ARGS="(.*?)"', text, re.S | re.M)
+    """The value of `flag` in the recipe's ARGS=( ... ) array (its comments may mention flags too)."""
+    block = re.search(r"^ARGS=\((.*?)^\)", text, re.S | re.M)
     found = re.findall(rf"{re.escape(flag)} (\S+)", block.group(1) if block else "")
     if len(found) != 1:
         sys.exit(f"run_recipe: expected one '{flag} VALUE' in the recipe, found {len(found)}")
-    return found[0]
+    return found[0].strip('"')
 
 
 def replace_once(text: str, old: str, new: str, why: str, edits: list[dict]) -> str:
@@ -102,7 +102,7 @@ def user_edits(text: str, layers: int) -> tuple[str, list[dict]]:
 
 def smoke_edits(text: str, hidden: int, edits: list[dict]) -> str:
     """CPU only: the tiny model's width, a batch and sequence that take seconds per step on 2 cores."""
-    text = replace_once(text, "--embedding-dim 6144 ", f"--embedding-dim {hidden} ", "smoke: tiny model", edits)
+    text = replace_once(text, "--embedding-dim 6144\n", f"--embedding-dim {hidden}\n", "smoke: tiny model", edits)
     text = replace_once(text, "--seq-length 2048 ", "--seq-length 256 ", "smoke: CPU speed", edits)
     return replace_once(text, "--batch-size 64 ", "--batch-size 4 ", "smoke: CPU speed", edits)
 

@@ -251,6 +251,9 @@ def validate_args(args):
         raise ArgumentError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     if args.log_interval < 1:
         raise ArgumentError("--log-interval must be >= 1")
+    if args.shuffle_buffer < 1 or args.data_workers < 0:
+        raise ArgumentError(f"--shuffle-buffer must be >= 1 and --data-workers >= 0 (0: tokenise on the training "
+                            f"thread), got {args.shuffle_buffer} and {args.data_workers}")
     if args.evaluation_num_batch is not None and args.evaluation_num_batch < 1:
         raise ArgumentError(f"--evaluation-num-batch must be >= 1 (omit it to evaluate every batch), got "
                             f"{args.evaluation_num_batch}")

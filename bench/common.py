@@ -52,8 +52,6 @@ SHAPES = {
 }
 
 # Dense bf16 tensor-core peak per GPU (datasheets, no sparsity). H100 and H200 SXM share the same compute.
-PEAKS = [("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12)]
-
 # NVLink multicast stays off on the lent machines (KINDS.md); set for every process we start.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
             "PYTHONUNBUFFERED": "1"}
@@ -110,10 +108,10 @@ def gpu_inventory() -> list[dict]:
 
 
 def peak_flops(card: str) -> tuple[float | None, str]:
-    for key, value in PEAKS:
-        if key in card:
-            return value, f"{key} dense bf16 {value / 1e12:.0f} TFLOP/s per GPU"
-    return None, f"no peak known for {card!r}: MFU not computed"
+    """The trainer's own table (training/metrics.py), so both sides of a ratio use one peak."""
+    from training.metrics import peak_for_name
+    value, label = peak_for_name(card)
+    return value, f"{label} per GPU" if value else label
 
 
 def git_commit() -> str:

@@ -356,3 +356,14 @@ def test_changed_data_on_resume_stops_unless_resume_data_says_how(setup, tmp_pat
         assert rc == 0, stdout[-2000:] + stderr[-2000:]
         assert latest(tmp_path / mode) == EVERY + 1
         assert ("data read from the start" in stdout + stderr) == (mode == "restart")
+
+
+def test_rotation_keeps_this_runs_newest_even_beside_a_later_leftover(tmp_path):
+    """Resumed from checkpoint 4 while an abandoned run's checkpoint 10 is still there: after saving 6 with
+    --keep-checkpoints 2, this run still has two checkpoints (4 and 6); the leftover is not counted."""
+    from utils.checkpoint import Checkpointer
+    for step in (2, 4, 6, 10):
+        (tmp_path / f"checkpoint_{step}").mkdir()
+    (tmp_path / ".tmp_crashed_save").mkdir()
+    Checkpointer(str(tmp_path), None, keep=2)._clean(newest=6)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_10", "checkpoint_4", "checkpoint_6"]

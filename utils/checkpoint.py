@@ -275,7 +275,10 @@ class Checkpointer:
         Best effort: a failure here never harms a complete checkpoint."""
         doomed = [name for name in os.listdir(self.root) if name.startswith(TMP_PREFIX)]
         if self.keep > 0:
-            for step in list_steps(self.root)[:-self.keep]:
+            # A later step on disk is a leftover of an abandoned run (resumed from an earlier checkpoint): it does
+            # not count among the `keep` newest of this one.
+            mine = [step for step in list_steps(self.root) if step <= newest]
+            for step in mine[:-self.keep]:
                 if step < newest:  # rename first, so a kill mid-delete never leaves a half checkpoint_<step>
                     name = f"{TMP_PREFIX}deleting_checkpoint_{step}"
                     try:

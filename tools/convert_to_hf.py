@@ -87,7 +87,8 @@ def convert(checkpoint_path: str, output_dir: str, step: int | None = None, dtyp
         with open(meta_path) as f:
             meta = json.load(f)
         model_type, model_config, pp = meta["model_type"], meta["model_config"], int(meta["layout"]["pp"])
-        dict(meta["files"])  # sha256 per file: checked below
+        if not isinstance(meta["files"], dict):  # {file: sha256}, checked below
+            raise TypeError("'files' is not an object")
     except OSError:
         raise ModelError(f"{meta_path}: file not found") from None
     except (ValueError, KeyError, TypeError) as e:

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from utils.args import ArgumentError, parse_args, validate_args  # noqa: E402
-from utils.logging import error_line  # noqa: E402
+from utils.logging import error_line, one_line  # noqa: E402
 
 
 def user_error_types():
@@ -28,10 +28,6 @@ def user_error_types():
     from utils.logging import LoggingError
     return (ArgumentError, LaunchError, ModelError, OptimizerError, LayoutError, TaskError, CheckpointError,
             LoggingError)
-
-
-def one_line(exc) -> str:
-    return " ".join(str(exc).split())
 
 
 def out_of_memory_line(oom, args) -> str:

@@ -1,12 +1,13 @@
 """Process groups: one world of pp x dp ranks, pipelines on contiguous ranks, data-parallel groups strided."""
 import datetime
 import os
-import sys
 import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from utils.logging import error_line
 
 
 class LaunchError(RuntimeError):
@@ -69,9 +70,8 @@ def _rendezvous_within(init_method, rank, world, timeout, where):
     seconds = timeout.total_seconds() + START_GRACE_S
 
     def give_up():
-        sys.stderr.write(f"error: [rank {rank}] no rendezvous at {where} within {seconds:.0f} s (--dist-timeout "
-                         f"+ {START_GRACE_S} s): is rank 0 running, and is that its address and port?\n")
-        sys.stderr.flush()
+        error_line(f"[rank {rank}] no rendezvous at {where} within {seconds:.0f} s (--dist-timeout + "
+                   f"{START_GRACE_S} s): is rank 0 running, and is that its address and port?")
         os._exit(2)
 
     timer = threading.Timer(seconds, give_up)

@@ -8,11 +8,12 @@ On either, it prints one line and exits the process with status 1, so no rank wa
 Keys carry torchrun's restart count, so an attempt never reads the records of a failed earlier attempt.
 """
 import os
-import sys
 import threading
 import time
 
 import torch.distributed as dist
+
+from utils.logging import error_line
 
 HEARTBEAT_S = 1.0
 
@@ -44,8 +45,7 @@ class Watchdog:
     def _exit(self, message):
         if self.stopped.is_set():
             return
-        sys.stderr.write(f"error: [rank {self.rank}] {message}\n")
-        sys.stderr.flush()
+        error_line(f"[rank {self.rank}] {message}")
         os._exit(1)
 
     def _run(self):

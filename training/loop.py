@@ -15,12 +15,12 @@ import modules
 from comm import init_distributed
 from comm.watchdog import Watchdog
 from data_parallel import allreduce_gradients
-from optimizer import StageOptimizer
+from optimizer import StageOptimizer, check_available
 from pipeline_parallel import Pipeline, split_layers, stage_ids_of_rank
 from training.metrics import StepMeter
 from training.profiling import make_profiler
 from utils.checkpoint import CheckpointError, Checkpointer, files_of
-from utils.logging import make_logger, public_flags
+from utils.logging import make_logger, one_line, public_flags
 
 INJECT_INF_ENV = "INJECT_INF_GRAD"  # test hook "STEP:RANK": make one gradient inf on RANK at optimizer step STEP
 
@@ -130,12 +130,9 @@ class Trainer:
     def _check_inputs(self):
         """Data flags, the tokenizer and the optimizer's library before the model load (minutes for 20B), so that a
         typo costs seconds."""
-        import importlib.util
-
         from transformers import AutoTokenizer
 
         import tasks
-        from optimizer import OptimizerError
         args = self.args
         tasks.parse_task_spec(args.task_name)
         if args.evaluation_data:
@@ -144,13 +141,12 @@ class Trainer:
                 self.log.info("WARNING: --evaluation-data is never read without --evaluation-steps N")
         if args.loss_scale and not args.fp16:
             self.log.info("WARNING: --loss-scale applies to --fp16 only; this run does not scale the loss")
-        if args.optimizer == "8bit-adam" and importlib.util.find_spec("bitsandbytes") is None:
-            raise OptimizerError("--optimizer 8bit-adam needs bitsandbytes: pip install bitsandbytes")
+        check_available(args.optimizer)  # --optimizer's library, e.g. bitsandbytes
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
         except Exception as exc:  # noqa: BLE001 - a broken file surfaces as JSON, Value or OS errors
             raise modules.ModelError(f"--tokenizer-name {args.tokenizer_name}: cannot load the tokenizer "
-                                     f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); point it at the "
+                                     f"({type(exc).__name__}: {one_line(exc)[:200]}); point it at the "
                                      f"model's tokenizer directory") from None
         if len(self.tokenizer) > self.cfg.vocab_size:  # ids past the embedding would crash (or assert on a GPU)
             raise modules.ModelError(f"--tokenizer-name {args.tokenizer_name} has {len(self.tokenizer)} tokens but "

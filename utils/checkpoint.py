@@ -36,6 +36,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from utils.logging import one_line
+
 FAULT_ENV = "CKPT_FAULT_AFTER_FILES"  # test hook: os._exit(9) after writing N files of a save
 OSERROR_ENV = "CKPT_FAULT_OSERROR"  # test hook: a save fails with ENOSPC
 HOLD_ENV = "CKPT_HOLD_AFTER_SAVE"  # test hook: pause after a completed save
@@ -94,8 +96,7 @@ def _fsync(path):
 
 def _describe(exc):
     """One line for an exception (safetensors reports I/O failures with its own error type)."""
-    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
-    return " ".join(str(text).split())
+    return one_line(exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}")
 
 
 def _write_json(path, obj):
@@ -123,10 +124,6 @@ def _contiguous_cpu(tensors):
         storages.add(storage)
         out[key] = tensor
     return out
-
-
-def _one_line(text):
-    return " ".join(str(text).split())
 
 
 def read_latest(root):
@@ -278,14 +275,14 @@ class Checkpointer:
             # A later step on disk is a leftover of an abandoned run (resumed from an earlier checkpoint): it does
             # not count among the `keep` newest of this one.
             mine = [step for step in list_steps(self.root) if step <= newest]
-            for step in mine[:-self.keep]:
-                if step < newest:  # rename first, so a kill mid-delete never leaves a half checkpoint_<step>
-                    name = f"{TMP_PREFIX}deleting_checkpoint_{step}"
-                    try:
-                        os.rename(self.step_dir(step), os.path.join(self.root, name))
-                        doomed.append(name)
-                    except OSError as exc:
-                        sys.stderr.write(f"warning: could not remove {self.step_dir(step)}: {_describe(exc)}\n")
+            for step in mine[:-self.keep]:  # never `newest`: it is the last of `mine`
+                # rename first, so a kill mid-delete never leaves a half checkpoint_<step>
+                name = f"{TMP_PREFIX}deleting_checkpoint_{step}"
+                try:
+                    os.rename(self.step_dir(step), os.path.join(self.root, name))
+                    doomed.append(name)
+                except OSError as exc:
+                    sys.stderr.write(f"warning: could not remove {self.step_dir(step)}: {_describe(exc)}\n")
         for name in doomed:
             path = os.path.join(self.root, name)
             if os.path.isdir(path) and not os.path.islink(path):
@@ -372,7 +369,7 @@ class Checkpointer:
         first = None
         for step in candidates:
             meta, reason = self._validate(step, expected_meta, files_needed, expected_shapes)
-            reason = self._agree(_one_line(reason) if reason else None)
+            reason = self._agree(one_line(reason) if reason else None)
             if reason is None:
                 if first is not None:
                     log(f"WARNING: --resume-fallback: resuming from checkpoint {step}, because checkpoint "

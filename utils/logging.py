@@ -112,6 +112,11 @@ def public_flags(args):
     return json.loads(json.dumps(vars(args), default=str))
 
 
+def one_line(text):
+    """`text` (an exception, say) with its line breaks and runs of spaces folded: error lines stay one line."""
+    return " ".join(str(text).split())
+
+
 def error_line(message):
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()

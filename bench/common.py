@@ -51,7 +51,6 @@ SHAPES = {
     "tiny": dict(hidden_size=64, num_layers=4, num_heads=4, vocab_size=50304),  # --smoke
 }
 
-# Dense bf16 tensor-core peak per GPU (datasheets, no sparsity). H100 and H200 SXM share the same compute.
 # NVLink multicast stays off on the lent machines (KINDS.md); set for every process we start.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
             "PYTHONUNBUFFERED": "1"}

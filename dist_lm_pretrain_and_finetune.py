@@ -3,6 +3,7 @@
 Launch one process per rank (`--rank R --world-size W --dist-url tcp://HOST:PORT --cuda-id G`), or under torchrun,
 which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. See README.md.
 """
+
 import os
 import sys
 import traceback
@@ -26,8 +27,17 @@ def user_error_types():
     from tasks import TaskError
     from utils.checkpoint import CheckpointError
     from utils.logging import LoggingError
-    return (ArgumentError, LaunchError, ModelError, OptimizerError, LayoutError, TaskError, CheckpointError,
-            LoggingError)
+
+    return (
+        ArgumentError,
+        LaunchError,
+        ModelError,
+        OptimizerError,
+        LayoutError,
+        TaskError,
+        CheckpointError,
+        LoggingError,
+    )
 
 
 def out_of_memory_line(oom, args) -> str:
@@ -39,8 +49,10 @@ def out_of_memory_line(oom, args) -> str:
     if args.micro_batch_size > 1:
         fixes.append(f"a --micro-batch-size below {args.micro_batch_size}")
     if args.activation_checkpointing != "full":
-        fixes.append("--activation-checkpointing " + ("full" if args.activation_checkpointing == "selective"
-                                                      else "selective or full"))
+        fixes.append(
+            "--activation-checkpointing "
+            + ("full" if args.activation_checkpointing == "selective" else "selective or full")
+        )
     if args.optimizer != "8bit-adam":
         fixes.append("--optimizer 8bit-adam")
     fixes.append("more pipeline stages (--pipeline-group-size)")

@@ -50,8 +50,9 @@ def main():
         model.train()
         if args.compile:
             model = torch.compile(model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-6,
-                                      weight_decay=0.01, fused=True if cuda else None)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, fused=True if cuda else None
+        )
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
         shape = (args.micro_batch_size, args.seq_length)
         for step in range(1, args.steps + 1):

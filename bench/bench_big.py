@@ -32,8 +32,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (REPO, SHAPES, TOKENIZER, Session, add_common_args, apply_smoke,  # noqa: E402
-                    baseline_layers_that_fit, hf_config)
+from common import (
+    REPO,
+    SHAPES,
+    TOKENIZER,
+    Session,
+    add_common_args,
+    apply_smoke,  # noqa: E402
+    baseline_layers_that_fit,
+    hf_config,
+)
 
 STD = 0.02
 
@@ -42,24 +50,36 @@ STD = 0.02
 # A GPT-NeoX Hugging Face directory written tensor by tensor (HF key names)
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def gptneox_shards(config) -> list[list[tuple[str, tuple, str]]]:
     """Shards of (HF name, shape, init) in file order: embeddings, one per layer, final norm + head."""
     h, inner, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     shards = [[("gpt_neox.embed_in.weight", (vocab, h), "normal")]]
     for i in range(config.num_hidden_layers):
         p = f"gpt_neox.layers.{i}."
-        shards.append([
-            (p + "input_layernorm.weight", (h,), "ones"), (p + "input_layernorm.bias", (h,), "zeros"),
-            (p + "post_attention_layernorm.weight", (h,), "ones"), (p + "post_attention_layernorm.bias", (h,), "zeros"),
-            (p + "attention.query_key_value.weight", (3 * h, h), "normal"),
-            (p + "attention.query_key_value.bias", (3 * h,), "zeros"),
-            (p + "attention.dense.weight", (h, h), "normal"), (p + "attention.dense.bias", (h,), "zeros"),
-            (p + "mlp.dense_h_to_4h.weight", (inner, h), "normal"), (p + "mlp.dense_h_to_4h.bias", (inner,), "zeros"),
-            (p + "mlp.dense_4h_to_h.weight", (h, inner), "normal"), (p + "mlp.dense_4h_to_h.bias", (h,), "zeros"),
-        ])
-    shards.append([("gpt_neox.final_layer_norm.weight", (h,), "ones"),
-                   ("gpt_neox.final_layer_norm.bias", (h,), "zeros"),
-                   ("embed_out.weight", (vocab, h), "normal")])
+        shards.append(
+            [
+                (p + "input_layernorm.weight", (h,), "ones"),
+                (p + "input_layernorm.bias", (h,), "zeros"),
+                (p + "post_attention_layernorm.weight", (h,), "ones"),
+                (p + "post_attention_layernorm.bias", (h,), "zeros"),
+                (p + "attention.query_key_value.weight", (3 * h, h), "normal"),
+                (p + "attention.query_key_value.bias", (3 * h,), "zeros"),
+                (p + "attention.dense.weight", (h, h), "normal"),
+                (p + "attention.dense.bias", (h,), "zeros"),
+                (p + "mlp.dense_h_to_4h.weight", (inner, h), "normal"),
+                (p + "mlp.dense_h_to_4h.bias", (inner,), "zeros"),
+                (p + "mlp.dense_4h_to_h.weight", (h, inner), "normal"),
+                (p + "mlp.dense_4h_to_h.bias", (h,), "zeros"),
+            ]
+        )
+    shards.append(
+        [
+            ("gpt_neox.final_layer_norm.weight", (h,), "ones"),
+            ("gpt_neox.final_layer_norm.bias", (h,), "zeros"),
+            ("embed_out.weight", (vocab, h), "normal"),
+        ]
+    )
     return shards
 
 
@@ -122,8 +142,10 @@ def check_writer() -> str:
         theirs = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in model.state_dict().items()}
         differ = [k for k, v in stage.state_dict().items() if k not in theirs or not torch.equal(v, theirs[k])]
         if differ:
-            raise SystemExit(f"bench_big: weight writer check failed: {differ[0]} differs between transformers' "
-                             f"model and ours ({len(differ)} tensors differ)")
+            raise SystemExit(
+                f"bench_big: weight writer check failed: {differ[0]} differs between transformers' "
+                f"model and ours ({len(differ)} tensors differ)"
+            )
     return "ok: transformers and modules.load_stage_weights load it with no missing/unexpected keys, same values"
 
 
@@ -153,8 +175,11 @@ def main():
     ap.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b", "interleaved-1f1b"])
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"])
-    ap.add_argument("--drop-caches", action="store_true",
-                    help="drop the page cache after writing the model, so the load reads the disk")
+    ap.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="drop the page cache after writing the model, so the load reads the disk",
+    )
     ap.add_argument("--write-model", metavar="DIR", help=argparse.SUPPRESS)  # internal: write DIR and exit
     ap.add_argument("--write-device", default="cuda", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -169,9 +194,12 @@ def main():
             args.optimizer = "adam"  # bitsandbytes' 8-bit Adam needs a GPU
     if args.optimizer == "8bit-adam":
         import importlib.util
+
         if importlib.util.find_spec("bitsandbytes") is None:
-            sys.exit("bench_big: --optimizer 8bit-adam needs bitsandbytes; carry its wheel (bench/README.md) or "
-                     "pass --optimizer adam")
+            sys.exit(
+                "bench_big: --optimizer 8bit-adam needs bitsandbytes; carry its wheel (bench/README.md) or "
+                "pass --optimizer adam"
+            )
     n_micro = args.micro_batches or (4 if args.smoke else 8) * args.pp
     batch = n_micro * args.micro_batch_size
     layers = SHAPES[args.shape]["num_layers"]
@@ -183,37 +211,80 @@ def main():
         written = {"reused": big}
         s.note(f"model: reusing {big}")
     else:  # in a child process, so that this one never holds a CUDA context while the runs need the GPUs
-        cmd = [sys.executable, os.path.abspath(__file__), "--write-model", big, "--shape", args.shape,
-               "--seq-length", str(args.seq_length), "--write-device", "cuda" if s.gpu else "cpu"]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--write-model",
+            big,
+            "--shape",
+            args.shape,
+            "--seq-length",
+            str(args.seq_length),
+            "--write-device",
+            "cuda" if s.gpu else "cpu",
+        ]
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"bench_big: writing the model failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
         written = json.loads(done.stdout.strip().splitlines()[-1])
-        s.note(f"model: wrote {written['gb']} GB bf16 in {written['files']} safetensors files in "
-               f"{written['seconds']}s to {big}")
+        s.note(
+            f"model: wrote {written['gb']} GB bf16 in {written['files']} safetensors files in "
+            f"{written['seconds']}s to {big}"
+        )
     data = s.data_file(args.steps * batch * args.seq_length)
 
-    fit = baseline_layers_that_fit(args.shape, -(-layers // args.pp), args.micro_batch_size, args.seq_length,
-                                   s.env["gpu_memory_gb"])
-    base = s.baseline(f"baseline 1 GPU L{fit}", model_dir=s.model_dir(args.shape, fit),
-                      micro_batch=args.micro_batch_size, accum=n_micro)
+    fit = baseline_layers_that_fit(
+        args.shape, -(-layers // args.pp), args.micro_batch_size, args.seq_length, s.env["gpu_memory_gb"]
+    )
+    base = s.baseline(
+        f"baseline 1 GPU L{fit}",
+        model_dir=s.model_dir(args.shape, fit),
+        micro_batch=args.micro_batch_size,
+        accum=n_micro,
+    )
     if args.drop_caches:
         cache = drop_page_cache()
     else:
         cache = "as earlier calls left it (model reused)" if "reused" in written else "warm (model just written)"
     s.note(f"page cache: {cache}")
     extra = ["--virtual-stages", "2"] if args.schedule == "interleaved-1f1b" else []
-    run = s.ours(f"ours pp{args.pp} {args.optimizer}", model_dir=big, data=data, nproc=args.pp, pp=args.pp,
-                 micro_batch=args.micro_batch_size, batch=batch, schedule=args.schedule, compile=args.compile,
-                 activation_checkpointing=args.activation_checkpointing, optimizer=args.optimizer,
-                 load_pretrained=True, extra=extra)
+    run = s.ours(
+        f"ours pp{args.pp} {args.optimizer}",
+        model_dir=big,
+        data=data,
+        nproc=args.pp,
+        pp=args.pp,
+        micro_batch=args.micro_batch_size,
+        batch=batch,
+        schedule=args.schedule,
+        compile=args.compile,
+        activation_checkpointing=args.activation_checkpointing,
+        optimizer=args.optimizer,
+        load_pretrained=True,
+        extra=extra,
+    )
     s.target("4a: MFU", run.get("mfu"), 0.40, ours=run, reference=base)
     limit = 120 if args.shape == "neox-20b" else 60  # 20B: issue #8's two minutes
-    s.target("4b: launch to first step, s", run.get("launch_to_first_step_s"), limit, compare="<=",
-             detail=f"page cache {cache}; trainer's own figure {_s(run.get('trainer_launch_to_first_step_s'))}",
-             ours=run)
-    s.finish(extra={"shape_name": args.shape, "pp": args.pp, "micro_batches": n_micro, "model_written": written,
-                    "page_cache": cache, "baseline_layers": fit, "repo": REPO}, ratio_to=base)
+    s.target(
+        "4b: launch to first step, s",
+        run.get("launch_to_first_step_s"),
+        limit,
+        compare="<=",
+        detail=f"page cache {cache}; trainer's own figure {_s(run.get('trainer_launch_to_first_step_s'))}",
+        ours=run,
+    )
+    s.finish(
+        extra={
+            "shape_name": args.shape,
+            "pp": args.pp,
+            "micro_batches": n_micro,
+            "model_written": written,
+            "page_cache": cache,
+            "baseline_layers": fit,
+            "repo": REPO,
+        },
+        ratio_to=base,
+    )
 
 
 if __name__ == "__main__":

@@ -21,13 +21,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-COMMON = ("the of and to in is was for that with as on by at from his her an which or be are it this had not but "
-          "have were one their all been has also its new who more after first two other when time into only some "
-          "year over people could would about many most these then than what your how there know make like "
-          "water history city music world school family country river system number between during under "
-          "because through government company important example different question answer explain simple").split()
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+COMMON = (
+    "the of and to in is was for that with as on by at from his her an which or be are it this had not but "
+    "have were one their all been has also its new who more after first two other when time into only some "
+    "year over people could would about many most these then than what your how there know make like "
+    "water history city music world school family country river system number between during under "
+    "because through government company important example different question answer explain simple"
+).split()
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 SYLLABLES = "ka ri to ma ne so lu vi de pa qua zer ion ent ush ol am ex tri gon ber ly ish ment".split()
 
 
@@ -52,8 +56,10 @@ def make_dataset(path: str, size_mb: float, fmt: str, seed: int = 0) -> int:
     n = written = 0
     with open(path, "w") as fh:
         while written < target:
-            turns = [(make_words(rng, rng.randint(8, 40)) + "?", make_words(rng, rng.randint(20, 200)) + ".")
-                     for _ in range(rng.randint(1, 3))]
+            turns = [
+                (make_words(rng, rng.randint(8, 40)) + "?", make_words(rng, rng.randint(20, 200)) + ".")
+                for _ in range(rng.randint(1, 3))
+            ]
             if fmt == "messages" or (fmt == "mixed" and n % 2):
                 msgs = []
                 for q, a in turns:
@@ -72,15 +78,20 @@ def main():
     ap.add_argument("--out", help="write the result as JSON here")
     ap.add_argument("--size-mb", type=float, default=30.0)
     ap.add_argument("--format", choices=["text", "messages", "mixed"], default="text")
-    ap.add_argument("--tokenizer", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                       "assets", "tokenizer"))
+    ap.add_argument(
+        "--tokenizer",
+        default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tokenizer"),
+    )
     ap.add_argument("--seq-length", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--num-workers", type=int, default=1)
     ap.add_argument("--shuffle-buffer", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=20.0, help="stop timing after this long (or one pass)")
-    ap.add_argument("--chat-template", action="store_true",
-                    help="give the tokenizer a ChatML template (messages rendered through apply_chat_template)")
+    ap.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="give the tokenizer a ChatML template (messages rendered through apply_chat_template)",
+    )
     ap.add_argument("--data-dir", help="reuse/generate the dataset here instead of a temp dir")
     args = ap.parse_args()
 
@@ -104,11 +115,15 @@ def main():
     t0 = time.perf_counter()
     if not os.path.exists(path):
         records = make_dataset(path, args.size_mb, args.format)
-        print(f"generated {records} records, {os.path.getsize(path) / 2**20:.1f} MB in "
-              f"{time.perf_counter() - t0:.1f}s: {path}", file=sys.stderr)
+        print(
+            f"generated {records} records, {os.path.getsize(path) / 2**20:.1f} MB in "
+            f"{time.perf_counter() - t0:.1f}s: {path}",
+            file=sys.stderr,
+        )
 
-    stream = PackedStream(path, tok, args.seq_length, args.batch_size, num_workers=args.num_workers,
-                          shuffle_buffer=args.shuffle_buffer)
+    stream = PackedStream(
+        path, tok, args.seq_length, args.batch_size, num_workers=args.num_workers, shuffle_buffer=args.shuffle_buffer
+    )
     tokens_per_batch = args.seq_length * args.batch_size
     next(stream)  # warm-up: thread start, first chunks
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -126,16 +141,28 @@ def main():
     result = {
         "benchmark": "tasks.PackedStream packed output",
         "tokens_per_s": round(tokens / dt),
-        "tokens": tokens, "batches": batches, "seconds": round(dt, 3), "loss_token_fraction": loss_tokens / tokens,
-        "dataset_mb": round(os.path.getsize(path) / 2**20, 1), "format": args.format,
+        "tokens": tokens,
+        "batches": batches,
+        "seconds": round(dt, 3),
+        "loss_token_fraction": loss_tokens / tokens,
+        "dataset_mb": round(os.path.getsize(path) / 2**20, 1),
+        "format": args.format,
         "chat_template": args.chat_template,
-        "seq_length": args.seq_length, "batch_size": args.batch_size, "num_workers": args.num_workers,
-        "shuffle_buffer": args.shuffle_buffer, "cpu_count": os.cpu_count(),
-        "load_avg_1min": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None], "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+        "seq_length": args.seq_length,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "shuffle_buffer": args.shuffle_buffer,
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
     }
-    print(f"{result['tokens_per_s']:,} tokens/s packed ({tokens:,} tokens in {dt:.1f}s, {args.format}, "
-          f"{'chat template, ' if args.chat_template else ''}S={args.seq_length} B={args.batch_size} workers={args.num_workers}, {os.cpu_count()} cores)")
+    print(
+        f"{result['tokens_per_s']:,} tokens/s packed ({tokens:,} tokens in {dt:.1f}s, {args.format}, "
+        f"{'chat template, ' if args.chat_template else ''}S={args.seq_length} B={args.batch_size} workers={args.num_workers}, {os.cpu_count()} cores)"
+    )
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)

@@ -22,8 +22,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (SHAPES, Session, add_common_args, apply_smoke, baseline_layers_that_fit,  # noqa: E402
-                    ratio)
+from common import (
+    SHAPES,
+    Session,
+    add_common_args,
+    apply_smoke,
+    baseline_layers_that_fit,  # noqa: E402
+    ratio,
+)
 
 
 def main():
@@ -49,28 +55,46 @@ def main():
     s = Session("bench_dp", args)
     model = s.model_dir(args.shape)
     data = s.data_file(args.steps * args.batch_size * args.dp * args.seq_length)
-    common = dict(model_dir=model, data=data, pp=args.pp, micro_batch=args.micro_batch_size, batch=args.batch_size,
-                  schedule=schedule, compile=args.compile, activation_checkpointing=args.activation_checkpointing)
+    common = dict(
+        model_dir=model,
+        data=data,
+        pp=args.pp,
+        micro_batch=args.micro_batch_size,
+        batch=args.batch_size,
+        schedule=schedule,
+        compile=args.compile,
+        activation_checkpointing=args.activation_checkpointing,
+    )
 
-    fit = baseline_layers_that_fit(args.shape, layers, args.micro_batch_size, args.seq_length,
-                                   s.env["gpu_memory_gb"])
-    base = s.baseline(f"baseline 1 GPU L{fit}", model_dir=s.model_dir(args.shape, fit),
-                      micro_batch=args.micro_batch_size, accum=args.batch_size // args.micro_batch_size)
+    fit = baseline_layers_that_fit(args.shape, layers, args.micro_batch_size, args.seq_length, s.env["gpu_memory_gb"])
+    base = s.baseline(
+        f"baseline 1 GPU L{fit}",
+        model_dir=s.model_dir(args.shape, fit),
+        micro_batch=args.micro_batch_size,
+        accum=args.batch_size // args.micro_batch_size,
+    )
     if args.pp == 1:
         one = s.ours("ours pp1 dp1", nproc=1, dp=1, **common)
         many = s.ours(f"ours pp1 dp{args.dp}", nproc=args.dp, dp=args.dp, **common)
-        s.target(f"3: dp{args.dp} tok/s / ({args.dp} x dp1 tok/s)",
-                 ratio(many.get("tokens_per_s"), one.get("tokens_per_s") and args.dp * one["tokens_per_s"]), 0.9,
-                 ours=many, reference=one)
+        s.target(
+            f"3: dp{args.dp} tok/s / ({args.dp} x dp1 tok/s)",
+            ratio(many.get("tokens_per_s"), one.get("tokens_per_s") and args.dp * one["tokens_per_s"]),
+            0.9,
+            ours=many,
+            reference=one,
+        )
     else:  # the whole layout against ONE GPU training the whole model with the same batch per replica
         one = s.ours("ours 1 GPU", nproc=1, dp=1, **dict(common, pp=1, schedule="gpipe"))
         gpus = args.pp * args.dp
         many = s.ours(f"ours pp{args.pp} dp{args.dp}", nproc=gpus, dp=args.dp, **common)
-        s.target(f"3: pp{args.pp} x dp{args.dp} tok/s / ({gpus} x 1-GPU tok/s)",
-                 ratio(many.get("tokens_per_s"), one.get("tokens_per_s") and gpus * one["tokens_per_s"]), 0.85,
-                 ours=many, reference=one)
-    s.finish(extra={"shape_name": args.shape, "pp": args.pp, "dp": args.dp, "baseline_layers": fit},
-             ratio_to=base)
+        s.target(
+            f"3: pp{args.pp} x dp{args.dp} tok/s / ({gpus} x 1-GPU tok/s)",
+            ratio(many.get("tokens_per_s"), one.get("tokens_per_s") and gpus * one["tokens_per_s"]),
+            0.85,
+            ours=many,
+            reference=one,
+        )
+    s.finish(extra={"shape_name": args.shape, "pp": args.pp, "dp": args.dp, "baseline_layers": fit}, ratio_to=base)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (SHAPES, Session, add_common_args, apply_smoke, baseline_layers_that_fit,  # noqa: E402
-                    ratio)
+from common import (
+    SHAPES,
+    Session,
+    add_common_args,
+    apply_smoke,
+    baseline_layers_that_fit,  # noqa: E402
+    ratio,
+)
 
 
 def main():
@@ -54,27 +60,57 @@ def main():
     full = s.model_dir(args.shape, layers)
     stage = s.model_dir(args.shape, stage_layers)
     data = s.data_file(args.steps * batch * args.seq_length)
-    common = dict(data=data, micro_batch=args.micro_batch_size, batch=batch, compile=args.compile,
-                  activation_checkpointing=args.activation_checkpointing)
+    common = dict(
+        data=data,
+        micro_batch=args.micro_batch_size,
+        batch=batch,
+        compile=args.compile,
+        activation_checkpointing=args.activation_checkpointing,
+    )
 
-    fit = baseline_layers_that_fit(args.shape, stage_layers, args.micro_batch_size, args.seq_length,
-                                   s.env["gpu_memory_gb"])
-    base = s.baseline(f"baseline 1 GPU L{fit}", model_dir=s.model_dir(args.shape, fit),
-                      micro_batch=args.micro_batch_size, accum=n_micro)
+    fit = baseline_layers_that_fit(
+        args.shape, stage_layers, args.micro_batch_size, args.seq_length, s.env["gpu_memory_gb"]
+    )
+    base = s.baseline(
+        f"baseline 1 GPU L{fit}",
+        model_dir=s.model_dir(args.shape, fit),
+        micro_batch=args.micro_batch_size,
+        accum=n_micro,
+    )
     ref = None
     if not args.no_reference:
         ref = s.ours(f"ours 1 GPU L{stage_layers}", model_dir=stage, nproc=1, **common)
     for schedule in [x.strip() for x in args.schedules.split(",") if x.strip()]:
         extra = ["--virtual-stages", str(args.virtual_stages)] if schedule == "interleaved-1f1b" else []
-        run = s.ours(f"pp{args.pp} {schedule}", model_dir=full, nproc=args.pp, pp=args.pp, schedule=schedule,
-                     extra=extra, **common)
+        run = s.ours(
+            f"pp{args.pp} {schedule}",
+            model_dir=full,
+            nproc=args.pp,
+            pp=args.pp,
+            schedule=schedule,
+            extra=extra,
+            **common,
+        )
         # Every GPU of a pipeline handles every token for its 1/pp of the layers, so the fair per-GPU measure is
         # achieved FLOP/s per GPU (MFU), not tokens/s divided by pp.
-        s.target(f"2: pp{args.pp} {schedule} per-GPU FLOP/s (MFU) / 1-GPU L{stage_layers}",
-                 ratio(run.get("mfu"), ref and ref.get("mfu")), 0.88 if args.pp <= 2 else 0.85, ours=run,
-                 reference=ref)
-    s.finish(extra={"shape_name": args.shape, "layers": layers, "stage_layers": stage_layers, "pp": args.pp,
-                    "micro_batches": n_micro, "baseline_layers": fit}, ratio_to=base)
+        s.target(
+            f"2: pp{args.pp} {schedule} per-GPU FLOP/s (MFU) / 1-GPU L{stage_layers}",
+            ratio(run.get("mfu"), ref and ref.get("mfu")),
+            0.88 if args.pp <= 2 else 0.85,
+            ours=run,
+            reference=ref,
+        )
+    s.finish(
+        extra={
+            "shape_name": args.shape,
+            "layers": layers,
+            "stage_layers": stage_layers,
+            "pp": args.pp,
+            "micro_batches": n_micro,
+            "baseline_layers": fit,
+        },
+        ratio_to=base,
+    )
 
 
 if __name__ == "__main__":

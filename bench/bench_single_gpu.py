@@ -24,8 +24,15 @@ from common import SHAPES, Session, add_common_args, apply_smoke, ratio  # noqa:
 
 
 def parse_variant(text: str, default_batch: int) -> dict:
-    v = {"label": text, "micro_batch": 1, "batch": default_batch, "compile": False, "fp16": False,
-         "activation_checkpointing": "none", "attention_backend": "auto"}
+    v = {
+        "label": text,
+        "micro_batch": 1,
+        "batch": default_batch,
+        "compile": False,
+        "fp16": False,
+        "activation_checkpointing": "none",
+        "attention_backend": "auto",
+    }
     for word in text.split("+"):
         if word.startswith("mb") and word[2:].isdigit():
             v["micro_batch"] = int(word[2:])
@@ -42,8 +49,10 @@ def parse_variant(text: str, default_batch: int) -> dict:
         elif word in ("flash", "cudnn", "efficient"):
             v["attention_backend"] = word
         else:
-            sys.exit(f"--variants: unknown word {word!r} in {text!r} (mbN, bsN, compile, fp16, ac-full, "
-                     f"ac-selective, flash, cudnn, efficient)")
+            sys.exit(
+                f"--variants: unknown word {word!r} in {text!r} (mbN, bsN, compile, fp16, ac-full, "
+                f"ac-selective, flash, cudnn, efficient)"
+            )
     if v["batch"] % v["micro_batch"]:
         sys.exit(f"--variants {text!r}: micro-batch {v['micro_batch']} does not divide the batch {v['batch']}")
     return v
@@ -60,8 +69,11 @@ def main():
     ap.add_argument("--shape", default="pythia-1.4b", choices=sorted(SHAPES))
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step (all runs)")
     ap.add_argument("--baseline-micro-batch", type=int, default=4)
-    ap.add_argument("--variants", default="mb4,mb4+compile,mb8+compile,mb4+compile+fp16",
-                    help="comma-separated; see the module docstring")
+    ap.add_argument(
+        "--variants",
+        default="mb4,mb4+compile,mb8+compile,mb4+compile+fp16",
+        help="comma-separated; see the module docstring",
+    )
     args = ap.parse_args()
     apply_smoke(args, ap)
     if args.smoke:
@@ -77,27 +89,49 @@ def main():
     biggest = max(v["batch"] for v in variants + [{"batch": args.batch_size}])
     data = s.data_file(args.steps * biggest * args.seq_length)
 
-    base = s.baseline(f"baseline mb{args.baseline_micro_batch}", model_dir=model,
-                      micro_batch=args.baseline_micro_batch, accum=args.batch_size // args.baseline_micro_batch)
+    base = s.baseline(
+        f"baseline mb{args.baseline_micro_batch}",
+        model_dir=model,
+        micro_batch=args.baseline_micro_batch,
+        accum=args.batch_size // args.baseline_micro_batch,
+    )
     ours = {}
     for v in variants:
-        ours[v["label"]] = s.ours(v["label"], model_dir=model, data=data, nproc=1, micro_batch=v["micro_batch"],
-                                  batch=v["batch"], compile=v["compile"], fp16=v["fp16"],
-                                  activation_checkpointing=v["activation_checkpointing"],
-                                  extra=["--attention-backend", v["attention_backend"]])
+        ours[v["label"]] = s.ours(
+            v["label"],
+            model_dir=model,
+            data=data,
+            nproc=1,
+            micro_batch=v["micro_batch"],
+            batch=v["batch"],
+            compile=v["compile"],
+            fp16=v["fp16"],
+            activation_checkpointing=v["activation_checkpointing"],
+            extra=["--attention-backend", v["attention_backend"]],
+        )
 
     bf16 = [r for r in ours.values() if r["precision"] != "fp16" and r.get("tokens_per_s")]
     best = max(bf16, key=lambda r: r["tokens_per_s"], default=None)
-    s.target("1: best bf16 tokens/s / baseline", ratio(best and best["tokens_per_s"], base.get("tokens_per_s")),
-             1.3, detail=f"best: {best['label']}" if best else "no bf16 run finished", ours=best, reference=base)
+    s.target(
+        "1: best bf16 tokens/s / baseline",
+        ratio(best and best["tokens_per_s"], base.get("tokens_per_s")),
+        1.3,
+        detail=f"best: {best['label']}" if best else "no bf16 run finished",
+        ours=best,
+        reference=base,
+    )
     for v in variants:
         if v["fp16"]:
             run, twin = ours[v["label"]], twin_without_fp16(v, ours)
             skipped = f"; {run['skipped_steps']} fp16 steps skipped (overflow)" if run.get("skipped_steps") else ""
-            s.target(f"5: {v['label']} / its bf16 twin", ratio(run.get("tokens_per_s"),
-                                                                twin and twin.get("tokens_per_s")), 0.95,
-                     detail=(f"twin: {twin['label']}" if twin else "no bf16 twin in --variants") + skipped,
-                     ours=run, reference=twin)
+            s.target(
+                f"5: {v['label']} / its bf16 twin",
+                ratio(run.get("tokens_per_s"), twin and twin.get("tokens_per_s")),
+                0.95,
+                detail=(f"twin: {twin['label']}" if twin else "no bf16 twin in --variants") + skipped,
+                ours=run,
+                reference=twin,
+            )
     s.finish(extra={"shape_name": args.shape, "batch_per_step": args.batch_size}, ratio_to=base)
 
 

@@ -52,31 +52,49 @@ SHAPES = {
 }
 
 # NVLink multicast stays off on the lent machines (KINDS.md); set for every process we start.
-SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-            "PYTHONUNBUFFERED": "1"}
+SAFE_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Flags every benchmark takes
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def add_common_args(parser: argparse.ArgumentParser, steps: int = 20, warmup: int = 5) -> None:
     g = parser.add_argument_group("common")
-    g.add_argument("--smoke", action="store_true",
-                   help="CPU/gloo, tiny model, short sequences, 3 steps, fp32: checks the script end to end")
-    g.add_argument("--out", default=None,
-                   help="JSON result path (default: $OUT/<script>.json, else runs/bench/<script>.json); "
-                        "all process output goes to the same path with .log")
+    g.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU/gloo, tiny model, short sequences, 3 steps, fp32: checks the script end to end",
+    )
+    g.add_argument(
+        "--out",
+        default=None,
+        help="JSON result path (default: $OUT/<script>.json, else runs/bench/<script>.json); "
+        "all process output goes to the same path with .log",
+    )
     g.add_argument("--workdir", default=None, help="model dirs, data and checkpoints (default: a temp dir, removed)")
     g.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
     g.add_argument("--warmup", type=int, default=warmup, help="first steps left out of the averages")
     g.add_argument("--seq-length", type=int, default=2048)
-    g.add_argument("--time-budget", type=float, default=520,
-                   help="seconds for the whole script; runs that would start later are skipped, a run is stopped "
-                        "when the budget is spent (keep it under the device's 600 s per command)")
+    g.add_argument(
+        "--time-budget",
+        type=float,
+        default=520,
+        help="seconds for the whole script; runs that would start later are skipped, a run is stopped "
+        "when the budget is spent (keep it under the device's 600 s per command)",
+    )
     g.add_argument("--run-timeout", type=float, default=300, help="seconds one run may take at most")
-    g.add_argument("--final-checkpoint", action="store_true",
-                   help="let our runs write their end-of-run checkpoint (default: stop them after the last step)")
+    g.add_argument(
+        "--final-checkpoint",
+        action="store_true",
+        help="let our runs write their end-of-run checkpoint (default: stop them after the last step)",
+    )
     g.add_argument("--baseline-compile", action="store_true", help="torch.compile the baseline model")
     g.add_argument("--no-baseline", action="store_true", help="skip the baseline run")
 
@@ -93,12 +111,15 @@ def apply_smoke(args, parser: argparse.ArgumentParser) -> None:
 # Environment: card, versions, commit
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def gpu_inventory() -> list[dict]:
     """[{name, memory_gb}] per visible GPU, asked of a child process so that this one never holds a CUDA context
     (it would sit on GPU 0 during every run)."""
-    probe = ("import json, torch; print(json.dumps([{'name': torch.cuda.get_device_name(i), 'memory_gb': "
-             "round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)} "
-             "for i in range(torch.cuda.device_count())]))")
+    probe = (
+        "import json, torch; print(json.dumps([{'name': torch.cuda.get_device_name(i), 'memory_gb': "
+        "round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)} "
+        "for i in range(torch.cuda.device_count())]))"
+    )
     try:
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).stdout
         return json.loads(out.strip().splitlines()[-1])
@@ -109,6 +130,7 @@ def gpu_inventory() -> list[dict]:
 def peak_flops(card: str) -> tuple[float | None, str]:
     """The trainer's own table (training/metrics.py), so both sides of a ratio use one peak."""
     from training.metrics import peak_for_name
+
     value, label = peak_for_name(card)
     return value, f"{label} per GPU" if value else label
 
@@ -117,8 +139,9 @@ def git_commit() -> str:
     if os.environ.get("BENCH_COMMIT"):  # the device's copy of the tree may carry no usable git history
         return os.environ["BENCH_COMMIT"]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         if len(sha) == 40 and all(c in "0123456789abcdef" for c in sha):
             return sha
     except (OSError, subprocess.SubprocessError):
@@ -134,11 +157,17 @@ def environment(smoke: bool) -> dict:
     card = gpus[0]["name"] if gpus else "cpu"
     peak, peak_label = peak_flops(card) if gpus else (None, "cpu: MFU not computed")
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "card": card, "gpus": len(gpus), "gpu_memory_gb": gpus[0]["memory_gb"] if gpus else None,
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "cpu_count": os.cpu_count(), "commit": git_commit(),
-        "peak_flops": peak, "peak_label": peak_label,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "card": card,
+        "gpus": len(gpus),
+        "gpu_memory_gb": gpus[0]["memory_gb"] if gpus else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "commit": git_commit(),
+        "peak_flops": peak,
+        "peak_label": peak_label,
         "mfu_formula": "6*N_nonembedding + 12*L*d*S FLOPs per token (GUIDE 5)",
     }
 
@@ -147,15 +176,24 @@ def environment(smoke: bool) -> dict:
 # Model directories and data
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def hf_config(shape: str, num_layers: int | None = None, max_positions: int = 2048):
     from transformers import GPTNeoXConfig
 
     s = SHAPES[shape]
-    return GPTNeoXConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
-                         num_hidden_layers=num_layers or s["num_layers"], num_attention_heads=s["num_heads"],
-                         intermediate_size=4 * s["hidden_size"], rotary_pct=0.25, use_parallel_residual=True,
-                         max_position_embeddings=max(2048, max_positions), tie_word_embeddings=False,
-                         bos_token_id=EOS_ID, eos_token_id=EOS_ID)
+    return GPTNeoXConfig(
+        vocab_size=s["vocab_size"],
+        hidden_size=s["hidden_size"],
+        num_hidden_layers=num_layers or s["num_layers"],
+        num_attention_heads=s["num_heads"],
+        intermediate_size=4 * s["hidden_size"],
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        max_position_embeddings=max(2048, max_positions),
+        tie_word_embeddings=False,
+        bos_token_id=EOS_ID,
+        eos_token_id=EOS_ID,
+    )
 
 
 def write_model_dir(path: str, shape: str, num_layers: int | None = None, max_positions: int = 2048) -> str:
@@ -172,14 +210,20 @@ def model_shape(model_dir: str) -> dict:
     import modules
 
     cfg = modules.load_model_config(model_dir)
-    return {"hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
-            "vocab_size": cfg.vocab_size, "intermediate_size": cfg.intermediate_size,
-            "params": modules.count_parameters(cfg),
-            "params_nonembedding": modules.count_parameters(cfg, include_embedding=False)}
+    return {
+        "hidden_size": cfg.hidden_size,
+        "num_layers": cfg.num_layers,
+        "num_heads": cfg.num_heads,
+        "vocab_size": cfg.vocab_size,
+        "intermediate_size": cfg.intermediate_size,
+        "params": modules.count_parameters(cfg),
+        "params_nonembedding": modules.count_parameters(cfg, include_embedding=False),
+    }
 
 
-def baseline_layers_that_fit(shape: str, layers: int, micro_batch: int, seq_length: int,
-                             gpu_memory_gb: float | None) -> int:
+def baseline_layers_that_fit(
+    shape: str, layers: int, micro_batch: int, seq_length: int, gpu_memory_gb: float | None
+) -> int:
     """Most layers (<= `layers`) of `shape` whose transformers baseline should fit one GPU: a deliberately generous
     estimate of fp32 weights + grads + AdamW moments + bf16 autocast copies (18 B/param), activations (~50 B per
     hidden unit per token per layer with SDPA) and logits (~12 B per vocab entry per token), plus 2 GB."""
@@ -201,11 +245,13 @@ def flops_per_token(model_dir: str, seq_length: int) -> float:
     return float(modules.flops_per_token(modules.load_model_config(model_dir), seq_length))
 
 
-_WORDS = ("the of and to in is was for that with as on by at from his her an which or be are it this had not but "
-          "have were one their all been has also its new who more after first two other when time into only some "
-          "year over people could would about many most these then than what your how there know make like "
-          "water history city music world school family country river system number between during under "
-          "because through government company important example different question answer explain simple").split()
+_WORDS = (
+    "the of and to in is was for that with as on by at from his her an which or be are it this had not but "
+    "have were one their all been has also its new who more after first two other when time into only some "
+    "year over people could would about many most these then than what your how there know make like "
+    "water history city music world school family country river system number between during under "
+    "because through government company important example different question answer explain simple"
+).split()
 
 
 def write_oig_data(path: str, tokens: int, seed: int = 0) -> str:
@@ -217,8 +263,10 @@ def write_oig_data(path: str, tokens: int, seed: int = 0) -> str:
     with open(path, "w") as f:
         while written < target_bytes:
             q = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 40)))
-            a = " ".join(rng.choice(_WORDS) if rng.random() < 0.9 else str(rng.randint(0, 99999))
-                         for _ in range(rng.randint(40, 400)))
+            a = " ".join(
+                rng.choice(_WORDS) if rng.random() < 0.9 else str(rng.randint(0, 99999))
+                for _ in range(rng.randint(40, 400))
+            )
             line = json.dumps({"text": f"<human>: {q}?\n<bot>: {a}."}) + "\n"
             f.write(line)
             written += len(line)
@@ -228,6 +276,7 @@ def write_oig_data(path: str, tokens: int, seed: int = 0) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Processes
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -289,8 +338,10 @@ def read_jsonl(path: str) -> list[dict]:
 # Summaries
 # ----------------------------------------------------------------------------------------------------------------
 
-def summarize(step_records: list[dict], warmup: int, tokens_per_step: int, world: int, fpt: float,
-              peak: float | None) -> dict:
+
+def summarize(
+    step_records: list[dict], warmup: int, tokens_per_step: int, world: int, fpt: float, peak: float | None
+) -> dict:
     """Throughput over the steps after `warmup` (sum of step times), memory over all steps."""
     train = [r for r in step_records if "step_s" in r]
     timed = [r for r in train if r["step"] > warmup]
@@ -298,9 +349,13 @@ def summarize(step_records: list[dict], warmup: int, tokens_per_step: int, world
     if timed:
         seconds = sum(r["step_s"] for r in timed)
         tps = tokens_per_step * len(timed) / seconds
-        out.update(tokens_per_s=tps, tokens_per_s_per_gpu=tps / world, step_s=seconds / len(timed),
-                   tflops_per_gpu=tps * fpt / world / 1e12,
-                   mfu=tps * fpt / (world * peak) if peak else None)
+        out.update(
+            tokens_per_s=tps,
+            tokens_per_s_per_gpu=tps / world,
+            step_s=seconds / len(timed),
+            tflops_per_gpu=tps * fpt / world / 1e12,
+            mfu=tps * fpt / (world * peak) if peak else None,
+        )
     per_rank = [r["mem_gb_per_rank"] for r in train if r.get("mem_gb_per_rank")]
     if per_rank:
         out["peak_mem_gb_per_gpu"] = [round(max(col), 2) for col in zip(*per_rank)]
@@ -340,6 +395,7 @@ def figure(run: dict | None) -> str | None:
 # The session: runs, budget, table, JSON
 # ----------------------------------------------------------------------------------------------------------------
 
+
 class Session:
     def __init__(self, name: str, args):
         self.name, self.args = name, args
@@ -363,9 +419,13 @@ class Session:
             self.workdir = self._tmp
         self.runs: list[dict] = []
         self.targets: list[dict] = []
-        print(f"== {name}: {self.env['card']}{' x%d' % self.env['gpus'] if self.gpu else ''}, torch "
-              f"{self.env['torch']}, transformers {self.env['transformers']}, commit {self.env['commit'][:12]}; "
-              f"peak {self.env['peak_label']}; log {self.log_path}", flush=True)
+        gpus = f" x{self.env['gpus']}" if self.gpu else ""
+        print(
+            f"== {name}: {self.env['card']}{gpus}, torch "
+            f"{self.env['torch']}, transformers {self.env['transformers']}, commit {self.env['commit'][:12]}; "
+            f"peak {self.env['peak_label']}; log {self.log_path}",
+            flush=True,
+        )
 
     # -------------------------------------------------------------- time
     def elapsed(self) -> float:
@@ -392,8 +452,10 @@ class Session:
         if not os.path.exists(path):
             t = time.perf_counter()
             write_oig_data(path, tokens)
-            self.note(f"data: {os.path.getsize(path) / 2**20:.1f} MB of OIG records for {tokens:,} tokens "
-                      f"({time.perf_counter() - t:.1f}s)")
+            self.note(
+                f"data: {os.path.getsize(path) / 2**20:.1f} MB of OIG records for {tokens:,} tokens "
+                f"({time.perf_counter() - t:.1f}s)"
+            )
         return path
 
     # -------------------------------------------------------------- running processes
@@ -407,8 +469,9 @@ class Session:
             log.flush()
             start_offset = log.tell()
             t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
             first_step_at = last_step_at = None
             status = None
             while True:
@@ -421,8 +484,10 @@ class Session:
                     last_step_at = now
                     if not self.args.final_checkpoint:
                         stop_group(proc)
-                        log.write(f"\n##### {label}: stopped by the benchmark after step {last_step} "
-                                  f"(no final checkpoint; tracebacks above from the stop are expected)\n")
+                        log.write(
+                            f"\n##### {label}: stopped by the benchmark after step {last_step} "
+                            f"(no final checkpoint; tracebacks above from the stop are expected)\n"
+                        )
                         status = "ok"
                         break
                 if rc is not None:
@@ -434,28 +499,58 @@ class Session:
                     break
                 time.sleep(0.2)
             wall = time.perf_counter() - t0
-        result = {"status": status, "wall_s": round(wall, 1), "command": shlex.join(cmd),
-                  "launch_to_first_step_s": round(first_step_at, 1) if first_step_at is not None else None,
-                  "launch_to_last_step_s": round(last_step_at, 1) if last_step_at is not None else None}
+        result = {
+            "status": status,
+            "wall_s": round(wall, 1),
+            "command": shlex.join(cmd),
+            "launch_to_first_step_s": round(first_step_at, 1) if first_step_at is not None else None,
+            "launch_to_last_step_s": round(last_step_at, 1) if last_step_at is not None else None,
+        }
         if status != "ok" or (last_step and last_step_at is None):
             if status == "ok":
                 result["status"] = "no metrics"
             result["error_tail"] = log_tail(self.log_path, start_offset)
-            print(f"--- {label}: {result['status']}; last lines of its output:\n{result['error_tail']}\n---",
-                  flush=True)
+            print(
+                f"--- {label}: {result['status']}; last lines of its output:\n{result['error_tail']}\n---", flush=True
+            )
         return result
 
-    def ours(self, label: str, *, model_dir: str, data: str, nproc: int, pp: int = 1, dp: int = 1,
-             micro_batch: int, batch: int, schedule: str = "gpipe", compile: bool = False, fp16: bool = False,
-             activation_checkpointing: str = "none", optimizer: str = "adam", load_pretrained: bool = False,
-             extra: list[str] | None = None) -> dict:
+    def ours(
+        self,
+        label: str,
+        *,
+        model_dir: str,
+        data: str,
+        nproc: int,
+        pp: int = 1,
+        dp: int = 1,
+        micro_batch: int,
+        batch: int,
+        schedule: str = "gpipe",
+        compile: bool = False,
+        fp16: bool = False,
+        activation_checkpointing: str = "none",
+        optimizer: str = "adam",
+        load_pretrained: bool = False,
+        extra: list[str] | None = None,
+    ) -> dict:
         """One launch of the real entrypoint under torchrun; `batch` is per data-parallel replica per step."""
         a = self.args
-        run = {"label": label, "kind": "ours", "layout": {"pp": pp, "dp": dp, "gpus": nproc}, "schedule": schedule,
-               "micro_batch": micro_batch, "n_micro": batch // micro_batch, "batch_per_replica": batch,
-               "tokens_per_step": batch * dp * a.seq_length, "compile": compile, "activation_checkpointing":
-               activation_checkpointing, "precision": "fp16" if fp16 else ("bf16" if self.gpu else "fp32"),
-               "optimizer": optimizer, "model": model_shape(model_dir)}
+        run = {
+            "label": label,
+            "kind": "ours",
+            "layout": {"pp": pp, "dp": dp, "gpus": nproc},
+            "schedule": schedule,
+            "micro_batch": micro_batch,
+            "n_micro": batch // micro_batch,
+            "batch_per_replica": batch,
+            "tokens_per_step": batch * dp * a.seq_length,
+            "compile": compile,
+            "activation_checkpointing": activation_checkpointing,
+            "precision": "fp16" if fp16 else ("bf16" if self.gpu else "fp32"),
+            "optimizer": optimizer,
+            "model": model_shape(model_dir),
+        }
         if self.remaining() < 45:
             run["status"] = "skipped (time budget)"
             self.note(f"{label}: skipped, {self.remaining():.0f}s of the time budget left")
@@ -465,14 +560,48 @@ class Session:
         metrics = os.path.join(self.workdir, f"metrics_{tag}.jsonl")
         ckpt = os.path.join(self.workdir, f"ckpt_{tag}")
         remove_stale(metrics, ckpt)  # a reused --workdir holds an earlier call's files
-        flags = ["--model-name", model_dir, "--task-name", data, "--seq-length", str(a.seq_length),
-                 "--batch-size", str(batch), "--micro-batch-size", str(micro_batch),
-                 "--pipeline-group-size", str(pp), "--data-group-size", str(dp), "--pp-mode", schedule,
-                 "--total-steps", str(a.steps), "--warmup-steps", "0", "--lr", "1e-5", "--optimizer", optimizer,
-                 "--activation-checkpointing", activation_checkpointing,
-                 "--load-pretrained-model", "true" if load_pretrained else "false",
-                 "--checkpoint-path", ckpt, "--checkpoint-steps", "0", "--keep-checkpoints", "1",
-                 "--load-checkpoint", "false", "--log-interval", "1", "--metrics-file", metrics]
+        flags = [
+            "--model-name",
+            model_dir,
+            "--task-name",
+            data,
+            "--seq-length",
+            str(a.seq_length),
+            "--batch-size",
+            str(batch),
+            "--micro-batch-size",
+            str(micro_batch),
+            "--pipeline-group-size",
+            str(pp),
+            "--data-group-size",
+            str(dp),
+            "--pp-mode",
+            schedule,
+            "--total-steps",
+            str(a.steps),
+            "--warmup-steps",
+            "0",
+            "--lr",
+            "1e-5",
+            "--optimizer",
+            optimizer,
+            "--activation-checkpointing",
+            activation_checkpointing,
+            "--load-pretrained-model",
+            "true" if load_pretrained else "false",
+            "--checkpoint-path",
+            ckpt,
+            "--checkpoint-steps",
+            "0",
+            "--keep-checkpoints",
+            "1",
+            "--load-checkpoint",
+            "false",
+            "--log-interval",
+            "1",
+            "--metrics-file",
+            metrics,
+        ]
         if self.gpu:
             flags += ["--use-cuda", "true", "--dp-backend", "nccl"]
             flags += ["--fp16"] if fp16 else ["--bf16"]
@@ -481,12 +610,21 @@ class Session:
         if compile:
             flags.append("--compile")
         flags += extra or []
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", ENTRY, *flags]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            ENTRY,
+            *flags,
+        ]
         env = dict(os.environ, **SAFE_ENV)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        self.note(f"{label}: ours, {nproc} process(es), pp={pp} dp={dp} {schedule} mb={micro_batch} "
-                  f"x{batch // micro_batch}{' compile' if compile else ''}{' fp16' if fp16 else ''}")
+        self.note(
+            f"{label}: ours, {nproc} process(es), pp={pp} dp={dp} {schedule} mb={micro_batch} "
+            f"x{batch // micro_batch}{' compile' if compile else ''}{' fp16' if fp16 else ''}"
+        )
         run.update(self._run(label, cmd, env, metrics, a.steps))
         records = read_jsonl(metrics)
         run["step_records"] = records
@@ -503,21 +641,47 @@ class Session:
         """transformers GPTNeoXForCausalLM on one device (bench/baseline_hf.py), `micro_batch` x `accum` sequences
         per optimizer step."""
         a = self.args
-        run = {"label": label, "kind": "baseline", "layout": {"pp": 1, "dp": 1, "gpus": 1}, "schedule": "-",
-               "micro_batch": micro_batch, "n_micro": accum, "batch_per_replica": micro_batch * accum,
-               "tokens_per_step": micro_batch * accum * a.seq_length, "compile": a.baseline_compile,
-               "activation_checkpointing": "none", "precision": "bf16 autocast" if self.gpu else "fp32",
-               "optimizer": "torch AdamW fused" if self.gpu else "torch AdamW", "model": model_shape(model_dir)}
+        run = {
+            "label": label,
+            "kind": "baseline",
+            "layout": {"pp": 1, "dp": 1, "gpus": 1},
+            "schedule": "-",
+            "micro_batch": micro_batch,
+            "n_micro": accum,
+            "batch_per_replica": micro_batch * accum,
+            "tokens_per_step": micro_batch * accum * a.seq_length,
+            "compile": a.baseline_compile,
+            "activation_checkpointing": "none",
+            "precision": "bf16 autocast" if self.gpu else "fp32",
+            "optimizer": "torch AdamW fused" if self.gpu else "torch AdamW",
+            "model": model_shape(model_dir),
+        }
         if a.no_baseline or self.remaining() < 45:
             run["status"] = "skipped" if a.no_baseline else "skipped (time budget)"
             self.runs.append(run)
             return run
         result_file = os.path.join(self.workdir, f"baseline_{len(self.runs):02d}.json")
         remove_stale(result_file, result_file + "l")
-        cmd = [sys.executable, BASELINE, "--model-dir", model_dir, "--seq-length", str(a.seq_length),
-               "--micro-batch-size", str(micro_batch), "--accum", str(accum), "--steps", str(a.steps),
-               "--device", "cuda" if self.gpu else "cpu", "--out", result_file, "--metrics-file",
-               result_file + "l"]
+        cmd = [
+            sys.executable,
+            BASELINE,
+            "--model-dir",
+            model_dir,
+            "--seq-length",
+            str(a.seq_length),
+            "--micro-batch-size",
+            str(micro_batch),
+            "--accum",
+            str(accum),
+            "--steps",
+            str(a.steps),
+            "--device",
+            "cuda" if self.gpu else "cpu",
+            "--out",
+            result_file,
+            "--metrics-file",
+            result_file + "l",
+        ]
         if a.baseline_compile:
             cmd.append("--compile")
         env = dict(os.environ, **SAFE_ENV)
@@ -544,12 +708,30 @@ class Session:
         return run
 
     # -------------------------------------------------------------- targets and output
-    def target(self, name: str, value, threshold: float, compare: str = ">=", detail: str = "",
-               ours: dict | None = None, reference: dict | None = None) -> None:
+    def target(
+        self,
+        name: str,
+        value,
+        threshold: float,
+        compare: str = ">=",
+        detail: str = "",
+        ours: dict | None = None,
+        reference: dict | None = None,
+    ) -> None:
         """Record a target; `ours` / `reference`: the runs the value compares (for bench/results_rows.py)."""
         met = None if value is None else (value >= threshold if compare == ">=" else value <= threshold)
-        self.targets.append({"target": name, "value": value, "threshold": threshold, "compare": compare,
-                             "met": met, "detail": detail, "ours": figure(ours), "reference": figure(reference)})
+        self.targets.append(
+            {
+                "target": name,
+                "value": value,
+                "threshold": threshold,
+                "compare": compare,
+                "met": met,
+                "detail": detail,
+                "ours": figure(ours),
+                "reference": figure(reference),
+            }
+        )
 
     @staticmethod
     def _one_line(run: dict) -> str:
@@ -557,8 +739,10 @@ class Session:
             return run.get("status", "?")
         mfu = f", MFU {run['mfu']:.1%}" if run.get("mfu") is not None else ""
         mem = f", peak {run['max_mem_gb']:.1f} GB/GPU" if run.get("max_mem_gb") is not None else ""
-        return (f"{run['tokens_per_s']:,.0f} tok/s ({run['tokens_per_s_per_gpu']:,.0f}/GPU){mfu}{mem}, "
-                f"first step after {run.get('launch_to_first_step_s')}s, {run['status']}")
+        return (
+            f"{run['tokens_per_s']:,.0f} tok/s ({run['tokens_per_s_per_gpu']:,.0f}/GPU){mfu}{mem}, "
+            f"first step after {run.get('launch_to_first_step_s')}s, {run['status']}"
+        )
 
     def finish(self, extra: dict | None = None, ratio_to: dict | None = None) -> dict:
         """Print the table and write the JSON. `ratio_to`: the run each row's 'x ref' column divides by
@@ -567,10 +751,17 @@ class Session:
             ref = ratio_to or {}
             if ref and run is not ref:
                 run["ratio_to_baseline"] = ratio(run.get("tflops_per_gpu"), ref.get("tflops_per_gpu"))
-        payload = {"benchmark": self.name, "command": shlex.join(["python3", *sys.argv]), **self.env,
-                   "seq_length": self.args.seq_length,
-                   "args": vars(self.args), "elapsed_s": round(self.elapsed(), 1), **(extra or {}),
-                   "runs": self.runs, "targets": self.targets}
+        payload = {
+            "benchmark": self.name,
+            "command": shlex.join(["python3", *sys.argv]),
+            **self.env,
+            "seq_length": self.args.seq_length,
+            "args": vars(self.args),
+            "elapsed_s": round(self.elapsed(), 1),
+            **(extra or {}),
+            "runs": self.runs,
+            "targets": self.targets,
+        }
         with open(self.out, "w") as f:
             json.dump(payload, f, indent=1, default=str)
         self.print_table(ratio_to)
@@ -580,25 +771,47 @@ class Session:
         return payload
 
     def print_table(self, ref: dict | None) -> None:
-        head = ["run", "layout", "sched", "mb x n", "prec", "tok/s", "tok/s/GPU", "MFU", "mem GB/GPU",
-                "to step1 s", "x base", "status"]
+        head = [
+            "run",
+            "layout",
+            "sched",
+            "mb x n",
+            "prec",
+            "tok/s",
+            "tok/s/GPU",
+            "MFU",
+            "mem GB/GPU",
+            "to step1 s",
+            "x base",
+            "status",
+        ]
         rows = []
         for r in self.runs:
             lay = r["layout"]
             mem = r.get("peak_mem_gb_per_gpu")
-            rows.append([
-                r["label"], f"pp{lay['pp']}xdp{lay['dp']}", r["schedule"], f"{r['micro_batch']}x{r['n_micro']}",
-                r["precision"].split()[0] + ("+c" if r.get("compile") else ""),
-                _fmt(r.get("tokens_per_s"), ",.0f"), _fmt(r.get("tokens_per_s_per_gpu"), ",.0f"),
-                _fmt(r.get("mfu"), ".1%"), "/".join(f"{m:.1f}" for m in mem) if mem else "-",
-                _fmt(r.get("launch_to_first_step_s"), ".1f"),
-                "ref" if r is ref else _fmt(r.get("ratio_to_baseline"), ".2f"),
-                r.get("status", "?") + (f" ({r['skipped_steps']} skipped)" if r.get("skipped_steps") else "")])
+            rows.append(
+                [
+                    r["label"],
+                    f"pp{lay['pp']}xdp{lay['dp']}",
+                    r["schedule"],
+                    f"{r['micro_batch']}x{r['n_micro']}",
+                    r["precision"].split()[0] + ("+c" if r.get("compile") else ""),
+                    _fmt(r.get("tokens_per_s"), ",.0f"),
+                    _fmt(r.get("tokens_per_s_per_gpu"), ",.0f"),
+                    _fmt(r.get("mfu"), ".1%"),
+                    "/".join(f"{m:.1f}" for m in mem) if mem else "-",
+                    _fmt(r.get("launch_to_first_step_s"), ".1f"),
+                    "ref" if r is ref else _fmt(r.get("ratio_to_baseline"), ".2f"),
+                    r.get("status", "?") + (f" ({r['skipped_steps']} skipped)" if r.get("skipped_steps") else ""),
+                ]
+            )
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-        print(f"\n{self.name} | {self.env['card']} | torch {self.env['torch']} | transformers "
-              f"{self.env['transformers']} | commit {self.env['commit'][:12]} | seq {self.args.seq_length} | "
-              f"steps {self.args.steps} (first {self.args.warmup} not timed) | MFU vs {self.env['peak_label']}")
+        print(
+            f"\n{self.name} | {self.env['card']} | torch {self.env['torch']} | transformers "
+            f"{self.env['transformers']} | commit {self.env['commit'][:12]} | seq {self.args.seq_length} | "
+            f"steps {self.args.steps} (first {self.args.warmup} not timed) | MFU vs {self.env['peak_label']}"
+        )
         print(line(head))
         for row in rows:
             print(line(row))
@@ -606,8 +819,10 @@ class Session:
             v = t["value"]
             shown = "n/a" if v is None else f"{v:.3f}"
             verdict = {True: "MET", False: "NOT MET", None: "not measured"}[t["met"]]
-            print(f"target {t['target']}: {shown} (need {t['compare']} {t['threshold']}) -> {verdict}"
-                  f"{'  [' + t['detail'] + ']' if t['detail'] else ''}")
+            print(
+                f"target {t['target']}: {shown} (need {t['compare']} {t['threshold']}) -> {verdict}"
+                f"{'  [' + t['detail'] + ']' if t['detail'] else ''}"
+            )
 
 
 def _fmt(value, spec: str) -> str:

@@ -58,17 +58,44 @@ def make_model(model_dir: str, size_mb: float) -> int:
 
     hidden = int((size_mb * 1e6 / (4 * 12 * LAYERS)) ** 0.5) // HEAD_DIM * HEAD_DIM  # 12·h² params per layer
     heads = hidden // HEAD_DIM
-    hf_config = {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "vocab_size": VOCAB,
-                 "hidden_size": hidden, "num_hidden_layers": LAYERS, "num_attention_heads": heads,
-                 "intermediate_size": 4 * hidden, "rotary_pct": 0.25, "rotary_emb_base": 10000,
-                 "use_parallel_residual": True, "layer_norm_eps": 1e-5, "hidden_act": "gelu"}
+    hf_config = {
+        "model_type": "gpt_neox",
+        "architectures": ["GPTNeoXForCausalLM"],
+        "vocab_size": VOCAB,
+        "hidden_size": hidden,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": heads,
+        "intermediate_size": 4 * hidden,
+        "rotary_pct": 0.25,
+        "rotary_emb_base": 10000,
+        "use_parallel_residual": True,
+        "layer_norm_eps": 1e-5,
+        "hidden_act": "gelu",
+    }
     # Built by hand rather than through transformers' AutoConfig: keeps this benchmark's start-up short.
-    cfg = ModelConfig(model_type="gptneox", hidden_size=hidden, num_layers=LAYERS, num_heads=heads,
-                      num_kv_heads=heads, head_dim=HEAD_DIM, vocab_size=VOCAB, intermediate_size=4 * hidden,
-                      norm_eps=1e-5, hidden_act="gelu", rotary_dim=HEAD_DIM // 4, rope_theta=10000.0,
-                      rope_scaling=None, use_parallel_residual=True, tie_word_embeddings=False,
-                      initializer_range=0.02, attention_bias=True, mlp_bias=True, max_position_embeddings=2048,
-                      pad_token_id=None, hf_config_dict=hf_config)
+    cfg = ModelConfig(
+        model_type="gptneox",
+        hidden_size=hidden,
+        num_layers=LAYERS,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=HEAD_DIM,
+        vocab_size=VOCAB,
+        intermediate_size=4 * hidden,
+        norm_eps=1e-5,
+        hidden_act="gelu",
+        rotary_dim=HEAD_DIM // 4,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        initializer_range=0.02,
+        attention_bias=True,
+        mlp_bias=True,
+        max_position_embeddings=2048,
+        pad_token_id=None,
+        hf_config_dict=hf_config,
+    )
     model = build_stage(cfg, 0, LAYERS, True, True)
     init_stage_weights(model, cfg, seed=0)
     save_hf_directory(model.state_dict(), cfg, model_dir, "fp32")
@@ -86,8 +113,8 @@ def main() -> None:
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        d, s, e, f, l = args.worker
-        return _worker(d, int(s), int(e), f == "1", l == "1")
+        directory, start, end, first, last = args.worker
+        return _worker(directory, int(start), int(end), first == "1", last == "1")
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="load_memory_")
     model_dir = os.path.join(workdir, "model")
@@ -95,10 +122,16 @@ def main() -> None:
     per = LAYERS // args.stages
     procs = []
     for p in range(args.stages):
-        bounds = [model_dir, str(p * per), str(LAYERS if p == args.stages - 1 else (p + 1) * per),
-                  "1" if p == 0 else "0", "1" if p == args.stages - 1 else "0"]
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", *bounds], stdout=subprocess.PIPE,
-                                      text=True))
+        bounds = [
+            model_dir,
+            str(p * per),
+            str(LAYERS if p == args.stages - 1 else (p + 1) * per),
+            "1" if p == 0 else "0",
+            "1" if p == args.stages - 1 else "0",
+        ]
+        procs.append(
+            subprocess.Popen([sys.executable, __file__, "--worker", *bounds], stdout=subprocess.PIPE, text=True)
+        )
     fractions, with_params = [], []
     for p, proc in enumerate(procs):
         out, _ = proc.communicate()
@@ -108,13 +141,23 @@ def main() -> None:
         fractions.append(round((r["peak_kb"] - r["baseline_kb"]) * 1024 / size, 3))
         with_params.append(round((r["peak_kb"] - r["imports_kb"]) * 1024 / size, 3))
         if not args.json:
-            print(f"stage {p}: peak RSS over baseline (imports + empty stage) "
-                  f"{(r['peak_kb'] - r['baseline_kb']) / 1024:.1f} MiB = {fractions[-1]:.3f} of the "
-                  f"{size / 2**20:.1f} MiB checkpoint; over imports only (stage parameters included) "
-                  f"{with_params[-1]:.3f}")
+            print(
+                f"stage {p}: peak RSS over baseline (imports + empty stage) "
+                f"{(r['peak_kb'] - r['baseline_kb']) / 1024:.1f} MiB = {fractions[-1]:.3f} of the "
+                f"{size / 2**20:.1f} MiB checkpoint; over imports only (stage parameters included) "
+                f"{with_params[-1]:.3f}"
+            )
     if args.json:
-        print(json.dumps({"checkpoint_bytes": size, "stages": args.stages, "fractions": fractions,
-                          "fractions_with_params": with_params}))
+        print(
+            json.dumps(
+                {
+                    "checkpoint_bytes": size,
+                    "stages": args.stages,
+                    "fractions": fractions,
+                    "fractions_with_params": with_params,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

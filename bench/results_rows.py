@@ -18,9 +18,17 @@ def rows(payload: dict) -> list[str]:
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         if t.get("detail"):
             value += f" ({t['detail']})"
-        cells = [payload["date"], card, payload["commit"][:12], f"`{payload['command']}`", t.get("ours") or "-",
-                 t.get("reference") or "-", value, f"{t['target']} {t['compare']} {t['threshold']}",
-                 VERDICT[t["met"]]]
+        cells = [
+            payload["date"],
+            card,
+            payload["commit"][:12],
+            f"`{payload['command']}`",
+            t.get("ours") or "-",
+            t.get("reference") or "-",
+            value,
+            f"{t['target']} {t['compare']} {t['threshold']}",
+            VERDICT[t["met"]],
+        ]
         out.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return out
 

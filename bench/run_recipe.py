@@ -46,8 +46,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (REPO, SAFE_ENV, SHAPES, Session, free_port, hf_config, read_jsonl,  # noqa: E402
-                    remove_stale, summarize, write_oig_data)
+from common import (
+    REPO,
+    SAFE_ENV,
+    SHAPES,
+    Session,
+    free_port,
+    hf_config,
+    read_jsonl,  # noqa: E402
+    remove_stale,
+    summarize,
+    write_oig_data,
+)
 
 import modules  # noqa: E402  (the repository root is on sys.path now)
 
@@ -63,6 +73,7 @@ DATASET_TOKENS = 25_000  # per file: ~150 records, a few thousand over the 26 fi
 # ----------------------------------------------------------------------------------------------------------------
 # The recipe's text: file names, flag values, edits
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def dataset_names(text: str) -> list[str]:
     names = re.findall(r"\$\{DATASETS\}/(unified_[A-Za-z0-9_]+\.jsonl)", text)
@@ -84,8 +95,10 @@ def replace_once(text: str, old: str, new: str, why: str, edits: list[dict]) -> 
     """An edit of the copied recipe: `old` must occur exactly once (an unchanged value is checked, not listed)."""
     count = text.count(old)
     if count != 1:
-        sys.exit(f"run_recipe: cannot edit the recipe: {old!r} occurs {count} times in {RECIPE} (expected once); "
-                 f"the recipe changed, update run_recipe.py")
+        sys.exit(
+            f"run_recipe: cannot edit the recipe: {old!r} occurs {count} times in {RECIPE} (expected once); "
+            f"the recipe changed, update run_recipe.py"
+        )
     if new == old:
         return text
     edits.append({"old": old, "new": new, "why": why})
@@ -112,14 +125,17 @@ def write_fake_nvidia_smi(bin_dir: str, gpus: int) -> None:
     os.makedirs(bin_dir, exist_ok=True)
     path = os.path.join(bin_dir, "nvidia-smi")
     with open(path, "w") as f:
-        f.write("#!/bin/sh\n# run_recipe.py --smoke: a CPU machine standing in for one with GPUs\n"
-                f"for i in $(seq 0 {gpus - 1}); do echo \"GPU $i: CPU stand-in (UUID: GPU-smoke-$i)\"; done\n")
+        f.write(
+            "#!/bin/sh\n# run_recipe.py --smoke: a CPU machine standing in for one with GPUs\n"
+            f'for i in $(seq 0 {gpus - 1}); do echo "GPU $i: CPU stand-in (UUID: GPU-smoke-$i)"; done\n'
+        )
     os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Child processes (hidden flags): writing the model, comparing logits
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def write_model(args) -> None:
     from bench_big import write_random_gptneox
@@ -140,8 +156,9 @@ def compare_logits(args) -> None:
     folder = os.path.join(args.checkpoint, f"checkpoint_{resolve_step(args.checkpoint, None)}")
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
-    stage_files = StageFiles([os.path.join(folder, f"prank_{p}_model.safetensors")
-                              for p in range(int(meta["layout"]["pp"]))])
+    stage_files = StageFiles(
+        [os.path.join(folder, f"prank_{p}_model.safetensors") for p in range(int(meta["layout"]["pp"]))]
+    )
     cfg = modules.load_model_config(args.base_model)
     params = modules.count_parameters(cfg)
     train_dtype = getattr(torch, meta["dtype"])
@@ -153,8 +170,7 @@ def compare_logits(args) -> None:
     with open(SAMPLE_TEXT) as f:
         text = "\n".join(json.loads(line)["text"] for line in f if line.strip())
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0][: 2 * args.tokens].view(2, args.tokens)
-    result = {"compare_dtype": str(dtype).replace("torch.", ""), "batch_shape": list(ids.shape),
-              "params": params}
+    result = {"compare_dtype": str(dtype).replace("torch.", ""), "batch_shape": list(ids.shape), "params": params}
 
     t = time.perf_counter()
     with torch.device("meta"):
@@ -175,17 +191,21 @@ def compare_logits(args) -> None:
     t = time.perf_counter()
     # Loaded on the CPU in the export's dtype (device_map needs accelerate), then moved and cast on the device.
     hf, info = AutoModelForCausalLM.from_pretrained(args.export, dtype=train_dtype, output_loading_info=True)
-    result["hf_loading_problems"] = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys",
-                                                                                 "mismatched_keys")}
+    result["hf_loading_problems"] = {
+        k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
     hf = hf.to(device).to(dtype).eval()
     with torch.no_grad():
         hf_logits = hf(input_ids=ids.to(device)).logits.float().cpu()
     result["transformers_s"] = round(time.perf_counter() - t, 1)
 
     diff = (ours_logits - hf_logits).abs()
-    result.update(max_abs_logits_diff=diff.max().item(), mean_abs_logits_diff=diff.mean().item(),
-                  max_abs_logit=ours_logits.abs().max().item(),
-                  argmax_agreement=(ours_logits.argmax(-1) == hf_logits.argmax(-1)).float().mean().item())
+    result.update(
+        max_abs_logits_diff=diff.max().item(),
+        mean_abs_logits_diff=diff.mean().item(),
+        max_abs_logit=ours_logits.abs().max().item(),
+        argmax_agreement=(ours_logits.argmax(-1) == hf_logits.argmax(-1)).float().mean().item(),
+    )
     with open(args.result, "w") as f:
         json.dump(result, f, indent=1)
 
@@ -194,14 +214,19 @@ def compare_logits(args) -> None:
 # The measurement
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", type=int, default=8, help="processes (one per GPU) and pipeline stages (smoke: 2)")
     ap.add_argument("--layers", type=int, default=None, help="layers of the model (default 44, GPT-NeoX-20B)")
     ap.add_argument("--steps", type=int, default=20, help="FINETUNE_TOTAL_STEPS (smoke: 3)")
     ap.add_argument("--warmup", type=int, default=5, help="first steps left out of tokens/s and MFU (smoke: 1)")
-    ap.add_argument("--time-budget", type=float, default=560,
-                    help="seconds for everything; whatever still runs then is stopped (device limit: 600 s)")
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=560,
+        help="seconds for everything; whatever still runs then is stopped (device limit: 600 s)",
+    )
     ap.add_argument("--workdir", default=None, help="where model, data, checkpoint and export go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/run_recipe.json, else runs/bench/)")
     ap.add_argument("--keep", action="store_true", help="keep what was written (model, checkpoint, export)")
@@ -236,9 +261,11 @@ def check_disk(args) -> dict:
     os.makedirs(where, exist_ok=True)
     free = shutil.disk_usage(where).free
     if need > free:
-        sys.exit(f"run_recipe: {args.layers} layers ({params / 1e9:.1f}B parameters) need about {need / 1e9:.0f} GB "
-                 f"on disk (model 2 + checkpoint 14 + export 2 bytes per parameter) but {where} has "
-                 f"{free / 1e9:.0f} GB free; pass fewer --layers or a --workdir on a bigger disk")
+        sys.exit(
+            f"run_recipe: {args.layers} layers ({params / 1e9:.1f}B parameters) need about {need / 1e9:.0f} GB "
+            f"on disk (model 2 + checkpoint 14 + export 2 bytes per parameter) but {where} has "
+            f"{free / 1e9:.0f} GB free; pass fewer --layers or a --workdir on a bigger disk"
+        )
     return {"params": params, "disk_need_gb": round(need / 1e9, 1), "disk_free_gb": round(free / 1e9, 1)}
 
 
@@ -263,17 +290,37 @@ def main():
     model_dir, data_dir = os.path.join(w, f"{args.shape}-L{args.layers}-hf"), os.path.join(w, "data")
     ckpt, export = os.path.join(w, "checkpoints"), os.path.join(w, "hf-export")
     script, metrics = os.path.join(w, "finetune_recipe.sh"), os.path.join(w, "metrics.jsonl")
-    written = [model_dir, data_dir, ckpt, export, script, metrics, os.path.join(w, "bin"),
-               os.path.join(w, "compare.json")]
+    written = [
+        model_dir,
+        data_dir,
+        ckpt,
+        export,
+        script,
+        metrics,
+        os.path.join(w, "bin"),
+        os.path.join(w, "compare.json"),
+    ]
     remove_stale(*written)  # a reused --workdir holds an earlier call's files
-    s.note(f"{disk['params'] / 1e9:.2f}B parameters; disk: about {disk['disk_need_gb']} GB needed, "
-           f"{disk['disk_free_gb']} GB free in {w}")
+    s.note(
+        f"{disk['params'] / 1e9:.2f}B parameters; disk: about {disk['disk_need_gb']} GB needed, "
+        f"{disk['disk_free_gb']} GB free in {w}"
+    )
     figures: dict = {}
     runs: list[dict] = []
     try:
         # 1. the model, in a child process (this one must hold no CUDA context while the recipe runs)
-        cmd = [sys.executable, os.path.abspath(__file__), "--write-model", model_dir, "--shape", args.shape,
-               "--layers", str(args.layers), "--device", "cuda" if s.gpu else "cpu"]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--write-model",
+            model_dir,
+            "--shape",
+            args.shape,
+            "--layers",
+            str(args.layers),
+            "--device",
+            "cuda" if s.gpu else "cpu",
+        ]
         try:
             done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=s.remaining())
         except subprocess.TimeoutExpired:
@@ -281,8 +328,10 @@ def main():
         if done.returncode != 0:
             sys.exit(f"run_recipe: writing the model failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
         model_written = json.loads(done.stdout.strip().splitlines()[-1])
-        s.note(f"model: {model_written['gb']} GB bf16 in {model_written['files']} files "
-               f"({model_written['seconds']}s), {model_dir}")
+        s.note(
+            f"model: {model_written['gb']} GB bf16 in {model_written['files']} files "
+            f"({model_written['seconds']}s), {model_dir}"
+        )
 
         # 2. the datasets, under the recipe's own names
         with open(RECIPE) as f:
@@ -305,20 +354,44 @@ def main():
             f.write(text)
         for e in edits:
             s.note(f"edit: {e['old'].strip()!r} -> {e['new'].strip()!r} ({e['why']})")
-        env = dict(os.environ, **SAFE_ENV, BASE_MODEL=model_dir, DATASETS=data_dir, CHECKPOINT_PATH=ckpt,
-                   FINETUNE_TOTAL_STEPS=str(args.steps), CHECKPOINT_STEPS=str(args.steps), PYTHON=sys.executable,
-                   NUM_GPUS=str(args.gpus), TRAINER=os.path.join(REPO, "dist_lm_pretrain_and_finetune.py"),
-                   MASTER_PORT=str(free_port()), EXTRA_ARGS=f"--metrics-file {metrics} --log-interval 1")
+        env = dict(
+            os.environ,
+            **SAFE_ENV,
+            BASE_MODEL=model_dir,
+            DATASETS=data_dir,
+            CHECKPOINT_PATH=ckpt,
+            FINETUNE_TOTAL_STEPS=str(args.steps),
+            CHECKPOINT_STEPS=str(args.steps),
+            PYTHON=sys.executable,
+            NUM_GPUS=str(args.gpus),
+            TRAINER=os.path.join(REPO, "dist_lm_pretrain_and_finetune.py"),
+            MASTER_PORT=str(free_port()),
+            EXTRA_ARGS=f"--metrics-file {metrics} --log-interval 1",
+        )
         if args.smoke:
             write_fake_nvidia_smi(os.path.join(w, "bin"), args.gpus)
             env["PATH"] = os.path.join(w, "bin") + os.pathsep + env["PATH"]
             env.setdefault("OMP_NUM_THREADS", "1")  # 2 processes on 2 cores
             env["EXTRA_ARGS"] += " --use-cuda false"  # the recipe's default --use-cuda true refuses a CPU machine
-            s.note(f"smoke: stand-in nvidia-smi listing {args.gpus} GPUs on PATH; OMP_NUM_THREADS=1; "
-                   f"EXTRA_ARGS += --use-cuda false")
-        recipe_env = {k: env[k] for k in ("BASE_MODEL", "DATASETS", "CHECKPOINT_PATH", "FINETUNE_TOTAL_STEPS",
-                                          "CHECKPOINT_STEPS", "NUM_GPUS", "TRAINER", "MASTER_PORT", "PYTHON",
-                                          "EXTRA_ARGS")}
+            s.note(
+                f"smoke: stand-in nvidia-smi listing {args.gpus} GPUs on PATH; OMP_NUM_THREADS=1; "
+                f"EXTRA_ARGS += --use-cuda false"
+            )
+        recipe_env = {
+            k: env[k]
+            for k in (
+                "BASE_MODEL",
+                "DATASETS",
+                "CHECKPOINT_PATH",
+                "FINETUNE_TOTAL_STEPS",
+                "CHECKPOINT_STEPS",
+                "NUM_GPUS",
+                "TRAINER",
+                "MASTER_PORT",
+                "PYTHON",
+                "EXTRA_ARGS",
+            )
+        }
         s.note("recipe: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in recipe_env.items()) + f" bash {script}")
 
         seq, batch = int(flag_value(text, "--seq-length")), int(flag_value(text, "--batch-size"))
@@ -327,11 +400,21 @@ def main():
         args.seq_length = seq  # for Session's table
         tokens_per_step = batch * dp * accum * seq
         precision = "fp16" if "--fp16" in text else "bf16" if "--bf16" in text else "fp32"
-        run = {"label": "recipe", "kind": "ours", "layout": {"pp": args.gpus, "dp": dp, "gpus": args.gpus},
-               "schedule": flag_value(text, "--pp-mode"), "micro_batch": micro, "n_micro": batch // micro,
-               "batch_per_replica": batch, "tokens_per_step": tokens_per_step, "precision": precision,
-               "activation_checkpointing": flag_value(text, "--activation-checkpointing"),
-               "optimizer": flag_value(text, "--optimizer"), "edits": edits, "env": recipe_env}
+        run = {
+            "label": "recipe",
+            "kind": "ours",
+            "layout": {"pp": args.gpus, "dp": dp, "gpus": args.gpus},
+            "schedule": flag_value(text, "--pp-mode"),
+            "micro_batch": micro,
+            "n_micro": batch // micro,
+            "batch_per_replica": batch,
+            "tokens_per_step": tokens_per_step,
+            "precision": precision,
+            "activation_checkpointing": flag_value(text, "--activation-checkpointing"),
+            "optimizer": flag_value(text, "--optimizer"),
+            "edits": edits,
+            "env": recipe_env,
+        }
         s.note(f"recipe: {args.gpus} processes, {args.steps} steps of {tokens_per_step} tokens, one checkpoint")
         with open(s.log_path) as f:
             before = len(f.read())
@@ -342,8 +425,11 @@ def main():
             run["last_step_to_exit_s"] = round(run["wall_s"] - run["launch_to_last_step_s"], 1)
         records = read_jsonl(metrics)
         fpt = float(modules.flops_per_token(modules.load_model_config(model_dir), seq))
-        run.update(flops_per_token=fpt, step_records=records,
-                   **summarize(records, args.warmup, tokens_per_step, args.gpus, fpt, s.peak))
+        run.update(
+            flops_per_token=fpt,
+            step_records=records,
+            **summarize(records, args.warmup, tokens_per_step, args.gpus, fpt, s.peak),
+        )
         saved = re.findall(r"saved checkpoint (\S+) \(([\d.]+) s\)", out)
         run["checkpoint_save_s"] = float(saved[-1][1]) if saved else None
         run["checkpoint_gb"] = dir_gb(saved[-1][0]) if saved else None
@@ -351,9 +437,11 @@ def main():
             run["status"] = "no checkpoint line"
         runs.append(run)
         s.runs.append(run)
-        s.note(f"recipe: {run['status']}, {run.get('steps_done', 0)} steps, first step after "
-               f"{run.get('launch_to_first_step_s') or '-'} s, checkpoint save {run['checkpoint_save_s'] or '-'} s "
-               f"({run['checkpoint_gb'] or '-'} GB)")
+        s.note(
+            f"recipe: {run['status']}, {run.get('steps_done', 0)} steps, first step after "
+            f"{run.get('launch_to_first_step_s') or '-'} s, checkpoint save {run['checkpoint_save_s'] or '-'} s "
+            f"({run['checkpoint_gb'] or '-'} GB)"
+        )
 
         # 4. export
         conv = {"label": "export", "command": None}
@@ -370,36 +458,68 @@ def main():
         cmp_run = {"label": "logits", "command": None}
         result_file = os.path.join(w, "compare.json")
         if conv["status"] == "ok" and s.remaining() > 20:
-            cmd = [sys.executable, os.path.abspath(__file__), "--compare", "--base-model", model_dir,
-                   "--checkpoint", ckpt, "--export", export, "--device", "cuda" if s.gpu else "cpu",
-                   "--tokens", "256" if s.gpu else "64", "--result", result_file]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--compare",
+                "--base-model",
+                model_dir,
+                "--checkpoint",
+                ckpt,
+                "--export",
+                export,
+                "--device",
+                "cuda" if s.gpu else "cpu",
+                "--tokens",
+                "256" if s.gpu else "64",
+                "--result",
+                result_file,
+            ]
             cmp_run.update(s._run("logits", cmd, env, os.path.join(w, "no-metrics")))
             if os.path.exists(result_file):
                 with open(result_file) as f:
                     cmp_run.update(json.load(f))
-            s.note(f"logits: {cmp_run['status']}, max |ours - transformers| = "
-                   f"{cmp_run.get('max_abs_logits_diff')} in {cmp_run.get('compare_dtype')}")
+            s.note(
+                f"logits: {cmp_run['status']}, max |ours - transformers| = "
+                f"{cmp_run.get('max_abs_logits_diff')} in {cmp_run.get('compare_dtype')}"
+            )
         else:
             cmp_run["status"] = "skipped: no export" if conv["status"] != "ok" else "skipped: time budget spent"
         runs.append(cmp_run)
 
         figures = {
-            "tokens_per_s": run.get("tokens_per_s"), "tokens_per_s_per_gpu": run.get("tokens_per_s_per_gpu"),
-            "mfu": run.get("mfu"), "peak_mem_gb_per_gpu": run.get("peak_mem_gb_per_gpu"),
+            "tokens_per_s": run.get("tokens_per_s"),
+            "tokens_per_s_per_gpu": run.get("tokens_per_s_per_gpu"),
+            "mfu": run.get("mfu"),
+            "peak_mem_gb_per_gpu": run.get("peak_mem_gb_per_gpu"),
             "launch_to_first_step_s": run.get("launch_to_first_step_s"),
             "trainer_launch_to_first_step_s": run.get("trainer_launch_to_first_step_s"),
-            "checkpoint_save_s": run.get("checkpoint_save_s"), "checkpoint_gb": run.get("checkpoint_gb"),
+            "checkpoint_save_s": run.get("checkpoint_save_s"),
+            "checkpoint_gb": run.get("checkpoint_gb"),
             "last_step_to_exit_s": run.get("last_step_to_exit_s"),
-            "convert_s": conv.get("wall_s"), "export_gb": conv.get("export_gb"),
-            "max_abs_logits_diff": cmp_run.get("max_abs_logits_diff"), "compare_dtype": cmp_run.get("compare_dtype"),
+            "convert_s": conv.get("wall_s"),
+            "export_gb": conv.get("export_gb"),
+            "max_abs_logits_diff": cmp_run.get("max_abs_logits_diff"),
+            "compare_dtype": cmp_run.get("compare_dtype"),
             "argmax_agreement": cmp_run.get("argmax_agreement"),
         }
     finally:
-        payload = {"benchmark": "run_recipe", "command": shlex.join(["python3", *sys.argv]), **s.env,
-                   "recipe": os.path.relpath(RECIPE, REPO), "layers": args.layers, "gpus_used": args.gpus,
-                   "page_cache": "warm (model just written)",
-                   "seq_length": getattr(args, "seq_length", None), "args": vars(args), **disk,
-                   "elapsed_s": round(s.elapsed(), 1), "figures": figures, "runs": runs, "targets": []}
+        payload = {
+            "benchmark": "run_recipe",
+            "command": shlex.join(["python3", *sys.argv]),
+            **s.env,
+            "recipe": os.path.relpath(RECIPE, REPO),
+            "layers": args.layers,
+            "gpus_used": args.gpus,
+            "page_cache": "warm (model just written)",
+            "seq_length": getattr(args, "seq_length", None),
+            "args": vars(args),
+            **disk,
+            "elapsed_s": round(s.elapsed(), 1),
+            "figures": figures,
+            "runs": runs,
+            "targets": [],
+        }
         with open(s.out, "w") as f:
             json.dump(payload, f, indent=1, default=str)
         if args.keep:
@@ -421,14 +541,27 @@ def print_figures(runs: list[dict]) -> None:
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
-    head = ["to step1 s", "ckpt save s", "ckpt GB", "convert s", "export GB", "max|dlogits|", "argmax agree",
-            "status (recipe / export / logits)"]
-    row = [fmt(run.get("launch_to_first_step_s"), ".1f"), fmt(run.get("checkpoint_save_s"), ".1f"),
-           fmt(run.get("checkpoint_gb"), ".2f"), fmt(conv.get("wall_s"), ".1f"), fmt(conv.get("export_gb"), ".2f"),
-           fmt(cmp_run.get("max_abs_logits_diff"), ".3g") + (f" ({cmp_run['compare_dtype']})"
-                                                               if cmp_run.get("compare_dtype") else ""),
-           fmt(cmp_run.get("argmax_agreement"), ".1%"),
-           " / ".join(r.get("status", "-") for r in (run, conv, cmp_run))]
+    head = [
+        "to step1 s",
+        "ckpt save s",
+        "ckpt GB",
+        "convert s",
+        "export GB",
+        "max|dlogits|",
+        "argmax agree",
+        "status (recipe / export / logits)",
+    ]
+    row = [
+        fmt(run.get("launch_to_first_step_s"), ".1f"),
+        fmt(run.get("checkpoint_save_s"), ".1f"),
+        fmt(run.get("checkpoint_gb"), ".2f"),
+        fmt(conv.get("wall_s"), ".1f"),
+        fmt(conv.get("export_gb"), ".2f"),
+        fmt(cmp_run.get("max_abs_logits_diff"), ".3g")
+        + (f" ({cmp_run['compare_dtype']})" if cmp_run.get("compare_dtype") else ""),
+        fmt(cmp_run.get("argmax_agreement"), ".1%"),
+        " / ".join(r.get("status", "-") for r in (run, conv, cmp_run)),
+    ]
     widths = [max(len(a), len(b)) for a, b in zip(head, row)]
     print("  ".join(h.ljust(n) for h, n in zip(head, widths)))
     print("  ".join(c.ljust(n) for c, n in zip(row, widths)), flush=True)

@@ -1,4 +1,5 @@
 """Process groups: one world of pp x dp ranks, pipelines on contiguous ranks, data-parallel groups strided."""
+
 import datetime
 import os
 import threading
@@ -70,8 +71,10 @@ def _rendezvous_within(init_method, rank, world, timeout, where):
     seconds = timeout.total_seconds() + START_GRACE_S
 
     def give_up():
-        error_line(f"[rank {rank}] no rendezvous at {where} within {seconds:.0f} s (--dist-timeout + "
-                   f"{START_GRACE_S} s): is rank 0 running, and is that its address and port?")
+        error_line(
+            f"[rank {rank}] no rendezvous at {where} within {seconds:.0f} s (--dist-timeout + "
+            f"{START_GRACE_S} s): is rank 0 running, and is that its address and port?"
+        )
         os._exit(2)
 
     timer = threading.Timer(seconds, give_up)
@@ -94,20 +97,26 @@ def init_distributed(args, ends_group=False):
     rank, world, local_rank, init_method = _launch_env(args)
     pp, dp = args.pipeline_group_size, args.data_group_size
     if world != pp * dp:
-        raise LaunchError(f"world size {world} != --pipeline-group-size {pp} x --data-group-size {dp}; "
-                          f"launch {pp * dp} processes or change the group sizes")
+        raise LaunchError(
+            f"world size {world} != --pipeline-group-size {pp} x --data-group-size {dp}; "
+            f"launch {pp * dp} processes or change the group sizes"
+        )
     if not 0 <= rank < world:
         raise LaunchError(f"--rank {rank} is outside 0..{world - 1}")
 
     use_cuda = args.use_cuda
     if use_cuda and not torch.cuda.is_available():  # never fall back to a CPU run on a GPU node without saying so
-        raise LaunchError(f"--use-cuda true but torch {torch.__version__} sees no GPU (a CPU-only build, no driver, "
-                          f"or CUDA_VISIBLE_DEVICES hides them); fix that, or pass --use-cuda false to train on CPU")
+        raise LaunchError(
+            f"--use-cuda true but torch {torch.__version__} sees no GPU (a CPU-only build, no driver, "
+            f"or CUDA_VISIBLE_DEVICES hides them); fix that, or pass --use-cuda false to train on CPU"
+        )
     if use_cuda:
         cuda_id = args.cuda_id if args.cuda_id is not None else local_rank
         if cuda_id >= torch.cuda.device_count():
-            raise LaunchError(f"--cuda-id {cuda_id} but this machine has {torch.cuda.device_count()} GPU(s); "
-                              f"launch fewer processes per node or fix --cuda-id")
+            raise LaunchError(
+                f"--cuda-id {cuda_id} but this machine has {torch.cuda.device_count()} GPU(s); "
+                f"launch fewer processes per node or fix --cuda-id"
+            )
         torch.cuda.set_device(cuda_id)
         device = torch.device("cuda", cuda_id)
         backend = "nccl" if args.dp_backend == "nccl" else "cpu:gloo,cuda:nccl"
@@ -116,26 +125,35 @@ def init_distributed(args, ends_group=False):
         backend = "gloo"
 
     timeout = datetime.timedelta(seconds=args.dist_timeout)
-    where = init_method if init_method != "env://" else (f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} "
-                                                         f"MASTER_PORT={os.environ.get('MASTER_PORT')}")
+    where = (
+        init_method
+        if init_method != "env://"
+        else (f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} MASTER_PORT={os.environ.get('MASTER_PORT')}")
+    )
     try:
         store = _rendezvous_within(init_method, rank, world, timeout, where)
     except dist.DistNetworkError as exc:
         if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
-            raise LaunchError(f"rank 0 cannot listen on {where}: the port is in use (another job?); pick a free "
-                              f"port (--dist-url, torchrun --rdzv-endpoint / --master_port, or the recipe's "
-                              f"MASTER_PORT)") from None
+            raise LaunchError(
+                f"rank 0 cannot listen on {where}: the port is in use (another job?); pick a free "
+                f"port (--dist-url, torchrun --rdzv-endpoint / --master_port, or the recipe's "
+                f"MASTER_PORT)"
+            ) from None
         if "timed out" in str(exc):
-            raise LaunchError(f"rank {rank} could not reach rank 0 at {where} within --dist-timeout "
-                              f"{args.dist_timeout:g} s: is rank 0 running (or did it fail first?), and is the address "
-                              f"right?") from None
+            raise LaunchError(
+                f"rank {rank} could not reach rank 0 at {where} within --dist-timeout "
+                f"{args.dist_timeout:g} s: is rank 0 running (or did it fail first?), and is the address "
+                f"right?"
+            ) from None
         raise
     except dist.DistStoreError as exc:
         if "waiting for clients" not in str(exc):
             raise
-        raise LaunchError(f"rank 0 waited {args.dist_timeout:g} s at {where} but not every one of the {world} ranks "
-                          f"joined ({str(exc).splitlines()[0]}); start them all with the same address (or did one fail "
-                          f"first?)") from None
+        raise LaunchError(
+            f"rank 0 waited {args.dist_timeout:g} s at {where} but not every one of the {world} ranks "
+            f"joined ({str(exc).splitlines()[0]}); start them all with the same address (or did one fail "
+            f"first?)"
+        ) from None
     kwargs = dict(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
     if use_cuda and backend == "nccl":
         kwargs["device_id"] = device  # eager NCCL init: errors surface at start, not at the first collective

@@ -7,6 +7,7 @@ Each rank runs a daemon thread that, through the rendezvous store every process 
 On either, it prints one line and exits the process with status 1, so no rank waits forever in a collective.
 Keys carry torchrun's restart count, so an attempt never reads the records of a failed earlier attempt.
 """
+
 import os
 import threading
 import time
@@ -66,11 +67,14 @@ class Watchdog:
                     if value != last_value:
                         seen[other] = (value, now)
                     elif now - changed > self.timeout_s:
-                        self._exit(f"stopping: rank {other} sent no heartbeat for {self.timeout_s:.0f} s "
-                                   f"(--dist-timeout); it died or hangs, see its log")
+                        self._exit(
+                            f"stopping: rank {other} sent no heartbeat for {self.timeout_s:.0f} s "
+                            f"(--dist-timeout); it died or hangs, see its log"
+                        )
             except Exception as exc:  # the store lives with rank 0 / torchrun: losing it means the job is gone
-                self._exit(f"stopping: lost the rendezvous store ({type(exc).__name__}: {exc}); "
-                           f"rank 0 or the launcher died")
+                self._exit(
+                    f"stopping: lost the rendezvous store ({type(exc).__name__}: {exc}); rank 0 or the launcher died"
+                )
 
 
 def _reported_failure(store):

@@ -3,6 +3,7 @@
 The loss is already divided by the global loss-token count (all replicas included), so the replicas' gradients are
 summed, not averaged: the sum is the gradient of the global mean loss.
 """
+
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors

@@ -18,8 +18,13 @@ from .config import ModelConfig, ModelError
 from .stage import tied_parameter_names
 from .weights import canonical_name, expected_names
 
-HF_WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
-                   "pytorch_model*.bin", "pytorch_model.bin.index.json")
+HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -50,8 +55,10 @@ def hf_tensor_names(tensors: Mapping[str, object], cfg: ModelConfig, source: str
     expected = expected_names(cfg)
     unexpected = sorted(set(by_name) - set(expected))
     if unexpected:
-        raise ModelError(f"{source}: unexpected tensor {unexpected[0]!r} for a {cfg.model_type} model "
-                         f"with {cfg.num_layers} layers ({len(unexpected)} unexpected in all)")
+        raise ModelError(
+            f"{source}: unexpected tensor {unexpected[0]!r} for a {cfg.model_type} model "
+            f"with {cfg.num_layers} layers ({len(unexpected)} unexpected in all)"
+        )
     wanted = [name for name in expected if name not in tied]
     missing = [name for name in wanted if name not in by_name]
     if missing:
@@ -75,11 +82,16 @@ def save_hf_directory(
     names = hf_tensor_names(tensors, cfg, source)
     # Weights of an earlier export would be mixed with these (transformers prefers model.safetensors over an
     # index): refuse rather than overwrite a model the user may still need.
-    old_weights = sorted(f for f in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
-                         if any(fnmatch.fnmatch(f, pattern) for pattern in HF_WEIGHT_FILES))
+    old_weights = sorted(
+        f
+        for f in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+        if any(fnmatch.fnmatch(f, pattern) for pattern in HF_WEIGHT_FILES)
+    )
     if old_weights:
-        raise ModelError(f"{output_dir} already holds model weights ({', '.join(old_weights[:3])}); export into a "
-                         f"new folder, or delete them first")
+        raise ModelError(
+            f"{output_dir} already holds model weights ({', '.join(old_weights[:3])}); export into a "
+            f"new folder, or delete them first"
+        )
     os.makedirs(output_dir, exist_ok=True)
 
     # Group into shards by size, in HF order, so one shard at a time is in memory.

@@ -95,8 +95,12 @@ def attention_backend(name: str) -> contextlib.AbstractContextManager:
 
     if name == "auto":
         return contextlib.nullcontext()
-    order = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    order = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
     first = order.pop(name)
     return sdpa_kernel([first, *order.values()], set_priority=True)
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import ModelConfig, ModelError
 from .layers import RMSNorm
-from .stage import Stage, build_stage, embedding_name, family, head_name, tied_parameter_names
+from .stage import Stage, build_stage, embedding_name, family, tied_parameter_names
 
 # Buffers that old checkpoints carry and no model needs: GPT-NeoX/GPT-J causal-mask buffers, rotary inv_freq.
 _IGNORED = re.compile(r"(^|\.)(attention|attn)\.(bias|masked_bias)$|(^|\.)inv_freq$")
@@ -81,7 +81,7 @@ def _from_layer_sharded(cfg: ModelConfig, stem: str, local: str) -> str:
     if stem == LAYER_SHARDED_HEAD:
         local = canonical_name(cfg, local)
         return local if local.startswith(f"{fam.HEAD}.") else f"{fam.PREFIX}.{local}"
-    return f"{fam.PREFIX}.{fam.LAYERS}.{stem[len('pytorch_'):]}.{local}"
+    return f"{fam.PREFIX}.{fam.LAYERS}.{stem[len('pytorch_') :]}.{local}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,8 +172,12 @@ class Checkpoint:
         self.layer_sharded_suffix, self.source = None, self.model_dir
         if not os.path.isdir(self.model_dir):
             raise ModelError(f"{self.model_dir}: checkpoint directory not found")
-        for name, indexed in ((HF_SAFETENSORS_INDEX, True), (HF_SAFETENSORS, False), (HF_BIN_INDEX, True),
-                              (HF_BIN, False)):
+        for name, indexed in (
+            (HF_SAFETENSORS_INDEX, True),
+            (HF_SAFETENSORS, False),
+            (HF_BIN_INDEX, True),
+            (HF_BIN, False),
+        ):
             if os.path.isfile(join(name)):
                 self.format, self.source = "hf", join(name)  # `source`: the file named in "missing" errors
                 files = self._index_files(self.source) if indexed else {self.source: None}

@@ -4,6 +4,7 @@ Model parameters may be fp16/bf16; the optimizer then works on fp32 master copie
 The gradient norm is reduced over the pipeline group only: after the data-parallel all-reduce every replica holds the
 same gradients, so every rank of the job sees the same norm, skips the same fp16 overflow step and clips alike.
 """
+
 import importlib.util
 import math
 
@@ -11,7 +12,6 @@ import torch
 import torch.distributed as dist
 
 from optimizer.scaler import LossScaler, NoScaler
-
 
 MASTER_GRAD_CHUNK_BYTES = 1 << 30
 
@@ -74,14 +74,17 @@ class StageOptimizer:
         decay = [m for (n, p), m in zip(named_params, self.master_params) if not no_decay(n, p)]
         plain = [m for (n, p), m in zip(named_params, self.master_params) if no_decay(n, p)]
         groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-        self.inner = _inner_optimizer(args.optimizer, groups, args.lr, (args.adam_beta1, args.adam_beta2),
-                                      args.adam_eps)
+        self.inner = _inner_optimizer(
+            args.optimizer, groups, args.lr, (args.adam_beta1, args.adam_beta2), args.adam_eps
+        )
         warmup = math.ceil(args.warmup_steps / args.gradient_accumulate_step)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.inner, lr_multiplier(args.lr_scheduler, warmup, total_optimizer_steps))
+            self.inner, lr_multiplier(args.lr_scheduler, warmup, total_optimizer_steps)
+        )
         if args.fp16:
-            self.scaler = LossScaler(args.initial_loss_scale, args.loss_scale_window, args.hysteresis,
-                                     args.min_loss_scale, args.loss_scale)
+            self.scaler = LossScaler(
+                args.initial_loss_scale, args.loss_scale_window, args.hysteresis, args.min_loss_scale, args.loss_scale
+            )
         else:
             self.scaler = NoScaler()
         self.max_grad_norm = args.max_grad_norm
@@ -134,8 +137,7 @@ class StageOptimizer:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         scale = self.scaler.scale
-        scaled_norm = self._global_grad_norm([p.grad for p, counted in zip(self.model_params, self.in_norm)
-                                              if counted])
+        scaled_norm = self._global_grad_norm([p.grad for p, counted in zip(self.model_params, self.in_norm) if counted])
         grad_norm = scaled_norm.item() / scale  # the step's one host sync: every rank decides the same way
         overflow = not math.isfinite(grad_norm)
         self.scaler.update(overflow)
@@ -184,7 +186,7 @@ class StageOptimizer:
         return out
 
     def load_state_tensors(self, names, tensors):
-        for name, master, param in zip(names, self.master_params, self.model_params):
+        for name, master, _param in zip(names, self.master_params, self.model_params):
             if self.mixed:
                 master.data.copy_(tensors[f"{name}/master"])
             keys = {k.split("/", 1)[1] for k in tensors if k.split("/", 1)[0] == name} - {"master"}
@@ -193,7 +195,7 @@ class StageOptimizer:
                 for key in keys:
                     value = tensors[f"{name}/{key}"]
                     if key.endswith("#py"):
-                        state[key[:-len("#py")]] = value.item()
+                        state[key[: -len("#py")]] = value.item()
                     else:
                         state[key] = value.to(master.device).clone()
                 self.inner.state[master] = state

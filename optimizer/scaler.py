@@ -6,7 +6,7 @@ On an overflow the step is skipped; after `hysteresis` overflows since the last 
 
 
 class LossScaler:
-    def __init__(self, initial_scale=2.0 ** 15, window=1000, hysteresis=2, min_scale=1.0, static_scale=0.0):
+    def __init__(self, initial_scale=2.0**15, window=1000, hysteresis=2, min_scale=1.0, static_scale=0.0):
         self.static = static_scale > 0
         self.scale = float(static_scale if self.static else initial_scale)
         self.window = window
@@ -43,6 +43,7 @@ class LossScaler:
 
 class NoScaler:
     """fp32 / bf16: nothing to scale."""
+
     static = True
     scale = 1.0
 

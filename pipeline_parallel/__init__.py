@@ -7,6 +7,7 @@ plain loop: no schedule, no send/recv.
 Schedules are built with scale_grads=False: the loss function already divides by the global loss-token count of the
 optimizer step, so gradients come out identical whatever the layout.
 """
+
 import torch
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
@@ -25,13 +26,17 @@ def split_layers(total_layers, num_stages, layers_per_stage=None, head_cost=0.0)
     layers) on 2 stages splits 13/11, not 12/12; GPT-NeoX-20B (0.7) on 8 stages keeps 6,6,6,6,5,5,5,5.
     """
     if num_stages > total_layers:
-        raise LayoutError(f"{num_stages} pipeline stages for a model of {total_layers} layers; "
-                          f"lower --pipeline-group-size (or --virtual-stages)")
+        raise LayoutError(
+            f"{num_stages} pipeline stages for a model of {total_layers} layers; "
+            f"lower --pipeline-group-size (or --virtual-stages)"
+        )
     base, extra = divmod(total_layers, num_stages)
     sizes = [base + (1 if s < extra else 0) for s in range(num_stages)]
     if layers_per_stage is not None and layers_per_stage != max(sizes):
-        raise LayoutError(f"--num-layers {layers_per_stage} (layers per stage) does not fit {total_layers} layers "
-                          f"over {num_stages} stages; use --num-layers {max(sizes)} or omit it")
+        raise LayoutError(
+            f"--num-layers {layers_per_stage} (layers per stage) does not fit {total_layers} layers "
+            f"over {num_stages} stages; use --num-layers {max(sizes)} or omit it"
+        )
     if layers_per_stage is None:
         sizes = _lighten_last_stage(sizes, head_cost)
     bounds, start = [], 0
@@ -74,8 +79,10 @@ class Pipeline:
         self.holds_last = num_stages - 1 in stage_ids
         self.schedule = None
         if num_stages > 1:
-            stages = [PipelineStage(m, s, num_stages, layout.device, group=layout.pp_group)
-                      for m, s in zip(modules, stage_ids)]
+            stages = [
+                PipelineStage(m, s, num_stages, layout.device, group=layout.pp_group)
+                for m, s in zip(modules, stage_ids)
+            ]
             if mode == "interleaved-1f1b":
                 self.schedule = ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
             else:

@@ -1,6 +1,6 @@
 """Task data for training: --task-name parsing, jsonl streaming, chat rendering, loss masks, packing, loader state.
 
-    from tasks import TaskError, parse_task_spec, PackedStream, evaluation_batches, count_tokens
+from tasks import TaskError, parse_task_spec, PackedStream, evaluation_batches, count_tokens
 """
 
 from .count import count_tokens
@@ -9,5 +9,13 @@ from .render import Renderer
 from .spec import TaskError, TaskSpec, parse_task_spec
 from .stream import PackedStream, format_sample
 
-__all__ = ["TaskError", "TaskSpec", "parse_task_spec", "PackedStream", "evaluation_batches", "count_tokens",
-           "Renderer", "format_sample"]
+__all__ = [
+    "TaskError",
+    "TaskSpec",
+    "parse_task_spec",
+    "PackedStream",
+    "evaluation_batches",
+    "count_tokens",
+    "Renderer",
+    "format_sample",
+]

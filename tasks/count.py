@@ -23,16 +23,19 @@ _MAX_ENTRIES = 8
 
 def _fallback_dirs() -> list[str]:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return [os.path.join(base, "openchatkit-tasks", "token_counts"),
-            os.path.join(tempfile.gettempdir(), f"openchatkit-tasks-{os.getuid() if hasattr(os, 'getuid') else 0}")]
+    return [
+        os.path.join(base, "openchatkit-tasks", "token_counts"),
+        os.path.join(tempfile.gettempdir(), f"openchatkit-tasks-{os.getuid() if hasattr(os, 'getuid') else 0}"),
+    ]
 
 
 def cache_paths(path: str) -> list[str]:
     """Where the count of `path` may be cached, in order of preference."""
     d, name = os.path.split(os.path.abspath(path))
     key = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
-    return [os.path.join(d, f".{name}.token_count.json")] + \
-        [os.path.join(f, f"{key}-{name}.token_count.json") for f in _fallback_dirs()]
+    return [os.path.join(d, f".{name}.token_count.json")] + [
+        os.path.join(f, f"{key}-{name}.token_count.json") for f in _fallback_dirs()
+    ]
 
 
 def _read_cache(path: str, fingerprint: str, size: int, mtime_ns: int):

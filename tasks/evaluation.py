@@ -24,8 +24,17 @@ def iter_lines(files):
                     yield path, line_no, line
 
 
-def evaluation_batches(paths, tokenizer, seq_length: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                       train_on_inputs: bool = False, loss_on_bot_only: bool = False, chunk_docs: int = 256):
+def evaluation_batches(
+    paths,
+    tokenizer,
+    seq_length: int,
+    batch_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    train_on_inputs: bool = False,
+    loss_on_bot_only: bool = False,
+    chunk_docs: int = 256,
+):
     """Yield dicts of int64 tensors [batch_size, seq_length] (input_ids, labels, position_ids, doc_ids).
 
     paths: a --task-name style spec ("a.jsonl,dir/") or a list of paths.

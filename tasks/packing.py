@@ -32,6 +32,7 @@ class ChunkMeta:
 class StateRef:
     """Where the stream stands after a batch: the next window starts `skip_tokens` tokens into document
     `skip_docs` after `meta.snapshot`, and `windows` windows have been handed out."""
+
     meta: ChunkMeta | None
     skip_docs: int
     skip_tokens: int
@@ -57,8 +58,9 @@ KEYS = ("input_ids", "labels", "position_ids", "doc_ids")
 
 
 class Packer:
-    def __init__(self, seq_length: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1, windows_done: int = 0,
-                 eos: int = 0):
+    def __init__(
+        self, seq_length: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1, windows_done: int = 0, eos: int = 0
+    ):
         self.S, self.B, self.r = seq_length, batch_size, dp_rank
         self.G = batch_size * dp_size
         self.eos = eos

@@ -50,8 +50,10 @@ _READ_ERRORS = (OSError, EOFError, zlib.error)
 
 def _unreadable(path: str, where: str, exc: BaseException) -> TaskError:
     if path.endswith(".gz"):
-        fix = ("the file is truncated or is not valid gzip; re-download it, or re-compress the .jsonl with gzip "
-               "(or drop the .gz suffix if it is plain text)")
+        fix = (
+            "the file is truncated or is not valid gzip; re-download it, or re-compress the .jsonl with gzip "
+            "(or drop the .gz suffix if it is plain text)"
+        )
     else:
         fix = "check that the file is complete and readable"
     return TaskError(f"cannot read {where}: {exc} ({type(exc).__name__}); {fix}")
@@ -173,8 +175,10 @@ class TaskReader:
                 self.count += 1
                 return item
             if self.count == 0:
-                raise TaskError(f"task '{self.task.name}' has no records (its files are empty or blank); "
-                                f"remove it from --task-name or add data")
+                raise TaskError(
+                    f"task '{self.task.name}' has no records (its files are empty or blank); "
+                    f"remove it from --task-name or add data"
+                )
             self.epoch += 1
             self.count = 0
             self.close()
@@ -185,8 +189,16 @@ class TaskReader:
 
     # -- state --
     def snapshot(self) -> tuple:
-        return (self.file_index, self.offset, self.line_no, self.epoch, self.draining, self.count,
-                self.rng.counter, list(self.buffer))
+        return (
+            self.file_index,
+            self.offset,
+            self.line_no,
+            self.epoch,
+            self.draining,
+            self.count,
+            self.rng.counter,
+            list(self.buffer),
+        )
 
     def snapshot_to_json(self, snap) -> dict:
         fi, off, ln, epoch, draining, count, ctr, buf = snap
@@ -196,8 +208,16 @@ class TaskReader:
                 out_buf.append([f, pos, lno, line.decode("utf-8", "surrogateescape")])
             else:
                 out_buf.append([f, pos, lno])
-        return {"file": fi, "offset": off, "line": ln, "epoch": epoch, "draining": draining, "count": count,
-                "rng": ctr, "buffer": out_buf}
+        return {
+            "file": fi,
+            "offset": off,
+            "line": ln,
+            "epoch": epoch,
+            "draining": draining,
+            "count": count,
+            "rng": ctr,
+            "buffer": out_buf,
+        }
 
     def load_json(self, d: dict):
         self.close()
@@ -218,17 +238,21 @@ class TaskReader:
                     fh.seek(pos)
                     line = fh.readline()
                     if not line or line.isspace():
-                        raise TaskError(f"cannot resume task '{self.task.name}': {self.files[f]} changed since the "
-                                        f"checkpoint (no record at byte {pos}); restore the data, or pass "
-                                        f"--resume-data restart to read the data from the start")
+                        raise TaskError(
+                            f"cannot resume task '{self.task.name}': {self.files[f]} changed since the "
+                            f"checkpoint (no record at byte {pos}); restore the data, or pass "
+                            f"--resume-data restart to read the data from the start"
+                        )
                 buf.append((line, f, pos, lno))
         finally:
             for fh in handles.values():
                 fh.close()
         self.buffer = buf
         if self.file_index > len(self.files):
-            raise TaskError(f"cannot resume task '{self.task.name}': the checkpoint is at file "
-                            f"#{self.file_index} but the task now has {len(self.files)} files")
+            raise TaskError(
+                f"cannot resume task '{self.task.name}': the checkpoint is at file "
+                f"#{self.file_index} but the task now has {len(self.files)} files"
+            )
 
 
 class Mixture:

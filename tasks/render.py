@@ -46,31 +46,39 @@ def parse_line(line: bytes | str, path: str, line_no: int) -> dict[str, Any]:
         obj = json.loads(line)
     except ValueError as e:
         msg = getattr(e, "msg", str(e))
-        raise TaskError(f"{where}: not valid JSON ({msg}); each line must be one JSON object such as "
-                        f'{{"text": "<human>: ...\\n<bot>: ..."}} or {{"messages": [...]}}') from None
+        raise TaskError(
+            f"{where}: not valid JSON ({msg}); each line must be one JSON object such as "
+            f'{{"text": "<human>: ...\\n<bot>: ..."}} or {{"messages": [...]}}'
+        ) from None
     if not isinstance(obj, dict):
-        raise TaskError(f"{where}: expected a JSON object per line, got {type(obj).__name__}; write "
-                        f'{{"text": ...}} or {{"messages": [...]}}')
+        raise TaskError(
+            f"{where}: expected a JSON object per line, got {type(obj).__name__}; write "
+            f'{{"text": ...}} or {{"messages": [...]}}'
+        )
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
-            raise TaskError(f"{where}: 'messages' must be a non-empty list of "
-                            f'{{"role": ..., "content": ...}} objects')
+            raise TaskError(
+                f'{where}: \'messages\' must be a non-empty list of {{"role": ..., "content": ...}} objects'
+            )
         for k, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                raise TaskError(f"{where}: messages[{k}] must be an object with a string 'content' and a 'role' "
-                                f"in {'/'.join(ROLES)}")
+                raise TaskError(
+                    f"{where}: messages[{k}] must be an object with a string 'content' and a 'role' "
+                    f"in {'/'.join(ROLES)}"
+                )
             if m.get("role") not in ROLES:
-                raise TaskError(f"{where}: messages[{k}] has role {m.get('role')!r}; use one of "
-                                f"{', '.join(ROLES)}")
+                raise TaskError(f"{where}: messages[{k}] has role {m.get('role')!r}; use one of {', '.join(ROLES)}")
     elif "text" in obj:
         if not isinstance(obj["text"], str):
             raise TaskError(f"{where}: 'text' must be a string, got {type(obj['text']).__name__}")
     else:
         keys = ", ".join(sorted(obj)[:8]) or "none"
-        raise TaskError(f"{where}: record has neither 'text' nor 'messages' (keys: {keys}); write "
-                        f'{{"text": "<human>: ...\\n<bot>: ..."}} or {{"messages": [{{"role": "user", '
-                        f'"content": ...}}, ...]}}')
+        raise TaskError(
+            f"{where}: record has neither 'text' nor 'messages' (keys: {keys}); write "
+            f'{{"text": "<human>: ...\\n<bot>: ..."}} or {{"messages": [{{"role": "user", '
+            f'"content": ...}}, ...]}}'
+        )
     return obj
 
 
@@ -79,8 +87,10 @@ class Renderer:
 
     def __init__(self, tokenizer, train_on_inputs: bool = False, loss_on_bot_only: bool = False):
         if train_on_inputs and loss_on_bot_only:
-            raise TaskError("train_on_inputs=True and loss_on_bot_only=True contradict each other; "
-                            "choose one (train_on_inputs trains every token)")
+            raise TaskError(
+                "train_on_inputs=True and loss_on_bot_only=True contradict each other; "
+                "choose one (train_on_inputs trains every token)"
+            )
         self.tokenizer = tokenizer
         self.train_on_inputs = train_on_inputs
         self.loss_on_bot_only = loss_on_bot_only
@@ -136,8 +146,9 @@ class Renderer:
         except Exception as e:  # jinja raise_exception(), bad template, ...
             raise TaskError(f"{path}:{line_no}: the tokenizer's chat template failed on this record: {e}") from None
         if not isinstance(out, str):
-            raise TaskError(f"{path}:{line_no}: apply_chat_template(tokenize=False) returned "
-                            f"{type(out).__name__}, not text")
+            raise TaskError(
+                f"{path}:{line_no}: apply_chat_template(tokenize=False) returned {type(out).__name__}, not text"
+            )
         return out
 
     def _try_apply(self, msgs, gen: bool):
@@ -172,8 +183,10 @@ class Renderer:
             else:
                 k = full.find(content, start)
                 if k < 0:
-                    raise TaskError(f"{path}:{line_no}: cannot locate assistant message {i} in the chat-template "
-                                    f"rendering; use train_on_inputs=True or a template that keeps message text")
+                    raise TaskError(
+                        f"{path}:{line_no}: cannot locate assistant message {i} in the chat-template "
+                        f"rendering; use train_on_inputs=True or a template that keeps message text"
+                    )
                 end = k + len(content)
             spans.append((start, end))
             cursor = end

@@ -32,19 +32,30 @@ def is_data_file(name: str) -> bool:
 
 def _files_of(entry: str, path: str, where: str) -> tuple[str, ...]:
     if os.path.isdir(path):
-        files = tuple(sorted(os.path.join(path, f) for f in os.listdir(path)
-                             if is_data_file(f) and os.path.isfile(os.path.join(path, f))))
+        files = tuple(
+            sorted(
+                os.path.join(path, f)
+                for f in os.listdir(path)
+                if is_data_file(f) and os.path.isfile(os.path.join(path, f))
+            )
+        )
         if not files:
-            raise TaskError(f"{where} '{entry}': directory {path} holds no .jsonl or .jsonl.gz files; "
-                            f"put the data files directly in it or name the files themselves")
+            raise TaskError(
+                f"{where} '{entry}': directory {path} holds no .jsonl or .jsonl.gz files; "
+                f"put the data files directly in it or name the files themselves"
+            )
         return files
     if os.path.isfile(path):
         if not path.endswith(DATA_SUFFIXES):
-            raise TaskError(f"{where} '{entry}': {path} is not a .jsonl or .jsonl.gz file; rename it "
-                            f"(one JSON object per line) or point at a directory of .jsonl files")
+            raise TaskError(
+                f"{where} '{entry}': {path} is not a .jsonl or .jsonl.gz file; rename it "
+                f"(one JSON object per line) or point at a directory of .jsonl files"
+            )
         return (path,)
-    raise TaskError(f"{where} '{entry}': no such file or directory {path!r}; give a .jsonl/.jsonl.gz "
-                    f"file or a directory of them (named tasks like 'cot' are not built in)")
+    raise TaskError(
+        f"{where} '{entry}': no such file or directory {path!r}; give a .jsonl/.jsonl.gz "
+        f"file or a directory of them (named tasks like 'cot' are not built in)"
+    )
 
 
 def parse_task_spec(spec: str | list[str] | tuple[str, ...], flag: str = "--task-name") -> list[TaskSpec]:
@@ -56,8 +67,10 @@ def parse_task_spec(spec: str | list[str] | tuple[str, ...], flag: str = "--task
         entries = [str(e) for e in spec]
     else:
         if not isinstance(spec, str) or not spec.strip():
-            raise TaskError(f"{flag} is empty; give comma-separated path[:weight] entries, "
-                            f"e.g. {flag} data/chat.jsonl:0.8,data/extra/:0.2")
+            raise TaskError(
+                f"{flag} is empty; give comma-separated path[:weight] entries, "
+                f"e.g. {flag} data/chat.jsonl:0.8,data/extra/:0.2"
+            )
         entries = spec.split(",")
     parsed = []
     seen: dict[str, int] = {}
@@ -65,8 +78,9 @@ def parse_task_spec(spec: str | list[str] | tuple[str, ...], flag: str = "--task
         entry = raw.strip()
         where = f"{flag} entry {i}"
         if not entry:
-            raise TaskError(f"{where} is empty (two commas in a row or a trailing comma?); "
-                            f"remove it or give path[:weight]")
+            raise TaskError(
+                f"{where} is empty (two commas in a row or a trailing comma?); remove it or give path[:weight]"
+            )
         path, weight_text = entry, None
         if not os.path.exists(os.path.expanduser(entry)) and ":" in entry:
             path, weight_text = entry.rsplit(":", 1)
@@ -77,11 +91,15 @@ def parse_task_spec(spec: str | list[str] | tuple[str, ...], flag: str = "--task
             try:
                 weight = float(weight_text)
             except ValueError:
-                raise TaskError(f"{where} '{entry}': weight {weight_text!r} is not a number; "
-                                f"write path:weight with a positive number, e.g. {path}:0.5") from None
+                raise TaskError(
+                    f"{where} '{entry}': weight {weight_text!r} is not a number; "
+                    f"write path:weight with a positive number, e.g. {path}:0.5"
+                ) from None
             if not math.isfinite(weight) or weight <= 0:
-                raise TaskError(f"{where} '{entry}': weight must be a positive number, got "
-                                f"{weight_text}; drop the task or give it a weight > 0, e.g. {path}:0.5")
+                raise TaskError(
+                    f"{where} '{entry}': weight must be a positive number, got "
+                    f"{weight_text}; drop the task or give it a weight > 0, e.g. {path}:0.5"
+                )
         if not path:
             raise TaskError(f"{where} '{entry}': missing path before ':'; write path[:weight]")
         abspath = os.path.abspath(os.path.expanduser(path))

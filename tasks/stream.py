@@ -41,8 +41,10 @@ def _show_every_from_env() -> int:
     except ValueError:
         every = 0
     if every < 1:
-        raise TaskError(f"SHOW_DATA_EVERY={raw!r} is not a whole number >= 1; set it to how many batches apart "
-                        f"SHOW_DATA prints a sample (e.g. SHOW_DATA_EVERY=100), or unset it")
+        raise TaskError(
+            f"SHOW_DATA_EVERY={raw!r} is not a whole number >= 1; set it to how many batches apart "
+            f"SHOW_DATA prints a sample (e.g. SHOW_DATA_EVERY=100), or unset it"
+        )
     return every
 
 
@@ -69,10 +71,25 @@ class PackedStream:
     """Infinite iterator of batches: dicts of int64 tensors [batch_size, seq_length] with input_ids, labels
     (already shifted, -100 = no loss), position_ids (restart per document) and doc_ids."""
 
-    def __init__(self, task_spec, tokenizer, seq_length: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 42, train_on_inputs: bool = False, loss_on_bot_only: bool = False,
-                 shuffle_buffer: int = 1000, num_workers: int = 1, prefetch: int = 4, chunk_docs: int = 256,
-                 chunk_bytes: int = 1 << 20, show_data: bool | None = None, show_every: int | None = None):
+    def __init__(
+        self,
+        task_spec,
+        tokenizer,
+        seq_length: int,
+        batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 42,
+        train_on_inputs: bool = False,
+        loss_on_bot_only: bool = False,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 1,
+        prefetch: int = 4,
+        chunk_docs: int = 256,
+        chunk_bytes: int = 1 << 20,
+        show_data: bool | None = None,
+        show_every: int | None = None,
+    ):
         _positive("seq_length", seq_length)
         _positive("batch_size", batch_size)
         _positive("dp_size", dp_size)
@@ -135,7 +152,9 @@ class PackedStream:
                         break
                     except queue.Empty:
                         if not self._thread.is_alive():
-                            raise RuntimeError("tasks: the data loader thread died without reporting an error")
+                            raise RuntimeError(
+                                "tasks: the data loader thread died without reporting an error"
+                            ) from None
                 if item[0] is _ERROR:
                     raise item[1]
                 batch, ref = item
@@ -147,9 +166,13 @@ class PackedStream:
             raise
         self._consumed = ref
         if self.show_data and self._served % self.show_every == 0:
-            print(f"[tasks] SHOW_DATA batch {self._served} row 0 (loss on [[...]] spans, "
-                  f"{int((batch['labels'][0] != -100).sum())}/{self.seq_length} labels):\n"
-                  f"{format_sample(batch, self.tokenizer)}\n[tasks] end of sample", file=sys.stderr, flush=True)
+            print(
+                f"[tasks] SHOW_DATA batch {self._served} row 0 (loss on [[...]] spans, "
+                f"{int((batch['labels'][0] != -100).sum())}/{self.seq_length} labels):\n"
+                f"{format_sample(batch, self.tokenizer)}\n[tasks] end of sample",
+                file=sys.stderr,
+                flush=True,
+            )
         self._served += 1
         return batch
 
@@ -158,8 +181,9 @@ class PackedStream:
         self._queue = queue.Queue(maxsize=self.prefetch)
         self._stop = threading.Event()
         # the thread holds the pipeline, not self, so an unclosed stream can still be collected (and __del__ stops it)
-        self._thread = threading.Thread(target=_run, args=(self._pipe, self._resume, self._queue, self._stop),
-                                        name="tasks-loader", daemon=True)
+        self._thread = threading.Thread(
+            target=_run, args=(self._pipe, self._resume, self._queue, self._stop), name="tasks-loader", daemon=True
+        )
         self._thread.start()
 
     def _shutdown(self):
@@ -211,8 +235,10 @@ class PackedStream:
             "seed": self.seed,
             "shuffle_buffer": self.shuffle_buffer,
             "tokenizer": self.encoder.fingerprint,
-            "tasks": [{"name": t.name, "weight": t.raw_weight, "files": [file_signature(f) for f in t.files]}
-                      for t in self.tasks],
+            "tasks": [
+                {"name": t.name, "weight": t.raw_weight, "files": [file_signature(f) for f in t.files]}
+                for t in self.tasks
+            ],
         }
 
     def state_dict(self) -> dict:
@@ -227,41 +253,65 @@ class PackedStream:
             position = {"source": source.snapshot_to_json(source.snapshot()), "skip_docs": 0, "skip_tokens": 0}
             windows = 0
         else:
-            position = {"source": self._codec.snapshot_to_json(ref.meta.snapshot), "skip_docs": ref.skip_docs,
-                        "skip_tokens": ref.skip_tokens}
+            position = {
+                "source": self._codec.snapshot_to_json(ref.meta.snapshot),
+                "skip_docs": ref.skip_docs,
+                "skip_tokens": ref.skip_tokens,
+            }
             windows = ref.windows
-        return {"format": STATE_FORMAT, **self._identity(), "seq_length": self.seq_length,
-                "global_batch": self.batch_size * self.dp_size, "windows": windows,
-                "tokens": windows * self.seq_length, "epochs": self.epochs, "position": position}
+        return {
+            "format": STATE_FORMAT,
+            **self._identity(),
+            "seq_length": self.seq_length,
+            "global_batch": self.batch_size * self.dp_size,
+            "windows": windows,
+            "tokens": windows * self.seq_length,
+            "epochs": self.epochs,
+            "position": position,
+        }
 
     def load_state_dict(self, state: dict, strict: bool = True):
         """Continue after the batch `state` was taken at. strict=False tolerates data files that changed size (the
         trainer's --resume-data continue; its --resume-data restart does not call this)."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise TaskError(f"not a data-stream state (expected format {STATE_FORMAT!r}); was it written by "
-                            f"tasks.PackedStream.state_dict()?")
+            raise TaskError(
+                f"not a data-stream state (expected format {STATE_FORMAT!r}); was it written by "
+                f"tasks.PackedStream.state_dict()?"
+            )
         mine = self._identity()
-        for key, what in (("seed", "--seed"), ("shuffle_buffer", "the shuffle buffer size"),
-                          ("tokenizer", "the tokenizer (vocab/merges/chat template)")):
+        for key, what in (
+            ("seed", "--seed"),
+            ("shuffle_buffer", "the shuffle buffer size"),
+            ("tokenizer", "the tokenizer (vocab/merges/chat template)"),
+        ):
             if state[key] != mine[key]:
-                raise TaskError(f"cannot resume the data stream: {what} changed since the checkpoint "
-                                f"({state[key]!r} → {mine[key]!r}); restore it, or pass --resume-data restart to read "
-                                f"the data from the start")
+                raise TaskError(
+                    f"cannot resume the data stream: {what} changed since the checkpoint "
+                    f"({state[key]!r} → {mine[key]!r}); restore it, or pass --resume-data restart to read "
+                    f"the data from the start"
+                )
         old, new = state["tasks"], mine["tasks"]
         if [(t["name"], t["weight"]) for t in old] != [(t["name"], t["weight"]) for t in new]:
-            raise TaskError("cannot resume the data stream: --task-name changed since the checkpoint "
-                            f"({','.join(t['name'] + ':' + str(t['weight']) for t in old)}); restore it, or pass "
-                            f"--resume-data restart to read the data from the start")
+            raise TaskError(
+                "cannot resume the data stream: --task-name changed since the checkpoint "
+                f"({','.join(t['name'] + ':' + str(t['weight']) for t in old)}); restore it, or pass "
+                f"--resume-data restart to read the data from the start"
+            )
         for t_old, t_new in zip(old, new):
             names_old = [f[0] for f in t_old["files"]]
             names_new = [f[0] for f in t_new["files"]]
             if names_old != names_new or (strict and t_old["files"] != t_new["files"]):
                 resized_only = names_old == names_new  # the saved position still names a file and an offset
-                raise TaskError(f"cannot resume the data stream: the files of task '{t_new['name']}' changed since "
-                                f"the checkpoint (was {t_old['files']}, now {t_new['files']}); restore them, or pass "
-                                + ("--resume-data continue to go on at the saved position (not an exact resume) or "
-                                   if resized_only else "")
-                                + "--resume-data restart to read the data from the start")
+                raise TaskError(
+                    f"cannot resume the data stream: the files of task '{t_new['name']}' changed since "
+                    f"the checkpoint (was {t_old['files']}, now {t_new['files']}); restore them, or pass "
+                    + (
+                        "--resume-data continue to go on at the saved position (not an exact resume) or "
+                        if resized_only
+                        else ""
+                    )
+                    + "--resume-data restart to read the data from the start"
+                )
         self._shutdown()
         self._error = None
         self._closed = False
@@ -274,8 +324,20 @@ class _Pipeline:
     """What the loader thread runs: Mixture → tokeniser pool → Packer, yielding (batch, StateRef)."""
 
     def __init__(self, stream: PackedStream):
-        for name in ("tasks", "renderer", "encoder", "seq_length", "batch_size", "dp_rank", "dp_size", "seed",
-                     "shuffle_buffer", "num_workers", "chunk_docs", "chunk_bytes"):
+        for name in (
+            "tasks",
+            "renderer",
+            "encoder",
+            "seq_length",
+            "batch_size",
+            "dp_rank",
+            "dp_size",
+            "seed",
+            "shuffle_buffer",
+            "num_workers",
+            "chunk_docs",
+            "chunk_bytes",
+        ):
             setattr(self, name, getattr(stream, name))
 
     def chunks(self, mix: Mixture, drop: int):
@@ -349,4 +411,5 @@ def _run(pipe: _Pipeline, resume, q: queue.Queue, stop: threading.Event):
 
 def _copy_json(d):
     import json
+
     return json.loads(json.dumps(d))

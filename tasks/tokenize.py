@@ -24,6 +24,7 @@ RENDER_VERSION = "tasks-render-1"  # bump when rendering/tokenisation rules chan
 @dataclass
 class Chunk:
     """Tokens of consecutive documents, EOS-terminated, concatenated."""
+
     tokens: np.ndarray  # int64 [T]
     trained: np.ndarray  # bool [T]: this token takes loss when it is a label
     doc_start: np.ndarray  # bool [T]: first token of a document
@@ -50,14 +51,14 @@ class Encoder:
         self.tokenizer = tokenizer
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is None:
-            raise TaskError("the tokenizer has no eos_token; set tokenizer.eos_token (documents are packed "
-                            "with one EOS after each)")
+            raise TaskError(
+                "the tokenizer has no eos_token; set tokenizer.eos_token (documents are packed with one EOS after each)"
+            )
         self.eos = int(eos)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend = None
         self._backend_json = None
         if backend is not None:
-            from tokenizers import Tokenizer
             self._backend_json = backend.to_str()
             self._backend = self._new_backend()
             self._fast = hasattr(self._backend, "encode_batch_fast")
@@ -66,6 +67,7 @@ class Encoder:
 
     def _new_backend(self):
         from tokenizers import Tokenizer
+
         backend = Tokenizer.from_str(self._backend_json)
         backend.no_truncation()
         backend.no_padding()
@@ -76,8 +78,9 @@ class Encoder:
         backend = getattr(self._local, "backend", None)
         if backend is None:
             with _LOCK:
-                backend, self._backend = (self._backend, None) if self._backend is not None else \
-                    (self._new_backend(), None)
+                backend, self._backend = (
+                    (self._backend, None) if self._backend is not None else (self._new_backend(), None)
+                )
             self._local.backend = backend
         return backend
 
@@ -139,17 +142,18 @@ class Encoder:
                 continue
             # all offsets of the group in one conversion (much cheaper than one array per document)
             n_tok = sum(len(ids) for ids, _ in encs)
-            flat_offs = np.fromiter(chain.from_iterable(chain.from_iterable(o for _, o in encs)), dtype=np.int64,
-                                    count=2 * n_tok).reshape(-1, 2)
+            flat_offs = np.fromiter(
+                chain.from_iterable(chain.from_iterable(o for _, o in encs)), dtype=np.int64, count=2 * n_tok
+            ).reshape(-1, 2)
             at = 0
             for i, (ids, _) in zip(idx, encs):
-                results[i] = (ids, spans_to_mask(flat_offs[at:at + len(ids)], docs[i][1], len(docs[i][0])))
+                results[i] = (ids, spans_to_mask(flat_offs[at : at + len(ids)], docs[i][1], len(docs[i][0])))
                 at += len(ids)
         eos = self.eos
         flat: list[int] = []
         starts: list[int] = []
         masks = []  # (start, mask array with the EOS flag appended)
-        for (ids, mask), doc in zip(results, docs):
+        for (ids, mask), _doc in zip(results, docs):
             start = len(flat)
             starts.append(start)
             flat.extend(ids)
@@ -165,7 +169,7 @@ class Encoder:
         tokens = np.array(flat, dtype=np.int64)
         trained = np.ones(len(tokens), dtype=bool)
         for start, mask in masks:
-            trained[start:start + len(mask)] = mask
+            trained[start : start + len(mask)] = mask
         doc_start = np.zeros(len(tokens), dtype=bool)
         doc_start[starts] = True
         if drop_first:

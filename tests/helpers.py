@@ -1,4 +1,5 @@
 """Shared test helpers: tiny models, chat data, and real multi-process launches of the entrypoint."""
+
 import contextlib
 import json
 import os
@@ -27,9 +28,25 @@ def held_port():
 
 
 def make_model(path, model_type="gptneox", hidden=32, layers=4, heads=4, extra=()):
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_tiny_model.py"), "--output", str(path),
-                    "--model-type", model_type, "--hidden-size", str(hidden), "--num-layers", str(layers),
-                    "--num-heads", str(heads), *extra], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "make_tiny_model.py"),
+            "--output",
+            str(path),
+            "--model-type",
+            model_type,
+            "--hidden-size",
+            str(hidden),
+            "--num-layers",
+            str(layers),
+            "--num-heads",
+            str(heads),
+            *extra,
+        ],
+        check=True,
+        capture_output=True,
+    )
     return str(path)
 
 
@@ -56,6 +73,7 @@ def save_random_hf_model(config, directory):
 def make_chat_data(path, n=120, seed=0):
     """OIG-style text records and chat-format records of varied length."""
     import random
+
     rng = random.Random(seed)
     words = "the a model learns to answer short questions about numbers colours cities rivers and time".split()
     with open(path, "w") as f:
@@ -63,8 +81,7 @@ def make_chat_data(path, n=120, seed=0):
             question = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
             answer = " ".join(rng.choice(words) for _ in range(rng.randint(2, 20)))
             if i % 3 == 0:
-                record = {"messages": [{"role": "user", "content": question},
-                                       {"role": "assistant", "content": answer}]}
+                record = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
             else:
                 record = {"text": f"<human>: {question}?\n<bot>: {answer}."}
             f.write(json.dumps(record) + "\n")
@@ -73,10 +90,22 @@ def make_chat_data(path, n=120, seed=0):
 
 def base_flags(model_dir, data, ckpt, **overrides):
     flags = {
-        "model-name": model_dir, "tokenizer-name": model_dir, "task-name": data, "checkpoint-path": ckpt,
-        "seq-length": 32, "batch-size": 4, "micro-batch-size": 1, "gradient-accumulate-step": 1,
-        "total-steps": 3, "warmup-steps": 0, "lr": 1e-3, "seed": 7, "use-cuda": "false", "dp-backend": "gloo",
-        "load-checkpoint": "false", "dist-timeout": 60,
+        "model-name": model_dir,
+        "tokenizer-name": model_dir,
+        "task-name": data,
+        "checkpoint-path": ckpt,
+        "seq-length": 32,
+        "batch-size": 4,
+        "micro-batch-size": 1,
+        "gradient-accumulate-step": 1,
+        "total-steps": 3,
+        "warmup-steps": 0,
+        "lr": 1e-3,
+        "seed": 7,
+        "use-cuda": "false",
+        "dp-backend": "gloo",
+        "load-checkpoint": "false",
+        "dist-timeout": 60,
     }
     flags.update(overrides)
     out = []
@@ -91,8 +120,16 @@ def base_flags(model_dir, data, ckpt, **overrides):
 def run_torchrun(nproc, flags, env=None, timeout=300, cwd=None, script=ENTRYPOINT):
     """Run the entrypoint (or a script that wraps it) under torchrun on CPU; returns the CompletedProcess (never
     raises on failure)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "--tee=3", script, *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "--tee=3",
+        script,
+        *flags,
+    ]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
 
@@ -103,10 +140,27 @@ def run_ranks(world, flags, env=None, timeout=300, kill_rank=None):
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     full_env.pop("RANK", None)
     full_env.pop("WORLD_SIZE", None)
-    procs = [subprocess.Popen([sys.executable, ENTRYPOINT, *flags, "--rank", str(r), "--world-size", str(world),
-                               "--dist-url", f"tcp://127.0.0.1:{port}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=REPO)
-             for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                ENTRYPOINT,
+                *flags,
+                "--rank",
+                str(r),
+                "--world-size",
+                str(world),
+                "--dist-url",
+                f"tcp://127.0.0.1:{port}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=full_env,
+            cwd=REPO,
+        )
+        for r in range(world)
+    ]
     return procs
 
 
@@ -114,6 +168,7 @@ def read_checkpoint_weights(ckpt_dir, step=None, suffix="_model.safetensors"):
     """All HF-named weights of a training checkpoint (every stage file merged); with suffix
     "_optimizer.safetensors" too, the optimizer state ("<name>/exp_avg", ...)."""
     from safetensors.torch import load_file
+
     step = step if step is not None else int(open(os.path.join(ckpt_dir, "latest")).read())
     folder = os.path.join(ckpt_dir, f"checkpoint_{step}")
     tensors = {}
@@ -127,8 +182,17 @@ def run_torchrun_launcher(nproc, flags, launcher_args=(), env=None, timeout=300)
     """run_torchrun with extra torchrun arguments (e.g. ["--max-restarts", "1"]); with "--rdzv-backend" among
     them no --master_port is passed."""
     port = [] if "--rdzv-backend" in launcher_args else [f"--master_port={free_port()}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *port, "--tee=3",
-           *launcher_args, ENTRYPOINT, *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        *port,
+        "--tee=3",
+        *launcher_args,
+        ENTRYPOINT,
+        *flags,
+    ]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
 
@@ -136,6 +200,7 @@ def run_torchrun_launcher(nproc, flags, launcher_args=(), env=None, timeout=300)
 def wait_ranks(procs, timeout=300):
     """Wait for the processes of run_ranks; [(returncode, stdout, stderr)] per rank (killed after `timeout`)."""
     import time
+
     deadline = time.time() + timeout
     out = []
     for proc in procs:
@@ -164,6 +229,7 @@ def read_metrics(path, key="loss"):
 def damaged_files(folder):
     """Files of a checkpoint folder whose sha256 differs from meta.json (missing ones included)."""
     import hashlib
+
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
     bad = []

@@ -4,6 +4,7 @@ Every run is a real multi-process (or one-process) CPU/gloo run of the entrypoin
 reference; the others are killed (SIGKILL of a rank, a crash inside the save window, a torchrun restart), damaged or
 relaunched, and must end bit-identical to it (same layout) or equal within fp32 tolerance (another layout).
 """
+
 import json
 import os
 import shutil
@@ -13,16 +14,32 @@ import time
 import pytest
 import torch
 
-from tests.helpers import (base_flags, damaged_files, make_chat_data, make_model, read_checkpoint_weights,
-                           read_metrics, run_ranks, run_torchrun, run_torchrun_launcher, wait_ranks)
+from tests.helpers import (
+    base_flags,
+    damaged_files,
+    make_chat_data,
+    make_model,
+    read_checkpoint_weights,
+    read_metrics,
+    run_ranks,
+    run_torchrun,
+    run_torchrun_launcher,
+    wait_ranks,
+)
 
 STEPS, EVERY, TIMEOUT = 6, 2, 6  # optimizer steps, --checkpoint-steps, --dist-timeout (s)
 BOTH = ("_model.safetensors", "_optimizer.safetensors")
 
 
 def flags_for(setup, ckpt, **overrides):
-    flags = {"pipeline-group-size": 2, "total-steps": STEPS, "checkpoint-steps": EVERY, "keep-checkpoints": 0,
-             "load-checkpoint": "true", "dist-timeout": TIMEOUT}
+    flags = {
+        "pipeline-group-size": 2,
+        "total-steps": STEPS,
+        "checkpoint-steps": EVERY,
+        "keep-checkpoints": 0,
+        "load-checkpoint": "true",
+        "dist-timeout": TIMEOUT,
+    }
     flags.update(overrides)
     return base_flags(setup["model"], setup["data"], str(ckpt), **flags)
 
@@ -52,7 +69,7 @@ def assert_close(got_dir, want_dir):
     want = read_checkpoint_weights(str(want_dir), suffix=BOTH)
     assert set(got) == set(want) and len(want) > 100
     for name, value in want.items():
-        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def copy_checkpoints(src, dst, steps, latest_step):
@@ -69,8 +86,11 @@ def copy_checkpoints(src, dst, steps, latest_step):
 def setup(tmp_path_factory):
     """The tiny model, the data and the uninterrupted reference run (pp=2, checkpoints at 2, 4, 6, all kept)."""
     root = tmp_path_factory.mktemp("checkpoints")
-    setup = {"root": root, "model": make_model(root / "model", hidden=32, layers=4, heads=4),
-             "data": make_chat_data(root / "chat.jsonl")}
+    setup = {
+        "root": root,
+        "model": make_model(root / "model", hidden=32, layers=4, heads=4),
+        "data": make_chat_data(root / "chat.jsonl"),
+    }
     setup["ref"] = str(root / "reference")
     result = run_torchrun(2, flags_for(setup, setup["ref"], **{"metrics-file": str(root / "reference.jsonl")}))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -88,9 +108,17 @@ def test_layout_and_metadata(setup):
     assert meta["step"] == STEPS and meta["model_type"] == "gptneox"
     assert meta["model_config"]["hidden_size"] == 32 and meta["layout"]["pp"] == 2 and meta["layout"]["dp"] == 1
     assert meta["flags"]["total_steps"] == STEPS and {"torch", "transformers", "safetensors"} <= set(meta["versions"])
-    for name in ("prank_0_model.safetensors", "prank_1_model.safetensors", "prank_0_optimizer.safetensors",
-                 "prank_1_optimizer.safetensors", "prank_0_state.json", "rank_0_rng.safetensors",
-                 "rank_1_rng.safetensors", "data_state.json", "tokenizer/tokenizer.json"):
+    for name in (
+        "prank_0_model.safetensors",
+        "prank_1_model.safetensors",
+        "prank_0_optimizer.safetensors",
+        "prank_1_optimizer.safetensors",
+        "prank_0_state.json",
+        "rank_0_rng.safetensors",
+        "rank_1_rng.safetensors",
+        "data_state.json",
+        "tokenizer/tokenizer.json",
+    ):
         assert name in meta["files"], name
     assert damaged_files(folder) == []
     # stage files hold HF names by global layer index; the optimizer file holds the AdamW state per parameter
@@ -125,8 +153,9 @@ def test_sigkill_crash_in_save_and_torchrun_restart_resume_bit_exact(setup, tmp_
 
     # 2. Same command; rank 0 dies inside the save window of step 4 (after writing 3 files): checkpoint 2 and
     #    `latest` stay as they were, the half-written save stays in a temporary folder.
-    results = wait_ranks(run_ranks(2, flags + ["--metrics-file", metrics[1]],
-                                   env={"CKPT_FAULT_AFTER_FILES": "3:4:0"}), 120)
+    results = wait_ranks(
+        run_ranks(2, flags + ["--metrics-file", metrics[1]], env={"CKPT_FAULT_AFTER_FILES": "3:4:0"}), 120
+    )
     assert results[0][0] == 9 and results[1][0] != 0, results[1][2][-2000:]
     assert "checkpoint_2 (step 2" in results[1][1], results[1][1][-2000:]
     assert latest(ckpt) == 2 and damaged_files(os.path.join(ckpt, "checkpoint_2")) == []
@@ -139,9 +168,11 @@ def test_sigkill_crash_in_save_and_torchrun_restart_resume_bit_exact(setup, tmp_
     #    gives each attempt a fresh store: torchrun's default (static rendezvous, shared store) keeps the first
     #    attempt's keys, and the restarted process group may connect to the dead workers' addresses.
     result = run_torchrun_launcher(
-        2, flags + ["--metrics-file", metrics[2]],
+        2,
+        flags + ["--metrics-file", metrics[2]],
         ["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", "1"],
-        env={"CKPT_FAULT_AFTER_FILES": "2:6", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+        env={"CKPT_FAULT_AFTER_FILES": "2:6", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "checkpoint_2 (step 2" in result.stdout and "checkpoint_4 (step 4" in result.stdout, result.stdout[-3000:]
     assert latest(ckpt) == STEPS
@@ -166,8 +197,12 @@ def test_resume_under_another_layout(setup, tmp_path):
 
     resumed = copy_checkpoints(source, tmp_path / "pp1dp2", [EVERY], EVERY)
     metrics = str(tmp_path / "pp1dp2.jsonl")
-    result = run_torchrun(2, flags_for(setup, resumed, **{
-        "pipeline-group-size": 1, "data-group-size": 2, "batch-size": 2, "metrics-file": metrics}))
+    result = run_torchrun(
+        2,
+        flags_for(
+            setup, resumed, **{"pipeline-group-size": 1, "data-group-size": 2, "batch-size": 2, "metrics-file": metrics}
+        ),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"checkpoint_{EVERY} (step {EVERY}; saved with pp=4 x dp=1)" in result.stdout, result.stdout[-3000:]
     assert_close(resumed, source)
@@ -210,8 +245,7 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
     cases = {}  # name -> (checkpoint dir, flags, world, env)
 
     def case(name, steps=(STEPS,), latest_step=STEPS, damage=None, world=1, env=None, **overrides):
-        ckpt = copy_checkpoints(ref, tmp_path / name, steps, latest_step) if steps is not None else str(
-            tmp_path / name)
+        ckpt = copy_checkpoints(ref, tmp_path / name, steps, latest_step) if steps is not None else str(tmp_path / name)
         if damage:
             _damage(os.path.join(ckpt, f"checkpoint_{STEPS}"), *damage)
         cases[name] = (ckpt, flags_for(setup, ckpt, **dict(one, **overrides)), world, env)
@@ -219,21 +253,43 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
     case("modified", damage=("prank_0_model.safetensors", "flip"))
     case("missing", damage=("data_state.json", "remove"))
     case("no-latest", latest_step=None)
-    case("model-type", **{"model-name": _model_variant(setup, tmp_path / "as-llama", model_type="llama",
-                                                       architectures=["LlamaForCausalLM"]),
-                          "tokenizer-name": setup["model"], "load-pretrained-model": "false"})
-    case("shapes", **{"model-name": _model_variant(setup, tmp_path / "wider-mlp", intermediate_size=64),
-                      "tokenizer-name": setup["model"], "load-pretrained-model": "false"})
-    case("fallback", steps=(EVERY * 2, STEPS), damage=("prank_1_optimizer.safetensors", "truncate"),
-         **{"resume-fallback": True})
+    case(
+        "model-type",
+        **{
+            "model-name": _model_variant(
+                setup, tmp_path / "as-llama", model_type="llama", architectures=["LlamaForCausalLM"]
+            ),
+            "tokenizer-name": setup["model"],
+            "load-pretrained-model": "false",
+        },
+    )
+    case(
+        "shapes",
+        **{
+            "model-name": _model_variant(setup, tmp_path / "wider-mlp", intermediate_size=64),
+            "tokenizer-name": setup["model"],
+            "load-pretrained-model": "false",
+        },
+    )
+    case(
+        "fallback",
+        steps=(EVERY * 2, STEPS),
+        damage=("prank_1_optimizer.safetensors", "truncate"),
+        **{"resume-fallback": True},
+    )
     for name, flags in (("bad-latest", {}), ("bad-latest-fallback", {"resume-fallback": True})):
         case(name, **flags)
         with open(os.path.join(cases[name][0], "latest"), "wb") as f:
             f.write(b"\xff\xfe2\n")  # not even text
     residual = json.load(open(os.path.join(setup["model"], "config.json")))["use_parallel_residual"]
-    case("residual", **{"model-name": _model_variant(setup, tmp_path / "other-residual",
-                                                     use_parallel_residual=not residual),
-                        "tokenizer-name": setup["model"], "load-pretrained-model": "false"})
+    case(
+        "residual",
+        **{
+            "model-name": _model_variant(setup, tmp_path / "other-residual", use_parallel_residual=not residual),
+            "tokenizer-name": setup["model"],
+            "load-pretrained-model": "false",
+        },
+    )
     case("optimizer")  # saved by an 8-bit Adam run (bitsandbytes' state), resumed with AdamW
     meta_path = os.path.join(cases["optimizer"][0], f"checkpoint_{STEPS}", "meta.json")
     meta = json.load(open(meta_path))
@@ -241,10 +297,18 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
     json.dump(meta, open(meta_path, "w"))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    case("not-a-directory", steps=None, **{"checkpoint-path": str(blocker / "ckpt"), "load-checkpoint": "false",
-                                           "checkpoint-steps": 1})
-    case("disk-full", steps=None, world=2, env={"CKPT_FAULT_OSERROR": f"{EVERY * 2}:1"},
-         **{"pipeline-group-size": 2, "load-checkpoint": "false"})
+    case(
+        "not-a-directory",
+        steps=None,
+        **{"checkpoint-path": str(blocker / "ckpt"), "load-checkpoint": "false", "checkpoint-steps": 1},
+    )
+    case(
+        "disk-full",
+        steps=None,
+        world=2,
+        env={"CKPT_FAULT_OSERROR": f"{EVERY * 2}:1"},
+        **{"pipeline-group-size": 2, "load-checkpoint": "false"},
+    )
 
     procs = {name: run_ranks(world, flags, env=env) for name, (_, flags, world, env) in cases.items()}
     results = {name: wait_ranks(p, 240) for name, p in procs.items()}
@@ -256,7 +320,7 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
         "no-latest": f"holds checkpoint_{STEPS} but no `latest` file",
         "model-type": "is a gptneox checkpoint, this run trains llama",
         "shapes": "gpt_neox.layers.0.mlp.dense_4h_to_h.weight has shape [32, 128], this model (--model-name) needs "
-                  "[32, 64]",
+        "[32, 64]",
         "not-a-directory": "a-file is not a directory; give a directory that can be created",
         "bad-latest": "not a step number",
         "residual": f"it was trained with use_parallel_residual={residual!r}, the model of --model-name",
@@ -275,8 +339,9 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
     # and ends where the reference ended
     rc, stdout, stderr = out["fallback"]
     assert rc == 0, stdout[-2000:] + stderr[-2000:]
-    assert (f"WARNING: --resume-fallback: resuming from checkpoint {EVERY * 2}, because checkpoint {STEPS} cannot be "
-            f"used: ") in stdout, stdout[-2000:]
+    assert (
+        f"WARNING: --resume-fallback: resuming from checkpoint {EVERY * 2}, because checkpoint {STEPS} cannot be used: "
+    ) in stdout, stdout[-2000:]
     assert "prank_1_optimizer.safetensors is truncated or modified" in stdout
     assert_close(cases["fallback"][0], ref)
     rc, stdout, stderr = out["bad-latest-fallback"]  # an unreadable `latest`: the newest complete checkpoint
@@ -296,9 +361,10 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
 
 def test_export_to_hugging_face_matches_the_checkpoint(setup, tmp_path):
     """tools/convert_to_hf.py merges the stage files; transformers' logits equal the training stages' logits."""
+    from transformers import AutoModelForCausalLM
+
     import modules
     from tools.convert_to_hf import convert
-    from transformers import AutoModelForCausalLM
 
     out = str(tmp_path / "hf")
     convert(setup["ref"], out)
@@ -315,8 +381,14 @@ def test_export_to_hugging_face_matches_the_checkpoint(setup, tmp_path):
 def test_tied_embeddings_resume_from_one_stage_to_two(setup, tmp_path):
     """Tied input/output embeddings are one Parameter with one stage, two copies with several: a one-stage
     checkpoint resumed with pp=2 gives the last stage's head copy the embedding's optimizer state."""
-    model = make_model(tmp_path / "llama", model_type="llama", hidden=32, layers=4, heads=4,
-                       extra=("--num-kv-heads", "2", "--tie-word-embeddings"))
+    model = make_model(
+        tmp_path / "llama",
+        model_type="llama",
+        hidden=32,
+        layers=4,
+        heads=4,
+        extra=("--num-kv-heads", "2", "--tie-word-embeddings"),
+    )
     source = str(tmp_path / "pp1")
     flags = {"model-name": model, "tokenizer-name": model}
     result = run_torchrun(1, flags_for(setup, source, **dict(flags, **{"pipeline-group-size": 1})))
@@ -330,7 +402,7 @@ def test_tied_embeddings_resume_from_one_stage_to_two(setup, tmp_path):
         want["lm_head.weight" + key] = want["model.embed_tokens.weight" + key]
     assert set(got) == set(want)
     for name, value in want.items():
-        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_changed_data_on_resume_stops_unless_resume_data_says_how(setup, tmp_path):
@@ -344,15 +416,23 @@ def test_changed_data_on_resume_stops_unless_resume_data_says_how(setup, tmp_pat
     with open(data, "a") as f, open(setup["data"]) as source:
         f.write(source.readline())
     modes = ("exact", "continue", "restart")
-    procs = {mode: run_ranks(1, flags_for(setup, copy_checkpoints(tmp_path / "ck", tmp_path / mode, [EVERY], EVERY),
-                                          **dict(one, **{"total-steps": EVERY + 1, "resume-data": mode})))
-             for mode in modes}
-    (rc, _, stderr), = wait_ranks(procs["exact"])
+    procs = {
+        mode: run_ranks(
+            1,
+            flags_for(
+                setup,
+                copy_checkpoints(tmp_path / "ck", tmp_path / mode, [EVERY], EVERY),
+                **dict(one, **{"total-steps": EVERY + 1, "resume-data": mode}),
+            ),
+        )
+        for mode in modes
+    }
+    ((rc, _, stderr),) = wait_ranks(procs["exact"])
     assert rc != 0
     assert_user_error(stderr, "the files of task")
     assert "--resume-data continue" in stderr and "--resume-data restart" in stderr
     for mode in ("continue", "restart"):
-        (rc, stdout, stderr), = wait_ranks(procs[mode])
+        ((rc, stdout, stderr),) = wait_ranks(procs[mode])
         assert rc == 0, stdout[-2000:] + stderr[-2000:]
         assert latest(tmp_path / mode) == EVERY + 1
         assert ("data read from the start" in stdout + stderr) == (mode == "restart")
@@ -362,6 +442,7 @@ def test_rotation_keeps_this_runs_newest_even_beside_a_later_leftover(tmp_path):
     """Resumed from checkpoint 4 while an abandoned run's checkpoint 10 is still there: after saving 6 with
     --keep-checkpoints 2, this run still has two checkpoints (4 and 6); the leftover is not counted."""
     from utils.checkpoint import Checkpointer
+
     for step in (2, 4, 6, 10):
         (tmp_path / f"checkpoint_{step}").mkdir()
     (tmp_path / ".tmp_crashed_save").mkdir()

@@ -1,4 +1,5 @@
 """Bad flags and inputs: one line naming the flag or file and the fix, exit code 2, no traceback."""
+
 import json
 import os
 import re
@@ -20,8 +21,9 @@ def run_single(flags, timeout=120, env=None):
     """One process, no torchrun: pp = dp = 1 needs no --rank (a free port: the default 7033 may be taken)."""
     if "--dist-url" not in flags:
         flags = [*flags, "--dist-url", f"tcp://127.0.0.1:{free_port()}"]
-    return subprocess.run([sys.executable, ENTRYPOINT, *flags], capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    return subprocess.run(
+        [sys.executable, ENTRYPOINT, *flags], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def assert_one_line_error(result, *fragments):
@@ -113,8 +115,7 @@ def test_wandb_without_a_key_says_how_to_log_in(setup, tmp_path):
     _, model_dir, data = setup
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(WANDB_MODE="online", WANDB_DIR=str(tmp_path), HOME=str(tmp_path))  # no ~/.netrc key either
-    result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{"train-log-backend": "wandb"}),
-                        env=env)
+    result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{"train-log-backend": "wandb"}), env=env)
     assert_one_line_error(result, "--train-log-backend wandb", "WANDB_MODE=offline")
 
 
@@ -122,8 +123,12 @@ def test_data_without_a_token_to_learn_stops_at_the_first_step(setup, tmp_path):
     """Chat records with no assistant turn mask every label: loss 0 and no update would be a silent no-op run."""
     _, model_dir, _ = setup
     data = tmp_path / "users-only.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i} about rivers"}]})
-                            + "\n" for i in range(40)))
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"question {i} about rivers"}]}) + "\n"
+            for i in range(40)
+        )
+    )
     result = run_single(base_flags(model_dir, str(data), str(tmp_path / "ck")))
     assert_one_line_error(result, "hold no token to learn", "--train-on-inputs")
     assert "step 1 " not in result.stdout
@@ -135,8 +140,10 @@ RUNTIME_ERRORS = [
     ({"model-type": "llama"}, ["llama", "gptneox"]),
     ({"embedding-dim": 64}, ["--embedding-dim 64", "32"]),
     ({"task-name": "/nonexistent/data.jsonl"}, ["/nonexistent/data.jsonl"]),
-    ({"evaluation-steps": 2, "evaluation-data": "/nonexistent/eval.jsonl"},
-     ["--evaluation-data entry 1", "/nonexistent/eval.jsonl"]),
+    (
+        {"evaluation-steps": 2, "evaluation-data": "/nonexistent/eval.jsonl"},
+        ["--evaluation-data entry 1", "/nonexistent/eval.jsonl"],
+    ),
 ]
 
 
@@ -151,17 +158,29 @@ def test_bad_model_or_data_exit_2(setup, tmp_path, overrides, fragments):
 def test_port_in_use_names_the_port_and_the_flag(setup, tmp_path):
     _, model_dir, data = setup
     with held_port() as port:
-        result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{
-            "dist-url": f"tcp://127.0.0.1:{port}"}))
+        result = run_single(
+            base_flags(model_dir, data, str(tmp_path / "ck"), **{"dist-url": f"tcp://127.0.0.1:{port}"})
+        )
     assert_one_line_error(result, str(port), "in use", "--dist-url")
 
 
 def test_rank_without_rank_0_says_so_after_the_timeout(setup, tmp_path):
     _, model_dir, data = setup
     port = free_port()  # nothing listens there: rank 0 never started
-    result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{
-        "pipeline-group-size": 2, "world-size": 2, "rank": 1, "dist-timeout": 5,
-        "dist-url": f"tcp://127.0.0.1:{port}"}))
+    result = run_single(
+        base_flags(
+            model_dir,
+            data,
+            str(tmp_path / "ck"),
+            **{
+                "pipeline-group-size": 2,
+                "world-size": 2,
+                "rank": 1,
+                "dist-timeout": 5,
+                "dist-url": f"tcp://127.0.0.1:{port}",
+            },
+        )
+    )
     assert_one_line_error(result, "rank 1", str(port), "--dist-timeout 5")
 
 
@@ -170,16 +189,34 @@ def test_rank_facing_a_foreign_listener_exits_after_the_timeout(setup, tmp_path)
     connection is accepted and never answered. It must still exit, with one line, soon after --dist-timeout."""
     _, model_dir, data = setup
     with held_port() as port:
-        result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{
-            "pipeline-group-size": 2, "world-size": 2, "rank": 1, "dist-timeout": 5,
-            "dist-url": f"tcp://127.0.0.1:{port}"}), timeout=60)
+        result = run_single(
+            base_flags(
+                model_dir,
+                data,
+                str(tmp_path / "ck"),
+                **{
+                    "pipeline-group-size": 2,
+                    "world-size": 2,
+                    "rank": 1,
+                    "dist-timeout": 5,
+                    "dist-url": f"tcp://127.0.0.1:{port}",
+                },
+            ),
+            timeout=60,
+        )
     assert_one_line_error(result, "rank 1", str(port), "no rendezvous")
 
 
 def test_rank_0_alone_says_the_others_did_not_join(setup, tmp_path):
     _, model_dir, data = setup
-    result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{
-        "pipeline-group-size": 2, "world-size": 2, "rank": 0, "dist-timeout": 5}))
+    result = run_single(
+        base_flags(
+            model_dir,
+            data,
+            str(tmp_path / "ck"),
+            **{"pipeline-group-size": 2, "world-size": 2, "rank": 0, "dist-timeout": 5},
+        )
+    )
     assert_one_line_error(result, "rank 0", "2 ranks joined", "1/2")
 
 
@@ -194,8 +231,12 @@ def test_malformed_jsonl_names_file_and_line(setup, tmp_path):
 def test_num_layers_is_checked_under_interleaved_1f1b(setup, tmp_path):
     """With virtual stages --num-layers counts a rank's layers; a wrong value is not silently ignored."""
     _, model_dir, data = setup
-    flags = base_flags(model_dir, data, str(tmp_path / "ck"), **{
-        "pipeline-group-size": 2, "pp-mode": "interleaved-1f1b", "num-layers": 3})
+    flags = base_flags(
+        model_dir,
+        data,
+        str(tmp_path / "ck"),
+        **{"pipeline-group-size": 2, "pp-mode": "interleaved-1f1b", "num-layers": 3},
+    )
     result = run_torchrun(2, flags, timeout=120)
     assert result.returncode != 0
     assert "--num-layers 3" in result.stderr + result.stdout and "--num-layers 2" in result.stderr + result.stdout
@@ -240,8 +281,14 @@ def test_out_of_memory_in_a_pipeline_stage_is_one_line_with_the_fixes(setup, tmp
     assert result.returncode != 0
     failing = re.findall(r"error: \[rank 1\] (.*)", output)
     assert len(failing) == 1, output[-3000:]
-    for fragment in ["out of GPU memory", "Tried to allocate 16.00 MiB", "4.12 MiB is free", "--pp-mode 1f1b",
-                     "--activation-checkpointing selective or full", "--optimizer 8bit-adam"]:
+    for fragment in [
+        "out of GPU memory",
+        "Tried to allocate 16.00 MiB",
+        "4.12 MiB is free",
+        "--pp-mode 1f1b",
+        "--activation-checkpointing selective or full",
+        "--optimizer 8bit-adam",
+    ]:
         assert fragment in failing[0], failing[0]
     assert "Including non-PyTorch" not in failing[0]
     assert "failed to run forward" not in output
@@ -252,6 +299,7 @@ def test_out_of_memory_in_a_pipeline_stage_is_one_line_with_the_fixes(setup, tmp
 def test_8bit_adam_without_bitsandbytes_says_how_to_install(setup, tmp_path):
     try:
         import bitsandbytes  # noqa: F401
+
         pytest.skip("bitsandbytes is installed here")
     except ImportError:
         pass

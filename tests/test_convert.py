@@ -29,12 +29,23 @@ transformers.logging.set_verbosity_error()
 VOCAB = 64
 CONFIGS = {
     "gptneox": lambda: transformers.GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-        use_parallel_residual=False),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        use_parallel_residual=False,
+    ),
     "gptj": lambda: transformers.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, rotary_dim=4),
     "llama_tied": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, tie_word_embeddings=True),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -57,8 +68,9 @@ def run_tool(script, *args, in_process=True):
     """Run tools/<script> with `args`: in this process through its main() (fast), or as `python tools/<script>`."""
     args = [str(a) for a in args]
     if not in_process:
-        return subprocess.run([sys.executable, os.path.join(REPO, "tools", script), *args],
-                              capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, os.path.join(REPO, "tools", script), *args], capture_output=True, text=True
+        )
     tool = importlib.import_module(f"tools.{script[:-3]}")
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -76,8 +88,14 @@ def write_training_checkpoint(cfg, stages, ckpt_dir, step, tokenizer_src=None):
         path = folder / f"prank_{p}_model.safetensors"
         save_file(tensors, str(path))
         files[path.name], sizes[path.name] = hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size
-    meta = {"step": step, "model_type": cfg.model_type, "model_config": cfg.hf_config_dict,
-            "layout": {"pp": len(stages), "dp": 1}, "files": files, "sizes": sizes}
+    meta = {
+        "step": step,
+        "model_type": cfg.model_type,
+        "model_config": cfg.hf_config_dict,
+        "layout": {"pp": len(stages), "dp": 1},
+        "files": files,
+        "sizes": sizes,
+    }
     (folder / "meta.json").write_text(json.dumps(meta))
     if tokenizer_src is not None:
         (folder / "tokenizer").mkdir()
@@ -94,8 +112,14 @@ def canonical_file(cfg, directory):
 def test_round_trip_is_bit_identical(name, tmp_path):
     hf = make_hf_model(name, tmp_path / "hf")
     as_script = name == "gptneox"  # run the real command line once; the other families go through main()
-    result = run_tool("prepare_pretrained.py", "--model-name", tmp_path / "hf", "--output", tmp_path / "sharded",
-                      in_process=not as_script)
+    result = run_tool(
+        "prepare_pretrained.py",
+        "--model-name",
+        tmp_path / "hf",
+        "--output",
+        tmp_path / "sharded",
+        in_process=not as_script,
+    )
     assert result.returncode == 0, result.stderr
     assert os.path.isfile(tmp_path / "sharded" / "tokenizer.json")
     cfg = modules.load_model_config(str(tmp_path / "sharded"))
@@ -104,8 +128,14 @@ def test_round_trip_is_bit_identical(name, tmp_path):
         modules.load_stage_weights(stage, str(tmp_path / "sharded"))
     write_training_checkpoint(cfg, stages, tmp_path / "ckpt", 7, tokenizer_src=tmp_path / "sharded")
 
-    result = run_tool("convert_to_hf.py", "--checkpoint-path", tmp_path / "ckpt", "--output", tmp_path / "out",
-                      in_process=not as_script)
+    result = run_tool(
+        "convert_to_hf.py",
+        "--checkpoint-path",
+        tmp_path / "ckpt",
+        "--output",
+        tmp_path / "out",
+        in_process=not as_script,
+    )
     assert result.returncode == 0, result.stderr
 
     original, exported = canonical_file(cfg, tmp_path / "hf"), canonical_file(cfg, tmp_path / "out")
@@ -115,8 +145,9 @@ def test_round_trip_is_bit_identical(name, tmp_path):
     if cfg.model_type == "gptneox":  # the head spelling of hub checkpoints, which transformers 4 and 5 both load
         assert "embed_out.weight" in load_file(str(tmp_path / "out" / "model.safetensors"))
 
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), output_loading_info=True,
-                                                                    attn_implementation=hf_attention(hf.config))
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "out"), output_loading_info=True, attn_implementation=hf_attention(hf.config)
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -136,8 +167,17 @@ def test_dtype_step_and_shards(tmp_path):
     modules.init_stage_weights(stage, cfg, seed=2)
     write_training_checkpoint(cfg, [stage], tmp_path / "ckpt", 9)  # `latest` now says 9
 
-    result = run_tool("convert_to_hf.py", "--checkpoint-path", tmp_path / "ckpt", "--step", 3,
-                      "--output", tmp_path / "out", "--dtype", "bf16")
+    result = run_tool(
+        "convert_to_hf.py",
+        "--checkpoint-path",
+        tmp_path / "ckpt",
+        "--step",
+        3,
+        "--output",
+        tmp_path / "out",
+        "--dtype",
+        "bf16",
+    )
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["tie_word_embeddings"] is True
@@ -153,8 +193,7 @@ def test_dtype_step_and_shards(tmp_path):
     # Sharded output with an index, from the library function.
     save_hf_directory(stage.state_dict(), cfg, str(tmp_path / "shards"), "fp32", max_shard_bytes=20_000)
     assert os.path.isfile(tmp_path / "shards" / "model.safetensors.index.json")
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "shards"),
-                                                                    output_loading_info=True)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "shards"), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     torch.testing.assert_close(model.model.embed_tokens.weight, stage.state_dict()["model.embed_tokens.weight"])
 
@@ -169,34 +208,46 @@ def one_line_error(result, *fragments):
 
 def test_convert_errors(tmp_path):
     out = tmp_path / "out"
-    one_line_error(run_tool("convert_to_hf.py", "--checkpoint-path", tmp_path / "nope", "--output", out,
-                            in_process=False), "nope: checkpoint directory not found")
+    one_line_error(
+        run_tool("convert_to_hf.py", "--checkpoint-path", tmp_path / "nope", "--output", out, in_process=False),
+        "nope: checkpoint directory not found",
+    )
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    one_line_error(run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", out),
-                   "latest: file not found", "--step")
+    one_line_error(
+        run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", out), "latest: file not found", "--step"
+    )
     (ckpt / "latest").write_bytes(b"\xff\xfe")
-    one_line_error(run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", out),
-                   "not a step number", "--step N")
+    one_line_error(
+        run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", out), "not a step number", "--step N"
+    )
 
     make_hf_model("gptneox", tmp_path / "hf")
     cfg = modules.load_model_config(str(tmp_path / "hf"))
     stages = [modules.build_stage(cfg, 0, 2, True, False), modules.build_stage(cfg, 2, 3, False, True)]
     folder = write_training_checkpoint(cfg, stages, ckpt, 4)
-    one_line_error(run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--step", 5, "--output", out),
-                   "checkpoint_5: checkpoint for step 5 not found")
+    one_line_error(
+        run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--step", 5, "--output", out),
+        "checkpoint_5: checkpoint for step 5 not found",
+    )
 
     assert run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", out).returncode == 0
-    one_line_error(run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", out),
-                   "already holds model weights (model.safetensors)", "new folder")
+    one_line_error(
+        run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", out),
+        "already holds model weights (model.safetensors)",
+        "new folder",
+    )
     exported = (out / "model.safetensors").read_bytes()
 
     stage_file = folder / "prank_1_model.safetensors"
     data = bytearray(stage_file.read_bytes())
     data[-5] ^= 0xFF  # a flipped bit in the tensor data: still a valid safetensors file
     stage_file.write_bytes(bytes(data))
-    one_line_error(run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", tmp_path / "out2"),
-                   "prank_1_model.safetensors fails its sha256 check", "--step")
+    one_line_error(
+        run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", tmp_path / "out2"),
+        "prank_1_model.safetensors fails its sha256 check",
+        "--step",
+    )
     assert not (tmp_path / "out2").exists() and (out / "model.safetensors").read_bytes() == exported
 
     tensors = load_file(str(stage_file))
@@ -206,12 +257,16 @@ def test_convert_errors(tmp_path):
     meta["files"]["prank_1_model.safetensors"] = hashlib.sha256(stage_file.read_bytes()).hexdigest()
     meta["sizes"]["prank_1_model.safetensors"] = stage_file.stat().st_size
     (folder / "meta.json").write_text(json.dumps(meta))
-    one_line_error(run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", tmp_path / "out3"),
-                   "checkpoint_4: tensor 'gpt_neox.layers.2.mlp.dense_4h_to_h.bias' is missing")
+    one_line_error(
+        run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", tmp_path / "out3"),
+        "checkpoint_4: tensor 'gpt_neox.layers.2.mlp.dense_4h_to_h.bias' is missing",
+    )
 
     os.remove(folder / "prank_1_model.safetensors")
-    one_line_error(run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", out),
-                   "prank_1_model.safetensors: stage weights not found (meta.json says pp=2)")
+    one_line_error(
+        run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", out),
+        "prank_1_model.safetensors: stage weights not found (meta.json says pp=2)",
+    )
 
     (folder / "meta.json").write_text("{}")
     one_line_error(run_tool("convert_to_hf.py", "--checkpoint-path", ckpt, "--output", out), "meta.json: expected")
@@ -231,17 +286,23 @@ def test_prepare_rejects_bad_input(tmp_path):
     before = sorted(os.listdir(tmp_path / "hf"))
     os.symlink(tmp_path / "hf", tmp_path / "link")
     for same in (tmp_path / "hf", f"{tmp_path}/hf/", tmp_path / "link"):  # the model directory by another name
-        one_line_error(run_tool("prepare_pretrained.py", "--model-name", tmp_path / "hf", "--output", same),
-                       f"--output {same} is the model directory", "new directory")
+        one_line_error(
+            run_tool("prepare_pretrained.py", "--model-name", tmp_path / "hf", "--output", same),
+            f"--output {same} is the model directory",
+            "new directory",
+        )
         assert sorted(os.listdir(tmp_path / "hf")) == before  # nothing written into the source
     tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
     tensors["transformer.h.0.attn.q_proj.weight"] = tensors["transformer.h.0.attn.q_proj.weight"][:16].clone()
     tensors["transformer.h.7.mlp.fc_in.weight"] = torch.zeros(1)
     save_file(tensors, str(tmp_path / "hf" / "model.safetensors"))
-    one_line_error(run_tool("prepare_pretrained.py", "--model-name", tmp_path / "hf", "--output", tmp_path / "out"),
-                   "model.safetensors: unexpected tensor 'transformer.h.7.mlp.fc_in.weight'")
+    one_line_error(
+        run_tool("prepare_pretrained.py", "--model-name", tmp_path / "hf", "--output", tmp_path / "out"),
+        "model.safetensors: unexpected tensor 'transformer.h.7.mlp.fc_in.weight'",
+    )
     del tensors["transformer.h.7.mlp.fc_in.weight"]
     save_file(tensors, str(tmp_path / "hf" / "model.safetensors"))
-    one_line_error(run_tool("prepare_pretrained.py", "--model-name", tmp_path / "hf", "--output", tmp_path / "out"),
-                   "model.safetensors: tensor 'transformer.h.0.attn.q_proj.weight' has shape [16, 32], "
-                   "expected [32, 32]")
+    one_line_error(
+        run_tool("prepare_pretrained.py", "--model-name", tmp_path / "hf", "--output", tmp_path / "out"),
+        "model.safetensors: tensor 'transformer.h.0.attn.q_proj.weight' has shape [16, 32], expected [32, 32]",
+    )

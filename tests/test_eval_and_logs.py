@@ -1,4 +1,5 @@
 """Evaluation equals the transformers model's loss; one process logs; profiling writes Chrome traces."""
+
 import json
 import math
 import os
@@ -18,16 +19,19 @@ def setup(tmp_path_factory):
 
 
 def reference_eval_loss(model_dir, eval_path, seq_length, batch_size):
-    import tasks
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tasks
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in tasks.evaluation_batches([eval_path], tokenizer, seq_length, batch_size, 0, 1):
             logits = model(batch["input_ids"]).logits
-            total += F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
-                                     reduction="sum").item()
+            total += F.cross_entropy(
+                logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum"
+            ).item()
             count += (batch["labels"] != -100).sum().item()
     return total / count
 
@@ -36,9 +40,21 @@ def test_evaluation_loss_matches_transformers_and_one_rank_logs(setup):
     """pp=2 x dp=2, lr 0: valid.loss after step 1 is the untouched model's mean token loss on the eval file."""
     root, model_dir, data, eval_path = setup
     metrics = root / "metrics.jsonl"
-    flags = base_flags(model_dir, data, str(root / "ck"), **{
-        "pipeline-group-size": 2, "data-group-size": 2, "batch-size": 2, "total-steps": 2, "lr": 0.0,
-        "evaluation-data": eval_path, "evaluation-steps": 1, "metrics-file": str(metrics)})
+    flags = base_flags(
+        model_dir,
+        data,
+        str(root / "ck"),
+        **{
+            "pipeline-group-size": 2,
+            "data-group-size": 2,
+            "batch-size": 2,
+            "total-steps": 2,
+            "lr": 0.0,
+            "evaluation-data": eval_path,
+            "evaluation-steps": 1,
+            "metrics-file": str(metrics),
+        },
+    )
     result = run_torchrun(4, flags)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in open(metrics)]
@@ -56,9 +72,19 @@ def test_evaluation_loss_matches_transformers_and_one_rank_logs(setup):
 def test_tidy_profiling_writes_per_rank_and_merged_traces(setup):
     root, model_dir, data, _ = setup
     out = root / "profiles"
-    flags = base_flags(model_dir, data, str(root / "ck-prof"), **{
-        "pipeline-group-size": 2, "pp-mode": "1f1b", "total-steps": 3, "profiling": "tidy_profiling",
-        "profiling-dir": str(out), "profiling-steps": 1})
+    flags = base_flags(
+        model_dir,
+        data,
+        str(root / "ck-prof"),
+        **{
+            "pipeline-group-size": 2,
+            "pp-mode": "1f1b",
+            "total-steps": 3,
+            "profiling": "tidy_profiling",
+            "profiling-dir": str(out),
+            "profiling-steps": 1,
+        },
+    )
     result = run_torchrun(2, flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["merged.json", "rank_0.json", "rank_1.json"]
@@ -76,8 +102,12 @@ def test_tidy_profiling_writes_per_rank_and_merged_traces(setup):
 def test_pytorch_profiling_writes_trace_and_summary(setup):
     root, model_dir, data, _ = setup
     out = root / "torch-profiles"
-    flags = base_flags(model_dir, data, str(root / "ck-torchprof"), **{
-        "total-steps": 3, "profiling": "pytorch_profiling", "profiling-dir": str(out), "profiling-steps": 1})
+    flags = base_flags(
+        model_dir,
+        data,
+        str(root / "ck-torchprof"),
+        **{"total-steps": 3, "profiling": "pytorch_profiling", "profiling-dir": str(out), "profiling-steps": 1},
+    )
     result = run_torchrun(1, flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["torch_rank_0.json", "torch_rank_0_summary.txt"]
@@ -90,12 +120,31 @@ def test_wandb_offline_one_run_per_job_without_secrets(setup, tmp_path):
     step metrics; an API key in the environment never reaches the run's files."""
     pytest.importorskip("wandb")
     root, model_dir, data, _ = setup
-    flags = base_flags(model_dir, data, str(tmp_path / "ck"), **{
-        "pipeline-group-size": 2, "data-group-size": 2, "batch-size": 2, "total-steps": 2,
-        "train-log-backend": "wandb", "project-name": "unit-test"})
+    flags = base_flags(
+        model_dir,
+        data,
+        str(tmp_path / "ck"),
+        **{
+            "pipeline-group-size": 2,
+            "data-group-size": 2,
+            "batch-size": 2,
+            "total-steps": 2,
+            "train-log-backend": "wandb",
+            "project-name": "unit-test",
+        },
+    )
     secret = "0123456789abcdef0123456789abcdef01234567"
-    result = run_torchrun(4, flags, env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_NAME": "one-run",
-                                         "WANDB_API_KEY": secret, "WANDB_SILENT": "true"})
+    result = run_torchrun(
+        4,
+        flags,
+        env={
+            "WANDB_MODE": "offline",
+            "WANDB_DIR": str(tmp_path),
+            "WANDB_NAME": "one-run",
+            "WANDB_API_KEY": secret,
+            "WANDB_SILENT": "true",
+        },
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 1, runs

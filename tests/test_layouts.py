@@ -4,6 +4,7 @@ Reference: the transformers model and a plain torch AdamW (decay on weights only
 at 1.0) on the same global batches, fp32 on CPU. Each layout is a real multi-process run of the entrypoint under
 torchrun on gloo; its final checkpoint must equal the reference within rtol 1e-5 / atol 4e-5.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,9 @@ def hf_saved_name(name, model_type):
 
 
 def reference_weights(model_dir, data, steps=STEPS):
-    import tasks
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+
+    import tasks
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -29,8 +31,12 @@ def reference_weights(model_dir, data, steps=STEPS):
     named = list(model.named_parameters())
     decay = [p for n, p in named if not (n.endswith(".bias") or p.ndim < 2)]
     plain = [p for n, p in named if n.endswith(".bias") or p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": plain, "weight_decay": 0.0}],
-                            lr=LR, betas=(0.9, 0.999), eps=1e-6)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": plain, "weight_decay": 0.0}],
+        lr=LR,
+        betas=(0.9, 0.999),
+        eps=1e-6,
+    )
     sched = get_linear_schedule_with_warmup(opt, 0, steps)
     for _ in range(steps):
         batch = next(stream)
@@ -75,8 +81,9 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("pp,dp,mode,batch,accum", LAYOUTS, ids=[f"pp{a}-dp{b}-{c}-b{d}-acc{e}" for a, b, c, d, e in
-                                                                  LAYOUTS])
+@pytest.mark.parametrize(
+    "pp,dp,mode,batch,accum", LAYOUTS, ids=[f"pp{a}-dp{b}-{c}-b{d}-acc{e}" for a, b, c, d, e in LAYOUTS]
+)
 def test_layout_matches_one_process_reference(setup, pp, dp, mode, batch, accum):
     run_and_compare(setup, pp, dp, mode, batch, accum)
 
@@ -88,25 +95,44 @@ def test_activation_checkpointing_and_recomputed_loss_match_the_reference(setup)
 def run_and_compare(setup, pp, dp, mode, batch, accum, extra=None):
     root, model_dir, data, expected = setup
     ckpt = root / f"ckpt-{pp}-{dp}-{mode}-{batch}-{accum}-{len(extra or {})}"
-    flags = base_flags(model_dir, data, str(ckpt), **{
-        "pipeline-group-size": pp, "data-group-size": dp, "pp-mode": mode, "batch-size": batch,
-        "gradient-accumulate-step": accum, "total-steps": STEPS * accum, "seq-length": SEQ, "lr": LR,
-        "seed": SEED, **(extra or {})})
+    flags = base_flags(
+        model_dir,
+        data,
+        str(ckpt),
+        **{
+            "pipeline-group-size": pp,
+            "data-group-size": dp,
+            "pp-mode": mode,
+            "batch-size": batch,
+            "gradient-accumulate-step": accum,
+            "total-steps": STEPS * accum,
+            "seq-length": SEQ,
+            "lr": LR,
+            "seed": SEED,
+            **(extra or {}),
+        },
+    )
     result = run_torchrun(pp * dp, flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     got = read_checkpoint_weights(str(ckpt), suffix=("_model.safetensors", "_optimizer.safetensors"))
     assert set(expected) <= set(got)
     assert len(expected) >= 3 * 30
     for name, value in expected.items():
-        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("pp,mode", [(1, "gpipe"), (2, "1f1b"), (2, "interleaved-1f1b")])
 def test_llama_gqa_tied_embeddings(tmp_path, pp, mode):
     """Llama with grouped-query attention and tied embeddings: the head lives on the last stage and the embedding
     on the first; their gradients are summed, so both copies stay equal to the reference's single matrix."""
-    model_dir = make_model(tmp_path / "llama", model_type="llama", hidden=32, layers=4, heads=4,
-                           extra=("--num-kv-heads", "2", "--tie-word-embeddings"))
+    model_dir = make_model(
+        tmp_path / "llama",
+        model_type="llama",
+        hidden=32,
+        layers=4,
+        heads=4,
+        extra=("--num-kv-heads", "2", "--tie-word-embeddings"),
+    )
     data = make_chat_data(tmp_path / "chat.jsonl")
     expected = reference_weights(model_dir, data)
     assert torch.equal(expected["lm_head.weight"], expected["model.embed_tokens.weight"])
@@ -114,11 +140,14 @@ def test_llama_gqa_tied_embeddings(tmp_path, pp, mode):
         for suffix in ("/exp_avg", "/exp_avg_sq"):
             expected["lm_head.weight" + suffix] = expected["model.embed_tokens.weight" + suffix]
     ckpt = tmp_path / "ckpt"
-    flags = base_flags(model_dir, data, str(ckpt), **{
-        "pipeline-group-size": pp, "pp-mode": mode, "total-steps": STEPS, "seq-length": SEQ, "lr": LR,
-        "seed": SEED})
+    flags = base_flags(
+        model_dir,
+        data,
+        str(ckpt),
+        **{"pipeline-group-size": pp, "pp-mode": mode, "total-steps": STEPS, "seq-length": SEQ, "lr": LR, "seed": SEED},
+    )
     result = run_torchrun(pp, flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     got = read_checkpoint_weights(str(ckpt), suffix=("_model.safetensors", "_optimizer.safetensors"))
     for name, value in expected.items():
-        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m, name=name: f"{name}: {m}")

@@ -1,4 +1,5 @@
 """The training loss: token-mean cross-entropy, and its recomputing variant that keeps no fp32 log-probabilities."""
+
 import torch
 
 from training.loop import TokenMeanLoss
@@ -26,7 +27,7 @@ def test_recomputed_loss_is_equal_and_keeps_only_the_logits():
     for recompute in (False, True):
         loss_fn = TokenMeanLoss(recompute=recompute)
         loss_fn.factor = 1.0 / (labels != -100).sum()
-        loss, kept = saved_bytes(lambda: loss_fn(logits, labels))
+        loss, kept = saved_bytes(lambda loss_fn=loss_fn: loss_fn(logits, labels))
         (grad,) = torch.autograd.grad(loss, logits)
         results[recompute] = (loss.detach(), grad, kept)
     plain, recomputed = results[False], results[True]

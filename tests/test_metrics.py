@@ -1,4 +1,5 @@
 """training/metrics.py: the peak FLOP/s behind MFU for each GPU name torch reports, and no MFU where none is known."""
+
 import types
 
 import pytest
@@ -9,19 +10,22 @@ from training import metrics
 CUDA = types.SimpleNamespace(type="cuda")
 
 
-@pytest.mark.parametrize("name,tflops", [
-    ("NVIDIA H100 80GB HBM3", 989),
-    ("NVIDIA H100 PCIe", 756),
-    ("NVIDIA H100 NVL", 835),
-    ("NVIDIA H800", 989),
-    ("NVIDIA H200", 989),
-    ("NVIDIA GH200 480GB", 989),
-    ("NVIDIA A100-SXM4-80GB", 312),
-    ("NVIDIA A100 80GB PCIe", 312),
-    ("NVIDIA A800-SXM4-80GB", 312),
-    ("NVIDIA L40S", 362),
-    ("NVIDIA L4", 121),
-])
+@pytest.mark.parametrize(
+    "name,tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", 989),
+        ("NVIDIA H100 PCIe", 756),
+        ("NVIDIA H100 NVL", 835),
+        ("NVIDIA H800", 989),
+        ("NVIDIA H200", 989),
+        ("NVIDIA GH200 480GB", 989),
+        ("NVIDIA A100-SXM4-80GB", 312),
+        ("NVIDIA A100 80GB PCIe", 312),
+        ("NVIDIA A800-SXM4-80GB", 312),
+        ("NVIDIA L40S", 362),
+        ("NVIDIA L4", 121),
+    ],
+)
 def test_peak_of_each_gpu_name(monkeypatch, name, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
     peak, label = metrics.peak_flops(CUDA)

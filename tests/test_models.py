@@ -29,27 +29,69 @@ ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 # parameter moves the logits visibly (the 0.02 default leaves logits ~1e-3 and hides mistakes under atol).
 CONFIGS = {
     "gptneox_parallel": lambda: transformers.GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
-        rope_parameters={**ROPE, "partial_rotary_factor": 1.0}, use_parallel_residual=True),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        rope_parameters={**ROPE, "partial_rotary_factor": 1.0},
+        use_parallel_residual=True,
+    ),
     "gptneox_sequential": lambda: transformers.GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
-        rope_parameters={**ROPE, "partial_rotary_factor": 0.5}, use_parallel_residual=False),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        rope_parameters={**ROPE, "partial_rotary_factor": 0.5},
+        use_parallel_residual=False,
+    ),
     "gptneox_partial_rotary": lambda: transformers.GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        rope_parameters={"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.25}),
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.25},
+    ),
     "gptj": lambda: transformers.GPTJConfig(
-        vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, bos_token_id=0, eos_token_id=0),
+        vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, bos_token_id=0, eos_token_id=0
+    ),
     "llama_gqa": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    ),
     "llama3_rope": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        intermediate_size=96, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=96,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
     "llama_tied": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
-        intermediate_size=64, tie_word_embeddings=True, pad_token_id=0),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    ),
 }
 
 
@@ -133,8 +175,11 @@ def test_state_dict_keys_are_hf_keys(tmp_path):
     middle = modules.build_stage(cfg, 2, 3, False, False)
     assert all(k.startswith("gpt_neox.layers.2.") for k in middle.state_dict())
     head_only = modules.build_stage(cfg, 4, 4, False, True)
-    assert sorted(head_only.state_dict()) == ["embed_out.weight", "gpt_neox.final_layer_norm.bias",
-                                              "gpt_neox.final_layer_norm.weight"]
+    assert sorted(head_only.state_dict()) == [
+        "embed_out.weight",
+        "gpt_neox.final_layer_norm.bias",
+        "gpt_neox.final_layer_norm.weight",
+    ]
     assert not any("inv_freq" in k for k in full.state_dict())
 
 
@@ -172,8 +217,9 @@ def test_any_split_gives_the_same_logits(name, tmp_path):
     ids, _ = inputs()
     reference = run_chain(build_chain(cfg, SPLITS[0], tmp_path), ids)
     for bounds in SPLITS[1:]:
-        torch.testing.assert_close(run_chain(build_chain(cfg, bounds, tmp_path), ids), reference,
-                                   rtol=0, atol=1e-6, msg=str(bounds))
+        torch.testing.assert_close(
+            run_chain(build_chain(cfg, bounds, tmp_path), ids), reference, rtol=0, atol=1e-6, msg=str(bounds)
+        )
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
@@ -252,17 +298,17 @@ def write_openchatkit_pt(hf_model, cfg, directory):
     fam = modules.stage.family(cfg)
     prefix, layers = f"{fam.PREFIX}.", f"{fam.PREFIX}.{fam.LAYERS}."
     head = "embed_out.weight" if cfg.model_type == "gptneox" else "lm_head.weight"
-    embs = {k[len(prefix):]: v.clone() for k, v in sd.items() if k.startswith(f"{prefix}{fam.EMBED}.")}
+    embs = {k[len(prefix) :]: v.clone() for k, v in sd.items() if k.startswith(f"{prefix}{fam.EMBED}.")}
     torch.save(embs, os.path.join(directory, "pytorch_embs.pt"))
     for i in range(cfg.num_layers):
         p = f"{layers}{i}."
-        layer = {k[len(p):]: v.clone() for k, v in sd.items() if k.startswith(p)}
+        layer = {k[len(p) :]: v.clone() for k, v in sd.items() if k.startswith(p)}
         if cfg.model_type == "gptneox":
             layer["attention.bias"] = torch.tril(torch.ones(8, 8, dtype=torch.bool))[None, None]
             layer["attention.masked_bias"] = torch.tensor(-1e9)
             layer["attention.rotary_emb.inv_freq"] = torch.ones(2)
         torch.save(layer, os.path.join(directory, f"pytorch_{i}.pt"))
-    last = {k[len(prefix):]: v.clone() for k, v in sd.items() if k.startswith(f"{prefix}{fam.FINAL_NORM}.")}
+    last = {k[len(prefix) :]: v.clone() for k, v in sd.items() if k.startswith(f"{prefix}{fam.FINAL_NORM}.")}
     last[head] = sd["lm_head.weight"].clone()
     if cfg.model_type == "gptj":
         last["lm_head.bias"] = sd["lm_head.bias"].clone()
@@ -361,8 +407,11 @@ def test_missing_unexpected_and_misshaped_tensors(tmp_path):
 
     weights.write_bytes(original)
     rewrite_safetensors(weights, lambda t: t.update({key: t[key][:, :-1].contiguous()}))
-    with pytest.raises(ModelError, match=r"model\.safetensors: tensor .*dense_h_to_4h\.weight.* has shape \[64, 31\], "
-                                         r"expected \[64, 32\]"):
+    with pytest.raises(
+        ModelError,
+        match=r"model\.safetensors: tensor .*dense_h_to_4h\.weight.* has shape \[64, 31\], "
+        r"expected \[64, 32\]",
+    ):
         modules.load_stage_weights(modules.build_stage(cfg, 1, 2, False, False), str(tmp_path))
 
 
@@ -385,8 +434,11 @@ def test_config_errors(tmp_path):
     with pytest.raises(ModelError, match=r"config\.json: file not found"):
         modules.load_model_config(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps(transformers.BertConfig().to_dict()))
-    with pytest.raises(ModelError, match=r"config\.json: model_type 'bert' is not supported; supported model types: "
-                                         r"gptneox, gptj, llama"):
+    with pytest.raises(
+        ModelError,
+        match=r"config\.json: model_type 'bert' is not supported; supported model types: "
+        r"gptneox, gptj, llama",
+    ):
         modules.load_model_config(str(tmp_path))
     make_hf_model("gptj", tmp_path / "gptj")
     with pytest.raises(ModelError, match=r"model_type is 'gptj' \(gptj\) but 'llama' was requested"):
@@ -394,8 +446,9 @@ def test_config_errors(tmp_path):
     with pytest.raises(ModelError, match=r"'opt' is not supported"):
         modules.load_model_config(str(tmp_path / "gptj"), "opt")
     with pytest.raises(ModelError, match=r"no weights found"):
-        modules.load_stage_weights(modules.build_stage(modules.load_model_config(str(tmp_path / "gptj")), 0, 1, True,
-                                                       False), str(tmp_path))
+        modules.load_stage_weights(
+            modules.build_stage(modules.load_model_config(str(tmp_path / "gptj")), 0, 1, True, False), str(tmp_path)
+        )
     assert issubclass(ModelError, ValueError)
 
 
@@ -426,11 +479,25 @@ def test_count_parameters_and_flops(name, tmp_path):
 
 
 def test_stage_load_peak_rss_is_its_share(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "load_memory.py"), "--size-mb", "40",
-                             "--workdir", str(tmp_path), "--json"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "bench", "load_memory.py"),
+            "--size-mb",
+            "40",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"\npeak RSS over (imports + empty stage) per quarter stage, fraction of the checkpoint: "
-          f"{report['fractions']}; including the stage's own parameters: {report['fractions_with_params']}")
+    print(
+        f"\npeak RSS over (imports + empty stage) per quarter stage, fraction of the checkpoint: "
+        f"{report['fractions']}; including the stage's own parameters: {report['fractions_with_params']}"
+    )
     assert max(report["fractions"]) <= 0.4
     assert max(report["fractions_with_params"]) <= 0.4

@@ -1,4 +1,5 @@
 """Optimizer pieces on their own: loss-scaler rules, LR schedules, state round trip through checkpoint tensors."""
+
 import argparse
 
 import pytest
@@ -45,10 +46,24 @@ def test_no_weight_decay_on_biases_and_norms():
 
 
 def make_optimizer(params, dtype, lr=1e-2, lr_scheduler="linear"):
-    args = argparse.Namespace(weight_decay=0.01, optimizer="adam", lr=lr, adam_beta1=0.9, adam_beta2=0.999,
-                              adam_eps=1e-6, warmup_steps=0, gradient_accumulate_step=1, lr_scheduler=lr_scheduler,
-                              fp16=dtype == torch.float16, initial_loss_scale=2.0 ** 15, loss_scale_window=1000,
-                              hysteresis=2, min_loss_scale=1.0, loss_scale=0.0, max_grad_norm=1.0)
+    args = argparse.Namespace(
+        weight_decay=0.01,
+        optimizer="adam",
+        lr=lr,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_eps=1e-6,
+        warmup_steps=0,
+        gradient_accumulate_step=1,
+        lr_scheduler=lr_scheduler,
+        fp16=dtype == torch.float16,
+        initial_loss_scale=2.0**15,
+        loss_scale_window=1000,
+        hysteresis=2,
+        min_loss_scale=1.0,
+        loss_scale=0.0,
+        max_grad_norm=1.0,
+    )
     layout = Layout(0, 1, 1, 1, 0, 0, 0, torch.device("cpu"))
     return StageOptimizer(params, args, layout, total_optimizer_steps=10)
 
@@ -56,6 +71,7 @@ def make_optimizer(params, dtype, lr=1e-2, lr_scheduler="linear"):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_state_round_trip_continues_identically(dtype):
     """Two steps, save the state as tensors, restore into a fresh optimizer: the third step is identical."""
+
     def fresh():
         torch.manual_seed(0)
         weight = torch.nn.Parameter(torch.randn(4, 4).to(dtype))
@@ -94,8 +110,9 @@ def test_resume_takes_this_runs_lr_and_schedule_at_the_checkpoints_step():
     for _ in range(4):
         saved.inner.step()  # no gradients: only the counters move
         saved.scheduler.step()
-    resumed = make_optimizer([("w", torch.nn.Parameter(torch.ones(2, 2)))], torch.float32, lr=1e-5,
-                             lr_scheduler="constant")
+    resumed = make_optimizer(
+        [("w", torch.nn.Parameter(torch.ones(2, 2)))], torch.float32, lr=1e-5, lr_scheduler="constant"
+    )
     resumed.load_state_dict(saved.state_dict())
     assert resumed.lr == 1e-5 and resumed.scheduler.get_last_lr() == [1e-5, 1e-5]
     resumed.inner.step()
@@ -117,10 +134,17 @@ def test_fp16_unscale_and_clip_match_a_plain_fp32_reference():
     params = named_params(torch.float16)
     reference = [torch.nn.Parameter(p.detach().float().clone()) for _, p in params]
     opt = make_optimizer(params, torch.float16)
-    ref_opt = torch.optim.AdamW([{"params": [reference[0], reference[2]], "weight_decay": 0.01},
-                                 {"params": [reference[1]], "weight_decay": 0.0}], lr=1e-2, eps=1e-6, foreach=False)
+    ref_opt = torch.optim.AdamW(
+        [
+            {"params": [reference[0], reference[2]], "weight_decay": 0.01},
+            {"params": [reference[1]], "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+        eps=1e-6,
+        foreach=False,
+    )
     ref_schedule = torch.optim.lr_scheduler.LambdaLR(ref_opt, lr_multiplier("linear", 0, 10))  # as make_optimizer
-    for k in range(3):
+    for _k in range(3):
         grads = [torch.randn(p.shape) * 0.2 for _, p in params]  # norm ~2.8: clipped to max_grad_norm 1.0
         for (_, p), g in zip(params, grads):
             p.grad = (g * opt.loss_scale).half()
@@ -140,6 +164,7 @@ def test_master_gradients_in_chunks_update_like_one_chunk(monkeypatch):
     """bf16 model: fp32 master gradients are made one chunk of parameters at a time; the result is the same as
     with every gradient at once, and no gradient (model or master) is left over."""
     import optimizer
+
     results = []
     for chunk_bytes in (1 << 30, 1):  # all at once; every tensor its own chunk
         monkeypatch.setattr(optimizer, "MASTER_GRAD_CHUNK_BYTES", chunk_bytes)

@@ -1,4 +1,5 @@
 """Layer split and rank placement (no processes needed)."""
+
 import pytest
 
 from comm import rank_to_coords
@@ -32,6 +33,7 @@ def test_interleaved_placement_and_rank_mapping():
 def test_without_num_layers_the_last_stage_gives_up_layers_for_the_head():
     """The last stage also runs the LM head: layers move to earlier stages while that lowers the busiest stage."""
     import modules
+
     assert sizes(split_layers(24, 2, head_cost=1.75)) == [13, 11]  # busiest 13 instead of 12 + 1.75
     assert sizes(split_layers(32, 4, head_cost=0.95)) == [8, 8, 8, 8]  # 9,8,8,7 would be busier than 8 + 0.95
     assert sizes(split_layers(44, 8, head_cost=0.65)) == [6, 6, 6, 6, 5, 5, 5, 5]
@@ -39,8 +41,18 @@ def test_without_num_layers_the_last_stage_gives_up_layers_for_the_head():
     # --num-layers given: OpenChatKit's split as is, whatever the head costs
     assert sizes(split_layers(24, 2, layers_per_stage=12, head_cost=1.75)) == [12, 12]
     # the head's share from the config: Pythia-1.4B shape, 2048 tokens
-    cfg = modules.model_config_from_dict({"model_type": "gpt_neox", "hidden_size": 2048, "num_hidden_layers": 24,
-                                          "num_attention_heads": 16, "intermediate_size": 8192,
-                                          "vocab_size": 50304, "max_position_embeddings": 2048}, "gptneox")
-    assert modules.head_cost_in_layers(cfg, 2048) == pytest.approx(6 * 50304 * 2048 / (6 * 50.35e6 + 12 * 2048 ** 2),
-                                                                   rel=0.01)
+    cfg = modules.model_config_from_dict(
+        {
+            "model_type": "gpt_neox",
+            "hidden_size": 2048,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "intermediate_size": 8192,
+            "vocab_size": 50304,
+            "max_position_embeddings": 2048,
+        },
+        "gptneox",
+    )
+    assert modules.head_cost_in_layers(cfg, 2048) == pytest.approx(
+        6 * 50304 * 2048 / (6 * 50.35e6 + 12 * 2048**2), rel=0.01
+    )

@@ -1,4 +1,5 @@
 """fp16 and bf16 paths: they train, keep fp32 master weights, and an fp16 overflow is decided for the whole job."""
+
 import json
 
 import pytest
@@ -22,8 +23,12 @@ def read_metrics(path):
 def test_half_precision_trains_with_fp32_master_weights(setup, precision, dtype):
     root, model_dir, data = setup
     ckpt, metrics = root / f"ck-{precision}", root / f"metrics-{precision}.jsonl"
-    flags = base_flags(model_dir, data, str(ckpt), **{
-        precision: True, "pipeline-group-size": 2, "total-steps": 6, "lr": 3e-3, "metrics-file": str(metrics)})
+    flags = base_flags(
+        model_dir,
+        data,
+        str(ckpt),
+        **{precision: True, "pipeline-group-size": 2, "total-steps": 6, "lr": 3e-3, "metrics-file": str(metrics)},
+    )
     result = run_torchrun(2, flags)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = read_metrics(metrics)
@@ -50,12 +55,15 @@ def test_fp16_overflow_on_one_stage_skips_the_step_everywhere(setup):
     result = run_torchrun(2, base_flags(model_dir, data, str(clean), **common, **{"total-steps": 1}))
     assert result.returncode == 0, result.stderr[-3000:]
     injected, metrics = root / "ck-inf", root / "metrics-inf.jsonl"
-    result = run_torchrun(2, base_flags(model_dir, data, str(injected), **common, **{
-        "total-steps": 2, "metrics-file": str(metrics)}), env={"INJECT_INF_GRAD": "2:0"})
+    result = run_torchrun(
+        2,
+        base_flags(model_dir, data, str(injected), **common, **{"total-steps": 2, "metrics-file": str(metrics)}),
+        env={"INJECT_INF_GRAD": "2:0"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     steps = read_metrics(metrics)
     assert "skipped" not in steps[1] and steps[2]["skipped"] == 1
-    assert steps[1]["loss_scale"] == 2 ** 15 and steps[2]["loss_scale"] == 2 ** 14
+    assert steps[1]["loss_scale"] == 2**15 and steps[2]["loss_scale"] == 2**14
     # step 2's loss is unscaled by the scale it ran with, not the halved one (that would log it doubled)
     assert 0.7 < steps[2]["loss"] / steps[1]["loss"] < 1.4, (steps[1]["loss"], steps[2]["loss"])
     want, got = read_checkpoint_weights(str(clean)), read_checkpoint_weights(str(injected))

@@ -1,5 +1,6 @@
 """The shipped 20B recipe script itself, on CPU: its environment overrides train a tiny model end to end, and one
 rank failing before the job is up stops the others at once."""
+
 import os
 import re
 import stat
@@ -39,16 +40,27 @@ def recipe_env(setup, ckpt, port):
     root, model, data, bin_dir = setup
     # EXTRA_ARGS come last on the command line, so they override the recipe's 20B sizes for the tiny model.
     extra = "--use-cuda false --embedding-dim 32 --num-layers 2 --seq-length 32 --batch-size 2 --dist-timeout 60"
-    return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1",
-                NUM_GPUS="2", MASTER_PORT=str(port), BASE_MODEL=model, DATASETS=data, CHECKPOINT_PATH=str(ckpt),
-                FINETUNE_TOTAL_STEPS="2", CHECKPOINT_STEPS="2", EXTRA_ARGS=extra)
+    return dict(
+        os.environ,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        OMP_NUM_THREADS="1",
+        NUM_GPUS="2",
+        MASTER_PORT=str(port),
+        BASE_MODEL=model,
+        DATASETS=data,
+        CHECKPOINT_PATH=str(ckpt),
+        FINETUNE_TOTAL_STEPS="2",
+        CHECKPOINT_STEPS="2",
+        EXTRA_ARGS=extra,
+    )
 
 
 def test_recipe_trains_with_its_environment_overrides(setup):
     ckpt = setup[0] / "run 1 ckpt"
     assert " " in str(ckpt) and " " in setup[1] and " " in setup[2]
-    result = subprocess.run(["bash", RECIPE], env=recipe_env(setup, ckpt, free_port()), capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        ["bash", RECIPE], env=recipe_env(setup, ckpt, free_port()), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "2 stages over pp=2 x dp=1" in result.stdout + result.stderr
     weights = read_checkpoint_weights(str(ckpt))
@@ -60,8 +72,13 @@ def test_recipe_stops_every_rank_when_one_fails_at_start(setup):
     script must stop rank 1 as soon as rank 0 exits, and exit with rank 0's code."""
     with held_port() as port:
         start = time.monotonic()
-        result = subprocess.run(["bash", RECIPE], env=recipe_env(setup, setup[0] / "ckpt-fail", port),
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            ["bash", RECIPE],
+            env=recipe_env(setup, setup[0] / "ckpt-fail", port),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         took = time.monotonic() - start
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "in use" in result.stderr

@@ -20,15 +20,20 @@ from tasks.reader import Mixture
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_DIR = os.path.join(ROOT, "assets", "tokenizer")
 EOS = 50256
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-WORDS = ("apple river stone cloud quick brown fox lazy dog sun moon star tree house garden music paper light "
-         "window table chair road city water fire green blue red yellow small large happy").split()
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORDS = (
+    "apple river stone cloud quick brown fox lazy dog sun moon star tree house garden music paper light "
+    "window table chair road city water fire green blue red yellow small large happy"
+).split()
 
 
 @pytest.fixture(scope="module")
 def tok():
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
@@ -47,7 +52,9 @@ def text_records(n, seed=0, tag=""):
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        turns = [f"<human>: {tag}{i} {sentence(rng)}?\n<bot>: {sentence(rng, 5, 40)}." for _ in range(rng.randint(1, 3))]
+        turns = [
+            f"<human>: {tag}{i} {sentence(rng)}?\n<bot>: {sentence(rng, 5, 40)}." for _ in range(rng.randint(1, 3))
+        ]
         out.append({"text": "\n".join(turns)})
     return out
 
@@ -58,8 +65,10 @@ def message_records(n, seed=0):
     for i in range(n):
         msgs = [{"role": "system", "content": "Be brief."}] if i % 3 == 0 else []
         for _ in range(rng.randint(1, 3)):
-            msgs += [{"role": "user", "content": f"q{i} {sentence(rng)}?"},
-                     {"role": "assistant", "content": f"a{i} {sentence(rng)}."}]
+            msgs += [
+                {"role": "user", "content": f"q{i} {sentence(rng)}?"},
+                {"role": "assistant", "content": f"a{i} {sentence(rng)}."},
+            ]
         out.append({"messages": msgs})
     return out
 
@@ -110,16 +119,19 @@ def test_parse_spec_weights_and_dirs(tmp_path):
     assert dup[0].name != dup[1].name
 
 
-@pytest.mark.parametrize("entry,needle", [
-    ("{missing}", "no such file"),
-    ("{a}:0", "positive"),
-    ("{a}:-1", "positive"),
-    ("{a}:abc", "not a number"),
-    ("{a}:nan", "positive"),
-    ("{empty}", "no .jsonl"),
-    ("{txt}", "not a .jsonl"),
-    ("{a},,{a}", "empty"),
-])
+@pytest.mark.parametrize(
+    "entry,needle",
+    [
+        ("{missing}", "no such file"),
+        ("{a}:0", "positive"),
+        ("{a}:-1", "positive"),
+        ("{a}:abc", "not a number"),
+        ("{a}:nan", "positive"),
+        ("{empty}", "no .jsonl"),
+        ("{txt}", "not a .jsonl"),
+        ("{a},,{a}", "empty"),
+    ],
+)
 def test_parse_spec_errors(tmp_path, entry, needle):
     a = write_jsonl(tmp_path / "a.jsonl", text_records(3))
     (tmp_path / "empty").mkdir()
@@ -132,13 +144,16 @@ def test_parse_spec_errors(tmp_path, entry, needle):
     assert isinstance(e.value, ValueError)
 
 
-@pytest.mark.parametrize("line,needle", [
-    ("{not json", "not valid JSON"),
-    ('{"foo": 1}', "neither 'text' nor 'messages'"),
-    ('{"messages": [{"role": "robot", "content": "hi"}]}', "role 'robot'"),
-    ('{"messages": [{"role": "user"}]}', "content"),
-    ('{"text": 5}', "must be a string"),
-])
+@pytest.mark.parametrize(
+    "line,needle",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"foo": 1}', "neither 'text' nor 'messages'"),
+        ('{"messages": [{"role": "robot", "content": "hi"}]}', "role 'robot'"),
+        ('{"messages": [{"role": "user"}]}', "content"),
+        ('{"text": 5}', "must be a string"),
+    ],
+)
 def test_malformed_line_names_file_and_line(tmp_path, tok, line, needle):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"text": "fine"}) + "\n\n" + line + "\n")
@@ -195,21 +210,34 @@ def test_loss_on_bot_only(tmp_path, tok):
 
 
 def test_messages_oig_masks(tmp_path, tok):
-    rec = {"messages": [{"role": "system", "content": "Be brief."},
-                        {"role": "user", "content": "hi?"}, {"role": "assistant", "content": "hello."},
-                        {"role": "user", "content": "bye?"}, {"role": "assistant", "content": "goodbye."}]}
+    rec = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi?"},
+            {"role": "assistant", "content": "hello."},
+            {"role": "user", "content": "bye?"},
+            {"role": "assistant", "content": "goodbye."},
+        ]
+    }
     p = write_jsonl(tmp_path / "m.jsonl", [rec])
     batches = ordered(p, tok)
     assert trained_text(tok, batches) == " hello.\n goodbye.<|endoftext|>"
     text = "".join(tok.decode(b["input_ids"][r]) for b in batches for r in range(2))
     assert text.startswith("Be brief.\n<human>: hi?\n<bot>: hello.\n<human>: bye?\n<bot>: goodbye.<|endoftext|>")
     assert trained_text(tok, ordered(p, tok, train_on_inputs=True)).startswith(
-        " brief.\n<human>: hi?\n<bot>: hello.")  # everything after the first token
+        " brief.\n<human>: hi?\n<bot>: hello."
+    )  # everything after the first token
 
 
 def test_messages_chat_template_masks(tmp_path, chat_tok):
-    rec = {"messages": [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": "hello."},
-                        {"role": "user", "content": "bye?"}, {"role": "assistant", "content": "goodbye."}]}
+    rec = {
+        "messages": [
+            {"role": "user", "content": "hi?"},
+            {"role": "assistant", "content": "hello."},
+            {"role": "user", "content": "bye?"},
+            {"role": "assistant", "content": "goodbye."},
+        ]
+    }
     p = write_jsonl(tmp_path / "m.jsonl", [rec])
     batches = ordered(p, chat_tok, S=64)
     assert trained_text(chat_tok, batches) == "hello.<|im_end|>\ngoodbye.<|im_end|>\n<|endoftext|>"
@@ -221,8 +249,9 @@ def test_messages_chat_template_masks(tmp_path, chat_tok):
 
 def test_chat_template_fallback_when_prefix_renders_differ(tmp_path, chat_tok):
     t = copy.deepcopy(chat_tok)  # a template that marks the last message: prefixes are not prefixes of the whole
-    t.chat_template = ("{% for m in messages %}{% if loop.last %}[last]{% endif %}<{{ m['role'] }}>{{ m['content'] }}"
-                       "</s>{% endfor %}")
+    t.chat_template = (
+        "{% for m in messages %}{% if loop.last %}[last]{% endif %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+    )
     rec = {"messages": [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": "hello there."}]}
     rec2 = {"messages": rec["messages"] + [{"role": "user", "content": "and?"}]}
     p = write_jsonl(tmp_path / "m.jsonl", [rec, rec2])
@@ -232,16 +261,23 @@ def test_chat_template_fallback_when_prefix_renders_differ(tmp_path, chat_tok):
 
 def test_tokenizer_added_specials(tmp_path, tok):
     from tokenizers.processors import TemplateProcessing
+
     bos_tok = copy.deepcopy(tok)
     bos_tok.add_special_tokens({"bos_token": "<s>"})
     bos = bos_tok.bos_token_id
     bos_tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     eos_tok = copy.deepcopy(tok)
-    eos_tok.backend_tokenizer.post_processor = TemplateProcessing(single="$A <|endoftext|>",
-                                                                  special_tokens=[("<|endoftext|>", EOS)])
-    p = write_jsonl(tmp_path / "t.jsonl", [{"text": "hi there"}, {"messages": [
-        {"role": "user", "content": "q?"}, {"role": "assistant", "content": "a."}]}])
-    for t, lead, tail in ((bos_tok, [bos], []), (eos_tok, [], [])):
+    eos_tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", EOS)]
+    )
+    p = write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {"text": "hi there"},
+            {"messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "a."}]},
+        ],
+    )
+    for t, lead, _tail in ((bos_tok, [bos], []), (eos_tok, [], [])):
         b = ordered(p, t, S=32)[0]
         stream = torch.cat([b["input_ids"][0], b["input_ids"][1]]).tolist()
         doc1 = lead + tok("hi there").input_ids + [EOS]
@@ -263,8 +299,9 @@ def test_windows_overlap_and_positions(tmp_path, tok):
     S, B = 24, 3
     s = PackedStream(p, tok, S, B, num_workers=0)
     batches = take(s, 8)
-    rows = [(b["input_ids"][i], b["labels"][i], b["position_ids"][i], b["doc_ids"][i]) for b in batches
-            for i in range(B)]
+    rows = [
+        (b["input_ids"][i], b["labels"][i], b["position_ids"][i], b["doc_ids"][i]) for b in batches for i in range(B)
+    ]
     for (inp, lab, pos, doc), (nxt, _, _, _) in zip(rows, rows[1:]):
         assert inp.dtype == torch.int64 and inp.shape == (S,)
         assert torch.equal(lab[:-1], inp[1:])  # text records: every label trained
@@ -324,10 +361,10 @@ def test_exact_resume(mixed_data, tok, workers):
     for k, state in states.items():
         r = PackedStream(mixed_data, tok, **kw)
         r.load_state_dict(state)
-        same(ref[k:k + 12], take(r, 12))
+        same(ref[k : k + 12], take(r, 12))
         if k == 23:  # resuming twice from the same state in one object
             r.load_state_dict(state)
-            same(ref[k:k + 2], take(r, 2))
+            same(ref[k : k + 2], take(r, 2))
         r.close()
 
 
@@ -346,7 +383,7 @@ def test_resume_state_is_small_and_mid_buffer(tmp_path, tok):
         assert len(json.dumps(st)) < 4000
         r = PackedStream(p, tok, **kw)
         r.load_state_dict(st)
-        same(ref[k:k + 25], take(r, 25))
+        same(ref[k : k + 25], take(r, 25))
     assert max(sizes) <= 20 and any(0 < n < 20 for n in sizes), sizes  # includes a partly full shuffle buffer
     # chained resumes (state taken from a resumed stream, inside the document it resumed in)
     s = PackedStream(p, tok, **kw)
@@ -355,12 +392,13 @@ def test_resume_state_is_small_and_mid_buffer(tmp_path, tok):
         st = json.loads(json.dumps(s.state_dict()))
         s = PackedStream(p, tok, **kw)
         s.load_state_dict(st)
-        same(ref[at:at + step], take(s, step))
+        same(ref[at : at + step], take(s, step))
         at += step
 
 
 def test_resume_into_other_dp_layout_and_unclosed_stream_is_collected(mixed_data, tok):
     import threading
+
     kw = dict(seq_length=32, seed=7, shuffle_buffer=8, chunk_docs=16)
     s = PackedStream(mixed_data, tok, batch_size=4, num_workers=1, **kw)
     ref = take(s, 12)
@@ -384,6 +422,7 @@ def test_resume_into_other_dp_layout_and_unclosed_stream_is_collected(mixed_data
         if not any(t.name == "tasks-loader" for t in threading.enumerate()):
             break
         import time
+
         time.sleep(0.1)
     assert not any(t.name == "tasks-loader" for t in threading.enumerate())
 
@@ -488,6 +527,7 @@ def test_gz_truncated_after_checkpoint_fails_on_resume(tmp_path, tok):
 # ------------------------------------------------------------------ token counting
 def test_count_tokens_cached(tmp_path, tok, monkeypatch):
     import tasks.count as count_mod
+
     recs = text_records(40, seed=6)
     p = write_jsonl(tmp_path / "c.jsonl", recs)
     m = write_jsonl(tmp_path / "m.jsonl", message_records(10))
@@ -512,6 +552,7 @@ def test_count_tokens_cached(tmp_path, tok, monkeypatch):
 
 def test_count_tokens_unwritable_dir_falls_back(tmp_path, tok, monkeypatch):
     import tasks.count as count_mod
+
     p = write_jsonl(tmp_path / "c.jsonl", text_records(5))
     (tmp_path / ".c.jsonl.token_count.json").mkdir()  # the data-dir cache cannot be written (even as root)
     monkeypatch.setattr(count_mod, "_fallback_dirs", lambda: [str(tmp_path / "usercache")])

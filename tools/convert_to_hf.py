@@ -71,8 +71,9 @@ def resolve_step(checkpoint_path: str, step: int | None) -> int:
     except CheckpointError as e:
         raise ModelError(f"{e}; or pass --step N to pick a checkpoint") from None
     if latest is None:
-        raise ModelError(f"{os.path.join(checkpoint_path, 'latest')}: file not found; pass --step N to pick a "
-                         f"checkpoint")
+        raise ModelError(
+            f"{os.path.join(checkpoint_path, 'latest')}: file not found; pass --step N to pick a checkpoint"
+        )
     return latest
 
 
@@ -92,8 +93,9 @@ def convert(checkpoint_path: str, output_dir: str, step: int | None = None, dtyp
     except OSError:
         raise ModelError(f"{meta_path}: file not found") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"{meta_path}: expected JSON with model_type, model_config, layout.pp and files "
-                         f"({e!r})") from None
+        raise ModelError(
+            f"{meta_path}: expected JSON with model_type, model_config, layout.pp and files ({e!r})"
+        ) from None
     cfg = model_config_from_dict(model_config, _HF_MODEL_TYPES.get(model_type, model_type), source=meta_path)
     names = [f"prank_{p}_model.safetensors" for p in range(pp)]
     for name in names:

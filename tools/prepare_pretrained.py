@@ -27,8 +27,10 @@ def prepare(model_dir: str, output_dir: str) -> list[str]:
 
     # Writing into the source would mix the shards into the model directory before config.json's copy fails.
     if os.path.realpath(output_dir) == os.path.realpath(model_dir):
-        raise ModelError(f"--output {output_dir} is the model directory {model_dir} itself; give --output a new "
-                         f"directory for the layer-sharded copy")
+        raise ModelError(
+            f"--output {output_dir} is the model directory {model_dir} itself; give --output a new "
+            f"directory for the layer-sharded copy"
+        )
     cfg = load_model_config(model_dir)
     ckpt = Checkpoint(model_dir, cfg)
     if ckpt.format != "hf":
@@ -47,8 +49,9 @@ def prepare(model_dir: str, output_dir: str) -> list[str]:
         for name, tensor in read_tensors(locations):
             if tuple(tensor.shape) != ckpt.shapes[name]:
                 path, key = locations[name]
-                raise ModelError(f"{path}: tensor {key!r} has shape {list(tensor.shape)}, "
-                                 f"expected {list(ckpt.shapes[name])}")
+                raise ModelError(
+                    f"{path}: tensor {key!r} has shape {list(tensor.shape)}, expected {list(ckpt.shapes[name])}"
+                )
             data[names[name]] = tensor.contiguous().clone()
         path = os.path.join(output_dir, f"{stem}.safetensors")
         save_file(data, path, metadata={"format": "pt"})
@@ -61,8 +64,9 @@ def prepare(model_dir: str, output_dir: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-name", required=True,
-                        help="local Hugging Face model directory (config.json + weights)")
+    parser.add_argument(
+        "--model-name", required=True, help="local Hugging Face model directory (config.json + weights)"
+    )
     parser.add_argument("--output", required=True, help="directory to write the layer-sharded copy into")
     args = parser.parse_args(argv)
     try:

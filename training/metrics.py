@@ -1,4 +1,5 @@
 """Throughput, MFU, memory and ETA for the step log."""
+
 import time
 
 import torch
@@ -7,11 +8,20 @@ import torch
 # torch reports ("NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB"); the key with the most words wins, so an H100 PCIe
 # or NVL card gets its own peak rather than the SXM one under plain "H100".
 PEAK_FLOPS = {
-    "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
-    "H800": 989e12, "H800 PCIe": 756e12,
-    "H200": 989e12, "H200 NVL": 835e12, "GH200": 989e12,
-    "A100": 312e12, "A800": 312e12,
-    "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12,
+    "H100": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H800": 989e12,
+    "H800 PCIe": 756e12,
+    "H200": 989e12,
+    "H200 NVL": 835e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "V100": 125e12,
 }
 
 
@@ -25,7 +35,7 @@ def peak_for_name(name: str):
 
     def named(key):  # the key's words appear in a row in the name
         k = _words(key)
-        return any(words[i:i + len(k)] == k for i in range(len(words) - len(k) + 1))
+        return any(words[i : i + len(k)] == k for i in range(len(words) - len(k) + 1))
 
     matches = [key for key in PEAK_FLOPS if named(key)]
     if not matches:
@@ -67,7 +77,7 @@ class StepMeter:
         if self.peak:
             values["mfu"] = tokens * self.flops_per_token / seconds / (self.world_size * self.peak)
         if self.device.type == "cuda":
-            values["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            values["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         done = step - self.start_step
         if done > 0:
             values["eta_min"] = (now - self.started) / done * (self.total_steps - step) / 60

@@ -6,6 +6,7 @@ tidy_profiling spans: per micro-batch forward and backward compute of every stag
 send/recv gaps the pipeline schedule spends between them ("wait" lane: time outside compute inside an iteration),
 the data-parallel all-reduce and the optimizer. One file per rank, and rank 0 merges them all into `merged.json`.
 """
+
 import contextlib
 import glob
 import json
@@ -65,8 +66,17 @@ class TidyProfiler:
         self._add(key[0], f"{key[0]} {name} mb{index}", start, self._now_us())
 
     def _add(self, lane, name, start, end):
-        self.events.append({"name": name, "ph": "X", "pid": self.layout.rank, "tid": LANES[lane], "ts": start,
-                            "dur": max(0.0, end - start), "args": {"lane": lane}})
+        self.events.append(
+            {
+                "name": name,
+                "ph": "X",
+                "pid": self.layout.rank,
+                "tid": LANES[lane],
+                "ts": start,
+                "dur": max(0.0, end - start),
+                "args": {"lane": lane},
+            }
+        )
 
     @contextlib.contextmanager
     def span(self, name):
@@ -87,8 +97,9 @@ class TidyProfiler:
 
     def _wait_spans(self):
         """Time inside each iteration not spent in this rank's forward/backward compute."""
-        compute = sorted((e["ts"], e["ts"] + e["dur"]) for e in self.events if e["args"]["lane"] in
-                         ("forward", "backward"))
+        compute = sorted(
+            (e["ts"], e["ts"] + e["dur"]) for e in self.events if e["args"]["lane"] in ("forward", "backward")
+        )
         for it in [e for e in self.events if e["args"]["lane"] == "iteration"]:
             cursor, end = it["ts"], it["ts"] + it["dur"]
             for start, stop in compute:
@@ -105,8 +116,10 @@ class TidyProfiler:
         os.makedirs(self.out_dir, exist_ok=True)
         rank = self.layout.rank
         meta = [{"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}}]
-        meta += [{"name": "thread_name", "ph": "M", "pid": rank, "tid": tid, "args": {"name": lane}}
-                 for lane, tid in LANES.items()]
+        meta += [
+            {"name": "thread_name", "ph": "M", "pid": rank, "tid": tid, "args": {"name": lane}}
+            for lane, tid in LANES.items()
+        ]
         path = os.path.join(self.out_dir, f"rank_{rank}.json")
         with open(path, "w") as f:
             json.dump({"traceEvents": meta + self.events, "displayTimeUnit": "ms"}, f)
@@ -127,8 +140,10 @@ class TorchProfiler(NoProfiler):
         if layout.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.profiler = torch.profiler.profile(
-            activities=activities, schedule=torch.profiler.schedule(wait=0, warmup=1, active=steps, repeat=1),
-            on_trace_ready=self._export)
+            activities=activities,
+            schedule=torch.profiler.schedule(wait=0, warmup=1, active=steps, repeat=1),
+            on_trace_ready=self._export,
+        )
         self.profiler.start()
         self.running = True
 

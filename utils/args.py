@@ -3,6 +3,7 @@
 The flag names and meanings are OpenChatKit's (see the training README); new flags keep its spelling style.
 `validate_args` rejects every bad combination that can be found before any process group exists.
 """
+
 import argparse
 import math
 import os
@@ -43,21 +44,39 @@ def build_parser():
     model.add_argument("--model-name", required=True, help="Hugging Face model directory or layer-sharded directory")
     model.add_argument("--tokenizer-name", default=None, help="tokenizer directory (default: --model-name)")
     model.add_argument("--model-type", default=None, help="gptneox | gptj | llama (default: config.json's model_type)")
-    model.add_argument("--num-layers", type=int, default=None,
-                       help="transformer layers per pipeline stage (default: derived from the config)")
+    model.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="transformer layers per pipeline stage (default: derived from the config)",
+    )
     model.add_argument("--embedding-dim", type=int, default=None, help="hidden size; checked against the config")
-    model.add_argument("--load-pretrained-model", type=str_to_bool, default=True,
-                       help="true: load weights from --model-name; false: random init from --seed")
-    model.add_argument("--activation-checkpointing", choices=("none", "full", "selective"), default="none",
-                       help="recompute blocks in backward: none, full (every block), selective (every other block)")
-    model.add_argument("--compile", action="store_true",
-                       help="torch.compile each transformer block and the loss (GPU speed)")
-    model.add_argument("--attention-backend", choices=("auto", "flash", "cudnn", "efficient", "math"),
-                       default="auto", help="scaled-dot-product attention kernel tried first (auto: torch's order)")
+    model.add_argument(
+        "--load-pretrained-model",
+        type=str_to_bool,
+        default=True,
+        help="true: load weights from --model-name; false: random init from --seed",
+    )
+    model.add_argument(
+        "--activation-checkpointing",
+        choices=("none", "full", "selective"),
+        default="none",
+        help="recompute blocks in backward: none, full (every block), selective (every other block)",
+    )
+    model.add_argument(
+        "--compile", action="store_true", help="torch.compile each transformer block and the loss (GPU speed)"
+    )
+    model.add_argument(
+        "--attention-backend",
+        choices=("auto", "flash", "cudnn", "efficient", "math"),
+        default="auto",
+        help="scaled-dot-product attention kernel tried first (auto: torch's order)",
+    )
 
     data = parser.add_argument_group("data")
-    data.add_argument("--task-name", default=None,
-                      help="comma-separated path[:weight] of .jsonl/.jsonl.gz files or folders")
+    data.add_argument(
+        "--task-name", default=None, help="comma-separated path[:weight] of .jsonl/.jsonl.gz files or folders"
+    )
     data.add_argument("--seq-length", type=int, default=2048)
     data.add_argument("--batch-size", type=int, default=4, help="sequences per data-parallel replica per iteration")
     data.add_argument("--micro-batch-size", type=int, default=1, help="sequences per pipeline micro-batch")
@@ -71,8 +90,9 @@ def build_parser():
     data.add_argument("--evaluation-num-batch", type=int, default=None, help="max eval batches (default: all)")
 
     schedule = parser.add_argument_group("schedule")
-    schedule.add_argument("--total-steps", type=int, default=None,
-                          help="iterations including gradient-accumulation steps")
+    schedule.add_argument(
+        "--total-steps", type=int, default=None, help="iterations including gradient-accumulation steps"
+    )
     schedule.add_argument("--nepochs", type=int, default=None, help="derive --total-steps from the token count")
     schedule.add_argument("--warmup-steps", type=int, default=0)
     schedule.add_argument("--train-warmup-steps", type=int, default=0, help="OpenChatKit flag; only 0 is supported")
@@ -92,7 +112,7 @@ def build_parser():
     precision.add_argument("--fp16", action="store_true", help="fp16 model, fp32 master weights, loss scaling")
     precision.add_argument("--bf16", action="store_true", help="bf16 model, fp32 master weights")
     precision.add_argument("--loss-scale", type=float, default=0, help="> 0: static loss scale; 0: dynamic")
-    precision.add_argument("--initial-loss-scale", type=float, default=2 ** 15)
+    precision.add_argument("--initial-loss-scale", type=float, default=2**15)
     precision.add_argument("--loss-scale-window", type=int, default=1000)
     precision.add_argument("--hysteresis", type=int, default=2)
     precision.add_argument("--min-loss-scale", type=float, default=1)
@@ -107,9 +127,13 @@ def build_parser():
     dist.add_argument("--data-group-size", type=int, default=1)
     dist.add_argument("--pp-mode", choices=PP_MODES, default="gpipe")
     dist.add_argument("--virtual-stages", type=int, default=2, help="stages per rank for interleaved-1f1b")
-    dist.add_argument("--dp-backend", choices=("nccl", "gloo"), default="nccl",
-                      help="on GPUs both move CUDA tensors with NCCL (gloo cannot); gloo adds a gloo group for CPU "
-                           "tensors. Without GPUs (--use-cuda false) everything runs on gloo")
+    dist.add_argument(
+        "--dp-backend",
+        choices=("nccl", "gloo"),
+        default="nccl",
+        help="on GPUs both move CUDA tensors with NCCL (gloo cannot); gloo adds a gloo group for CPU "
+        "tensors. Without GPUs (--use-cuda false) everything runs on gloo",
+    )
     dist.add_argument("--dp-mode", choices=("allreduce",), default="allreduce")
     dist.add_argument("--net-interface", default=None, help="sets GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME when unset")
     dist.add_argument("--dist-timeout", type=float, default=600, help="seconds before a stuck collective aborts")
@@ -118,14 +142,27 @@ def build_parser():
     ckpt.add_argument("--checkpoint-path", default="./model_ckpts/run")
     ckpt.add_argument("--checkpoint-steps", type=int, default=0, help="save every N optimizer steps (0: end only)")
     ckpt.add_argument("--load-checkpoint", type=str_to_bool, default=True, help="resume from <checkpoint-path>/latest")
-    ckpt.add_argument("--resume-fallback", action="store_true",
-                      help="if the latest checkpoint is damaged, resume from the newest complete earlier one")
-    ckpt.add_argument("--resume-data", choices=("exact", "continue", "restart"), default="exact",
-                      help="data stream on resume: exact (refuse changed data files or data flags), continue (go on "
-                           "at the saved position in data files that changed size; not an exact resume), restart "
-                           "(read the data from the start; weights, optimizer and LR schedule still resume)")
-    ckpt.add_argument("--keep-checkpoints", "--num-checkpoints", dest="keep_checkpoints", type=int, default=3,
-                      help="checkpoints kept on disk (0: keep all)")
+    ckpt.add_argument(
+        "--resume-fallback",
+        action="store_true",
+        help="if the latest checkpoint is damaged, resume from the newest complete earlier one",
+    )
+    ckpt.add_argument(
+        "--resume-data",
+        choices=("exact", "continue", "restart"),
+        default="exact",
+        help="data stream on resume: exact (refuse changed data files or data flags), continue (go on "
+        "at the saved position in data files that changed size; not an exact resume), restart "
+        "(read the data from the start; weights, optimizer and LR schedule still resume)",
+    )
+    ckpt.add_argument(
+        "--keep-checkpoints",
+        "--num-checkpoints",
+        dest="keep_checkpoints",
+        type=int,
+        default=3,
+        help="checkpoints kept on disk (0: keep all)",
+    )
 
     logging = parser.add_argument_group("logging")
     logging.add_argument("--train-log-backend", choices=("print", "loguru", "wandb"), default="print")
@@ -133,8 +170,9 @@ def build_parser():
     logging.add_argument("--job-id", default="0", help="name of this job in logs and wandb")
     logging.add_argument("--log-interval", type=int, default=1, help="log every N optimizer steps")
     logging.add_argument("--metrics-file", default=None, help="also append each step's metrics as JSON lines here")
-    logging.add_argument("--profiling", choices=("no-profiling", "tidy_profiling", "pytorch_profiling"),
-                         default="no-profiling")
+    logging.add_argument(
+        "--profiling", choices=("no-profiling", "tidy_profiling", "pytorch_profiling"), default="no-profiling"
+    )
     logging.add_argument("--profiling-dir", default="./profiles")
     logging.add_argument("--profiling-steps", type=int, default=3, help="optimizer steps traced when profiling")
     return parser
@@ -162,9 +200,11 @@ def _check_paths(args):
     if not args.load_checkpoint and os.path.isdir(args.checkpoint_path):
         used = sorted(n for n in os.listdir(args.checkpoint_path) if n == "latest" or n.startswith("checkpoint_"))
         if used:  # a fresh run would save over them and rotate them away
-            raise ArgumentError(f"--checkpoint-path {args.checkpoint_path} holds another run's checkpoints "
-                                f"({', '.join(used[:3])}) and --load-checkpoint false would replace them; give a new "
-                                f"--checkpoint-path, resume with --load-checkpoint true, or delete them")
+            raise ArgumentError(
+                f"--checkpoint-path {args.checkpoint_path} holds another run's checkpoints "
+                f"({', '.join(used[:3])}) and --load-checkpoint false would replace them; give a new "
+                f"--checkpoint-path, resume with --load-checkpoint true, or delete them"
+            )
 
 
 def validate_args(args):
@@ -185,8 +225,9 @@ def validate_args(args):
     positive("pipeline-group-size", args.pipeline_group_size)
     positive("data-group-size", args.data_group_size)
     if args.batch_size % args.micro_batch_size:
-        raise ArgumentError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
-                            f"{args.micro_batch_size}")
+        raise ArgumentError(
+            f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size}"
+        )
     pp = args.pipeline_group_size
     n_micro = args.batch_size // args.micro_batch_size
     if args.pp_mode == "interleaved-1f1b":
@@ -195,22 +236,28 @@ def validate_args(args):
         if pp < 2:
             raise ArgumentError("--pp-mode interleaved-1f1b needs --pipeline-group-size >= 2; use gpipe or 1f1b")
         if n_micro % pp:
-            raise ArgumentError(f"--pp-mode interleaved-1f1b needs the micro-batch count (--batch-size / "
-                                f"--micro-batch-size = {n_micro}) to be a multiple of --pipeline-group-size {pp}")
+            raise ArgumentError(
+                f"--pp-mode interleaved-1f1b needs the micro-batch count (--batch-size / "
+                f"--micro-batch-size = {n_micro}) to be a multiple of --pipeline-group-size {pp}"
+            )
     if args.pp_mode == "1f1b" and pp > 1 and n_micro < pp:
-        raise ArgumentError(f"--pp-mode 1f1b needs at least --pipeline-group-size ({pp}) micro-batches per "
-                            f"iteration, got {n_micro}; raise --batch-size or lower --micro-batch-size")
+        raise ArgumentError(
+            f"--pp-mode 1f1b needs at least --pipeline-group-size ({pp}) micro-batches per "
+            f"iteration, got {n_micro}; raise --batch-size or lower --micro-batch-size"
+        )
     expected_world = pp * args.data_group_size
     if args.world_size is not None and args.world_size != expected_world:
-        raise ArgumentError(f"--world-size {args.world_size} must equal --pipeline-group-size x --data-group-size "
-                            f"= {expected_world}")
+        raise ArgumentError(
+            f"--world-size {args.world_size} must equal --pipeline-group-size x --data-group-size = {expected_world}"
+        )
     if args.fp16 and args.bf16:
         raise ArgumentError("--fp16 and --bf16 exclude each other; pick one")
     if args.loss_scale < 0:
         raise ArgumentError(f"--loss-scale must be >= 0 (0 = dynamic), got {args.loss_scale}")
     if args.initial_loss_scale <= 0 or args.min_loss_scale <= 0 or args.loss_scale_window < 1 or args.hysteresis < 1:
-        raise ArgumentError("--initial-loss-scale and --min-loss-scale must be > 0, --loss-scale-window and "
-                            "--hysteresis >= 1")
+        raise ArgumentError(
+            "--initial-loss-scale and --min-loss-scale must be > 0, --loss-scale-window and --hysteresis >= 1"
+        )
     if args.lr < 0:
         raise ArgumentError(f"--lr must be >= 0, got {args.lr}")
     if args.warmup_steps < 0:
@@ -228,8 +275,10 @@ def validate_args(args):
     if args.nepochs is not None and args.nepochs < 1:
         raise ArgumentError(f"--nepochs must be >= 1, got {args.nepochs}")
     if args.total_steps is not None and args.total_steps % args.gradient_accumulate_step:
-        raise ArgumentError(f"--total-steps {args.total_steps} counts iterations including accumulation; it must be "
-                            f"a multiple of --gradient-accumulate-step {args.gradient_accumulate_step}")
+        raise ArgumentError(
+            f"--total-steps {args.total_steps} counts iterations including accumulation; it must be "
+            f"a multiple of --gradient-accumulate-step {args.gradient_accumulate_step}"
+        )
     if args.checkpoint_steps < 0 or args.evaluation_steps < 0 or args.keep_checkpoints < 0:
         raise ArgumentError("--checkpoint-steps, --evaluation-steps and --keep-checkpoints must be >= 0")
     if args.evaluation_steps and not args.evaluation_data:
@@ -237,26 +286,33 @@ def validate_args(args):
     if not args.task_name:
         raise ArgumentError("--task-name is required: comma-separated path[:weight] of .jsonl files")
     if not os.path.isdir(args.model_name):
-        raise ArgumentError(f"--model-name {args.model_name}: no such directory (hub names cannot be downloaded "
-                            f"here; pass a local Hugging Face or layer-sharded directory)")
+        raise ArgumentError(
+            f"--model-name {args.model_name}: no such directory (hub names cannot be downloaded "
+            f"here; pass a local Hugging Face or layer-sharded directory)"
+        )
     if not os.path.isfile(os.path.join(args.model_name, "config.json")):
         raise ArgumentError(f"--model-name {args.model_name}: no config.json in it")
     tokenizer = args.tokenizer_name or args.model_name
     if not os.path.isdir(tokenizer):
         raise ArgumentError(f"--tokenizer-name {tokenizer}: no such directory")
     if not any(os.path.isfile(os.path.join(tokenizer, name)) for name in TOKENIZER_FILES):
-        raise ArgumentError(f"--tokenizer-name {tokenizer}: no tokenizer files in it (one of "
-                            f"{', '.join(TOKENIZER_FILES)}); point it at the model's tokenizer")
+        raise ArgumentError(
+            f"--tokenizer-name {tokenizer}: no tokenizer files in it (one of "
+            f"{', '.join(TOKENIZER_FILES)}); point it at the model's tokenizer"
+        )
     if args.dist_timeout <= 0:
         raise ArgumentError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     if args.log_interval < 1:
         raise ArgumentError("--log-interval must be >= 1")
     if args.shuffle_buffer < 1 or args.data_workers < 0:
-        raise ArgumentError(f"--shuffle-buffer must be >= 1 and --data-workers >= 0 (0: tokenise on the training "
-                            f"thread), got {args.shuffle_buffer} and {args.data_workers}")
+        raise ArgumentError(
+            f"--shuffle-buffer must be >= 1 and --data-workers >= 0 (0: tokenise on the training "
+            f"thread), got {args.shuffle_buffer} and {args.data_workers}"
+        )
     if args.evaluation_num_batch is not None and args.evaluation_num_batch < 1:
-        raise ArgumentError(f"--evaluation-num-batch must be >= 1 (omit it to evaluate every batch), got "
-                            f"{args.evaluation_num_batch}")
+        raise ArgumentError(
+            f"--evaluation-num-batch must be >= 1 (omit it to evaluate every batch), got {args.evaluation_num_batch}"
+        )
     if args.dist_url and not args.dist_url.startswith(("tcp://", "env://", "file://")):
         raise ArgumentError(f"--dist-url {args.dist_url}: expected tcp://HOST:PORT (the address of rank 0)")
     if args.net_interface:
@@ -265,8 +321,10 @@ def validate_args(args):
         except OSError:  # no interface list on this system: let the process group find out
             names = {args.net_interface}
         if args.net_interface not in names:
-            raise ArgumentError(f"--net-interface {args.net_interface}: no such network interface here (this "
-                                f"machine has {', '.join(sorted(names))})")
+            raise ArgumentError(
+                f"--net-interface {args.net_interface}: no such network interface here (this "
+                f"machine has {', '.join(sorted(names))})"
+            )
     _check_paths(args)
 
 

@@ -23,6 +23,7 @@ Test hooks (environment variables; they fire only on torchrun's first attempt, T
   CKPT_FAULT_OSERROR=STEP[:RANK]           writing the save of STEP (on RANK) fails with ENOSPC (disk full)
   CKPT_HOLD_AFTER_SAVE=STEP:SECONDS        every rank sleeps after the save of STEP completed (to kill it there)
 """
+
 import errno
 import hashlib
 import json
@@ -136,8 +137,10 @@ def read_latest(root):
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {_describe(exc)}") from None
     if not (text.isascii() and text.isdigit()):
-        raise CheckpointError(f"{path} holds {text[:40]!r}, not a step number; write the step of a complete "
-                              f"checkpoint_<step> into it, or delete it to start over")
+        raise CheckpointError(
+            f"{path} holds {text[:40]!r}, not a step number; write the step of a complete "
+            f"checkpoint_<step> into it, or delete it to start over"
+        )
     return int(text)
 
 
@@ -146,8 +149,8 @@ def list_steps(root):
         return []
     steps = []
     for name in os.listdir(root):
-        if name.startswith("checkpoint_") and name[len("checkpoint_"):].isdigit():
-            steps.append(int(name[len("checkpoint_"):]))
+        if name.startswith("checkpoint_") and name[len("checkpoint_") :].isdigit():
+            steps.append(int(name[len("checkpoint_") :]))
     return sorted(steps)
 
 
@@ -177,8 +180,10 @@ class Checkpointer:
             except OSError as exc:
                 error = f"cannot create checkpoint folder {tmp}: {_describe(exc)}"
         if not _all_ok(error is None, lay.device):
-            raise CheckpointError(f"checkpoint {step} not saved: {error or 'rank 0 could not create ' + tmp}"
-                                  f"{untouched}. --checkpoint-path must be a writable directory")
+            raise CheckpointError(
+                f"checkpoint {step} not saved: {error or 'rank 0 could not create ' + tmp}"
+                f"{untouched}. --checkpoint-path must be a writable directory"
+            )
 
         files, sizes, keys = {}, {}, {}  # keys: safetensors file -> tensor names (readers open only what they need)
         written = []
@@ -206,10 +211,16 @@ class Checkpointer:
         try:
             if lay.dp_rank == 0:
                 p = lay.pp_rank
-                write(f"prank_{p}_model.safetensors", lambda path: save_file(_contiguous_cpu(stage_tensors), path),
-                      stage_tensors)
-                write(f"prank_{p}_optimizer.safetensors",
-                      lambda path: save_file(_contiguous_cpu(optimizer_tensors), path), optimizer_tensors)
+                write(
+                    f"prank_{p}_model.safetensors",
+                    lambda path: save_file(_contiguous_cpu(stage_tensors), path),
+                    stage_tensors,
+                )
+                write(
+                    f"prank_{p}_optimizer.safetensors",
+                    lambda path: save_file(_contiguous_cpu(optimizer_tensors), path),
+                    optimizer_tensors,
+                )
                 write(f"prank_{p}_state.json", lambda path: _write_json(path, stage_state))
             rng = {"cpu": torch.get_rng_state()}
             if lay.device.type == "cuda":
@@ -228,8 +239,10 @@ class Checkpointer:
         if errors:
             if lay.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"checkpoint {step} not saved: {errors[0]}{untouched}. Free space on, or fix the "
-                                  f"permissions of, --checkpoint-path {self.root}")
+            raise CheckpointError(
+                f"checkpoint {step} not saved: {errors[0]}{untouched}. Free space on, or fix the "
+                f"permissions of, --checkpoint-path {self.root}"
+            )
 
         error = None
         if lay.rank == 0:
@@ -239,8 +252,10 @@ class Checkpointer:
                     all_files.update(f)
                     all_sizes.update(z)
                     all_keys.update(k)
-                _write_json(os.path.join(tmp, "meta.json"),
-                            dict(meta, step=step, files=all_files, sizes=all_sizes, tensors=all_keys))
+                _write_json(
+                    os.path.join(tmp, "meta.json"),
+                    dict(meta, step=step, files=all_files, sizes=all_sizes, tensors=all_keys),
+                )
                 _fsync(tmp)
                 final = self.step_dir(step)
                 if os.path.exists(final):  # a leftover of an abandoned run: move it aside, never delete in place
@@ -275,7 +290,7 @@ class Checkpointer:
             # A later step on disk is a leftover of an abandoned run (resumed from an earlier checkpoint): it does
             # not count among the `keep` newest of this one.
             mine = [step for step in list_steps(self.root) if step <= newest]
-            for step in mine[:-self.keep]:  # never `newest`: it is the last of `mine`
+            for step in mine[: -self.keep]:  # never `newest`: it is the last of `mine`
                 # rename first, so a kill mid-delete never leaves a half checkpoint_<step>
                 name = f"{TMP_PREFIX}deleting_checkpoint_{step}"
                 try:
@@ -309,13 +324,14 @@ class Checkpointer:
             if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or meta.get("step") != step:
                 return None, f"{meta_path} is not the metadata of a complete checkpoint {step}"
             if meta.get("model_type") != expected_meta["model_type"]:
-                return None, (f"{folder} is a {meta.get('model_type')} checkpoint, this run trains "
-                              f"{expected_meta['model_type']} (--model-name)")
+                return None, (
+                    f"{folder} is a {meta.get('model_type')} checkpoint, this run trains "
+                    f"{expected_meta['model_type']} (--model-name)"
+                )
             for key in ("num_layers", "hidden_size", "vocab_size"):
                 theirs, ours = meta.get("shape", {}).get(key), expected_meta["shape"][key]
                 if theirs != ours:
-                    return None, (f"{folder} is of another model: {key} {theirs}, this model (--model-name) has "
-                                  f"{ours}")
+                    return None, (f"{folder} is of another model: {key} {theirs}, this model (--model-name) has {ours}")
             for name in files_needed(meta):
                 problem = file_problem(folder, meta, name)
                 if problem:
@@ -332,8 +348,10 @@ class Checkpointer:
                     if key not in found:
                         return None, f"{folder} lacks tensor {key} of this model (another model's checkpoint?)"
                     if found[key] != tuple(shape):
-                        return None, (f"{folder} is of another model: {key} has shape {list(found[key])}, this "
-                                      f"model (--model-name) needs {list(shape)}")
+                        return None, (
+                            f"{folder} is of another model: {key} has shape {list(found[key])}, this "
+                            f"model (--model-name) needs {list(shape)}"
+                        )
         except Exception as exc:  # noqa: BLE001 - any damage is a reason, never a crash on one rank only
             return None, f"{folder} is damaged ({_describe(exc)})"
         return meta, None
@@ -355,14 +373,18 @@ class Checkpointer:
             log(f"WARNING: --resume-fallback: {exc}; resuming from the newest complete checkpoint instead")
             latest = None
         steps = list_steps(self.root)
-        fix = ("pass --resume-fallback to resume from the newest complete earlier checkpoint, or "
-               "--load-checkpoint false to start over (a new run should use a new --checkpoint-path)")
+        fix = (
+            "pass --resume-fallback to resume from the newest complete earlier checkpoint, or "
+            "--load-checkpoint false to start over (a new run should use a new --checkpoint-path)"
+        )
         if latest is None:
             if not steps:
                 return None, None
             if not fallback:
-                raise CheckpointError(f"{self.root} holds checkpoint_{steps[-1]} but no `latest` file; write the "
-                                      f"step to resume into {os.path.join(self.root, 'latest')}, or {fix}")
+                raise CheckpointError(
+                    f"{self.root} holds checkpoint_{steps[-1]} but no `latest` file; write the "
+                    f"step to resume into {os.path.join(self.root, 'latest')}, or {fix}"
+                )
             candidates = list(reversed(steps))
         else:
             candidates = [latest] + ([s for s in reversed(steps) if s < latest] if fallback else [])
@@ -372,15 +394,19 @@ class Checkpointer:
             reason = self._agree(one_line(reason) if reason else None)
             if reason is None:
                 if first is not None:
-                    log(f"WARNING: --resume-fallback: resuming from checkpoint {step}, because checkpoint "
-                        f"{first[0]} cannot be used: {first[1]}")
+                    log(
+                        f"WARNING: --resume-fallback: resuming from checkpoint {step}, because checkpoint "
+                        f"{first[0]} cannot be used: {first[1]}"
+                    )
                 return step, meta
             first = first or (step, reason)
             if not fallback:
                 break
         if fallback:
-            raise CheckpointError(f"no usable checkpoint in {self.root} (newest problem: {first[1]}); fix it, or "
-                                  f"pass --load-checkpoint false to start over")
+            raise CheckpointError(
+                f"no usable checkpoint in {self.root} (newest problem: {first[1]}); fix it, or "
+                f"pass --load-checkpoint false to start over"
+            )
         raise CheckpointError(f"cannot resume from checkpoint {latest}: {first[1]}. Fix it, or {fix}")
 
     def read_tensors(self, step, meta, suffix, owners):

@@ -1,4 +1,5 @@
 """Log backends (--train-log-backend print|loguru|wandb). Only the logging rank creates one; others get Silent."""
+
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ class PrintLogger:
 class LoguruLogger(PrintLogger):
     def __init__(self):
         from loguru import logger
+
         self.logger = logger
 
     def info(self, message):
@@ -41,13 +43,14 @@ class WandbLogger(PrintLogger):
             raise LoggingError("--train-log-backend wandb needs wandb: pip install wandb") from None
         self.wandb = wandb
         try:
-            self.run = wandb.init(project=project, name=os.environ.get("WANDB_NAME") or f"job-{job_id}",
-                                  config=config)
+            self.run = wandb.init(project=project, name=os.environ.get("WANDB_NAME") or f"job-{job_id}", config=config)
         except Exception as exc:  # noqa: BLE001 - wandb raises its own types (no key, no network, bad project)
             first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise LoggingError(f"--train-log-backend wandb: wandb could not start a run ({type(exc).__name__}: "
-                               f"{first_line}); log in (wandb login, or WANDB_API_KEY) or run with "
-                               f"WANDB_MODE=offline") from None
+            raise LoggingError(
+                f"--train-log-backend wandb: wandb could not start a run ({type(exc).__name__}: "
+                f"{first_line}); log in (wandb login, or WANDB_API_KEY) or run with "
+                f"WANDB_MODE=offline"
+            ) from None
 
     def metrics(self, step, values):
         super().metrics(step, values)

@@ -17,22 +17,80 @@ import os
 import random
 
 CAPITALS = [
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Portugal", "Lisbon"),
-    ("Japan", "Tokyo"), ("China", "Beijing"), ("India", "New Delhi"), ("Canada", "Ottawa"), ("Mexico", "Mexico City"),
-    ("Brazil", "Brasilia"), ("Argentina", "Buenos Aires"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"),
-    ("Australia", "Canberra"), ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"),
-    ("Poland", "Warsaw"), ("Greece", "Athens"), ("Turkey", "Ankara"), ("Russia", "Moscow"), ("Peru", "Lima"),
-    ("Chile", "Santiago"), ("Ireland", "Dublin"), ("Austria", "Vienna"), ("Hungary", "Budapest"),
-    ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("South Korea", "Seoul"), ("Morocco", "Rabat"),
-    ("Nigeria", "Abuja"), ("Denmark", "Copenhagen"), ("Belgium", "Brussels"), ("Netherlands", "Amsterdam"),
-    ("Switzerland", "Bern"), ("Cuba", "Havana"), ("Colombia", "Bogota"), ("Indonesia", "Jakarta"),
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Portugal", "Lisbon"),
+    ("Japan", "Tokyo"),
+    ("China", "Beijing"),
+    ("India", "New Delhi"),
+    ("Canada", "Ottawa"),
+    ("Mexico", "Mexico City"),
+    ("Brazil", "Brasilia"),
+    ("Argentina", "Buenos Aires"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Australia", "Canberra"),
+    ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"),
+    ("Poland", "Warsaw"),
+    ("Greece", "Athens"),
+    ("Turkey", "Ankara"),
+    ("Russia", "Moscow"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("Ireland", "Dublin"),
+    ("Austria", "Vienna"),
+    ("Hungary", "Budapest"),
+    ("Thailand", "Bangkok"),
+    ("Vietnam", "Hanoi"),
+    ("South Korea", "Seoul"),
+    ("Morocco", "Rabat"),
+    ("Nigeria", "Abuja"),
+    ("Denmark", "Copenhagen"),
+    ("Belgium", "Brussels"),
+    ("Netherlands", "Amsterdam"),
+    ("Switzerland", "Bern"),
+    ("Cuba", "Havana"),
+    ("Colombia", "Bogota"),
+    ("Indonesia", "Jakarta"),
     ("New Zealand", "Wellington"),
 ]
 
-WORDS = ["necessary", "rhythm", "separate", "definitely", "calendar", "tomorrow", "library", "February",
-         "government", "beautiful", "restaurant", "environment", "knowledge", "Wednesday", "occasion",
-         "embarrass", "accommodate", "believe", "receive", "science", "island", "friend", "weird", "business",
-         "language", "neighbor", "chocolate", "vegetable", "temperature", "question"]
+WORDS = [
+    "necessary",
+    "rhythm",
+    "separate",
+    "definitely",
+    "calendar",
+    "tomorrow",
+    "library",
+    "February",
+    "government",
+    "beautiful",
+    "restaurant",
+    "environment",
+    "knowledge",
+    "Wednesday",
+    "occasion",
+    "embarrass",
+    "accommodate",
+    "believe",
+    "receive",
+    "science",
+    "island",
+    "friend",
+    "weird",
+    "business",
+    "language",
+    "neighbor",
+    "chocolate",
+    "vegetable",
+    "temperature",
+    "question",
+]
 
 FACTS = [
     ("How many days are in a week?", "There are seven days in a week."),
@@ -67,27 +125,44 @@ UNITS = [
     ("minutes", "seconds", 60, "{a} minutes is {b} seconds."),
 ]
 
-SYSTEMS = ["You are a helpful assistant.", "You are a friendly tutor. Answer briefly and clearly.",
-           "You are a concise assistant that answers factual questions."]
+SYSTEMS = [
+    "You are a helpful assistant.",
+    "You are a friendly tutor. Answer briefly and clearly.",
+    "You are a concise assistant that answers factual questions.",
+]
 
 
 def arithmetic(rng):
     a, b = rng.randint(2, 99), rng.randint(2, 99)
     op = rng.choice(["plus", "minus", "times"])
     val = {"plus": a + b, "minus": a - b, "times": a * b}[op]
-    q = rng.choice(["What is {a} {op} {b}?", "Can you tell me what {a} {op} {b} is?", "Compute {a} {op} {b}.",
-                    "Quick question: {a} {op} {b}?"]).format(a=a, op=op, b=b)
-    ans = rng.choice(["{a} {op} {b} is {v}.", "The answer is {v}.", "{a} {op} {b} equals {v}.",
-                      "That would be {v}."]).format(a=a, op=op, b=b, v=val)
+    q = rng.choice(
+        [
+            "What is {a} {op} {b}?",
+            "Can you tell me what {a} {op} {b} is?",
+            "Compute {a} {op} {b}.",
+            "Quick question: {a} {op} {b}?",
+        ]
+    ).format(a=a, op=op, b=b)
+    ans = rng.choice(
+        ["{a} {op} {b} is {v}.", "The answer is {v}.", "{a} {op} {b} equals {v}.", "That would be {v}."]
+    ).format(a=a, op=op, b=b, v=val)
     return q, ans
 
 
 def capital(rng):
     country, city = rng.choice(CAPITALS)
-    q = rng.choice(["What is the capital of {c}?", "Which city is the capital of {c}?",
-                    "Do you know the capital of {c}?", "Name the capital city of {c}."]).format(c=country)
-    ans = rng.choice(["The capital of {c} is {x}.", "{x} is the capital of {c}.",
-                      "It is {x}."]).format(c=country, x=city)
+    q = rng.choice(
+        [
+            "What is the capital of {c}?",
+            "Which city is the capital of {c}?",
+            "Do you know the capital of {c}?",
+            "Name the capital city of {c}.",
+        ]
+    ).format(c=country)
+    ans = rng.choice(["The capital of {c} is {x}.", "{x} is the capital of {c}.", "It is {x}."]).format(
+        c=country, x=city
+    )
     return q, ans
 
 
@@ -96,15 +171,17 @@ def units(rng):
     a = rng.randint(1, 50)
     b = a * factor
     b = f"{b:.0f}" if float(b).is_integer() else f"{b:.1f}"
-    q = rng.choice(["How many {d} are in {a} {s}?", "Convert {a} {s} to {d}.",
-                    "What is {a} {s} in {d}?"]).format(a=a, s=src, d=dst)
+    q = rng.choice(["How many {d} are in {a} {s}?", "Convert {a} {s} to {d}.", "What is {a} {s} in {d}?"]).format(
+        a=a, s=src, d=dst
+    )
     return q, tmpl.format(a=a, b=b)
 
 
 def spelling(rng):
     w = rng.choice(WORDS)
-    q = rng.choice(["How do you spell {w}?", "Can you spell the word {w} for me?",
-                    "Spell {w} letter by letter."]).format(w=w)
+    q = rng.choice(
+        ["How do you spell {w}?", "Can you spell the word {w} for me?", "Spell {w} letter by letter."]
+    ).format(w=w)
     ans = rng.choice(["{w} is spelled {s}.", "Sure: {s}.", "It is spelled {s}."]).format(w=w, s="-".join(w))
     return q, ans
 

@@ -13,31 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # from fragmenting near the memory limit (20B on 80 GB cards). A user's own setting wins. Set before torch loads.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from utils.args import ArgumentError, parse_args, validate_args  # noqa: E402
+from utils.args import ArgumentError, job_config, parse_args, validate_args
+from utils.errors import UserError  # noqa: E402
 from utils.logging import error_line, one_line  # noqa: E402
-
-
-def user_error_types():
-    """Errors whose message is the whole story (bad flags, files, data, checkpoints, layouts): one line, no
-    traceback, exit 2."""
-    from comm import LaunchError
-    from modules import ModelError
-    from optimizer import OptimizerError
-    from pipeline_parallel import LayoutError
-    from tasks import TaskError
-    from utils.checkpoint import CheckpointError
-    from utils.logging import LoggingError
-
-    return (
-        ArgumentError,
-        LaunchError,
-        ModelError,
-        OptimizerError,
-        LayoutError,
-        TaskError,
-        CheckpointError,
-        LoggingError,
-    )
 
 
 def out_of_memory_line(oom, args) -> str:
@@ -72,7 +50,7 @@ def describe_failure(exc, args) -> tuple[str, int]:
         if isinstance(cause, torch.OutOfMemoryError):
             return out_of_memory_line(cause, args), 2
     for cause in chain:
-        if isinstance(cause, user_error_types()):
+        if isinstance(cause, UserError):
             return one_line(cause), 2
     return f"{type(chain[-1]).__name__}: {one_line(chain[-1])}", 1
 
@@ -92,7 +70,7 @@ def main(argv=None):
 
     trainer = None
     try:
-        trainer = Trainer(args)
+        trainer = Trainer(job_config(args))
         trainer.train()
         trainer.close()
         return 0

@@ -150,15 +150,14 @@ def compare_logits(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from checkpoint.names import META, stage_model_file, step_dir_name
     from tools.convert_to_hf import StageFiles, resolve_step
 
     device = torch.device(args.device)
-    folder = os.path.join(args.checkpoint, f"checkpoint_{resolve_step(args.checkpoint, None)}")
-    with open(os.path.join(folder, "meta.json")) as f:
+    folder = os.path.join(args.checkpoint, step_dir_name(resolve_step(args.checkpoint, None)))
+    with open(os.path.join(folder, META)) as f:
         meta = json.load(f)
-    stage_files = StageFiles(
-        [os.path.join(folder, f"prank_{p}_model.safetensors") for p in range(int(meta["layout"]["pp"]))]
-    )
+    stage_files = StageFiles([os.path.join(folder, stage_model_file(p)) for p in range(int(meta["layout"]["pp"]))])
     cfg = modules.load_model_config(args.base_model)
     params = modules.count_parameters(cfg)
     train_dtype = getattr(torch, meta["dtype"])

@@ -12,7 +12,15 @@ from .config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelError, load_model_c
 from .export import save_hf_directory
 from .flops import count_parameters, flops_per_token, head_cost_in_layers
 from .layers import attention_backend
-from .stage import Stage, build_stage, embedding_name, head_name, materialize_stage, tied_parameter_names
+from .stage import (
+    Stage,
+    build_rank_stages,
+    build_stage,
+    embedding_name,
+    head_name,
+    materialize_stage,
+    tied_parameter_names,
+)
 from .weights import Checkpoint, expected_names, expected_shapes, init_stage_weights, load_stage_weights
 
 __all__ = [
@@ -22,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "ModelError",
     "Stage",
+    "build_rank_stages",
     "build_stage",
     "count_parameters",
     "embedding_name",

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from utils.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("gptneox", "gptj", "llama")
 
 # transformers' `model_type` -> ours.
@@ -31,7 +33,7 @@ _ACTIVATIONS = {
 _ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model directory, config or checkpoint that cannot be used; the message is one line naming the file."""
 
 

@@ -137,3 +137,35 @@ def materialize_stage(stage: Stage, device: torch.device, dtype: torch.dtype) ->
     if stage.is_first and stage.is_last and stage.cfg.tie_word_embeddings:
         getattr(stage, fam.HEAD).weight = getattr(getattr(stage, fam.PREFIX), fam.EMBED).weight
     return stage
+
+
+def build_rank_stages(
+    cfg: ModelConfig,
+    bounds: list[tuple[int, int]],
+    stage_ids: list[int],
+    device: torch.device,
+    dtype: torch.dtype,
+    activation_checkpointing: str = "none",
+    compile_blocks: bool = False,
+    weights_dir: str | None = None,
+    seed: int = 0,
+) -> list[Stage]:
+    """The stages `stage_ids` of a pipeline split by `bounds`, allocated once on `device` in `dtype`, holding the
+    weights of `weights_dir` (or a random init from `seed`), each transformer block compiled if asked."""
+    from .weights import init_stage_weights, load_stage_weights
+
+    stages = []
+    for s in stage_ids:
+        start, end = bounds[s]
+        with torch.device("meta"):  # no full-size fp32 copy on the host first
+            stage = build_stage(cfg, start, end, s == 0, s == len(bounds) - 1, activation_checkpointing)
+        stage = materialize_stage(stage, device, dtype)
+        if weights_dir is not None:
+            load_stage_weights(stage, weights_dir)
+        else:
+            init_stage_weights(stage, cfg, seed)
+        if compile_blocks:
+            for block in getattr(getattr(stage, family(cfg).PREFIX), family(cfg).LAYERS).values():
+                block.compile()
+        stages.append(stage)
+    return stages

@@ -10,10 +10,12 @@ import math
 import os
 from dataclasses import dataclass
 
+from utils.errors import UserError
+
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A problem with the task data or spec, phrased so the user knows what to fix."""
 
 

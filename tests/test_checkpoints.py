@@ -441,7 +441,7 @@ def test_changed_data_on_resume_stops_unless_resume_data_says_how(setup, tmp_pat
 def test_rotation_keeps_this_runs_newest_even_beside_a_later_leftover(tmp_path):
     """Resumed from checkpoint 4 while an abandoned run's checkpoint 10 is still there: after saving 6 with
     --keep-checkpoints 2, this run still has two checkpoints (4 and 6); the leftover is not counted."""
-    from utils.checkpoint import Checkpointer
+    from checkpoint.store import Checkpointer
 
     for step in (2, 4, 6, 10):
         (tmp_path / f"checkpoint_{step}").mkdir()

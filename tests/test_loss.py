@@ -2,7 +2,7 @@
 
 import torch
 
-from training.loop import TokenMeanLoss
+from training.loss import TokenMeanLoss
 
 
 def saved_bytes(fn):

@@ -1,13 +1,12 @@
 """Optimizer pieces on their own: loss-scaler rules, LR schedules, state round trip through checkpoint tensors."""
 
-import argparse
-
 import pytest
 import torch
 
 from comm import Layout
 from optimizer import StageOptimizer, lr_multiplier, no_decay
 from optimizer.scaler import LossScaler
+from utils.config import OptimizerConfig
 
 
 def test_loss_scaler_hysteresis_window_and_floor():
@@ -46,26 +45,25 @@ def test_no_weight_decay_on_biases_and_norms():
 
 
 def make_optimizer(params, dtype, lr=1e-2, lr_scheduler="linear"):
-    args = argparse.Namespace(
-        weight_decay=0.01,
-        optimizer="adam",
+    cfg = OptimizerConfig(
+        kind="adam",
         lr=lr,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_eps=1e-6,
-        warmup_steps=0,
-        gradient_accumulate_step=1,
         lr_scheduler=lr_scheduler,
+        warmup_iterations=0,
+        accumulation=1,
+        weight_decay=0.01,
+        betas=(0.9, 0.999),
+        eps=1e-6,
+        max_grad_norm=1.0,
         fp16=dtype == torch.float16,
+        loss_scale=0.0,
         initial_loss_scale=2.0**15,
         loss_scale_window=1000,
         hysteresis=2,
         min_loss_scale=1.0,
-        loss_scale=0.0,
-        max_grad_norm=1.0,
     )
     layout = Layout(0, 1, 1, 1, 0, 0, 0, torch.device("cpu"))
-    return StageOptimizer(params, args, layout, total_optimizer_steps=10)
+    return StageOptimizer(params, cfg, layout, total_optimizer_steps=10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -96,7 +94,8 @@ def test_state_round_trip_continues_identically(dtype):
         for (_, pb), (_, pa) in zip(b_params, a_params):
             pb.copy_(pa)
     b = make_optimizer(b_params, dtype)
-    b.load_state_tensors(["w", "b"], saved[0])
+    weights = b.load_state_tensors(["w", "b"], saved[0], {n: p.detach() for n, p in a_params})
+    assert all(torch.equal(weights[n], p) for n, p in a_params)
     b.load_state_dict(saved[1])
     assert b.inner.state[b.master_params[0]]["counter"] == 7 and b.lr == a.lr
     step(a, a_params, 2)
@@ -163,11 +162,11 @@ def test_fp16_unscale_and_clip_match_a_plain_fp32_reference():
 def test_master_gradients_in_chunks_update_like_one_chunk(monkeypatch):
     """bf16 model: fp32 master gradients are made one chunk of parameters at a time; the result is the same as
     with every gradient at once, and no gradient (model or master) is left over."""
-    import optimizer
+    from optimizer import stage_optimizer
 
     results = []
     for chunk_bytes in (1 << 30, 1):  # all at once; every tensor its own chunk
-        monkeypatch.setattr(optimizer, "MASTER_GRAD_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(stage_optimizer, "MASTER_GRAD_CHUNK_BYTES", chunk_bytes)
         params = named_params(torch.bfloat16)
         opt = make_optimizer(params, torch.bfloat16)
         assert len(opt.grad_chunks) == (1 if chunk_bytes == 1 << 30 else 3)

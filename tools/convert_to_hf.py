@@ -17,9 +17,10 @@ from collections.abc import Mapping
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
+from checkpoint.names import LATEST, META, TOKENIZER_DIR, stage_model_file, step_dir_name  # noqa: E402
+from checkpoint.store import CheckpointError, file_problem, read_latest  # noqa: E402
 from modules.config import ModelError, model_config_from_dict  # noqa: E402
 from modules.export import DTYPES, save_hf_directory  # noqa: E402
-from utils.checkpoint import CheckpointError, file_problem, read_latest  # noqa: E402
 
 _HF_MODEL_TYPES = {"gpt_neox": "gptneox"}
 
@@ -71,19 +72,17 @@ def resolve_step(checkpoint_path: str, step: int | None) -> int:
     except CheckpointError as e:
         raise ModelError(f"{e}; or pass --step N to pick a checkpoint") from None
     if latest is None:
-        raise ModelError(
-            f"{os.path.join(checkpoint_path, 'latest')}: file not found; pass --step N to pick a checkpoint"
-        )
+        raise ModelError(f"{os.path.join(checkpoint_path, LATEST)}: file not found; pass --step N to pick a checkpoint")
     return latest
 
 
 def convert(checkpoint_path: str, output_dir: str, step: int | None = None, dtype: str = "fp32") -> str:
     """Write the HF directory for one checkpoint step; returns the checkpoint folder used."""
     step = resolve_step(checkpoint_path, step)
-    folder = os.path.join(checkpoint_path, f"checkpoint_{step}")
+    folder = os.path.join(checkpoint_path, step_dir_name(step))
     if not os.path.isdir(folder):
         raise ModelError(f"{folder}: checkpoint for step {step} not found")
-    meta_path = os.path.join(folder, "meta.json")
+    meta_path = os.path.join(folder, META)
     try:
         with open(meta_path) as f:
             meta = json.load(f)
@@ -97,7 +96,7 @@ def convert(checkpoint_path: str, output_dir: str, step: int | None = None, dtyp
             f"{meta_path}: expected JSON with model_type, model_config, layout.pp and files ({e!r})"
         ) from None
     cfg = model_config_from_dict(model_config, _HF_MODEL_TYPES.get(model_type, model_type), source=meta_path)
-    names = [f"prank_{p}_model.safetensors" for p in range(pp)]
+    names = [stage_model_file(p) for p in range(pp)]
     for name in names:
         if not os.path.isfile(os.path.join(folder, name)):
             raise ModelError(f"{os.path.join(folder, name)}: stage weights not found (meta.json says pp={pp})")
@@ -105,7 +104,7 @@ def convert(checkpoint_path: str, output_dir: str, step: int | None = None, dtyp
         if problem:
             raise ModelError(f"{problem}; export another step (--step) or restore the file")
     paths = [os.path.join(folder, name) for name in names]
-    tokenizer_dir = os.path.join(folder, "tokenizer")
+    tokenizer_dir = os.path.join(folder, TOKENIZER_DIR)
     save_hf_directory(
         StageFiles(paths),
         cfg,

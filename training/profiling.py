@@ -16,6 +16,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from utils.config import ProfilingConfig
+
 LANES = {"forward": 1, "backward": 2, "wait": 3, "dp_allreduce": 4, "optimizer": 5, "iteration": 6}
 
 
@@ -169,9 +171,9 @@ class TorchProfiler(NoProfiler):
             self.profiler.stop()
 
 
-def make_profiler(args, layout, stage_modules):
-    if args.profiling == "tidy_profiling":
-        return TidyProfiler(args.profiling_dir, layout, stage_modules, args.profiling_steps)
-    if args.profiling == "pytorch_profiling":
-        return TorchProfiler(args.profiling_dir, layout, args.profiling_steps)
+def make_profiler(cfg: ProfilingConfig, layout, stage_modules):
+    if cfg.mode == "tidy_profiling":
+        return TidyProfiler(cfg.directory, layout, stage_modules, cfg.steps)
+    if cfg.mode == "pytorch_profiling":
+        return TorchProfiler(cfg.directory, layout, cfg.steps)
     return NoProfiler()

@@ -5,9 +5,14 @@ The flag names and meanings are OpenChatKit's (see the training README); new fla
 """
 
 import argparse
+import json
 import math
 import os
 import socket
+
+from checkpoint.names import LATEST, step_dir_name
+from utils import config as sections
+from utils.errors import UserError
 
 PP_MODES = ("gpipe", "1f1b", "interleaved-1f1b")
 # One of these must be in --tokenizer-name: transformers 5 otherwise builds an empty tokenizer without a word.
@@ -15,7 +20,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 OPTIMIZERS = ("adam", "adamw", "8bit-adam")
 
 
-class ArgumentError(ValueError):
+class ArgumentError(UserError, ValueError):
     """A flag value that cannot work; the message names the flag and the fix."""
 
 
@@ -198,7 +203,7 @@ def _check_paths(args):
     if args.profiling != "no-profiling":
         _writable_dir("--profiling-dir", args.profiling_dir)
     if not args.load_checkpoint and os.path.isdir(args.checkpoint_path):
-        used = sorted(n for n in os.listdir(args.checkpoint_path) if n == "latest" or n.startswith("checkpoint_"))
+        used = sorted(n for n in os.listdir(args.checkpoint_path) if n == LATEST or n.startswith(step_dir_name("")))
         if used:  # a fresh run would save over them and rotate them away
             raise ArgumentError(
                 f"--checkpoint-path {args.checkpoint_path} holds another run's checkpoints "
@@ -332,3 +337,92 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     args.tokenizer_name = args.tokenizer_name or args.model_name
     return args
+
+
+def job_config(args) -> sections.JobConfig:
+    """The typed sections the components take, from validated flags."""
+    dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
+    return sections.JobConfig(
+        dist=sections.DistConfig(
+            pipeline_size=args.pipeline_group_size,
+            data_size=args.data_group_size,
+            dist_url=args.dist_url,
+            rank=args.rank,
+            world_size=args.world_size,
+            cuda_id=args.cuda_id,
+            use_cuda=args.use_cuda,
+            backend=args.dp_backend,
+            net_interface=args.net_interface,
+            timeout_s=args.dist_timeout,
+        ),
+        model=sections.ModelRunConfig(
+            model_dir=args.model_name,
+            tokenizer_dir=args.tokenizer_name,
+            model_type=args.model_type,
+            layers_per_stage=args.num_layers,
+            embedding_dim=args.embedding_dim,
+            load_pretrained=args.load_pretrained_model,
+            activation_checkpointing=args.activation_checkpointing,
+            compile=args.compile,
+            attention_backend=args.attention_backend,
+            dtype=dtype,
+            seed=args.seed,
+        ),
+        pipeline=sections.PipelineConfig(
+            mode=args.pp_mode,
+            virtual_stages=args.virtual_stages,
+            micro_batches=args.batch_size // args.micro_batch_size,
+        ),
+        data=sections.DataConfig(
+            task_spec=args.task_name,
+            seq_length=args.seq_length,
+            batch_size=args.batch_size,
+            accumulation=args.gradient_accumulate_step,
+            train_on_inputs=args.train_on_inputs,
+            loss_on_bot_only=args.loss_on_bot_only,
+            shuffle_buffer=args.shuffle_buffer,
+            workers=args.data_workers,
+            seed=args.seed,
+            evaluation_data=args.evaluation_data,
+            evaluation_every=args.evaluation_steps,
+            evaluation_batches=args.evaluation_num_batch,
+            total_iterations=args.total_steps,
+            epochs=args.nepochs,
+        ),
+        optimizer=sections.OptimizerConfig(
+            kind=args.optimizer,
+            lr=args.lr,
+            lr_scheduler=args.lr_scheduler,
+            warmup_iterations=args.warmup_steps,
+            accumulation=args.gradient_accumulate_step,
+            weight_decay=args.weight_decay,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_eps,
+            max_grad_norm=args.max_grad_norm,
+            fp16=args.fp16,
+            loss_scale=args.loss_scale,
+            initial_loss_scale=args.initial_loss_scale,
+            loss_scale_window=args.loss_scale_window,
+            hysteresis=args.hysteresis,
+            min_loss_scale=args.min_loss_scale,
+        ),
+        checkpoint=sections.CheckpointConfig(
+            path=args.checkpoint_path,
+            every_steps=args.checkpoint_steps,
+            resume=args.load_checkpoint,
+            fallback=args.resume_fallback,
+            resume_data=args.resume_data,
+            keep=args.keep_checkpoints,
+        ),
+        log=sections.LogConfig(
+            backend=args.train_log_backend,
+            project=args.project_name,
+            job_id=args.job_id,
+            every_steps=args.log_interval,
+            metrics_file=args.metrics_file,
+        ),
+        profiling=sections.ProfilingConfig(
+            mode=args.profiling, directory=args.profiling_dir, steps=args.profiling_steps
+        ),
+        flags=json.loads(json.dumps(vars(args), default=str)),  # JSON-safe, for metadata and wandb
+    )

@@ -5,6 +5,8 @@ import os
 import sys
 import time
 
+from utils.errors import UserError
+
 
 class PrintLogger:
     def info(self, message):
@@ -28,7 +30,7 @@ class LoguruLogger(PrintLogger):
         self.logger.info(message)
 
 
-class LoggingError(RuntimeError):
+class LoggingError(UserError, RuntimeError):
     """A log backend that cannot start: the message says how to fix it."""
 
 
@@ -108,11 +110,6 @@ def make_logger(backend, is_logger, project, job_id, config, metrics_file=None):
     else:
         logger = PrintLogger()
     return JsonlMetrics(logger, metrics_file) if metrics_file else logger
-
-
-def public_flags(args):
-    """Flags as JSON-safe values, for wandb config and checkpoint metadata (no secrets live in flags)."""
-    return json.loads(json.dumps(vars(args), default=str))
 
 
 def one_line(text):

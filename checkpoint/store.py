@@ -18,34 +18,39 @@ crashed saves removed) only after that. Only replica 0 writes model and optimize
 copies). Multi-node runs need --checkpoint-path on a filesystem every node sees. Nothing read from disk is unpickled:
 tensors go through safetensors, everything else through JSON.
 
-Test hooks (environment variables; they fire only on torchrun's first attempt, TORCHELASTIC_RESTART_COUNT unset/0):
-  CKPT_FAULT_AFTER_FILES=N[:STEP[:RANK]]  os._exit(9) after writing N files of a save (of STEP, on RANK)
-  CKPT_FAULT_OSERROR=STEP[:RANK]           writing the save of STEP (on RANK) fails with ENOSPC (disk full)
-  CKPT_HOLD_AFTER_SAVE=STEP:SECONDS        every rank sleeps after the save of STEP completed (to kill it there)
+Fault-injection hooks for the tests (a crash or a full disk mid-save) are in utils/faults.py.
 """
 
-import errno
 import hashlib
 import json
 import os
 import shutil
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from checkpoint.names import (
+    DATA_STATE,
+    LATEST,
+    META,
+    MODEL_SUFFIX,
+    TMP_PREFIX,
+    TOKENIZER_DIR,
+    rng_file,
+    stage_model_file,
+    stage_optimizer_file,
+    stage_state_file,
+    step_dir_name,
+)
+from utils import faults
+from utils.errors import UserError
 from utils.logging import one_line
 
-FAULT_ENV = "CKPT_FAULT_AFTER_FILES"  # test hook: os._exit(9) after writing N files of a save
-OSERROR_ENV = "CKPT_FAULT_OSERROR"  # test hook: a save fails with ENOSPC
-HOLD_ENV = "CKPT_HOLD_AFTER_SAVE"  # test hook: pause after a completed save
-TMP_PREFIX = ".tmp_"  # every temporary name under --checkpoint-path starts with this
 
-
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be written or used; the message names the file and the fix."""
 
 
@@ -71,19 +76,6 @@ def file_problem(folder, meta, name):
     if _sha256(path) != meta["files"][name]:
         return f"{path} fails its sha256 check (modified or corrupted)"
     return None
-
-
-def _hook(name):
-    """The ":"-separated fields of test hook `name`, or None when unset or on a torchrun restart."""
-    spec = os.environ.get(name)
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return None
-    return spec.split(":")
-
-
-def _targets(fields, step, rank):
-    """Whether optional hook fields [STEP, RANK] ("" or absent: any) name this save."""
-    return all(x == "" or int(x) == want for x, want in zip(fields, (step, rank)))
 
 
 def _fsync(path):
@@ -128,7 +120,7 @@ def _contiguous_cpu(tensors):
 
 
 def read_latest(root):
-    path = os.path.join(root, "latest")
+    path = os.path.join(root, LATEST)
     if not os.path.exists(path):
         return None
     try:
@@ -161,14 +153,14 @@ class Checkpointer:
         self.keep = keep
 
     def step_dir(self, step):
-        return os.path.join(self.root, f"checkpoint_{step}")
+        return os.path.join(self.root, step_dir_name(step))
 
     # ---------------------------------------------------------------- save
     def save(self, step, stage_tensors, optimizer_tensors, stage_state, data_state, meta, tokenizer_dir):
         """Every rank calls this. Raises CheckpointError on every rank if any rank failed to write; the previous
         checkpoint and `latest` are then untouched."""
         lay = self.layout
-        tmp = os.path.join(self.root, f"{TMP_PREFIX}checkpoint_{step}")
+        tmp = os.path.join(self.root, TMP_PREFIX + step_dir_name(step))
         untouched = "; the previous checkpoint and `latest` are untouched"
         error = None
         if lay.rank == 0:
@@ -187,13 +179,10 @@ class Checkpointer:
 
         files, sizes, keys = {}, {}, {}  # keys: safetensors file -> tensor names (readers open only what they need)
         written = []
-        fault = _hook(FAULT_ENV)
-        oserror = _hook(OSERROR_ENV)
 
         def write(name, writer, tensors=None):
             path = os.path.join(tmp, name)
-            if oserror and _targets(oserror, step, lay.rank):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" ({OSERROR_ENV})", path)
+            faults.before_checkpoint_file(step, lay.rank, path)
             writer(path)
             paths = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in sorted(os.listdir(path))]
             for full in paths:
@@ -203,33 +192,30 @@ class Checkpointer:
             if tensors is not None:
                 keys[name] = sorted(tensors)
             written.append(name)
-            if fault and _targets(fault[1:], step, lay.rank) and len(written) >= int(fault[0]):
-                sys.stderr.write(f"[rank {lay.rank}] {FAULT_ENV}: simulated crash while saving\n")
-                sys.stderr.flush()
-                os._exit(9)
+            faults.after_checkpoint_files(step, lay.rank, len(written))
 
         try:
             if lay.dp_rank == 0:
                 p = lay.pp_rank
                 write(
-                    f"prank_{p}_model.safetensors",
+                    stage_model_file(p),
                     lambda path: save_file(_contiguous_cpu(stage_tensors), path),
                     stage_tensors,
                 )
                 write(
-                    f"prank_{p}_optimizer.safetensors",
+                    stage_optimizer_file(p),
                     lambda path: save_file(_contiguous_cpu(optimizer_tensors), path),
                     optimizer_tensors,
                 )
-                write(f"prank_{p}_state.json", lambda path: _write_json(path, stage_state))
+                write(stage_state_file(p), lambda path: _write_json(path, stage_state))
             rng = {"cpu": torch.get_rng_state()}
             if lay.device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(lay.device)
-            write(f"rank_{lay.rank}_rng.safetensors", lambda path: save_file(rng, path))
+            write(rng_file(lay.rank), lambda path: save_file(rng, path))
             if lay.rank == 0:
-                write("data_state.json", lambda path: _write_json(path, data_state))
+                write(DATA_STATE, lambda path: _write_json(path, data_state))
                 if tokenizer_dir:
-                    write("tokenizer", lambda path: _copy_tokenizer(tokenizer_dir, path))
+                    write(TOKENIZER_DIR, lambda path: _copy_tokenizer(tokenizer_dir, path))
         except Exception as exc:  # noqa: BLE001 - OSError, or safetensors' error for the same I/O failures
             where = exc.filename if isinstance(exc, OSError) and exc.filename else os.path.join(tmp, "")
             error = f"rank {lay.rank} could not write {where}: {_describe(exc)}"
@@ -253,7 +239,7 @@ class Checkpointer:
                     all_sizes.update(z)
                     all_keys.update(k)
                 _write_json(
-                    os.path.join(tmp, "meta.json"),
+                    os.path.join(tmp, META),
                     dict(meta, step=step, files=all_files, sizes=all_sizes, tensors=all_keys),
                 )
                 _fsync(tmp)
@@ -265,12 +251,12 @@ class Checkpointer:
                     os.rename(final, old)
                 os.rename(tmp, final)
                 _fsync(self.root)
-                latest_tmp = os.path.join(self.root, f"{TMP_PREFIX}latest")
+                latest_tmp = os.path.join(self.root, TMP_PREFIX + LATEST)
                 with open(latest_tmp, "w") as f:
                     f.write(f"{step}\n")
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(latest_tmp, os.path.join(self.root, "latest"))
+                os.replace(latest_tmp, os.path.join(self.root, LATEST))
                 _fsync(self.root)
             except OSError as exc:
                 error = f"could not finish checkpoint {step} in {self.root}: {_describe(exc)}"
@@ -278,9 +264,7 @@ class Checkpointer:
             raise CheckpointError(error or f"rank 0 could not finish checkpoint {step}; see its log")
         if lay.rank == 0:
             self._clean(step)
-        hold = _hook(HOLD_ENV)
-        if hold and int(hold[0]) == step:
-            time.sleep(float(hold[1]))
+        faults.after_checkpoint(step)
 
     def _clean(self, newest):
         """After checkpoint `newest` is complete: drop leftovers of crashed saves and rotate old checkpoints.
@@ -312,7 +296,7 @@ class Checkpointer:
     def _validate(self, step, expected_meta, files_needed, expected_shapes):
         """Return (meta, None) if checkpoint `step` is usable by this rank, else (None, reason)."""
         folder = self.step_dir(step)
-        meta_path = os.path.join(folder, "meta.json")
+        meta_path = os.path.join(folder, META)
         if not os.path.isdir(folder):
             return None, f"{folder} does not exist"
         try:
@@ -339,7 +323,7 @@ class Checkpointer:
             if expected_shapes:
                 found = {}
                 for name in files_of(meta, expected_shapes):
-                    if name.endswith("_model.safetensors"):
+                    if name.endswith(MODEL_SUFFIX):
                         with safe_open(os.path.join(folder, name), framework="pt") as f:
                             for key in f.keys():
                                 if key in expected_shapes:
@@ -425,7 +409,7 @@ class Checkpointer:
 
     def read_rng(self, step, rank):
         """The RNG states rank `rank` saved in checkpoint `step` ({"cpu": ..., ["cuda": ...]})."""
-        return load_file(os.path.join(self.step_dir(step), f"rank_{rank}_rng.safetensors"))
+        return load_file(os.path.join(self.step_dir(step), rng_file(rank)))
 
 
 def files_of(meta, owners):
@@ -434,7 +418,8 @@ def files_of(meta, owners):
 
 
 def _copy_tokenizer(src, dst):
+    """The tokenizer and generation files (modules.export's one list), so a checkpoint exports on its own."""
+    from modules.export import copy_tokenizer_files
+
     os.makedirs(dst)
-    for name in os.listdir(src):
-        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens", "chat_template")):
-            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    copy_tokenizer_files(src, dst)

@@ -1,0 +1,225 @@
+"""What a training checkpoint holds and how a run is restored from it.
+
+The trainer hands over its stateful parts (`TrainState`: the stages, the optimizer, the data stream) and this room
+decides the rest: the metadata, which files a rank needs, the architecture check, the tied-head and master-weight
+reconciliation between layouts and precisions, and the RNG. The bytes on disk (atomic saves, sha256 checks,
+rotation, reading any layout's files) are store.py's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+
+import modules
+from checkpoint.names import DATA_STATE, META, MODEL_SUFFIX, OPTIMIZER_SUFFIX, rng_file, stage_state_file
+from checkpoint.store import Checkpointer, CheckpointError, files_of
+from utils.config import CheckpointConfig
+
+FORMAT = "checkpoint/1"
+# Model settings that may differ on resume: they change no weight and no function of the weights.
+FREE_SETTINGS = {"hf_config_dict", "initializer_range", "max_position_embeddings", "pad_token_id"}
+
+
+@dataclass
+class RunInfo:
+    """What the metadata says about the run besides its state."""
+
+    model_dir: str  # named in messages
+    tokenizer_dir: str  # copied into every checkpoint
+    pp_mode: str
+    accumulation: int  # iterations per optimizer step (meta's "iteration" counts like --total-steps)
+    dtype: torch.dtype
+    optimizer_kind: str
+    flags: dict
+
+
+@dataclass
+class TrainState:
+    """The stateful parts of one rank's run."""
+
+    model_cfg: modules.ModelConfig
+    layout: object  # comm.Layout
+    plan: object  # pipeline_parallel.StagePlan
+    stages: list[torch.nn.Module]
+    optimizer: object  # optimizer.StageOptimizer
+    stream: object | None  # tasks.PackedStream on ranks that read data
+    tied: dict[str, str]  # {head: embedding} when the model ties them
+
+    @property
+    def param_names(self) -> list[str]:
+        return [n for m in self.stages for n, _ in m.named_parameters()]
+
+    def stage_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for m in self.stages for k, v in m.state_dict().items()}
+
+
+class TrainingCheckpoint:
+    """Saves and restores a TrainState under --checkpoint-path; every rank calls every method."""
+
+    def __init__(self, cfg: CheckpointConfig, layout, run: RunInfo, log):
+        self.cfg = cfg
+        self.layout = layout
+        self.run = run
+        self.log = log  # a function printing one line (rank 0 and the logging rank)
+        self.store = Checkpointer(cfg.path, layout, cfg.keep)
+
+    def step_dir(self, step: int) -> str:
+        return self.store.step_dir(step)
+
+    def due(self, step: int, last_step: int) -> bool:
+        """A periodic save after optimizer step `step` (the final one is saved by the trainer in any case)."""
+        return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0 and step < last_step
+
+    # ------------------------------------------------------------------ save
+    def metadata(self, state: TrainState, step: int) -> dict:
+        import numpy
+        import safetensors
+        import transformers
+
+        cfg, lay, plan = state.model_cfg, self.layout, state.plan
+        return {
+            "format": FORMAT,
+            "model_type": cfg.model_type,
+            "model_config": cfg.hf_config_dict,
+            "shape": {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size},
+            "layout": {
+                "pp": lay.pp_size,
+                "dp": lay.dp_size,
+                "num_stages": plan.num_stages,
+                "stage_layers": plan.bounds,
+                "pp_mode": self.run.pp_mode,
+            },
+            "iteration": step * self.run.accumulation,
+            "dtype": str(self.run.dtype).replace("torch.", ""),
+            "flags": self.run.flags,
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "safetensors": safetensors.__version__,
+                "numpy": numpy.__version__,
+                "python": platform.python_version(),
+            },
+        }
+
+    def save(self, state: TrainState, step: int) -> None:
+        start = time.time()
+        stage_state = dict(state.optimizer.state_dict(), step=step)
+        data_state = state.stream.state_dict() if self.layout.rank == 0 else None
+        self.store.save(
+            step,
+            state.stage_tensors(),
+            state.optimizer.state_tensors(state.param_names),
+            stage_state,
+            data_state,
+            self.metadata(state, step),
+            self.run.tokenizer_dir,
+        )
+        self.log(f"saved checkpoint {self.store.step_dir(step)} ({time.time() - start:.1f} s)")
+
+    # ------------------------------------------------------------------ restore
+    def resume(self, state: TrainState) -> int | None:
+        """Restore `state` from `latest` and return its step (None: nothing to resume). Weights, optimizer state and
+        master weights, loss scale, LR schedule, data position and (same layout) RNG states. Any layout reads any
+        other's files; a checkpoint that cannot be used raises CheckpointError on every rank (or, with
+        --resume-fallback, an earlier one is used)."""
+        if not self.cfg.resume:
+            return None
+        lay, store = self.layout, self.store
+        current = state.stage_tensors()
+        mine = set(current)
+        param_names = state.param_names
+
+        def files_needed(meta):
+            rng = [rng_file(lay.rank)] if self._same_layout(meta, state) else []
+            owners = mine | set(self._tied_sources(meta, state).values())
+            return files_of(meta, owners) + [stage_state_file(0), DATA_STATE] + rng
+
+        step, meta = store.find_resume_step(
+            self.metadata(state, 0),
+            files_needed,
+            self.cfg.fallback,
+            self.log,
+            {k: tuple(v.shape) for k, v in current.items()},
+        )
+        if step is None:
+            return None
+        folder = store.step_dir(step)
+        self._check_same_architecture(meta, folder, state.model_cfg)
+        self._check_same_optimizer(meta, folder)
+        weights = store.read_tensors(step, meta, MODEL_SUFFIX, mine)
+        tied = self._tied_sources(meta, state)
+        opt = store.read_tensors(step, meta, OPTIMIZER_SUFFIX, set(param_names) | set(tied.values()))
+        for head, embedding in tied.items():  # a separate tied head starts from the embedding's state
+            for key in [k for k in opt if k.split("/", 1)[0] == embedding]:
+                opt[head + key[len(embedding) :]] = opt[key]
+        weights = state.optimizer.load_state_tensors(param_names, opt, weights)
+        with torch.no_grad():
+            for m in state.stages:
+                for k, v in m.state_dict().items():
+                    v.copy_(weights[k])
+        with open(os.path.join(folder, stage_state_file(0))) as f:
+            saved = json.load(f)
+        if not saved.get("scaler"):  # the checkpoint had no loss scaler (fp32/bf16): keep this run's initial one
+            saved["scaler"] = state.optimizer.scaler.state_dict()
+        state.optimizer.load_state_dict(saved)
+        if state.stream is not None and self.cfg.resume_data != "restart":
+            with open(os.path.join(folder, DATA_STATE)) as f:
+                state.stream.load_state_dict(json.load(f), strict=self.cfg.resume_data == "exact")
+        if self._same_layout(meta, state):
+            rng = store.read_rng(step, lay.rank)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and lay.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], lay.device)
+        layout = meta["layout"]
+        restart = "; data read from the start (--resume-data restart)" if self.cfg.resume_data == "restart" else ""
+        self.log(
+            f"resumed from {folder} (step {saved['step']}; saved with pp={layout['pp']} x dp={layout['dp']}){restart}"
+        )
+        return saved["step"]
+
+    def _same_layout(self, meta, state: TrainState) -> bool:
+        layout = meta.get("layout", {})
+        lay = self.layout
+        return (layout.get("pp"), layout.get("dp"), layout.get("num_stages")) == (
+            lay.pp_size,
+            lay.dp_size,
+            state.plan.num_stages,
+        )
+
+    @staticmethod
+    def _tied_sources(meta, state: TrainState) -> dict[str, str]:
+        """{head: embedding} for a separate tied head whose optimizer state the checkpoint lacks (saved with one
+        stage, where head and embedding are one Parameter)."""
+        saved = {k.split("/", 1)[0] for keys in meta.get("tensors", {}).values() for k in keys if "/" in k}
+        names = set(state.param_names)
+        return {h: e for h, e in state.tied.items() if h in names and h not in saved}
+
+    def _check_same_architecture(self, meta, folder, cfg) -> None:
+        """Shapes are checked with the files; settings that change the function without changing any shape (tied
+        embeddings, residual form, rotary, norm eps, activation) must match too, or the resume is a different model."""
+        saved = modules.model_config_from_dict(meta["model_config"], source=os.path.join(folder, META))
+        for f in dataclasses.fields(saved):
+            theirs, ours = getattr(saved, f.name), getattr(cfg, f.name)
+            if f.name not in FREE_SETTINGS and theirs != ours:
+                raise CheckpointError(
+                    f"cannot resume from {folder}: it was trained with {f.name}={theirs!r}, the "
+                    f"model of --model-name {self.run.model_dir} has {ours!r}; resume with the "
+                    f"model it was trained from"
+                )
+
+    def _check_same_optimizer(self, meta, folder) -> None:
+        saved = meta.get("flags", {}).get("optimizer", self.run.optimizer_kind)
+        ours = self.run.optimizer_kind
+        if (saved == "8bit-adam") != (ours == "8bit-adam"):  # adam and adamw are one
+            raise CheckpointError(
+                f"cannot resume from {folder}: it holds {saved} state and this run has "
+                f"--optimizer {ours}; resume with --optimizer {saved}, "
+                f"or export it with tools/convert_to_hf.py and start a new run from that model"
+            )

@@ -1,0 +1,63 @@
+"""Run this rank's stages with torch.distributed.pipelining (the plan comes from split.py).
+
+With pp=1 the micro-batches run in a plain loop: no schedule, no send/recv.
+
+Schedules are built with scale_grads=False: the loss function already divides by the global loss-token count of the
+optimizer step, so gradients come out identical whatever the layout.
+"""
+
+import torch
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from pipeline_parallel.split import StagePlan
+from utils.config import PipelineConfig
+
+
+class Pipeline:
+    """Runs one iteration (all micro-batches of one batch) forward and backward over this rank's stages."""
+
+    def __init__(self, modules, plan: StagePlan, layout, cfg: PipelineConfig, loss_fn):
+        self.modules = modules
+        self.n_microbatches = cfg.micro_batches
+        self.loss_fn = loss_fn
+        self.holds_first = plan.holds_first
+        self.holds_last = plan.holds_last
+        self.schedule = None
+        if plan.num_stages > 1:
+            stages = [
+                PipelineStage(m, s, plan.num_stages, layout.device, group=layout.pp_group)
+                for m, s in zip(modules, plan.stage_ids)
+            ]
+            if cfg.mode == "interleaved-1f1b":
+                self.schedule = ScheduleInterleaved1F1B(stages, cfg.micro_batches, loss_fn=loss_fn, scale_grads=False)
+            else:
+                schedule_cls = Schedule1F1B if cfg.mode == "1f1b" else ScheduleGPipe
+                self.schedule = schedule_cls(stages[0], cfg.micro_batches, loss_fn=loss_fn, scale_grads=False)
+
+    def _local(self, input_ids, labels, train):
+        """pp=1: the same micro-batch split and loss, in a plain loop."""
+        model = self.modules[0]
+        losses = []
+        for ids, lab in zip(input_ids.chunk(self.n_microbatches), labels.chunk(self.n_microbatches)):
+            with torch.set_grad_enabled(train):
+                loss = self.loss_fn(model(ids), lab)
+            if train:
+                loss.backward()
+            losses.append(loss.detach())
+        return losses
+
+    def run(self, input_ids, labels, train=True):
+        """One batch. Returns the summed micro-batch losses on the rank holding the last stage, else None."""
+        if self.schedule is None:
+            return torch.stack(self._local(input_ids, labels, train)).sum()
+        args = (input_ids,) if self.holds_first else ()
+        target = labels if self.holds_last else None
+        losses = [] if self.holds_last else None
+        if train:
+            self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+        else:
+            with torch.no_grad():
+                self.schedule.eval(*args, target=target, losses=losses)
+        if not self.holds_last:
+            return None
+        return torch.stack([loss.detach() for loss in losses]).sum()

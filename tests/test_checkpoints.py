@@ -27,6 +27,8 @@ from tests.helpers import (
     wait_ranks,
 )
 
+pytestmark = pytest.mark.e2e  # real multi-process runs of the entrypoint
+
 STEPS, EVERY, TIMEOUT = 6, 2, 6  # optimizer steps, --checkpoint-steps, --dist-timeout (s)
 BOTH = ("_model.safetensors", "_optimizer.safetensors")
 

@@ -4,7 +4,11 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from tests.helpers import REPO, free_port
+
+pytestmark = pytest.mark.e2e  # real multi-process runs of the entrypoint
 
 
 def test_demo_script_runs_and_exports(tmp_path):

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from tests.helpers import base_flags, make_chat_data, make_model, run_torchrun
 
+pytestmark = pytest.mark.e2e  # real multi-process runs of the entrypoint
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from tests.helpers import base_flags, make_chat_data, make_model, read_checkpoint_weights, run_torchrun
 
+pytestmark = pytest.mark.e2e  # real multi-process runs of the entrypoint
+
 STEPS, SEQ, GLOBAL_BATCH, LR, SEED = 3, 32, 4, 1e-3, 7
 
 

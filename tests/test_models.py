@@ -478,6 +478,7 @@ def test_count_parameters_and_flops(name, tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e  # a benchmark script in its own processes
 def test_stage_load_peak_rss_is_its_share(tmp_path):
     result = subprocess.run(
         [

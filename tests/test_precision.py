@@ -8,6 +8,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import base_flags, make_chat_data, make_model, read_checkpoint_weights, run_torchrun
 
+pytestmark = pytest.mark.e2e  # real multi-process runs of the entrypoint
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -11,6 +11,8 @@ import pytest
 
 from tests.helpers import REPO, free_port, held_port, make_chat_data, make_model, read_checkpoint_weights
 
+pytestmark = pytest.mark.e2e  # real multi-process runs of the entrypoint
+
 RECIPE = os.path.join(REPO, "finetune_GPT-NeoXT-Chat-Base-20B.sh")
 
 

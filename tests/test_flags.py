@@ -1,0 +1,95 @@
+"""Bad flags: one line naming the flag and the fix, exit code 2, no traceback, nothing on disk touched.
+
+In-process: the entrypoint's main() with these flags returns before any process group (or torch) is needed.
+tests/test_cli.py proves the same output from a real process, and covers the inputs found later.
+"""
+
+import os
+
+import pytest
+
+import dist_lm_pretrain_and_finetune as entrypoint
+from tests.helpers import base_flags, make_chat_data
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A model folder as the flag checks see it (config.json and the tokenizer) and chat data."""
+    from tools import make_tiny_model
+
+    root = tmp_path_factory.mktemp("flags")
+    make_tiny_model.main(["--output", str(root / "model"), "--hidden-size", "32", "--num-layers", "4"])
+    return root, str(root / "model"), make_chat_data(root / "chat.jsonl")
+
+
+class Result:
+    def __init__(self, returncode, stderr):
+        self.returncode, self.stderr, self.stdout = returncode, stderr, ""
+
+
+def run_main(flags, capsys):
+    try:
+        code = entrypoint.main(flags)
+    except SystemExit as exc:  # argparse exits by itself
+        code = exc.code
+    return Result(code, capsys.readouterr().err)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+# Caught by validate_args before torch is even imported.
+FLAG_ERRORS = [
+    ({"batch-size": 3, "micro-batch-size": 2}, ["--batch-size 3", "--micro-batch-size 2"]),
+    ({"fp16": True, "bf16": True}, ["--fp16", "--bf16"]),
+    ({"world-size": 3, "pipeline-group-size": 2}, ["--world-size 3", "= 2"]),
+    ({"pp-mode": "interleaved-1f1b"}, ["interleaved-1f1b", "--pipeline-group-size"]),
+    ({"pp-mode": "1f1b", "pipeline-group-size": 4, "batch-size": 2}, ["1f1b", "micro-batches"]),
+    ({"total-steps": None}, ["--total-steps"]),
+    ({"total-steps": 5, "gradient-accumulate-step": 2}, ["--total-steps 5", "--gradient-accumulate-step 2"]),
+    ({"train-warmup-steps": 5}, ["--train-warmup-steps"]),
+    ({"evaluation-steps": 2}, ["--evaluation-data"]),
+    ({"seq-length": 0}, ["--seq-length"]),
+    ({"loss-scale": -1}, ["--loss-scale"]),
+    ({"model-name": "/nonexistent/model"}, ["--model-name /nonexistent/model"]),
+    ({"lr": "nan"}, ["--lr must be a finite number"]),
+    ({"max-grad-norm": "nan"}, ["--max-grad-norm must be a finite number"]),
+    ({"total-steps": 3, "nepochs": 2}, ["--total-steps", "--nepochs", "one of them"]),
+    ({"evaluation-num-batch": 0}, ["--evaluation-num-batch"]),
+    ({"data-workers": -1}, ["--data-workers >= 0", "got 1000 and -1"]),
+    ({"dist-url": "127.0.0.1:7055"}, ["--dist-url 127.0.0.1:7055", "tcp://HOST:PORT"]),
+    ({"net-interface": "bogus0"}, ["--net-interface bogus0", "no such network interface"]),
+    ({"metrics-file": "/dev/null/m.jsonl"}, ["--metrics-file", "/dev/null is not a directory"]),
+    ({"checkpoint-path": "/dev/null/ck"}, ["--checkpoint-path /dev/null/ck", "/dev/null is not a directory"]),
+]
+
+
+@pytest.mark.parametrize("overrides,fragments", FLAG_ERRORS, ids=[str(i) for i in range(len(FLAG_ERRORS))])
+def test_bad_flags_exit_2_with_one_line(setup, tmp_path, capsys, overrides, fragments):
+    _, model_dir, data = setup
+    result = run_main(base_flags(model_dir, data, str(tmp_path / "ck"), **overrides), capsys)
+    assert_one_line_error(result, *fragments)
+
+
+def test_argparse_rejects_unknown_choice(setup, tmp_path, capsys):
+    _, model_dir, data = setup
+    result = run_main(base_flags(model_dir, data, str(tmp_path / "ck"), **{"pp-mode": "zero-bubble"}), capsys)
+    assert_one_line_error(result, "--pp-mode", "invalid choice: 'zero-bubble'", "see --help")
+    assert "usage:" not in result.stderr
+
+
+def test_load_checkpoint_false_never_replaces_another_runs_checkpoints(setup, tmp_path, capsys):
+    _, model_dir, data = setup
+    ckpt = tmp_path / "used"
+    (ckpt / "checkpoint_2").mkdir(parents=True)
+    (ckpt / "checkpoint_2" / "meta.json").write_text("{}")
+    (ckpt / "latest").write_text("2\n")
+    result = run_main(base_flags(model_dir, data, str(ckpt), **{"load-checkpoint": "false"}), capsys)
+    assert_one_line_error(result, f"--checkpoint-path {ckpt} holds another run's checkpoints", "new --checkpoint-path")
+    assert sorted(os.listdir(ckpt)) == ["checkpoint_2", "latest"] and (ckpt / "latest").read_text() == "2\n"

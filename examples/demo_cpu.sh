@@ -20,5 +20,7 @@ python3 -m torch.distributed.run --nproc_per_node=2 --master_port="${MASTER_PORT
   --pipeline-group-size 2 --data-group-size 1 --pp-mode 1f1b \
   --use-cuda false --dp-backend gloo \
   --checkpoint-path "$OUT/checkpoints" --checkpoint-steps 20 --load-checkpoint false \
-  --log-interval 5 "$@"
+  --log-interval 5 --metrics-file "$OUT/metrics.jsonl" "$@"
 python3 tools/convert_to_hf.py --checkpoint-path "$OUT/checkpoints" --output "$OUT/hf-export"
+echo "curves: python3 tools/plot_metrics.py $OUT/metrics.jsonl --output $OUT/curves.png"
+echo "talk to it: python3 tools/chat.py $OUT/hf-export"

@@ -1,18 +1,24 @@
 """Write a Hugging Face model directory from HF-named tensors (a merge of a checkpoint's stage files).
 
 The output is what `AutoModelForCausalLM.from_pretrained` expects: `model.safetensors` (or shards plus an index),
-`config.json` with the dtype written, and tokenizer files when a tokenizer directory is given.
+`config.json` with the dtype written, and tokenizer files when a tokenizer directory is given; plus what running the
+model elsewhere needs: `special_tokens_map.json`, `generation_config.json` with the EOS id training appended to every
+document, and (write_model_card) a README.md naming the base model, the data and the flags.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
 import os
 import shutil
 from collections.abc import Mapping
+from typing import Any
 
 import torch
+
+from utils.progress import progress
 
 from .config import ModelConfig, ModelError
 from .stage import tied_parameter_names
@@ -108,9 +114,11 @@ def save_hf_directory(
         size += nbytes
 
     weight_map = {}
+    # One pass over the tensors in HF order (the shards' order), with a bar: a 20B export takes minutes.
+    stream = ((name, tensors[names[name]]) for name in progress(list(names), "export", unit="tensor"))
     for i, shard in enumerate(shards):
         filename = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        data = {name: tensors[names[name]].detach().to("cpu", dtype).contiguous() for name in shard}
+        data = {name: t.detach().to("cpu", dtype).contiguous() for name, t in itertools.islice(stream, len(shard))}
         save_file(data, os.path.join(output_dir, filename), metadata={"format": "pt"})
         del data
         weight_map.update({name: filename for name in shard})
@@ -127,6 +135,7 @@ def save_hf_directory(
         json.dump(config, f, indent=2, sort_keys=True)
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, output_dir, everything=True)
+    write_generation_files(output_dir, cfg)
 
 
 def _numel(tensors: Mapping, key: str) -> int:
@@ -166,3 +175,109 @@ def copy_tokenizer_files(src_dir: str, output_dir: str, everything: bool = False
             shutil.copy2(path, os.path.join(output_dir, entry))
             copied.append(entry)
     return copied
+
+
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def write_generation_files(output_dir: str, cfg: ModelConfig) -> None:
+    """special_tokens_map.json (transformers 5 no longer writes it; 4.x loaders and other tools read it) and
+    generation_config.json whose eos_token_id is the tokenizer's EOS: `generate` then stops where training ended
+    every document. Files the tokenizer directory brought are kept, an EOS id is added when they lack one."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = None
+    if any(os.path.isfile(os.path.join(output_dir, name)) for name in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    ids = {key: cfg.hf_config_dict.get(f"{key}_token_id") for key in ("bos", "eos", "pad")}
+    if tokenizer is not None:
+        for key in ids:
+            if getattr(tokenizer, f"{key}_token_id", None) is not None:
+                ids[key] = getattr(tokenizer, f"{key}_token_id")
+        special_map = os.path.join(output_dir, "special_tokens_map.json")
+        if not os.path.isfile(special_map):
+            tokens = {k: str(getattr(tokenizer, k)) for k in _SPECIAL_TOKENS if getattr(tokenizer, k, None)}
+            with open(special_map, "w") as f:
+                json.dump(tokens, f, indent=2)
+    if os.path.isfile(os.path.join(output_dir, "generation_config.json")):
+        generation = GenerationConfig.from_pretrained(output_dir)
+    else:
+        generation = GenerationConfig()
+    for key, value in ids.items():
+        if value is not None and getattr(generation, f"{key}_token_id", None) is None:
+            setattr(generation, f"{key}_token_id", value)
+    generation.save_pretrained(output_dir)
+
+
+# Flags a model card lists (when set), in this order: what a reader needs to judge or repeat the run.
+_CARD_FLAGS = (
+    "model_type",
+    "seq_length",
+    "batch_size",
+    "micro_batch_size",
+    "gradient_accumulate_step",
+    "pipeline_group_size",
+    "data_group_size",
+    "total_steps",
+    "nepochs",
+    "lr",
+    "lr_scheduler",
+    "warmup_steps",
+    "optimizer",
+    "weight_decay",
+    "max_grad_norm",
+    "fp16",
+    "bf16",
+    "train_on_inputs",
+    "loss_on_bot_only",
+    "seed",
+)
+
+
+def write_model_card(output_dir: str, meta: dict[str, Any], step: int, source: str) -> None:
+    """README.md of an export: base model, data sources, the training flags, and how to load and chat with it."""
+    flags = meta.get("flags", {})
+    data = [part for part in str(flags.get("task_name") or "").split(",") if part]
+    evaluation = [part for part in str(flags.get("evaluation_data") or "").split(",") if part]
+    base = f"`{flags.get('model_name', 'unknown')}` ({meta.get('model_type', 'unknown')})"
+    origin = (
+        f"Fine-tuned from {base}" if flags.get("load_pretrained_model", True) else f"Trained from scratch as {base}"
+    )
+    lines = [
+        f"# {os.path.basename(os.path.abspath(output_dir))}",
+        "",
+        f"{origin}, exported from `{source}` (optimizer step {step}).",
+        "",
+        "## Data",
+        "",
+        *([f"- `{part}`" for part in data] or ["- not recorded in the checkpoint"]),
+        *(["", "Evaluation data:", "", *[f"- `{part}`" for part in evaluation]] if evaluation else []),
+        "",
+        "## Training flags",
+        "",
+        "| flag | value |",
+        "| --- | --- |",
+        *[
+            f"| `--{name.replace('_', '-')}` | `{flags[name]}` |"
+            for name in _CARD_FLAGS
+            if flags.get(name) not in (None, False)
+        ],
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'model = AutoModelForCausalLM.from_pretrained("PATH")',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        "```",
+        "",
+        "Chat with it from the training repository: `python tools/chat.py PATH`. Without a chat template the prompt "
+        "format is OpenChatKit's: `<human>: question` then `<bot>:` on a new line.",
+        "",
+    ]
+    versions = meta.get("versions")
+    if versions:
+        lines += ["Trained with " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".", ""]
+    with open(os.path.join(output_dir, "README.md"), "w") as f:
+        f.write("\n".join(lines))

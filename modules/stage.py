@@ -149,6 +149,7 @@ def build_rank_stages(
     compile_blocks: bool = False,
     weights_dir: str | None = None,
     seed: int = 0,
+    show_progress: bool = False,
 ) -> list[Stage]:
     """The stages `stage_ids` of a pipeline split by `bounds`, allocated once on `device` in `dtype`, holding the
     weights of `weights_dir` (or a random init from `seed`), each transformer block compiled if asked."""
@@ -161,7 +162,7 @@ def build_rank_stages(
             stage = build_stage(cfg, start, end, s == 0, s == len(bounds) - 1, activation_checkpointing)
         stage = materialize_stage(stage, device, dtype)
         if weights_dir is not None:
-            load_stage_weights(stage, weights_dir)
+            load_stage_weights(stage, weights_dir, is_logger=show_progress)
         else:
             init_stage_weights(stage, cfg, seed)
         if compile_blocks:

@@ -20,6 +20,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from utils.progress import progress
+
 from .config import ModelConfig, ModelError
 from .layers import RMSNorm
 from .stage import Stage, build_stage, embedding_name, family, tied_parameter_names
@@ -278,8 +280,10 @@ def read_tensors(locations: dict[str, tuple[str, str]]):
 
 
 @torch.no_grad()
-def load_stage_weights(stage: Stage, model_dir: str) -> None:
-    """Copy this stage's tensors from `model_dir` (HF or layer-sharded) into its parameters, in place."""
+def load_stage_weights(stage: Stage, model_dir: str, is_logger: bool = False) -> None:
+    """Copy this stage's tensors from `model_dir` (HF or layer-sharded) into its parameters, in place.
+
+    `is_logger`: this process draws the progress bar (utils.progress; the logging rank only)."""
     cfg = stage.cfg
     ckpt = Checkpoint(model_dir, cfg)
     targets: dict[str, torch.Tensor] = {}
@@ -290,7 +294,8 @@ def load_stage_weights(stage: Stage, model_dir: str) -> None:
         seen.add(id(tensor))
         targets[name] = tensor
     locations = {name: ckpt.locate(name) for name in targets}
-    for name, tensor in read_tensors(locations):
+    loading = progress(read_tensors(locations), "loading weights", len(locations), "tensor", is_logger)
+    for name, tensor in loading:
         target = targets[name]
         if tuple(tensor.shape) != tuple(target.shape):
             path, key = locations[name]

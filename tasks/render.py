@@ -116,6 +116,19 @@ class Renderer:
             return self._apply(msgs, False, path, line_no), False
         return self._render_oig(msgs)[0], True
 
+    def render_prompt(self, messages: list[dict[str, str]]) -> tuple[str, bool]:
+        """(text, special) of a conversation that ends where the assistant's next reply starts: what a chat front end
+        (tools/chat.py) feeds `generate`, rendered exactly as training renders the same messages."""
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if self.chat_template:
+            try:
+                text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # jinja raise_exception(), bad template, ...
+                raise TaskError(f"the tokenizer's chat template failed on this conversation: {e}") from None
+            return text, False
+        text = self._render_oig(msgs)[0]
+        return (f"{text}\n{BOT}" if text else BOT), True
+
     # -- OIG rendering of messages: "<human>: ...\n<bot>: ..." (system content as a plain first line) --
     def _render_oig(self, msgs) -> Rendered:
         parts: list[str] = []

@@ -4,7 +4,8 @@
 
 Reads `<ckpt>/latest` (or --step), then `<ckpt>/checkpoint_<step>/meta.json` and the stage files
 `prank_<p>_model.safetensors` for p < layout.pp. Stage files hold Hugging Face-named tensors, so the pipeline layout
-used in training needs no flags here: the stages are merged by name.
+used in training needs no flags here: the stages are merged by name. Besides weights and config.json the folder gets
+the tokenizer files, special_tokens_map.json, generation_config.json (EOS id) and a README.md model card.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from checkpoint.names import LATEST, META, TOKENIZER_DIR, stage_model_file, step_dir_name  # noqa: E402
 from checkpoint.store import CheckpointError, file_problem, read_latest  # noqa: E402
 from modules.config import ModelError, model_config_from_dict  # noqa: E402
-from modules.export import DTYPES, save_hf_directory  # noqa: E402
+from modules.export import DTYPES, save_hf_directory, write_model_card  # noqa: E402
 
 _HF_MODEL_TYPES = {"gpt_neox": "gptneox"}
 
@@ -113,6 +114,7 @@ def convert(checkpoint_path: str, output_dir: str, step: int | None = None, dtyp
         tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
         source=folder,
     )
+    write_model_card(output_dir, meta, step, folder)
     return folder
 
 

@@ -36,7 +36,9 @@ class Trainer:
         self.layout = lay = init_distributed(job.dist, ends_group=bool(self.tied))
         self.watchdog = Watchdog(lay.rank, lay.world_size, job.dist.timeout_s).start()
         log = job.log
-        self.log = make_logger(log.backend, lay.is_logger, log.project, log.job_id, job.flags, log.metrics_file)
+        self.log = make_logger(
+            log.backend, lay.is_logger, log.project, log.job_id, job.flags, log.metrics_file, log.tensorboard_dir
+        )
         self.tokenizer = self._check_inputs()
         self.plan = plan_stages(
             cfg.num_layers,
@@ -57,6 +59,7 @@ class Trainer:
             job.model.compile,
             weights_dir=job.model.model_dir if job.model.load_pretrained else None,
             seed=job.model.seed,
+            show_progress=lay.is_logger,
         )
         self.named_params = [(n, p) for m in self.stages for n, p in m.named_parameters()]
         self.log.info(
@@ -195,9 +198,11 @@ class Trainer:
                     self.evaluate()
                 if self.checkpoint.due(self.step, self.steps_total):
                     self.checkpoint.save(self.state, self.step)
+                    self._draw_curves()
                 self.meter.exclude(time.perf_counter() - started)
         if self.step > self.meter.start_step:
             self.checkpoint.save(self.state, self.step)
+            self._draw_curves()
         self.profiler.finish()
 
     def train_step(self):
@@ -319,6 +324,17 @@ class Trainer:
         if self.stream is not None:
             values["epochs"] = max(self.stream.epochs.values(), default=0)
         self.log.metrics(self.step, values)
+
+    def _draw_curves(self):
+        """The run's metrics as a PNG beside its checkpoints; a plot never stops training."""
+        if not self.layout.is_logger:
+            return
+        from tools.plot_metrics import MetricsError, plot_metrics
+
+        try:
+            plot_metrics([self.job.log.metrics_file], self.job.log.curves_file)
+        except (MetricsError, OSError, ValueError) as exc:
+            self.log.info(f"WARNING: could not draw {self.job.log.curves_file}: {one_line(exc)}")
 
     def close(self):
         if dist.is_initialized():

@@ -13,6 +13,7 @@ import socket
 from checkpoint.names import LATEST, step_dir_name
 from utils import config as sections
 from utils.errors import UserError
+from utils.logging import parse_backends
 
 PP_MODES = ("gpipe", "1f1b", "interleaved-1f1b")
 # One of these must be in --tokenizer-name: transformers 5 otherwise builds an empty tokenizer without a word.
@@ -170,7 +171,14 @@ def build_parser():
     )
 
     logging = parser.add_argument_group("logging")
-    logging.add_argument("--train-log-backend", choices=("print", "loguru", "wandb"), default="print")
+    logging.add_argument(
+        "--train-log-backend",
+        default="print",
+        help="print | loguru | wandb | tensorboard, or several joined by commas (print,tensorboard)",
+    )
+    logging.add_argument(
+        "--tensorboard-dir", default=None, help="tensorboard event files (default: <checkpoint-path>/tensorboard)"
+    )
     logging.add_argument("--project-name", default="openchatkit-finetune", help="wandb project")
     logging.add_argument("--job-id", default="0", help="name of this job in logs and wandb")
     logging.add_argument("--log-interval", type=int, default=1, help="log every N optimizer steps")
@@ -330,12 +338,28 @@ def validate_args(args):
                 f"--net-interface {args.net_interface}: no such network interface here (this "
                 f"machine has {', '.join(sorted(names))})"
             )
+    _check_log_backends(args)
     _check_paths(args)
+
+
+def _check_log_backends(args):
+    try:
+        backends = parse_backends(args.train_log_backend)
+    except ValueError as e:
+        raise ArgumentError(f"--train-log-backend {args.train_log_backend}: {e}") from None
+    if "tensorboard" in backends:
+        _writable_dir("--tensorboard-dir", tensorboard_dir(args))
+
+
+def tensorboard_dir(args):
+    """--tensorboard-dir, or its default under --checkpoint-path."""
+    return args.tensorboard_dir or os.path.join(args.checkpoint_path, "tensorboard")
 
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     args.tokenizer_name = args.tokenizer_name or args.model_name
+    args.tensorboard_dir = tensorboard_dir(args)
     return args
 
 
@@ -419,7 +443,9 @@ def job_config(args) -> sections.JobConfig:
             project=args.project_name,
             job_id=args.job_id,
             every_steps=args.log_interval,
-            metrics_file=args.metrics_file,
+            metrics_file=args.metrics_file or os.path.join(args.checkpoint_path, "metrics.jsonl"),
+            tensorboard_dir=args.tensorboard_dir,
+            curves_file=os.path.join(args.checkpoint_path, "curves.png"),
         ),
         profiling=sections.ProfilingConfig(
             mode=args.profiling, directory=args.profiling_dir, steps=args.profiling_steps

@@ -98,7 +98,9 @@ class LogConfig:
     project: str  # wandb project [--project-name]
     job_id: str  # [--job-id]
     every_steps: int  # [--log-interval]
-    metrics_file: str | None  # JSON lines of every logged step [--metrics-file]
+    metrics_file: str  # JSON lines of every logged step [--metrics-file]; default <checkpoint-path>/metrics.jsonl
+    tensorboard_dir: str  # [--tensorboard-dir]; default <checkpoint-path>/tensorboard
+    curves_file: str  # the metrics drawn at each checkpoint and at the end: <checkpoint-path>/curves.png
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""Log backends (--train-log-backend print|loguru|wandb). Only the logging rank creates one; others get Silent."""
+"""Log backends (--train-log-backend print|loguru|wandb|tensorboard, combinable: print,tensorboard).
+
+Only the logging rank creates a logger; other ranks get Silent. A logger is one text output (print or loguru) plus
+metric sinks (wandb, tensorboard, the --metrics-file JSON lines), all fed the same values per step.
+"""
 
 import json
 import os
@@ -34,7 +38,7 @@ class LoggingError(UserError, RuntimeError):
     """A log backend that cannot start: the message says how to fix it."""
 
 
-class WandbLogger(PrintLogger):
+class WandbSink:
     """One wandb run per job (only the logging rank creates it). WANDB_NAME names the run; WANDB_MODE=offline
     works without network."""
 
@@ -55,32 +59,76 @@ class WandbLogger(PrintLogger):
             ) from None
 
     def metrics(self, step, values):
-        super().metrics(step, values)
         self.wandb.log(values, step=step)
 
     def close(self):
         self.run.finish()
 
 
-class JsonlMetrics:
-    """Wraps a logger and appends every metrics record to a JSON-lines file (benchmarks read it)."""
+class TensorBoardSink:
+    """One SummaryWriter per job: every numeric metric as a scalar under its own name (the names wandb gets); a
+    per-rank list such as mem_gb_per_rank as `name/<rank>`. The flags are stored once as text."""
 
-    def __init__(self, inner, path):
-        self.inner = inner
+    def __init__(self, log_dir, config):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise LoggingError("--train-log-backend tensorboard needs tensorboard: pip install tensorboard") from None
+        try:
+            self.writer = SummaryWriter(log_dir=log_dir)
+        except OSError as exc:
+            raise LoggingError(
+                f"--tensorboard-dir {log_dir}: cannot write there ({exc.strerror}); give a writable directory"
+            ) from None
+        self.writer.add_text("flags", "    " + json.dumps(config, indent=2, sort_keys=True).replace("\n", "\n    "))
+
+    def metrics(self, step, values):
+        for name, value in values.items():
+            if isinstance(value, (list, tuple)):
+                for rank, item in enumerate(value):
+                    if _is_number(item):
+                        self.writer.add_scalar(f"{name}/{rank}", item, step)
+            elif _is_number(value):
+                self.writer.add_scalar(name, value, step)
+        self.writer.flush()  # a crash loses at most the step being written
+
+    def close(self):
+        self.writer.close()
+
+
+class JsonlSink:
+    """Appends every metrics record to a JSON-lines file (benchmarks and tools/plot_metrics.py read it)."""
+
+    def __init__(self, path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.file = open(path, "a")
 
-    def info(self, message):
-        self.inner.info(message)
-
     def metrics(self, step, values):
-        self.inner.metrics(step, values)
         self.file.write(json.dumps(dict(values, step=step)) + "\n")
         self.file.flush()
 
     def close(self):
         self.file.close()
-        self.inner.close()
+
+
+class Logger:
+    """One text logger (print or loguru) plus metric sinks (wandb, tensorboard, a metrics file)."""
+
+    def __init__(self, text, sinks):
+        self.text, self.sinks = text, sinks
+
+    def info(self, message):
+        self.text.info(message)
+
+    def metrics(self, step, values):
+        self.text.metrics(step, values)
+        for sink in self.sinks:
+            sink.metrics(step, values)
+
+    def close(self):
+        for sink in self.sinks:
+            sink.close()
+        self.text.close()
 
 
 class Silent:
@@ -100,16 +148,42 @@ def _fmt(value):
     return str(value)
 
 
-def make_logger(backend, is_logger, project, job_id, config, metrics_file=None):
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+BACKENDS = ("print", "loguru", "wandb", "tensorboard")
+
+
+def parse_backends(value):
+    """`print,tensorboard` -> ["print", "tensorboard"]; ValueError naming the unknown backend."""
+    names = [name.strip() for name in str(value).split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"expected one or more of {', '.join(BACKENDS)} separated by commas, got {value!r}")
+    for name in names:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; use {', '.join(BACKENDS)} (combine with commas)")
+    return list(dict.fromkeys(names))
+
+
+def make_logger(backend, is_logger, project, job_id, config, metrics_file=None, tensorboard_dir=None):
+    """The logger of this process. `backend`: comma list of BACKENDS; text goes to loguru when listed, else to
+    stdout. `tensorboard_dir` defaults to config's tensorboard_dir (the flags: utils.args fills it in)."""
     if not is_logger:
         return Silent()
-    if backend == "loguru":
-        logger = LoguruLogger()
-    elif backend == "wandb":
-        logger = WandbLogger(project, job_id, config)
-    else:
-        logger = PrintLogger()
-    return JsonlMetrics(logger, metrics_file) if metrics_file else logger
+    names = parse_backends(backend)
+    text = LoguruLogger() if "loguru" in names else PrintLogger()
+    sinks = []
+    if "wandb" in names:
+        sinks.append(WandbSink(project, job_id, config))
+    if "tensorboard" in names:
+        log_dir = tensorboard_dir or config.get("tensorboard_dir")
+        if not log_dir:
+            raise LoggingError("--train-log-backend tensorboard needs --tensorboard-dir DIR")
+        sinks.append(TensorBoardSink(log_dir, config))
+    if metrics_file:
+        sinks.append(JsonlSink(metrics_file))
+    return Logger(text, sinks)
 
 
 def one_line(text):

@@ -13,7 +13,6 @@ A `save_to_disk` folder is its arrow files in the order `state.json` lists them.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass
@@ -264,7 +263,7 @@ def _hf_home() -> str:
 
 
 def load_hf(src: HFSource):
-    """The IterableDataset of `src` (loaded once per process; callers iterate a deep copy)."""
+    """The IterableDataset of `src` (loaded once per process; readers iterate a _fresh() one each)."""
     if src in _HF_CACHE:
         return _HF_CACHE[src]
     datasets = _datasets_module(src)
@@ -287,10 +286,16 @@ def load_hf(src: HFSource):
         raise
     splits = getattr(ds.info, "splits", None) or {}
     info = splits.get(src.split) if hasattr(splits, "get") else None
-    if (info is not None and info.num_examples == 0) or next(iter(copy.deepcopy(ds)), None) is None:
+    if (info is not None and info.num_examples == 0) or next(iter(_fresh(ds)), None) is None:
         raise TaskError(f"{src.path}: split '{src.split}' has no records; pick another split with @split")
     _HF_CACHE[src] = ds
     return ds
+
+
+def _fresh(ds):
+    """An independent IterableDataset over the same data: iterations keep their position in their own objects, so
+    two readers (and threads) must not share one. (A deep copy would also copy, racily, fsspec's caches.)"""
+    return ds.shard(num_shards=1, index=0)
 
 
 def hf_columns(src: HFSource) -> list[str] | None:
@@ -311,11 +316,11 @@ class _HFStream:
 
     def __init__(self, src: HFSource):
         self.src = src
-        self._ds = copy.deepcopy(load_hf(src))
+        self._ds = _fresh(load_hf(src))
         self._it = None
 
     def seek(self, count: int, state: dict | None = None):
-        self._ds = copy.deepcopy(load_hf(self.src))
+        self._ds = _fresh(load_hf(self.src))
         if state is not None:
             self._ds.load_state_dict(state)
             self._it = iter(self._ds)

@@ -448,3 +448,23 @@ def test_parquet_streams_in_constant_memory(tmp_path, tok):
     assert s.epochs[p] >= 1
     s.close()
     assert grown < 40 * 2**20, grown
+
+
+# ------------------------------------------------------------------ flags
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--data-format", "alpaca", "--text-field", "body"], "no effect with --data-format alpaca"),
+        (["--data-format", "text", "--messages-field", "dialog"], "no effect with --data-format text"),
+        (["--messages-field", " "], "--messages-field is empty"),
+    ],
+)
+def test_data_format_flags_are_validated(argv, needle):
+    from utils.args import ArgumentError, _check_data_format, build_parser
+
+    args = build_parser().parse_args(["--model-name", "m", *argv])
+    with pytest.raises(ArgumentError, match=needle):
+        _check_data_format(args)
+    ok = build_parser().parse_args(["--model-name", "m", "--data-format", "sharegpt", "--messages-field", "turns"])
+    _check_data_format(ok)
+    assert (ok.data_format, ok.text_field, ok.messages_field) == ("sharegpt", None, "turns")

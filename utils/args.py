@@ -88,6 +88,18 @@ def build_parser():
     data.add_argument("--evaluation-data", default=None, help="comma-separated eval .jsonl files")
     data.add_argument("--evaluation-steps", type=int, default=0, help="evaluate every N optimizer steps (0: never)")
     data.add_argument("--evaluation-num-batch", type=int, default=None, help="max eval batches (default: all)")
+    data.add_argument(
+        "--data-format",
+        choices=DATA_FORMATS,
+        default="auto",
+        help="record layout: auto (detected per record), text (OIG), messages, sharegpt (conversations), alpaca",
+    )
+    data.add_argument("--text-field", default=None, help="column holding the text of text records (default: text)")
+    data.add_argument(
+        "--messages-field",
+        default=None,
+        help="column holding the turns of messages / ShareGPT records (default: messages / conversations)",
+    )
 
     schedule = parser.add_argument_group("schedule")
     schedule.add_argument(
@@ -325,7 +337,33 @@ def validate_args(args):
                 f"--net-interface {args.net_interface}: no such network interface here (this "
                 f"machine has {', '.join(sorted(names))})"
             )
+    _check_data_format(args)
     _check_paths(args)
+
+
+# --data-format values, and the field flags that each one reads (tasks.render.RecordFormat)
+DATA_FORMATS = ("auto", "text", "messages", "sharegpt", "alpaca")
+_FIELDS_READ = {
+    "auto": ("text_field", "messages_field"),
+    "text": ("text_field",),
+    "messages": ("messages_field",),
+    "sharegpt": ("messages_field",),
+    "alpaca": (),
+}
+
+
+def _check_data_format(args):
+    for name in ("text_field", "messages_field"):
+        value = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if value is not None and not value.strip():
+            raise ArgumentError(f"{flag} is empty; give the column name, or omit it for the default")
+        if value is not None and name not in _FIELDS_READ[args.data_format]:
+            raise ArgumentError(
+                f"{flag} {value} has no effect with --data-format {args.data_format} (it reads "
+                f"{', '.join('--' + f.replace('_', '-') for f in _FIELDS_READ[args.data_format]) or 'fixed columns'}); "
+                f"drop it or use --data-format auto"
+            )
 
 
 def parse_args(argv=None):

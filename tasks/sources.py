@@ -87,65 +87,86 @@ def _clean(row: dict) -> dict:
 
 
 class _RowFile:
-    """Rows of one parquet / arrow file, a batch at a time. read() -> dict or None at the end."""
+    """Rows of one parquet / arrow file, a record batch at a time. read() -> dict, or None at the end.
+
+    Batches are converted to Python only when a row of them is read, so skipping ahead (resume, re-reading a saved
+    shuffle buffer) costs I/O, not conversion."""
 
     def __init__(self, path: str):
         self.path = path
+        self.kind = "parquet" if path.endswith(".parquet") else "Arrow IPC"
         self.pa = _pyarrow(path)
-        self._rows: list[dict] = []
-        self._at = 0
-        self._batches = None
         self._file = None
-        self.seek(0)
+        self._batches = iter(())
+        self._batch = None  # current record batch
+        self._rows: list[dict] | None = None  # its rows as dicts, once needed
+        self._start = 0  # row index of the current batch's first row
+        self._at = 0  # next row within the current batch
+        self._group_ends: list[int] = []  # parquet: cumulative rows per row group
+        self._reopen(0)
 
-    def _open_batches(self, row: int):
-        """An iterator of record batches starting at the batch holding `row`, and the row that batch starts at."""
+    def _fail(self, e: BaseException) -> TaskError:
+        return _not_readable(self.path, self.kind, e)
+
+    def _reopen(self, row: int):
+        """Start the batch iterator at the batch (parquet: the row group) holding `row`, without decoding before it."""
         pa = self.pa
         self.close()
+        start = 0
         try:
-            if self.path.endswith(".parquet"):
+            if self.kind == "parquet":
                 pf = pa.parquet.ParquetFile(self.path)
-                start, group = 0, 0
                 meta = pf.metadata
-                while group < meta.num_row_groups and start + meta.row_group(group).num_rows <= row:
-                    start += meta.row_group(group).num_rows
-                    group += 1
-                groups = list(range(group, meta.num_row_groups))
+                ends, acc = [], 0
+                for g in range(meta.num_row_groups):
+                    acc += meta.row_group(g).num_rows
+                    ends.append(acc)
+                self._group_ends = ends
+                group = sum(1 for e in ends if e <= row)
+                start = ends[group - 1] if group else 0
+                groups = list(range(group, len(ends)))
                 self._file = pf
-                return (pf.iter_batches(batch_size=_BATCH_ROWS, row_groups=groups) if groups else iter(())), start
-            if _is_ipc_file(self.path):
+                self._batches = pf.iter_batches(batch_size=_BATCH_ROWS, row_groups=groups) if groups else iter(())
+            elif _is_ipc_file(self.path):
                 reader = pa.ipc.open_file(self.path)
-                return (reader.get_batch(i) for i in range(reader.num_record_batches)), 0
-            self._file = pa.OSFile(self.path)
-            return iter(pa.ipc.open_stream(self._file)), 0
+                self._batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            else:
+                self._file = pa.OSFile(self.path)
+                self._batches = iter(pa.ipc.open_stream(self._file))
         except (pa.ArrowException, OSError) as e:
-            kind = "parquet" if self.path.endswith(".parquet") else "Arrow IPC"
-            raise _not_readable(self.path, kind, e) from None
+            raise self._fail(e) from None
+        self._batch, self._rows, self._start, self._at = None, None, start, 0
+
+    def _next_batch(self) -> bool:
+        if self._batch is not None:
+            self._start += self._batch.num_rows
+        try:
+            self._batch = next(self._batches, None)
+        except (self.pa.ArrowException, OSError) as e:
+            raise self._fail(e) from None
+        self._rows, self._at = None, 0
+        return self._batch is not None
+
+    def _group_of(self, row: int) -> int:
+        return sum(1 for e in self._group_ends if e <= row)
 
     def seek(self, row: int):
-        self._batches, start = self._open_batches(row)
-        self._rows, self._at = [], 0
-        while start <= row:  # drop whole batches before `row` without converting them
-            batch = self._next_batch()
-            if batch is None:
+        """Go to row `row`: forward within the file by dropping whole batches; backward (or, for parquet, into a
+        later row group) by reopening at its row group."""
+        here = self._start + self._at
+        if row < here or (self.kind == "parquet" and self._group_of(row) != self._group_of(here)):
+            self._reopen(row)
+        while self._batch is None or self._start + self._batch.num_rows <= row:
+            if not self._next_batch():
                 return
-            if start + batch.num_rows > row:
-                self._rows, self._at = batch.to_pylist(), row - start
-                return
-            start += batch.num_rows
-
-    def _next_batch(self):
-        try:
-            return next(self._batches, None)
-        except (self.pa.ArrowException, OSError) as e:
-            raise _not_readable(self.path, "parquet" if self.path.endswith(".parquet") else "Arrow IPC", e) from None
+        self._at = max(0, row - self._start)
 
     def read(self) -> dict | None:
-        while self._at >= len(self._rows):
-            batch = self._next_batch()
-            if batch is None:
+        while self._batch is None or self._at >= self._batch.num_rows:
+            if not self._next_batch():
                 return None
-            self._rows, self._at = batch.to_pylist(), 0
+        if self._rows is None:
+            self._rows = self._batch.to_pylist()
         row = self._rows[self._at]
         self._at += 1
         return _clean(row)
@@ -166,19 +187,13 @@ class _RowFile:
 
 
 def read_rows(path: str, rows: list[int]) -> dict[int, dict]:
-    """The given rows of a parquet / arrow file (for a resumed shuffle buffer); missing rows are left out."""
+    """The given rows of a parquet / arrow file (for a resumed shuffle buffer), in one forward pass; rows past the
+    end are left out."""
     out: dict[int, dict] = {}
     with _RowFile(path) as f:
-        pos = None
         for r in sorted(set(rows)):
-            if pos is None or r - pos > _BATCH_ROWS:
-                f.seek(r)  # parquet jumps to the row group; arrow streams re-read from the start
-                pos = r
-            while pos < r:
-                f.read()
-                pos += 1
+            f.seek(r)
             row = f.read()
-            pos += 1
             if row is None:
                 break
             out[r] = row

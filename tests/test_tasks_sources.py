@@ -492,3 +492,67 @@ def test_data_format_flags_are_validated(argv, needle):
     ok = build_parser().parse_args(["--model-name", "m", "--data-format", "sharegpt", "--messages-field", "turns"])
     _check_data_format(ok)
     assert (ok.data_format, ok.text_field, ok.messages_field) == ("sharegpt", None, "turns")
+
+
+# ------------------------------------------------------------------ a real kill and relaunch
+READER = """
+import hashlib, json, os, sys
+sys.path.insert(0, {root!r})
+from transformers import AutoTokenizer
+from tasks import PackedStream
+spec, state_path, out_path, total = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+s = PackedStream(spec, AutoTokenizer.from_pretrained({tok!r}), **json.loads(sys.argv[5]))
+served = 0
+if os.path.exists(state_path):
+    saved = json.load(open(state_path))
+    s.load_state_dict(saved["state"])
+    served = saved["served"]
+with open(out_path, "a") as out:
+    while served < total:
+        b = next(s)
+        out.write(hashlib.sha256(b["input_ids"].numpy().tobytes() + b["labels"].numpy().tobytes()).hexdigest() + "\\n")
+        out.flush()
+        served += 1
+        with open(state_path + ".tmp", "w") as fh:  # the checkpoint: atomic, after the batch was used
+            json.dump({{"state": s.state_dict(), "served": served}}, fh)
+        os.replace(state_path + ".tmp", state_path)
+"""
+
+
+@pytest.mark.e2e
+def test_sigkill_and_relaunch_is_exact(tmp_path, tok):
+    import hashlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = (
+        f"{write_parquet(tmp_path / 'a.parquet', mixed_records(300, seed=11), row_group=25)}:0.7,"
+        f"{write_arrow(tmp_path / 'b.arrow', mixed_records(90, seed=12), batch=16)}:0.3"
+    )
+    kw = dict(seq_length=64, batch_size=4, seed=9, shuffle_buffer=32, num_workers=2)
+    total = 120
+    with PackedStream(spec, tok, **kw) as s:
+        ref = [
+            hashlib.sha256(b["input_ids"].numpy().tobytes() + b["labels"].numpy().tobytes()).hexdigest()
+            for b in take(s, total)
+        ]
+    script = tmp_path / "reader.py"
+    script.write_text(READER.format(root=ROOT, tok=TOKENIZER_DIR))
+    state, out = tmp_path / "state.json", tmp_path / "hashes.txt"
+    argv = [sys.executable, str(script), spec, str(state), str(out), str(total), json.dumps(kw)]
+    proc = subprocess.Popen(argv)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # kill it mid-run, at whatever point it has reached
+        if out.exists() and len(out.read_text().split()) >= 40:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    served = json.loads(state.read_text())["served"]
+    assert 40 <= served < total, served
+    before = out.read_text().split()[:served]  # a batch hashed after the last checkpoint is replayed
+    out.unlink()
+    subprocess.run(argv, check=True, timeout=120)
+    assert before + out.read_text().split() == ref

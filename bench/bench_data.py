@@ -6,15 +6,21 @@ would call it, after one warm-up batch.
 
     python bench/bench_data.py --out /tmp/bench_data.json
     python bench/bench_data.py --size-mb 40 --format mixed --num-workers 2 --seconds 30
+    python bench/bench_data.py --source parquet --out /tmp/bench_parquet.json   # same records as a .parquet file
+
+Peak RSS (ru_maxrss) is reported for the timing process; the data are generated in a child process so that the
+peak is the stream's own.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -73,11 +79,49 @@ def make_dataset(path: str, size_mb: float, fmt: str, seed: int = 0) -> int:
     return n
 
 
+def jsonl_to_parquet(src: str, dst: str, rows_per_group: int = 10_000):
+    """Stream a jsonl file into parquet (row groups of `rows_per_group`), never holding the whole file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [
+            ("text", pa.string()),
+            ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ]
+    )
+    tmp = dst + ".tmp"
+    with pq.ParquetWriter(tmp, schema) as writer, open(src) as fh:
+        rows: list[dict] = []
+        for line in fh:
+            rows.append(json.loads(line))
+            if len(rows) == rows_per_group:
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                rows = []
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+    os.replace(tmp, dst)
+
+
+def generate(path: str, size_mb: float, fmt: str, source: str):
+    jsonl = path if source == "jsonl" else path[: -len(".parquet")] + ".jsonl"
+    if not os.path.exists(jsonl):
+        make_dataset(jsonl, size_mb, fmt)
+    if source == "parquet":
+        jsonl_to_parquet(jsonl, path)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="write the result as JSON here")
     ap.add_argument("--size-mb", type=float, default=30.0)
     ap.add_argument("--format", choices=["text", "messages", "mixed"], default="text")
+    ap.add_argument("--source", choices=["jsonl", "parquet"], default="jsonl", help="file type the stream reads")
     ap.add_argument(
         "--tokenizer",
         default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tokenizer"),
@@ -111,13 +155,19 @@ def main():
         tmp = tempfile.TemporaryDirectory(prefix="bench_data_")
         data_dir = tmp.name
     os.makedirs(data_dir, exist_ok=True)
-    path = os.path.join(data_dir, f"synthetic_{args.format}_{args.size_mb:g}mb.jsonl")
+    suffix = "jsonl" if args.source == "jsonl" else "parquet"
+    path = os.path.join(data_dir, f"synthetic_{args.format}_{args.size_mb:g}mb.{suffix}")
     t0 = time.perf_counter()
     if not os.path.exists(path):
-        records = make_dataset(path, args.size_mb, args.format)
+        child = multiprocessing.get_context("spawn").Process(
+            target=generate, args=(path, args.size_mb, args.format, args.source)
+        )
+        child.start()
+        child.join()
+        if child.exitcode:
+            sys.exit(f"generating {path} failed")
         print(
-            f"generated {records} records, {os.path.getsize(path) / 2**20:.1f} MB in "
-            f"{time.perf_counter() - t0:.1f}s: {path}",
+            f"generated {os.path.getsize(path) / 2**20:.1f} MB in {time.perf_counter() - t0:.1f}s: {path}",
             file=sys.stderr,
         )
 
@@ -126,6 +176,7 @@ def main():
     )
     tokens_per_batch = args.seq_length * args.batch_size
     next(stream)  # warm-up: thread start, first chunks
+    rss_warm = rss_mb()
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     batches = loss_tokens = 0
@@ -136,6 +187,7 @@ def main():
         dt = time.perf_counter() - t0
         if dt >= args.seconds or stream.epochs[stream.tasks[0].name] >= 1:
             break
+    rss_end = rss_mb()
     stream.close()
     tokens = batches * tokens_per_batch
     result = {
@@ -147,6 +199,10 @@ def main():
         "loss_token_fraction": loss_tokens / tokens,
         "dataset_mb": round(os.path.getsize(path) / 2**20, 1),
         "format": args.format,
+        "source": args.source,
+        "rss_mb_after_warmup": round(rss_warm, 1),
+        "rss_mb_at_end": round(rss_end, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "chat_template": args.chat_template,
         "seq_length": args.seq_length,
         "batch_size": args.batch_size,
@@ -160,7 +216,8 @@ def main():
         "tokenizers": tokenizers.__version__,
     }
     print(
-        f"{result['tokens_per_s']:,} tokens/s packed ({tokens:,} tokens in {dt:.1f}s, {args.format}, "
+        f"{result['tokens_per_s']:,} tokens/s packed ({tokens:,} tokens in {dt:.1f}s, {args.source} {args.format}, "
+        f"peak RSS {result['peak_rss_mb']} MB, "
         f"{'chat template, ' if args.chat_template else ''}S={args.seq_length} B={args.batch_size} workers={args.num_workers}, {os.cpu_count()} cores)"
     )
     if args.out:

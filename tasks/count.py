@@ -1,8 +1,10 @@
 """count_tokens: packed tokens (document tokens + its EOS) of a task spec, for --nepochs.
 
-Counted once per file and cached beside it in `.<file name>.token_count.json`, keyed by the tokenizer fingerprint and
-the file's size and mtime; when the data directory is not writable the cache goes to
-$XDG_CACHE_HOME/openchatkit-tasks (~/.cache/...) or, failing that, the system temp dir.
+Counted once per file and cached beside it in `.<file name>.token_count.json`, keyed by the tokenizer fingerprint
+(plus the record format when it is not the default) and the file's size and mtime; when the data directory is not
+writable the cache goes to $XDG_CACHE_HOME/openchatkit-tasks (~/.cache/...) or, failing that, the system temp dir.
+An hf: source has no file of its own: its count is cached in those directories, keyed by its record count and bytes
+from the dataset info (not cached when the info has neither).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import json
 import os
 import tempfile
 
-from .evaluation import iter_lines
-from .render import Renderer
+from . import sources
+from .render import RecordFormat, Renderer, check_columns
 from .spec import parse_task_spec
 from .tokenize import Encoder
 
@@ -31,11 +33,24 @@ def _fallback_dirs() -> list[str]:
 
 def cache_paths(path: str) -> list[str]:
     """Where the count of `path` may be cached, in order of preference."""
+    if sources.is_hf(path):
+        key = hashlib.sha1(path.encode()).hexdigest()[:16]
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in path)
+        return [os.path.join(f, f"{key}-{name}.token_count.json") for f in _fallback_dirs()]
     d, name = os.path.split(os.path.abspath(path))
     key = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
     return [os.path.join(d, f".{name}.token_count.json")] + [
         os.path.join(f, f"{key}-{name}.token_count.json") for f in _fallback_dirs()
     ]
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    """(size, mtime_ns) that a cached count must match; hf: (records, bytes) from its info; None: do not cache."""
+    if sources.is_hf(path):
+        _, records, nbytes = sources.signature(path)
+        return None if records is None and nbytes is None else (records or 0, nbytes or 0)
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def _read_cache(path: str, fingerprint: str, size: int, mtime_ns: int):
@@ -84,7 +99,7 @@ def count_file(path: str, encoder: Encoder, renderer: Renderer, batch_docs: int 
     """Tokenise one file: {"tokens": packed tokens incl. one EOS per record, "records": n}."""
     tokens = records = 0
     docs = []
-    for p, line_no, line in iter_lines([path]):
+    for p, line_no, line in sources.iter_records([path]):
         docs.append(renderer.render_text_only(line, p, line_no))
         if len(docs) >= batch_docs:
             tokens += sum(encoder.lengths(docs))
@@ -96,28 +111,39 @@ def count_file(path: str, encoder: Encoder, renderer: Renderer, batch_docs: int 
     return {"tokens": tokens, "records": records}
 
 
-def count_tokens(task_spec, tokenizer, per_task: bool = False, use_cache: bool = True):
+def count_tokens(
+    task_spec,
+    tokenizer,
+    per_task: bool = False,
+    use_cache: bool = True,
+    data_format: str = "auto",
+    text_field: str | None = None,
+    messages_field: str | None = None,
+):
     """Packed tokens of one pass over every task (each record's tokens + one EOS).
 
     Returns the total (int), or {task name: tokens} with per_task=True. One epoch of the mixture in optimizer steps
-    is about total / (seq_length * batch_size * dp_size).
+    is about total / (seq_length * batch_size * dp_size). data_format / text_field / messages_field: as
+    PackedStream's (they change what is counted, so they are part of the cache key).
     """
     tasks = parse_task_spec(task_spec)
+    fmt = RecordFormat(data_format, text_field, messages_field)
+    check_columns(tasks, fmt)
     encoder = Encoder(tokenizer)
-    renderer = Renderer(tokenizer)
-    fp = encoder.fingerprint
+    renderer = Renderer(tokenizer, record_format=fmt)
+    fp = encoder.fingerprint + (f"+{hashlib.sha1(fmt.key.encode()).hexdigest()[:8]}" if fmt.key else "")
     counts: dict[str, int] = {}
     done: dict[str, int] = {}
     for t in tasks:
         total = 0
         for f in t.files:
             if f not in done:
-                st = os.stat(f)
-                entry = _read_cache(f, fp, st.st_size, st.st_mtime_ns) if use_cache else None
+                stamp = _stamp(f) if use_cache else None
+                entry = _read_cache(f, fp, *stamp) if stamp else None
                 if entry is None:
                     entry = count_file(f, encoder, renderer)
-                    entry.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
-                    if use_cache:
+                    if stamp:
+                        entry.update(size=stamp[0], mtime_ns=stamp[1])
                         _write_cache(f, fp, entry)
                 done[f] = int(entry["tokens"])
             total += done[f]

@@ -9,19 +9,10 @@ yields the same number of batches. Weights in a spec are ignored.
 from __future__ import annotations
 
 from .packing import Packer
-from .reader import _open
-from .render import Renderer
+from .render import RecordFormat, Renderer, check_columns
+from .sources import iter_records
 from .spec import parse_task_spec
 from .tokenize import Encoder
-
-
-def iter_lines(files):
-    """(path, line_no, raw line) of every non-blank line, files in the order given."""
-    for path in files:
-        with _open(path) as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.isspace():
-                    yield path, line_no, line
 
 
 def evaluation_batches(
@@ -34,18 +25,24 @@ def evaluation_batches(
     train_on_inputs: bool = False,
     loss_on_bot_only: bool = False,
     chunk_docs: int = 256,
+    data_format: str = "auto",
+    text_field: str | None = None,
+    messages_field: str | None = None,
 ):
     """Yield dicts of int64 tensors [batch_size, seq_length] (input_ids, labels, position_ids, doc_ids).
 
-    paths: a --task-name style spec ("a.jsonl,dir/") or a list of paths.
+    paths: a --task-name style spec ("a.jsonl,dir/,hf:org/name@validation") or a list of them.
+    data_format / text_field / messages_field: as PackedStream's (--data-format, --text-field, --messages-field).
     """
     tasks = parse_task_spec(paths, flag="--evaluation-data")
-    renderer = Renderer(tokenizer, train_on_inputs, loss_on_bot_only)
+    fmt = RecordFormat(data_format, text_field, messages_field)
+    check_columns(tasks, fmt)
+    renderer = Renderer(tokenizer, train_on_inputs, loss_on_bot_only, fmt)
     encoder = Encoder(tokenizer)
     packer = Packer(seq_length, batch_size, dp_rank, dp_size, 0, encoder.eos)
     files = [f for t in tasks for f in t.files]
     docs = []
-    for path, line_no, line in iter_lines(files):
+    for path, line_no, line in iter_records(files):
         docs.append(renderer.render_line(line, path, line_no))
         if len(docs) >= chunk_docs:
             for batch, _ in packer.feed(None, encoder.encode_chunk(docs)):

@@ -1,18 +1,21 @@
 """Per-task record readers with a bounded seeded shuffle buffer, and the weighted mixture over tasks.
 
 Randomness is counter based (splitmix64 of seed, stream, counter), so an RNG state is one integer. A reader's state
-is its file position (file index, byte offset in the file — the decompressed offset for .gz — and line number), its
-epoch, its RNG counter and its shuffle buffer; buffered records are kept as raw lines and saved as (file, offset,
-line) positions — plus the line itself for .gz files, where seeking back is slow — so a state stays small.
+is its file position (file index, byte offset in the file — the decompressed offset for .gz — and line number; for
+parquet / arrow files and hf: sources the row index, plus the IterableDataset state for hf:), its epoch, its RNG
+counter and its shuffle buffer; buffered records are kept as raw lines (rows: dicts) and saved as (file, offset,
+line) positions — plus the record itself for .gz files and hf: sources, where seeking back is slow or impossible —
+so a state stays small.
 """
 
 from __future__ import annotations
 
 import bisect
 import gzip
-import os
+import json
 import zlib
 
+from . import sources
 from .spec import TaskError, TaskSpec
 
 _M64 = (1 << 64) - 1
@@ -106,8 +109,20 @@ def _open(path: str) -> _DataFile:
     return _DataFile(path)
 
 
-# A buffered record: (raw line bytes, file index, byte offset of the line, 1-based line number)
-Item = tuple[bytes, int, int, int]
+# A buffered record: (raw line bytes or row dict, file index, byte offset of the line or row index, 1-based line
+# number or row index + 1)
+Item = tuple[bytes | dict, int, int, int]
+
+
+def record_size(payload: bytes | dict) -> int:
+    """Bytes a record holds, roughly (bounds a chunk's size; rows are measured by their string values)."""
+    if isinstance(payload, bytes):
+        return len(payload)
+    return sum(len(v) if isinstance(v, str) else len(str(v)) for v in payload.values())
+
+
+def _row_json(row: dict) -> str:
+    return json.dumps(row, ensure_ascii=False, default=str)
 
 
 class TaskReader:
@@ -123,6 +138,7 @@ class TaskReader:
         self.draining = False  # all files read this epoch; emptying the buffer
         self.count = 0  # records emitted this epoch
         self.buffer: list[Item] = []
+        self.src_state: dict | None = None  # hf: IterableDataset state at `offset`, until its handle opens
         self._fh = None
         self._fh_index = -1
 
@@ -135,20 +151,37 @@ class TaskReader:
     def _handle(self):
         if self._fh is None or self._fh_index != self.file_index:
             self.close()
-            fh = _open(self.files[self.file_index])
-            if self.offset:
-                fh.seek(self.offset, self.line_no)
+            path = self.files[self.file_index]
+            if sources.is_rows(path):
+                fh = sources.open_rows(path)
+                if self.offset or self.src_state is not None:
+                    if sources.is_hf(path):
+                        fh.seek(self.offset, self.src_state)
+                    else:
+                        fh.seek(self.offset)
+            else:
+                fh = _open(path)
+                if self.offset:
+                    fh.seek(self.offset, self.line_no)
+            self.src_state = None  # the open handle knows its own position from here on
             self._fh, self._fh_index = fh, self.file_index
         return self._fh
 
     def _read_line(self) -> Item | None:
         while self.file_index < len(self.files):
-            line = self._handle().readline()
+            fh = self._handle()
+            if not isinstance(fh, _DataFile):  # a row source: one record per row, offset = row index
+                row = fh.read()
+                if row is None:
+                    self._next_file()
+                    continue
+                pos = self.offset
+                self.offset += 1
+                self.line_no += 1
+                return (row, self.file_index, pos, self.line_no)
+            line = fh.readline()
             if not line:
-                self.close()
-                self.file_index += 1
-                self.offset = 0
-                self.line_no = 0
+                self._next_file()
                 continue
             pos = self.offset
             self.offset += len(line)
@@ -156,6 +189,13 @@ class TaskReader:
             if not line.isspace():
                 return (line, self.file_index, pos, self.line_no)
         return None
+
+    def _next_file(self):
+        self.close()
+        self.file_index += 1
+        self.offset = 0
+        self.line_no = 0
+        self.src_state = None
 
     def next_record(self) -> Item:
         buf = self.buffer
@@ -183,12 +223,29 @@ class TaskReader:
             self.count = 0
             self.close()
             self.file_index, self.offset, self.line_no, self.draining = 0, 0, 0, False
+            self.src_state = None
+
+    def _buffered_rows(self, entries) -> dict[tuple[int, int], dict]:
+        """The buffered rows of parquet / arrow files, read back by position (one pass per file)."""
+        wanted: dict[int, list[int]] = {}
+        for entry in entries:
+            f = int(entry[0])
+            if len(entry) == 3 and sources.is_rows(self.files[f]):
+                wanted.setdefault(f, []).append(int(entry[1]))
+        out = {}
+        for f, rows in wanted.items():
+            for r, row in sources.read_rows(self.files[f], rows).items():
+                out[(f, r)] = row
+        return out
 
     def path_of(self, item: Item) -> str:
         return self.files[item[1]]
 
     # -- state --
     def snapshot(self) -> tuple:
+        src_state = self.src_state
+        if self._fh is not None and self._fh_index == self.file_index and not isinstance(self._fh, _DataFile):
+            src_state = self._fh.state()
         return (
             self.file_index,
             self.offset,
@@ -198,17 +255,21 @@ class TaskReader:
             self.count,
             self.rng.counter,
             list(self.buffer),
+            src_state,
         )
 
     def snapshot_to_json(self, snap) -> dict:
-        fi, off, ln, epoch, draining, count, ctr, buf = snap
+        fi, off, ln, epoch, draining, count, ctr, buf, src_state = snap
         out_buf = []
         for line, f, pos, lno in buf:
-            if self.files[f].endswith(".gz"):
+            path = self.files[f]
+            if sources.is_hf(path):  # no random access into a stream: keep the record
+                out_buf.append([f, pos, lno, _row_json(line)])
+            elif path.endswith(".gz"):
                 out_buf.append([f, pos, lno, line.decode("utf-8", "surrogateescape")])
             else:
                 out_buf.append([f, pos, lno])
-        return {
+        out = {
             "file": fi,
             "offset": off,
             "line": ln,
@@ -218,18 +279,31 @@ class TaskReader:
             "rng": ctr,
             "buffer": out_buf,
         }
+        if src_state is not None:
+            out["source_state"] = src_state
+        return out
 
     def load_json(self, d: dict):
         self.close()
         self.file_index, self.offset, self.line_no = int(d["file"]), int(d["offset"]), int(d["line"])
         self.epoch, self.draining, self.count = int(d["epoch"]), bool(d["draining"]), int(d["count"])
         self.rng.counter = int(d["rng"])
+        self.src_state = d.get("source_state")
+        rows = self._buffered_rows(d["buffer"])
         buf: list[Item] = []
         handles: dict[int, object] = {}
         try:
             for entry in d["buffer"]:
                 f, pos, lno = int(entry[0]), int(entry[1]), int(entry[2])
-                if len(entry) > 3:
+                if sources.is_rows(self.files[f]):
+                    line = json.loads(entry[3]) if len(entry) > 3 else rows.get((f, pos))
+                    if line is None:
+                        raise TaskError(
+                            f"cannot resume task '{self.task.name}': {self.files[f]} changed since the "
+                            f"checkpoint (no row {pos}); restore the data, or pass --resume-data restart to read "
+                            f"the data from the start"
+                        )
+                elif len(entry) > 3:
                     line = entry[3].encode("utf-8", "surrogateescape")
                 else:
                     fh = handles.get(f)
@@ -296,5 +370,4 @@ class Mixture:
 
 
 def file_signature(path: str) -> list:
-    st = os.stat(path)
-    return [os.path.basename(path), st.st_size]
+    return sources.signature(path)

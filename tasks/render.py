@@ -1,6 +1,7 @@
 """Records → text plus the character spans that take loss.
 
-Two record kinds, one JSON object per line:
+Record layouts (a jsonl line or a parquet / arrow / datasets row), detected per record or forced by RecordFormat, all
+normalised to one of two kinds:
   {"text": "<human>: ...\n<bot>: ..."}                     OIG style; every token trained (or, with
                                                           loss_on_bot_only, only the text after each <bot>:
                                                           up to the next <human>:)
@@ -8,6 +9,9 @@ Two record kinds, one JSON object per line:
                                                           rendered with tokenizer.chat_template when it has one,
                                                           else as OIG lines; loss only on assistant content
                                                           unless train_on_inputs
+  {"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}]}      ShareGPT → messages
+  {"instruction": ..., "input": ..., "output": ...}       Alpaca → [user: instruction + "\n\n" + input,
+                                                          assistant: output] (input optional)
 A rendered document is (text, spans, special): spans None means "train on every token", else a list of
 (start, end) character ranges whose tokens take loss; special says whether the tokenizer adds its special tokens.
 """
@@ -15,6 +19,7 @@ A rendered document is (text, spans, special): spans None means "train on every 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from .spec import TaskError
@@ -39,11 +44,79 @@ def bot_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def parse_line(line: bytes | str, path: str, line_no: int) -> dict[str, Any]:
-    """Decode and validate one jsonl line; TaskError names file:line and the fix."""
-    where = f"{path}:{line_no}"
+FORMATS = ("auto", "text", "messages", "sharegpt", "alpaca")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass(frozen=True)
+class RecordFormat:
+    """How records are read: `format` auto detects per record; the fields rename the text / conversation columns."""
+
+    format: str = "auto"  # auto | text | messages | sharegpt | alpaca
+    text_field: str | None = None  # default "text"
+    messages_field: str | None = None  # default "messages" (ShareGPT: "conversations")
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise TaskError(f"data format {self.format!r} is not one of {', '.join(FORMATS)}; pick one (--data-format)")
+        for flag, value in (("--text-field", self.text_field), ("--messages-field", self.messages_field)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise TaskError(f"{flag} must name a column, got {value!r}")
+
+    @property
+    def key(self) -> str:
+        """Part of the token-count cache key; empty for the defaults, so existing caches stay valid."""
+        if self == RecordFormat():
+            return ""
+        return f"{self.format}|{self.text_field}|{self.messages_field}"
+
+    def required_columns(self) -> list[tuple[str, str]]:
+        """(column, flag that names it) every record must have: what a forced format or a field override asks."""
+        out = []
+        if self.text_field and self.format in ("auto", "text"):
+            out.append((self.text_field, "--text-field"))
+        if self.messages_field and self.format in ("auto", "messages", "sharegpt"):
+            out.append((self.messages_field, "--messages-field"))
+        if not out:
+            default = {"text": "text", "messages": "messages", "sharegpt": "conversations"}.get(self.format)
+            if default:
+                flag = "--text-field" if self.format == "text" else "--messages-field"
+                out.append((default, flag))
+            elif self.format == "alpaca":
+                out += [("instruction", "--data-format"), ("output", "--data-format")]
+        return out
+
+
+def check_columns(tasks, fmt: RecordFormat):
+    """Sources with a schema (parquet, arrow, hf:) must have the columns `fmt` asks for; one line naming the fix."""
+    from . import sources
+
+    needed = fmt.required_columns()
+    if not needed:
+        return
+    for t in tasks:
+        for path in t.files:
+            cols = sources.columns_of(path)
+            if cols is None:
+                continue
+            for col, flag in needed:
+                if col not in cols:
+                    fix = (
+                        f"fix {flag}"
+                        if flag != "--data-format"
+                        else "use --data-format auto, or convert the data to Alpaca columns"
+                    )
+                    raise TaskError(
+                        f"task '{t.name}': {path} has no column '{col}' (columns: {', '.join(cols[:12])}); {fix}"
+                    )
+
+
+def decode(payload, where: str) -> dict[str, Any]:
+    """A jsonl line parsed to a dict (rows from parquet / arrow / datasets are dicts already)."""
+    if isinstance(payload, dict):
+        return payload
     try:
-        obj = json.loads(line)
+        obj = json.loads(payload)
     except ValueError as e:
         msg = getattr(e, "msg", str(e))
         raise TaskError(
@@ -55,37 +128,136 @@ def parse_line(line: bytes | str, path: str, line_no: int) -> dict[str, Any]:
             f"{where}: expected a JSON object per line, got {type(obj).__name__}; write "
             f'{{"text": ...}} or {{"messages": [...]}}'
         )
-    if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise TaskError(
-                f'{where}: \'messages\' must be a non-empty list of {{"role": ..., "content": ...}} objects'
-            )
-        for k, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                raise TaskError(
-                    f"{where}: messages[{k}] must be an object with a string 'content' and a 'role' "
-                    f"in {'/'.join(ROLES)}"
-                )
-            if m.get("role") not in ROLES:
-                raise TaskError(f"{where}: messages[{k}] has role {m.get('role')!r}; use one of {', '.join(ROLES)}")
-    elif "text" in obj:
-        if not isinstance(obj["text"], str):
-            raise TaskError(f"{where}: 'text' must be a string, got {type(obj['text']).__name__}")
-    else:
-        keys = ", ".join(sorted(obj)[:8]) or "none"
-        raise TaskError(
-            f"{where}: record has neither 'text' nor 'messages' (keys: {keys}); write "
-            f'{{"text": "<human>: ...\\n<bot>: ..."}} or {{"messages": [{{"role": "user", '
-            f'"content": ...}}, ...]}}'
-        )
     return obj
+
+
+def _turns_are_sharegpt(turns) -> bool:
+    first = turns[0] if isinstance(turns, list) and turns else None
+    return isinstance(first, dict) and "role" not in first and ("from" in first or "value" in first)
+
+
+def _detect(obj: dict, fmt: RecordFormat) -> tuple[str, str]:
+    """(format, field) of one record."""
+    if fmt.messages_field and fmt.messages_field in obj:
+        f = fmt.messages_field
+        return ("sharegpt" if _turns_are_sharegpt(obj[f]) else "messages"), f
+    if fmt.text_field and fmt.text_field in obj:
+        return "text", fmt.text_field
+    if "messages" in obj:
+        return "messages", "messages"
+    if "conversations" in obj:
+        return ("sharegpt" if _turns_are_sharegpt(obj["conversations"]) else "messages"), "conversations"
+    if "instruction" in obj and "output" in obj:
+        return "alpaca", ""
+    if "text" in obj:
+        return "text", "text"
+    keys = ", ".join(sorted(obj)[:8]) or "none"
+    named = "".join(
+        f" nor {flag} '{v}'"
+        for flag, v in (("--text-field", fmt.text_field), ("--messages-field", fmt.messages_field))
+        if v
+    )
+    raise TaskError(
+        f"record has neither 'text' nor 'messages' (nor ShareGPT 'conversations', Alpaca 'instruction'/'output'"
+        f'{named}) (keys: {keys}); write {{"text": "<human>: ...\\n<bot>: ..."}} or {{"messages": '
+        f'[{{"role": "user", "content": ...}}, ...]}}, or name the column with --text-field / --messages-field'
+    )
+
+
+def _messages(turns, field: str, where: str) -> list[dict[str, str]]:
+    if not isinstance(turns, list) or not turns:
+        raise TaskError(f'{where}: \'{field}\' must be a non-empty list of {{"role": ..., "content": ...}} objects')
+    out = []
+    for k, m in enumerate(turns):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise TaskError(
+                f"{where}: {field}[{k}] must be an object with a string 'content' and a 'role' in {'/'.join(ROLES)}"
+            )
+        if m.get("role") not in ROLES:
+            raise TaskError(f"{where}: {field}[{k}] has role {m.get('role')!r}; use one of {', '.join(ROLES)}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _sharegpt(turns, field: str, where: str) -> list[dict[str, str]]:
+    if not isinstance(turns, list) or not turns:
+        raise TaskError(f'{where}: \'{field}\' must be a non-empty list of {{"from": ..., "value": ...}} objects')
+    out = []
+    for k, m in enumerate(turns):
+        if not isinstance(m, dict) or not isinstance(m.get("value"), str):
+            raise TaskError(
+                f"{where}: {field}[{k}] must be an object with a string 'value' and a 'from' in human/gpt/system"
+            )
+        role = SHAREGPT_ROLES.get(m.get("from"))
+        if role is None:
+            raise TaskError(f"{where}: {field}[{k}] has from {m.get('from')!r}; use one of human, gpt, system")
+        out.append({"role": role, "content": m["value"]})
+    return out
+
+
+def _alpaca(obj: dict, where: str) -> list[dict[str, str]]:
+    """Alpaca as a conversation: [system], user = instruction (+ blank line + input), assistant = output."""
+    for key in ("instruction", "output"):
+        if not isinstance(obj.get(key), str):
+            raise TaskError(f"{where}: Alpaca record needs a string '{key}' (keys: {', '.join(sorted(obj)[:8])})")
+    extra = obj.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise TaskError(f"{where}: Alpaca 'input' must be a string, got {type(extra).__name__}")
+    user = obj["instruction"] + (f"\n\n{extra}" if extra else "")
+    msgs = [{"role": "system", "content": obj["system"]}] if isinstance(obj.get("system"), str) else []
+    return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+
+
+def to_record(obj: dict, where: str, fmt: RecordFormat) -> dict[str, Any]:
+    """Any supported layout → {"text": str} or {"messages": [{"role", "content"}, ...]}."""
+    if fmt.format == "auto":
+        try:
+            kind, field = _detect(obj, fmt)
+        except TaskError as e:
+            raise TaskError(f"{where}: {e}") from None
+    else:
+        kind = fmt.format
+        field = {
+            "text": fmt.text_field or "text",
+            "messages": fmt.messages_field or "messages",
+            "sharegpt": fmt.messages_field or "conversations",
+            "alpaca": "",
+        }[kind]
+        if field and field not in obj:
+            flag = "--text-field" if kind == "text" else "--messages-field"
+            raise TaskError(
+                f"{where}: --data-format {kind} but the record has no '{field}' (keys: "
+                f"{', '.join(sorted(obj)[:8]) or 'none'}); name the column with {flag} or use --data-format auto"
+            )
+    if kind == "text":
+        if not isinstance(obj[field], str):
+            raise TaskError(f"{where}: '{field}' must be a string, got {type(obj[field]).__name__}")
+        return {"text": obj[field]}
+    if kind == "messages":
+        return {"messages": _messages(obj[field], field, where)}
+    if kind == "sharegpt":
+        return {"messages": _sharegpt(obj[field], field, where)}
+    return {"messages": _alpaca(obj, where)}
+
+
+def parse_line(line, path: str, line_no: int, fmt: RecordFormat | None = None) -> dict[str, Any]:
+    """Decode and validate one record (a jsonl line or a row); TaskError names file:line (or file[row i])."""
+    from .sources import where as where_of
+
+    where = where_of(path, line_no)
+    return to_record(decode(line, where), where, fmt or RecordFormat())
 
 
 class Renderer:
     """Turns parsed records into (text, spans, special) following the masking options."""
 
-    def __init__(self, tokenizer, train_on_inputs: bool = False, loss_on_bot_only: bool = False):
+    def __init__(
+        self,
+        tokenizer,
+        train_on_inputs: bool = False,
+        loss_on_bot_only: bool = False,
+        record_format: RecordFormat | None = None,
+    ):
         if train_on_inputs and loss_on_bot_only:
             raise TaskError(
                 "train_on_inputs=True and loss_on_bot_only=True contradict each other; "
@@ -95,23 +267,24 @@ class Renderer:
         self.train_on_inputs = train_on_inputs
         self.loss_on_bot_only = loss_on_bot_only
         self.chat_template = getattr(tokenizer, "chat_template", None) or None
+        self.format = record_format or RecordFormat()
 
-    def render_line(self, line: bytes | str, path: str, line_no: int) -> Rendered:
-        obj = parse_line(line, path, line_no)
+    def render_line(self, line: bytes | str | dict, path: str, line_no: int) -> Rendered:
+        obj = parse_line(line, path, line_no, self.format)
         if "messages" in obj:
-            msgs = [{"role": m["role"], "content": m["content"]} for m in obj["messages"]]
+            msgs = obj["messages"]
             if self.chat_template:
                 return self._render_template(msgs, path, line_no)
             return self._render_oig(msgs)
         text = obj["text"]
         return text, (bot_spans(text) if self.loss_on_bot_only else None), True
 
-    def render_text_only(self, line: bytes | str, path: str, line_no: int) -> tuple[str, bool]:
+    def render_text_only(self, line: bytes | str | dict, path: str, line_no: int) -> tuple[str, bool]:
         """(text, special) without loss spans: what token counting needs, one template call per record."""
-        obj = parse_line(line, path, line_no)
+        obj = parse_line(line, path, line_no, self.format)
         if "messages" not in obj:
             return obj["text"], True
-        msgs = [{"role": m["role"], "content": m["content"]} for m in obj["messages"]]
+        msgs = obj["messages"]
         if self.chat_template:
             return self._apply(msgs, False, path, line_no), False
         return self._render_oig(msgs)[0], True

@@ -1,7 +1,8 @@
 """`--task-name` parsing: comma-separated ``path[:weight]`` entries, as in OpenChatKit.
 
-A path is a ``.jsonl`` / ``.jsonl.gz`` file or a directory of them (top level only, sorted by name; the directory is
-one task). Weights default to 1.0 and are normalised to sum to 1.
+A path is a ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` / ``.arrow`` file, a directory of them (top level only, sorted
+by name; the directory is one task), a ``Dataset.save_to_disk`` folder, or ``hf:ORG/NAME[@split][#config]`` (read
+with ``datasets.load_dataset(..., streaming=True)``). Weights default to 1.0 and are normalised to sum to 1.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 
 from utils.errors import UserError
 
-DATA_SUFFIXES = (".jsonl", ".jsonl.gz")
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".arrow")
+KINDS = ".jsonl, .jsonl.gz, .parquet or .arrow"
 
 
 class TaskError(UserError, ValueError):
@@ -25,7 +27,7 @@ class TaskSpec:
     path: str  # absolute path of the file or directory
     weight: float  # normalised sampling weight
     raw_weight: float  # weight as written
-    files: tuple[str, ...]  # absolute paths of the data files, sorted
+    files: tuple[str, ...]  # absolute paths of the data files, sorted (an hf: source: its one "hf:..." name)
 
 
 def is_data_file(name: str) -> bool:
@@ -33,7 +35,16 @@ def is_data_file(name: str) -> bool:
 
 
 def _files_of(entry: str, path: str, where: str) -> tuple[str, ...]:
+    from . import sources  # sources imports TaskError from here
+
+    if sources.is_hf(path):
+        src = sources.parse_hf(f"{where} '{entry}'", path)
+        sources.load_hf(src)  # a missing, empty or unknown split/config fails here, in one line
+        return (src.path,)
     if os.path.isdir(path):
+        saved = sources.save_to_disk_files(path, entry)
+        if saved is not None:
+            return saved
         files = tuple(
             sorted(
                 os.path.join(path, f)
@@ -43,21 +54,25 @@ def _files_of(entry: str, path: str, where: str) -> tuple[str, ...]:
         )
         if not files:
             raise TaskError(
-                f"{where} '{entry}': directory {path} holds no .jsonl or .jsonl.gz files; "
+                f"{where} '{entry}': directory {path} holds no {KINDS} files; "
                 f"put the data files directly in it or name the files themselves"
             )
-        return files
-    if os.path.isfile(path):
+    elif os.path.isfile(path):
         if not path.endswith(DATA_SUFFIXES):
             raise TaskError(
-                f"{where} '{entry}': {path} is not a .jsonl or .jsonl.gz file; rename it "
-                f"(one JSON object per line) or point at a directory of .jsonl files"
+                f"{where} '{entry}': {path} is not a {KINDS} file; rename it "
+                f"(.jsonl: one JSON object per line) or point at a directory of data files"
             )
-        return (path,)
-    raise TaskError(
-        f"{where} '{entry}': no such file or directory {path!r}; give a .jsonl/.jsonl.gz "
-        f"file or a directory of them (named tasks like 'cot' are not built in)"
-    )
+        files = (path,)
+    else:
+        raise TaskError(
+            f"{where} '{entry}': no such file or directory {path!r}; give a .jsonl/.jsonl.gz/.parquet/.arrow "
+            f"file, a directory of them, a save_to_disk folder or hf:ORG/NAME (named tasks like 'cot' are not built in)"
+        )
+    for f in files:
+        if sources.is_rows(f):
+            sources.schema_of(f)  # not parquet / not arrow: one line now, not mid-training
+    return files
 
 
 def parse_task_spec(spec: str | list[str] | tuple[str, ...], flag: str = "--task-name") -> list[TaskSpec]:
@@ -84,7 +99,11 @@ def parse_task_spec(spec: str | list[str] | tuple[str, ...], flag: str = "--task
                 f"{where} is empty (two commas in a row or a trailing comma?); remove it or give path[:weight]"
             )
         path, weight_text = entry, None
-        if not os.path.exists(os.path.expanduser(entry)) and ":" in entry:
+        if entry.startswith("hf:"):  # hub names hold no ':', so a last one past the prefix starts the weight
+            if ":" in entry[3:]:
+                path, weight_text = entry.rsplit(":", 1)
+                weight_text = weight_text.strip()
+        elif not os.path.exists(os.path.expanduser(entry)) and ":" in entry:
             path, weight_text = entry.rsplit(":", 1)
             path = path.strip()
             weight_text = weight_text.strip()
@@ -104,7 +123,7 @@ def parse_task_spec(spec: str | list[str] | tuple[str, ...], flag: str = "--task
                 )
         if not path:
             raise TaskError(f"{where} '{entry}': missing path before ':'; write path[:weight]")
-        abspath = os.path.abspath(os.path.expanduser(path))
+        abspath = path if path.startswith("hf:") else os.path.abspath(os.path.expanduser(path))
         files = _files_of(entry, abspath, where)
         n = seen.get(path, 0) + 1
         seen[path] = n

@@ -18,8 +18,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from .packing import ChunkMeta, Packer, StateRef
-from .reader import Mixture, file_signature
-from .render import Renderer
+from .reader import Mixture, file_signature, record_size
+from .render import RecordFormat, Renderer, check_columns
 from .spec import TaskError, parse_task_spec
 from .tokenize import Encoder
 
@@ -89,6 +89,9 @@ class PackedStream:
         chunk_bytes: int = 1 << 20,
         show_data: bool | None = None,
         show_every: int | None = None,
+        data_format: str = "auto",
+        text_field: str | None = None,
+        messages_field: str | None = None,
     ):
         _positive("seq_length", seq_length)
         _positive("batch_size", batch_size)
@@ -108,7 +111,9 @@ class PackedStream:
         self.shuffle_buffer = shuffle_buffer
         self.num_workers, self.prefetch = num_workers, prefetch
         self.chunk_docs, self.chunk_bytes = chunk_docs, chunk_bytes
-        self.renderer = Renderer(tokenizer, train_on_inputs, loss_on_bot_only)
+        self.record_format = RecordFormat(data_format, text_field, messages_field)
+        check_columns(self.tasks, self.record_format)
+        self.renderer = Renderer(tokenizer, train_on_inputs, loss_on_bot_only, self.record_format)
         self.encoder = Encoder(tokenizer)
         self._codec = Mixture(self.tasks, self.seed, shuffle_buffer)  # serialises snapshots; never reads
         self._pipe = _Pipeline(self)
@@ -348,7 +353,7 @@ class _Pipeline:
                 t, item = mix.next_doc()
                 docs.append((t, item))
                 eps.append((t, mix.readers[t].epoch))
-                nbytes += len(item[0])
+                nbytes += record_size(item[0])
             yield ChunkMeta(snap, drop, eps), docs
             drop = 0
 

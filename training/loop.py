@@ -153,7 +153,12 @@ class Trainer:
             shuffle_buffer=data.shuffle_buffer,
             num_workers=data.workers,
             show_data=None if lay.rank == 0 else False,  # SHOW_DATA samples printed by one rank only
+            **self._record_format(),
         )
+
+    def _record_format(self):
+        data = self.job.data
+        return dict(data_format=data.data_format, text_field=data.text_field, messages_field=data.messages_field)
 
     def _total_optimizer_steps(self):
         data, lay = self.job.data, self.layout
@@ -163,7 +168,7 @@ class Trainer:
 
         counted = [None]
         if lay.rank == 0:  # count once, for all ranks (cached beside the data for later runs)
-            counted[0] = tasks.count_tokens(data.task_spec, self.tokenizer)
+            counted[0] = tasks.count_tokens(data.task_spec, self.tokenizer, **self._record_format())
         dist.broadcast_object_list(counted, src=0)
         windows = counted[0] // data.seq_length
         iterations = math.ceil(data.epochs * windows / (data.batch_size * lay.dp_size))
@@ -285,7 +290,7 @@ class Trainer:
         total = torch.zeros(2, device=lay.device, dtype=torch.float64)  # loss sum, token count
         self.loss_fn.factor = 1.0
         batches = tasks.evaluation_batches(
-            paths, self.tokenizer, data.seq_length, data.batch_size, lay.dp_rank, lay.dp_size
+            paths, self.tokenizer, data.seq_length, data.batch_size, lay.dp_rank, lay.dp_size, **self._record_format()
         )
         for i, batch in enumerate(batches):
             if data.evaluation_batches is not None and i >= data.evaluation_batches:

@@ -81,7 +81,10 @@ def build_parser():
 
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--task-name", default=None, help="comma-separated path[:weight] of .jsonl/.jsonl.gz files or folders"
+        "--task-name",
+        default=None,
+        help="comma-separated source[:weight]: .jsonl/.jsonl.gz/.parquet/.arrow files, folders of them, "
+        "save_to_disk folders, hf:ORG/NAME[@split][#config]",
     )
     data.add_argument("--seq-length", type=int, default=2048)
     data.add_argument("--batch-size", type=int, default=4, help="sequences per data-parallel replica per iteration")
@@ -94,6 +97,18 @@ def build_parser():
     data.add_argument("--evaluation-data", default=None, help="comma-separated eval .jsonl files")
     data.add_argument("--evaluation-steps", type=int, default=0, help="evaluate every N optimizer steps (0: never)")
     data.add_argument("--evaluation-num-batch", type=int, default=None, help="max eval batches (default: all)")
+    data.add_argument(
+        "--data-format",
+        choices=DATA_FORMATS,
+        default="auto",
+        help="record layout: auto (detected per record), text (OIG), messages, sharegpt (conversations), alpaca",
+    )
+    data.add_argument("--text-field", default=None, help="column holding the text of text records (default: text)")
+    data.add_argument(
+        "--messages-field",
+        default=None,
+        help="column holding the turns of messages / ShareGPT records (default: messages / conversations)",
+    )
 
     schedule = parser.add_argument_group("schedule")
     schedule.add_argument(
@@ -297,7 +312,10 @@ def validate_args(args):
     if args.evaluation_steps and not args.evaluation_data:
         raise ArgumentError("--evaluation-steps needs --evaluation-data FILE[,FILE]")
     if not args.task_name:
-        raise ArgumentError("--task-name is required: comma-separated path[:weight] of .jsonl files")
+        raise ArgumentError(
+            "--task-name is required: comma-separated source[:weight] (.jsonl, .parquet or .arrow files, folders, "
+            "hf:ORG/NAME)"
+        )
     if not os.path.isdir(args.model_name):
         raise ArgumentError(
             f"--model-name {args.model_name}: no such directory (hub names cannot be downloaded "
@@ -339,6 +357,7 @@ def validate_args(args):
                 f"machine has {', '.join(sorted(names))})"
             )
     _check_log_backends(args)
+    _check_data_format(args)
     _check_paths(args)
 
 
@@ -354,6 +373,31 @@ def _check_log_backends(args):
 def tensorboard_dir(args):
     """--tensorboard-dir, or its default under --checkpoint-path."""
     return args.tensorboard_dir or os.path.join(args.checkpoint_path, "tensorboard")
+
+
+# --data-format values, and the field flags that each one reads (tasks.render.RecordFormat)
+DATA_FORMATS = ("auto", "text", "messages", "sharegpt", "alpaca")
+_FIELDS_READ = {
+    "auto": ("text_field", "messages_field"),
+    "text": ("text_field",),
+    "messages": ("messages_field",),
+    "sharegpt": ("messages_field",),
+    "alpaca": (),
+}
+
+
+def _check_data_format(args):
+    for name in ("text_field", "messages_field"):
+        value = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if value is not None and not value.strip():
+            raise ArgumentError(f"{flag} is empty; give the column name, or omit it for the default")
+        if value is not None and name not in _FIELDS_READ[args.data_format]:
+            raise ArgumentError(
+                f"{flag} {value} has no effect with --data-format {args.data_format} (it reads "
+                f"{', '.join('--' + f.replace('_', '-') for f in _FIELDS_READ[args.data_format]) or 'fixed columns'}); "
+                f"drop it or use --data-format auto"
+            )
 
 
 def parse_args(argv=None):
@@ -406,6 +450,9 @@ def job_config(args) -> sections.JobConfig:
             loss_on_bot_only=args.loss_on_bot_only,
             shuffle_buffer=args.shuffle_buffer,
             workers=args.data_workers,
+            data_format=args.data_format,
+            text_field=args.text_field,
+            messages_field=args.messages_field,
             seed=args.seed,
             evaluation_data=args.evaluation_data,
             evaluation_every=args.evaluation_steps,

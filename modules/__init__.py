@@ -5,19 +5,35 @@
     load_stage_weights(stage, model_dir)                     # or init_stage_weights(stage, cfg, seed)
     hidden = stage(input_ids)
 
-Reading order: config.py, layers.py, gptneox.py / gptj.py / llama.py, stage.py, weights.py, flops.py, export.py.
+Reading order: config.py, layers.py, gptneox.py / gptj.py / llama.py, stage.py, weights.py, flops.py, export.py,
+lora.py (LoRA adapters on a stage, peft's adapter files).
 """
 
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelError, load_model_config, model_config_from_dict
 from .export import save_hf_directory
 from .flops import count_parameters, flops_per_token, head_cost_in_layers
 from .layers import attention_backend
+from .lora import (
+    LoraConfig,
+    LoraLinear,
+    apply_lora,
+    init_lora_weights,
+    load_lora_tensors,
+    load_peft_adapter,
+    lora_parameters,
+    lora_state_dict,
+    make_lora_config,
+    merge_lora_tensors,
+    resolve_target_modules,
+    save_peft_adapter,
+)
 from .stage import Stage, build_stage, embedding_name, head_name, materialize_stage, tied_parameter_names
 from .weights import Checkpoint, expected_names, expected_shapes, init_stage_weights, load_stage_weights
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "attention_backend",
+    "apply_lora",
     "Checkpoint",
     "ModelConfig",
     "ModelError",
@@ -30,8 +46,19 @@ __all__ = [
     "flops_per_token",
     "head_cost_in_layers",
     "head_name",
+    "init_lora_weights",
     "init_stage_weights",
+    "load_lora_tensors",
     "load_model_config",
+    "load_peft_adapter",
+    "LoraConfig",
+    "LoraLinear",
+    "lora_parameters",
+    "lora_state_dict",
+    "make_lora_config",
+    "merge_lora_tensors",
+    "resolve_target_modules",
+    "save_peft_adapter",
     "load_stage_weights",
     "materialize_stage",
     "save_hf_directory",

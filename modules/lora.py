@@ -139,9 +139,10 @@ class LoraLinear(nn.Module):
         # As peft: no dropout module at p=0, so the adapter path has no random op to trace or to checkpoint.
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.scale = r, scale
+        self.base_layer: nn.Module | None = None  # a bitsandbytes layer once `quantize_base` replaced weight/bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
         # Same op order as peft (result + lora_B(lora_A(dropout(x))) * scaling), so fp32 results agree closely;
         # adapters may be kept in another dtype than the base (fp32 adapters on a bf16 base).
         a = self.lora_A.weight
@@ -231,6 +232,86 @@ def load_lora_tensors(stage: nn.Module, tensors: Mapping[str, torch.Tensor], sou
                 f"{source}: LoRA tensor {name!r} has shape {list(tensor.shape)}, expected {list(param.shape)}"
             )
         param.copy_(tensor)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# QLoRA: the frozen base in bitsandbytes 4-bit NF4 or 8-bit
+# ---------------------------------------------------------------------------------------------------------------
+
+QUANTIZE_MODES = ("none", "nf4", "int8")
+
+
+def import_bitsandbytes():
+    """bitsandbytes, imported only when a base is quantised (it takes seconds to import); one line when missing."""
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ModelError(
+            f"quantising the base needs bitsandbytes, which cannot be imported ({e}); run: pip install bitsandbytes"
+        ) from None
+    return bitsandbytes
+
+
+def _quantized_linear(bnb, linear_weight: nn.Parameter, bias, mode: str, compute_dtype: torch.dtype, device):
+    """A bitsandbytes layer holding `linear_weight` quantised (NF4 with double quantisation, or int8), on `device`.
+
+    Built on the meta device first so that no full-precision copy is allocated; bitsandbytes quantises when the
+    layer is moved to a device."""
+    out_features, in_features = linear_weight.shape
+    data = linear_weight.detach().to(torch.float16 if mode == "int8" else compute_dtype)
+    with torch.device("meta"):
+        if mode == "nf4":
+            layer = bnb.nn.Linear4bit(
+                in_features,
+                out_features,
+                bias=bias is not None,
+                compute_dtype=compute_dtype,
+                compress_statistics=True,
+                quant_type="nf4",
+            )
+        else:
+            layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False)
+    if mode == "nf4":
+        layer.weight = bnb.nn.Params4bit(data.cpu(), requires_grad=False, compress_statistics=True, quant_type="nf4")
+    else:
+        layer.weight = bnb.nn.Int8Params(data.cpu(), requires_grad=False, has_fp16_weights=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(compute_dtype).cpu(), requires_grad=False)
+    return layer.to(device)
+
+
+@torch.no_grad()
+def quantize_base(
+    stage: Stage, mode: str, compute_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None
+) -> Stage:
+    """QLoRA: hold every linear of the stage's blocks (adapted or not; never the embedding or head) in bitsandbytes
+    NF4 with double quantisation (`nf4`) or 8-bit (`int8`), computing in `compute_dtype`; in place.
+
+    Call after the base weights are loaded: a quantised weight cannot be loaded into. An adapted linear's base moves
+    into its `base_layer` (peft's name); other linears keep their names. The adapters are untouched and stay
+    trainable. bitsandbytes quantises on `device` (default: where the weights are).
+    """
+    if mode not in QUANTIZE_MODES:
+        raise ModelError(f"quantize mode {mode!r} is not supported; expected one of {', '.join(QUANTIZE_MODES)}")
+    if mode == "none":
+        return stage
+    if not any(isinstance(m, LoraLinear) for m in stage.modules()):
+        raise ModelError("quantising the base needs LoRA adapters on the stage (apply_lora first)")
+    bnb = import_bitsandbytes()
+    fam = family(stage.cfg)
+    blocks = getattr(getattr(stage, fam.PREFIX), fam.LAYERS)
+    for block in blocks.values():
+        for path, module in list(block.named_modules()):
+            if isinstance(module, LoraLinear) and module.base_layer is None:
+                target = device if device is not None else module.weight.device
+                module.base_layer = _quantized_linear(bnb, module.weight, module.bias, mode, compute_dtype, target)
+                del module.weight, module.bias
+            elif type(module) is nn.Linear and "lora_" not in path:
+                target = device if device is not None else module.weight.device
+                parent_path, _, attr = path.rpartition(".")
+                parent = block.get_submodule(parent_path) if parent_path else block
+                setattr(parent, attr, _quantized_linear(bnb, module.weight, module.bias, mode, compute_dtype, target))
+    return stage
 
 
 # ---------------------------------------------------------------------------------------------------------------

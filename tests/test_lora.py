@@ -244,8 +244,9 @@ def test_activation_checkpointing_and_compile_give_the_same_gradients(tmp_path):
     _, (ckpt,) = our_stage(tmp_path, lora_cfg, activation_checkpointing="full")
     _, (compiled,) = our_stage(tmp_path, lora_cfg)
     adapters = random_b(plain)
-    for block in compiled.model.layers.values():  # as the trainer's --compile; aot_eager needs no C++ toolchain
-        block.compile(backend="aot_eager", fullgraph=True)
+    # One block compiled as the trainer's --compile does (in place, names kept); aot_eager traces forward and
+    # backward like inductor but needs no C++ toolchain, and fullgraph=True fails on any graph break.
+    compiled.model.layers["1"].compile(backend="aot_eager", fullgraph=True)
     ids, labels = batches(1)[0]
     grads = []
     for stage in (plain, ckpt, compiled):
@@ -433,3 +434,97 @@ def test_adapter_with_other_settings_than_the_run_is_refused(tmp_path):
     assert "adapter has target_modules=q_proj,v_proj but this run has target_modules=q_proj,k_proj," in one_line(e)
     with pytest.raises(ModelError, match="adapter has r=4 but this run has r=8"):
         modules.load_peft_adapter(str(tmp_path / "adapter"), cfg, expect=modules.make_lora_config(cfg, 8, ALPHA))
+
+
+def test_fp32_adapters_on_a_bf16_base(tmp_path):
+    save_random_hf_model(CONFIGS["llama"](), tmp_path)
+    cfg = modules.load_model_config(str(tmp_path))
+    lora_cfg = modules.make_lora_config(cfg, R, ALPHA, 0.0, "all-linear")
+    _, (stage,) = our_stage(tmp_path, lora_cfg)
+    modules.load_lora_tensors(stage, random_b(stage))
+    ids, labels = batches(1)[0]
+    reference = stage(ids)
+    stage.to(torch.bfloat16)
+    for p in modules.lora_parameters(stage).values():
+        p.data = p.data.float()
+    logits = stage(ids)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.15)  # bf16 base: close, not equal
+    loss_of(logits.float(), labels).backward()
+    assert all(p.grad.dtype == torch.float32 for p in modules.lora_parameters(stage).values())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# QLoRA: bitsandbytes runs NF4 and int8 on the CPU too
+# --------------------------------------------------------------------------------------------------------------
+
+
+def quantized_pair(tmp_path, mode):
+    save_random_hf_model(CONFIGS["llama"](), tmp_path)
+    cfg = modules.load_model_config(str(tmp_path))
+    lora_cfg = modules.make_lora_config(cfg, R, ALPHA, 0.0, None)  # q_proj, v_proj: other linears unadapted
+    _, (plain,) = our_stage(tmp_path, lora_cfg)
+    _, (quantized,) = our_stage(tmp_path, lora_cfg)
+    adapters = random_b(plain)
+    modules.load_lora_tensors(plain, adapters)
+    modules.load_lora_tensors(quantized, adapters)
+    modules.lora.quantize_base(quantized, mode, compute_dtype=torch.float32)
+    return plain, quantized
+
+
+def test_nf4_base_equals_its_dequantized_weights(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    plain, quantized = quantized_pair(tmp_path, "nf4")
+    linears = 0
+    with torch.no_grad():  # the reference: the same NF4 values, dequantized into a plain stage
+        for path, module in quantized.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                weight = module.weight
+                assert weight.dtype == torch.uint8 and weight.numel() * 2 == module.in_features * module.out_features
+                assert weight.quant_state.nested  # double quantisation
+                base_path = path.removesuffix(".base_layer")
+                plain.get_submodule(base_path).weight.copy_(
+                    bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+                )
+                linears += 1
+    assert linears == 3 * 7  # every linear of every block, adapted or not
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in (quantized.lm_head, quantized.model.embed_tokens))
+    assert [n for n, p in quantized.named_parameters() if p.requires_grad] == list(modules.lora_parameters(plain))
+    assert "model.layers.0.self_attn.q_proj.base_layer.weight" in quantized.state_dict()
+    assert "model.layers.0.self_attn.k_proj.weight" in quantized.state_dict()
+    ids, labels = batches(1)[0]
+    plain_logits, quantized_logits = plain(ids), quantized(ids)
+    torch.testing.assert_close(quantized_logits, plain_logits, rtol=0, atol=1e-5)
+    loss_of(plain_logits, labels).backward()
+    loss_of(quantized_logits, labels).backward()
+    grads = modules.lora_parameters(plain)
+    for name, p in modules.lora_parameters(quantized).items():
+        assert p.grad.abs().max() > 1e-3, name
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=4e-5, msg=name)
+
+
+def test_int8_base_trains_close_to_full_precision(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    plain, quantized = quantized_pair(tmp_path, "int8")
+    assert isinstance(quantized.model.layers["0"].mlp.down_proj, bnb.nn.Linear8bitLt)
+    ids, labels = batches(1)[0]
+    plain_logits, quantized_logits = plain(ids), quantized(ids)
+    # int8 rounds both weights and activations: close to the full-precision model, not equal.
+    assert (quantized_logits - plain_logits).abs().max() < 0.05 * plain_logits.abs().max()
+    loss_of(quantized_logits, labels).backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in modules.lora_parameters(quantized).values())
+
+
+def test_quantize_errors(tmp_path, monkeypatch):
+    save_random_hf_model(CONFIGS["llama"](), tmp_path)
+    cfg = modules.load_model_config(str(tmp_path))
+    stage = modules.build_stage(cfg, 0, 1, True, False)
+    with pytest.raises(ModelError, match=r"quantize mode 'fp4' is not supported; expected one of none, nf4, int8"):
+        modules.lora.quantize_base(stage, "fp4")
+    with pytest.raises(ModelError, match=r"needs LoRA adapters on the stage \(apply_lora first\)"):
+        modules.lora.quantize_base(stage, "nf4")
+    modules.apply_lora(stage, modules.make_lora_config(cfg, R, ALPHA))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(ModelError) as e:
+        modules.lora.quantize_base(stage, "nf4")
+    assert one_line(e).endswith("run: pip install bitsandbytes")

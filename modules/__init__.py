@@ -24,6 +24,7 @@ from .lora import (
     lora_state_dict,
     make_lora_config,
     merge_lora_tensors,
+    quantize_base,
     resolve_target_modules,
     save_peft_adapter,
 )
@@ -63,5 +64,6 @@ __all__ = [
     "materialize_stage",
     "save_hf_directory",
     "model_config_from_dict",
+    "quantize_base",
     "tied_parameter_names",
 ]

@@ -153,16 +153,14 @@ class LoraLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, scale={self.scale}"
 
 
-def _targets(stage: Stage, target_modules: Sequence[str]) -> Iterator[tuple[str, nn.Module, str]]:
-    """(module path in the stage, parent module, attribute) of each targeted linear in the stage's blocks."""
+def _targets(stage: Stage, target_modules: Sequence[str]) -> Iterator[tuple[nn.Module, str]]:
+    """(parent module, attribute name) of each targeted linear in the stage's blocks."""
     fam = family(stage.cfg)
     linears = block_linears(stage.cfg)
-    blocks = getattr(getattr(stage, fam.PREFIX), fam.LAYERS)
-    for index, block in blocks.items():
+    for block in getattr(getattr(stage, fam.PREFIX), fam.LAYERS).values():
         for leaf in target_modules:
             parent_path, _, attr = linears[leaf].rpartition(".")
-            parent = block.get_submodule(parent_path) if parent_path else block
-            yield f"{fam.PREFIX}.{fam.LAYERS}.{index}.{linears[leaf]}", parent, attr
+            yield (block.get_submodule(parent_path) if parent_path else block), attr
 
 
 def apply_lora(stage: Stage, lora_cfg: LoraConfig, seed: int | None = 0) -> Stage:
@@ -177,7 +175,7 @@ def apply_lora(stage: Stage, lora_cfg: LoraConfig, seed: int | None = 0) -> Stag
         raise ModelError("apply_lora: this stage already has LoRA adapters")
     for param in stage.parameters():
         param.requires_grad_(False)
-    for _, parent, attr in _targets(stage, targets):
+    for parent, attr in _targets(stage, targets):
         base = getattr(parent, attr)
         setattr(parent, attr, LoraLinear(base, lora_cfg.r, lora_cfg.scale, lora_cfg.dropout))
     stage.lora_config = lora_cfg
@@ -428,6 +426,10 @@ _PLAIN_LORA = {
     "trainable_token_indices": None,
     "target_parameters": None,
     "exclude_modules": None,
+    "layer_replication": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "alora_invocation_tokens": None,
 }
 
 

@@ -11,7 +11,7 @@ lora.py (LoRA adapters on a stage, peft's adapter files).
 
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelError, load_model_config, model_config_from_dict
 from .export import save_hf_directory
-from .flops import count_parameters, flops_per_token, head_cost_in_layers
+from .flops import count_lora_parameters, count_parameters, flops_per_token, head_cost_in_layers, lora_flops_per_token
 from .layers import attention_backend
 from .lora import (
     LoraConfig,
@@ -40,6 +40,7 @@ __all__ = [
     "ModelError",
     "Stage",
     "build_stage",
+    "count_lora_parameters",
     "count_parameters",
     "embedding_name",
     "expected_names",
@@ -54,6 +55,7 @@ __all__ = [
     "load_peft_adapter",
     "LoraConfig",
     "LoraLinear",
+    "lora_flops_per_token",
     "lora_parameters",
     "lora_state_dict",
     "make_lora_config",

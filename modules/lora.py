@@ -381,7 +381,7 @@ def save_peft_adapter(
     `peft.PeftModel.from_pretrained(base, directory)` loads every adapter with no missing or unexpected key."""
     from safetensors.torch import save_file
 
-    expected = _expected_adapter_shapes(cfg, lora_cfg)
+    expected = expected_adapter_shapes(cfg, lora_cfg)
     _check_adapter_tensors(adapter_tensors, expected, "LoRA tensors")
     os.makedirs(directory, exist_ok=True)
     data = {PEFT_PREFIX + name: adapter_tensors[name].detach().to("cpu").contiguous() for name in expected}
@@ -478,7 +478,7 @@ def load_peft_adapter(
         if not key.startswith(PEFT_PREFIX):
             raise ModelError(f"{directory}: unexpected adapter tensor {key!r} (peft keys start with {PEFT_PREFIX!r})")
         ours[key[len(PEFT_PREFIX) :]] = tensor
-    _check_adapter_tensors(ours, _expected_adapter_shapes(cfg, lora_cfg), str(directory))
+    _check_adapter_tensors(ours, expected_adapter_shapes(cfg, lora_cfg), str(directory))
     return lora_cfg, ours
 
 
@@ -526,7 +526,7 @@ def _read_adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
     raise ModelError(f"{directory}: no {PEFT_WEIGHTS_FILE} (or {PEFT_WEIGHTS_BIN}) found")
 
 
-def _expected_adapter_shapes(cfg: ModelConfig, lora_cfg: LoraConfig) -> dict[str, tuple[int, int]]:
+def expected_adapter_shapes(cfg: ModelConfig, lora_cfg: LoraConfig) -> dict[str, tuple[int, int]]:
     """{our adapter name: shape} of every adapter of the whole model, in layer and block order."""
     fam = family(cfg)
     linears = block_linears(cfg)

@@ -135,6 +135,13 @@ def test_logits_gradients_and_adamw_steps_match_peft(family, targets, tmp_path):
     assert len(trainable) == 2 * cfg.num_layers * len(expected_targets)
     assert [n for n, p in ours.named_parameters() if p.requires_grad] == list(trainable)
     assert sorted(peft_name(n) for n in trainable) == sorted(n for n, p in ref.named_parameters() if p.requires_grad)
+    peft_trainable = sum(p.numel() for p in ref.parameters() if p.requires_grad)
+    assert modules.count_lora_parameters(cfg, lora_cfg) == peft_trainable
+    base = modules.count_parameters(cfg, include_embedding=False)
+    assert (
+        modules.lora_flops_per_token(cfg, lora_cfg, 128)
+        == 4 * base + 6 * peft_trainable + 12 * cfg.num_layers * cfg.hidden_size * 128
+    )
     base_before = {n: p.detach().clone() for n, p in ours.named_parameters() if not modules.lora.is_lora_name(n)}
     peft_params = dict(ref.named_parameters())
 
@@ -242,6 +249,7 @@ def test_activation_checkpointing_and_compile_give_the_same_gradients(tmp_path):
     _, (ckpt,) = our_stage(tmp_path, lora_cfg, activation_checkpointing="full")
     _, (compiled,) = our_stage(tmp_path, lora_cfg)
     adapters = random_b(plain)
+    torch._dynamo.reset()
     # One block compiled as the trainer's --compile does (in place, names kept); aot_eager traces forward and
     # backward like inductor but needs no C++ toolchain, and fullgraph=True fails on any graph break.
     compiled.model.layers["1"].compile(backend="aot_eager", fullgraph=True)
@@ -252,6 +260,7 @@ def test_activation_checkpointing_and_compile_give_the_same_gradients(tmp_path):
         loss_of(stage(ids), labels).backward()
         grads.append({n: p.grad for n, p in modules.lora_parameters(stage).items()})
     assert len(grads[1]) == len(grads[2]) == len(grads[0])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the block was really compiled
     for name, grad in grads[0].items():
         assert grad.abs().max() > 1e-3, name
         for other in grads[1:]:

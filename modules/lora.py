@@ -269,6 +269,8 @@ def _quantized_linear(bnb, linear_weight: nn.Parameter, bias, mode: str, compute
             )
         else:
             layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False)
+    # bitsandbytes quantises a parameter when it moves from the CPU to a device (int8 only from the CPU), so the
+    # full-precision weight goes through the host once; loading stage by stage keeps that to one tensor at a time.
     if mode == "nf4":
         layer.weight = bnb.nn.Params4bit(data.cpu(), requires_grad=False, compress_statistics=True, quant_type="nf4")
     else:

@@ -51,7 +51,7 @@ class LoraConfig:
     r: int
     alpha: float
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ()  # leaf module names in a block, e.g. ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] = ()  # leaf names of block linears, e.g. ("q_proj", "v_proj"); () = peft's default
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -395,7 +395,7 @@ def save_peft_adapter(
         "r": lora_cfg.r,
         "lora_alpha": lora_cfg.alpha,
         "lora_dropout": lora_cfg.dropout,
-        "target_modules": list(lora_cfg.target_modules),
+        "target_modules": list(resolve_target_modules(cfg, lora_cfg.target_modules)),  # () = the default
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,

@@ -316,6 +316,12 @@ def test_saved_adapter_loads_in_peft_with_equal_logits(tmp_path):
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (R, ALPHA, str(tmp_path / "base"))
 
+    # A LoraConfig left at the default targets writes the family's default names, not an empty list.
+    default_adapters = {n: t for n, t in adapters.items() if ".query_key_value." in n}
+    modules.save_peft_adapter(str(tmp_path / "default"), default_adapters, LoraConfig(R, ALPHA), cfg, None)
+    assert json.loads((tmp_path / "default" / "adapter_config.json").read_text())["target_modules"] == [
+        "query_key_value"
+    ]
     # And back: our reader gives the same settings and tensors.
     back_cfg, back = modules.load_peft_adapter(str(tmp_path / "adapter"), cfg, expect=lora_cfg)
     assert back_cfg == lora_cfg and back.keys() == adapters.keys()

@@ -5,13 +5,29 @@
     load_stage_weights(stage, model_dir)                     # or init_stage_weights(stage, cfg, seed)
     hidden = stage(input_ids)
 
-Reading order: config.py, layers.py, gptneox.py / gptj.py / llama.py, stage.py, weights.py, flops.py, export.py.
+Reading order: config.py, layers.py, gptneox.py / gptj.py / llama.py, stage.py, weights.py, flops.py, export.py,
+lora.py (LoRA adapters on a stage, peft's adapter files).
 """
 
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelError, load_model_config, model_config_from_dict
 from .export import save_hf_directory
-from .flops import count_parameters, flops_per_token, head_cost_in_layers
+from .flops import count_lora_parameters, count_parameters, flops_per_token, head_cost_in_layers, lora_flops_per_token
 from .layers import attention_backend
+from .lora import (
+    LoraConfig,
+    LoraLinear,
+    apply_lora,
+    init_lora_weights,
+    load_lora_tensors,
+    load_peft_adapter,
+    lora_parameters,
+    lora_state_dict,
+    make_lora_config,
+    merge_lora_tensors,
+    quantize_base,
+    resolve_target_modules,
+    save_peft_adapter,
+)
 from .stage import (
     Stage,
     build_rank_stages,
@@ -26,12 +42,14 @@ from .weights import Checkpoint, expected_names, expected_shapes, init_stage_wei
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "attention_backend",
+    "apply_lora",
     "Checkpoint",
     "ModelConfig",
     "ModelError",
     "Stage",
     "build_rank_stages",
     "build_stage",
+    "count_lora_parameters",
     "count_parameters",
     "embedding_name",
     "expected_names",
@@ -39,11 +57,24 @@ __all__ = [
     "flops_per_token",
     "head_cost_in_layers",
     "head_name",
+    "init_lora_weights",
     "init_stage_weights",
+    "load_lora_tensors",
     "load_model_config",
+    "load_peft_adapter",
+    "LoraConfig",
+    "LoraLinear",
+    "lora_flops_per_token",
+    "lora_parameters",
+    "lora_state_dict",
+    "make_lora_config",
+    "merge_lora_tensors",
+    "resolve_target_modules",
+    "save_peft_adapter",
     "load_stage_weights",
     "materialize_stage",
     "save_hf_directory",
     "model_config_from_dict",
+    "quantize_base",
     "tied_parameter_names",
 ]

@@ -1,10 +1,12 @@
-"""Parameter and FLOP counts for MFU (GUIDE §5): 6·N_nonembedding + 12·L·d·S per token."""
+"""Parameter and FLOP counts for MFU (GUIDE §5): 6·N_nonembedding + 12·L·d·S per token; with LoRA (issue 14)
+4·N_base + 6·N_lora + 12·L·d·S."""
 
 from __future__ import annotations
 
 import math
 
 from .config import ModelConfig
+from .lora import LoraConfig, expected_adapter_shapes
 from .stage import embedding_name, head_name
 from .weights import expected_shapes
 
@@ -36,3 +38,16 @@ def head_cost_in_layers(cfg: ModelConfig, seq_length: int) -> float:
     head = cfg.vocab_size * cfg.hidden_size
     layer_params = (count_parameters(cfg, include_embedding=False) - head) / cfg.num_layers
     return 6 * head / (6 * layer_params + 12 * cfg.hidden_size * seq_length)
+
+
+def count_lora_parameters(cfg: ModelConfig, lora_cfg: LoraConfig) -> int:
+    """Adapter parameters of the full model (what peft reports as trainable)."""
+    return sum(math.prod(shape) for shape in expected_adapter_shapes(cfg, lora_cfg).values())
+
+
+def lora_flops_per_token(cfg: ModelConfig, lora_cfg: LoraConfig, seq_length: int) -> float:
+    """LoRA training FLOPs per token: the frozen base runs forward and the input-gradient half of backward (4·N,
+    no weight gradients), the adapters all three (6·N_lora), attention scores as in `flops_per_token`.
+    Recomputation under activation checkpointing is not counted (as in the issue's "LoRA MFU")."""
+    n = count_parameters(cfg, include_embedding=False)
+    return 4 * n + 6 * count_lora_parameters(cfg, lora_cfg) + 12 * cfg.num_layers * cfg.hidden_size * seq_length

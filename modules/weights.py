@@ -24,6 +24,7 @@ from utils.progress import progress
 
 from .config import ModelConfig, ModelError
 from .layers import RMSNorm
+from .lora import is_lora_name
 from .stage import Stage, build_stage, embedding_name, family, tied_parameter_names
 
 # Buffers that old checkpoints carry and no model needs: GPT-NeoX/GPT-J causal-mask buffers, rotary inv_freq.
@@ -101,12 +102,15 @@ def init_stage_weights(stage: Stage, cfg: ModelConfig, seed: int) -> None:
     """transformers' scheme: normal(0, initializer_range) for Linear/Embedding weights, zero biases, unit norms.
 
     Each tensor draws from its own CPU generator seeded by (seed, HF name), so the weights do not depend on the
-    pipeline layout or the device. A tied head on a separate last stage draws the embedding's values.
+    pipeline layout or the device. A tied head on a separate last stage draws the embedding's values. LoRA adapters
+    are left alone: `lora.init_lora_weights` initialises them.
     """
     tied = tied_parameter_names(cfg)
     embed = embedding_name(cfg)
     std = cfg.initializer_range
     for name, param in stage.named_parameters():  # a shared (tied) Parameter is listed once, as the embedding
+        if is_lora_name(name):
+            continue
         module = stage.get_submodule(name.rsplit(".", 1)[0])
         leaf = name.rsplit(".", 1)[1]
         if isinstance(module, (nn.LayerNorm, RMSNorm)):
@@ -281,7 +285,8 @@ def read_tensors(locations: dict[str, tuple[str, str]]):
 
 @torch.no_grad()
 def load_stage_weights(stage: Stage, model_dir: str, is_logger: bool = False) -> None:
-    """Copy this stage's tensors from `model_dir` (HF or layer-sharded) into its parameters, in place.
+    """Copy this stage's tensors from `model_dir` (HF or layer-sharded) into its parameters, in place. LoRA
+    adapters are not part of a base checkpoint and are skipped (`lora.load_lora_tensors` fills them).
 
     `is_logger`: this process draws the progress bar (utils.progress; the logging rank only)."""
     cfg = stage.cfg
@@ -289,7 +294,7 @@ def load_stage_weights(stage: Stage, model_dir: str, is_logger: bool = False) ->
     targets: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, tensor in stage.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:  # a tied head sharing the embedding Parameter is loaded once
+        if id(tensor) in seen or is_lora_name(name):  # a tied head sharing the embedding is loaded once
             continue
         seen.add(id(tensor))
         targets[name] = tensor

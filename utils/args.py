@@ -19,6 +19,7 @@ PP_MODES = ("gpipe", "1f1b", "interleaved-1f1b")
 # One of these must be in --tokenizer-name: transformers 5 otherwise builds an empty tokenizer without a word.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 OPTIMIZERS = ("adam", "adamw", "8bit-adam")
+QUANTIZE_MODES = ("none", "nf4", "int8")
 
 
 class ArgumentError(UserError, ValueError):
@@ -78,6 +79,24 @@ def build_parser():
         default="auto",
         help="scaled-dot-product attention kernel tried first (auto: torch's order)",
     )
+
+    lora = parser.add_argument_group("adapters (LoRA / QLoRA)")
+    lora.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0: train every weight (no adapters)")
+    lora.add_argument("--lora-alpha", type=float, default=16, help="LoRA scale is alpha / r (peft's rule)")
+    lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    lora.add_argument(
+        "--lora-target-modules",
+        default=None,
+        help="comma list of HF module names, or all-linear (default: peft's for the family: query_key_value for "
+        "GPT-NeoX, q_proj,v_proj for GPT-J and Llama)",
+    )
+    lora.add_argument(
+        "--quantize-base",
+        choices=QUANTIZE_MODES,
+        default="none",
+        help="hold the frozen base of a LoRA run in bitsandbytes 4-bit NF4 (QLoRA) or int8",
+    )
+    lora.add_argument("--lora-init", default=None, help="a peft adapter directory to start the adapters from")
 
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -278,6 +297,7 @@ def validate_args(args):
         raise ArgumentError(
             f"--world-size {args.world_size} must equal --pipeline-group-size x --data-group-size = {expected_world}"
         )
+    _check_lora(args)
     if args.fp16 and args.bf16:
         raise ArgumentError("--fp16 and --bf16 exclude each other; pick one")
     if args.loss_scale < 0:
@@ -361,6 +381,29 @@ def validate_args(args):
     _check_paths(args)
 
 
+def _check_lora(args):
+    if args.lora_r < 0:
+        raise ArgumentError(f"--lora-r must be >= 0 (0: no adapters), got {args.lora_r}")
+    if args.lora_r == 0:
+        for flag, given in (
+            ("--quantize-base", args.quantize_base != "none"),
+            ("--lora-init", args.lora_init is not None),
+            ("--lora-target-modules", args.lora_target_modules is not None),
+        ):
+            if given:
+                raise ArgumentError(f"{flag} needs adapters: add --lora-r R (16 is a common rank)")
+        return
+    if args.lora_alpha <= 0:
+        raise ArgumentError(f"--lora-alpha must be > 0, got {args.lora_alpha}")
+    if not 0 <= args.lora_dropout < 1:
+        raise ArgumentError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.lora_init is not None and not os.path.isfile(os.path.join(args.lora_init, "adapter_config.json")):
+        raise ArgumentError(
+            f"--lora-init {args.lora_init}: no adapter_config.json there; give a peft adapter directory "
+            f"(what PeftModel.save_pretrained or tools/convert_to_hf.py writes)"
+        )
+
+
 def _check_log_backends(args):
     try:
         backends = parse_backends(args.train_log_backend)
@@ -435,6 +478,14 @@ def job_config(args) -> sections.JobConfig:
             attention_backend=args.attention_backend,
             dtype=dtype,
             seed=args.seed,
+        ),
+        lora=sections.LoraRunConfig(
+            r=args.lora_r,
+            alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
+            target_modules=args.lora_target_modules,
+            quantize_base=args.quantize_base,
+            init_dir=args.lora_init,
         ),
         pipeline=sections.PipelineConfig(
             mode=args.pp_mode,

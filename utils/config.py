@@ -39,6 +39,20 @@ class ModelRunConfig:
 
 
 @dataclass(frozen=True)
+class LoraRunConfig:
+    r: int  # adapter rank; 0: dense training, no adapters [--lora-r]
+    alpha: float  # the adapters' output is scaled by alpha / r [--lora-alpha]
+    dropout: float  # on the adapters' input [--lora-dropout]
+    target_modules: str | None  # comma list of HF module names or all-linear; None: the family's default
+    quantize_base: str  # none | nf4 | int8: the frozen base through bitsandbytes [--quantize-base]
+    init_dir: str | None  # a peft adapter directory to start from [--lora-init]
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     mode: str  # gpipe | 1f1b | interleaved-1f1b [--pp-mode]
     virtual_stages: int  # stages per rank under interleaved-1f1b [--virtual-stages]
@@ -117,6 +131,7 @@ class ProfilingConfig:
 class JobConfig:
     dist: DistConfig
     model: ModelRunConfig
+    lora: LoraRunConfig
     pipeline: PipelineConfig
     data: DataConfig
     optimizer: OptimizerConfig

@@ -293,7 +293,7 @@ class Checkpointer:
                     pass
 
     # ---------------------------------------------------------------- load
-    def _validate(self, step, expected_meta, files_needed, expected_shapes):
+    def _validate(self, step, expected_meta, files_needed, expected_shapes, meta_problem=None):
         """Return (meta, None) if checkpoint `step` is usable by this rank, else (None, reason)."""
         folder = self.step_dir(step)
         meta_path = os.path.join(folder, META)
@@ -316,6 +316,9 @@ class Checkpointer:
                 theirs, ours = meta.get("shape", {}).get(key), expected_meta["shape"][key]
                 if theirs != ours:
                     return None, (f"{folder} is of another model: {key} {theirs}, this model (--model-name) has {ours}")
+            problem = meta_problem(meta) if meta_problem else None
+            if problem:
+                return None, f"{folder}: {problem}"
             for name in files_needed(meta):
                 problem = file_problem(folder, meta, name)
                 if problem:
@@ -346,9 +349,10 @@ class Checkpointer:
         dist.all_gather_object(reasons, reason)
         return next((r for r in reasons if r), None)
 
-    def find_resume_step(self, expected_meta, files_needed, fallback, log, expected_shapes=None):
+    def find_resume_step(self, expected_meta, files_needed, fallback, log, expected_shapes=None, meta_problem=None):
         """(step, meta) every rank resumes from ((None, None): start fresh). Raises CheckpointError on every rank
-        when the checkpoint `latest` names cannot be used (unless `fallback` finds an earlier complete one)."""
+        when the checkpoint `latest` names cannot be used (unless `fallback` finds an earlier complete one).
+        `meta_problem(meta)` names what else makes a checkpoint unusable for this run (None: nothing)."""
         try:
             latest = read_latest(self.root)
         except CheckpointError as exc:
@@ -374,7 +378,7 @@ class Checkpointer:
             candidates = [latest] + ([s for s in reversed(steps) if s < latest] if fallback else [])
         first = None
         for step in candidates:
-            meta, reason = self._validate(step, expected_meta, files_needed, expected_shapes)
+            meta, reason = self._validate(step, expected_meta, files_needed, expected_shapes, meta_problem)
             reason = self._agree(one_line(reason) if reason else None)
             if reason is None:
                 if first is not None:

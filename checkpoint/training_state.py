@@ -9,6 +9,8 @@ rotation, reading any layout's files) are store.py's job.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -38,6 +40,7 @@ class RunInfo:
     dtype: torch.dtype
     optimizer_kind: str
     flags: dict
+    quantize_base: str = "none"
 
 
 @dataclass
@@ -51,12 +54,18 @@ class TrainState:
     optimizer: object  # optimizer.StageOptimizer
     stream: object | None  # tasks.PackedStream on ranks that read data
     tied: dict[str, str]  # {head: embedding} when the model ties them
+    lora: object | None = None  # modules.LoraConfig of a LoRA run: only the adapters train and are saved
 
     @property
     def param_names(self) -> list[str]:
-        return [n for m in self.stages for n, _ in m.named_parameters()]
+        """The trained parameters, in the optimizer's order."""
+        return [n for m in self.stages for n, p in m.named_parameters() if p.requires_grad]
 
     def stage_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds of the stages: every tensor, or a LoRA run's adapters (the frozen base is read
+        from --model-name, named in the metadata by path and fingerprint)."""
+        if self.lora is not None:
+            return {k: v for m in self.stages for k, v in modules.lora_state_dict(m).items()}
         return {k: v for m in self.stages for k, v in m.state_dict().items()}
 
 
@@ -99,6 +108,7 @@ class TrainingCheckpoint:
             "iteration": step * self.run.accumulation,
             "dtype": str(self.run.dtype).replace("torch.", ""),
             "flags": self.run.flags,
+            "lora": _lora_meta(state.lora, self.run),
             "versions": {
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,
@@ -147,6 +157,7 @@ class TrainingCheckpoint:
             self.cfg.fallback,
             self.log,
             {k: tuple(v.shape) for k, v in current.items()},
+            meta_problem=lambda meta: self._adapter_problem(meta, state),
         )
         if step is None:
             return None
@@ -161,9 +172,8 @@ class TrainingCheckpoint:
                 opt[head + key[len(embedding) :]] = opt[key]
         weights = state.optimizer.load_state_tensors(param_names, opt, weights)
         with torch.no_grad():
-            for m in state.stages:
-                for k, v in m.state_dict().items():
-                    v.copy_(weights[k])
+            for k, v in current.items():
+                v.copy_(weights[k])
         with open(os.path.join(folder, stage_state_file(0))) as f:
             saved = json.load(f)
         if not saved.get("scaler"):  # the checkpoint had no loss scaler (fp32/bf16): keep this run's initial one
@@ -183,6 +193,35 @@ class TrainingCheckpoint:
             f"resumed from {folder} (step {saved['step']}; saved with pp={layout['pp']} x dp={layout['dp']}){restart}"
         )
         return saved["step"]
+
+    def _adapter_problem(self, meta, state: TrainState) -> str | None:
+        """Why a checkpoint's adapters (or their absence, or their base) do not fit this run, or None."""
+        theirs, ours = meta.get("lora"), _lora_meta(state.lora, self.run)
+        if theirs is None and ours is None:
+            return None
+        if ours is None:
+            return (
+                f"it holds LoRA adapters (r={theirs['r']}, alpha={theirs['alpha']:g}, targets "
+                f"{','.join(theirs['target_modules'])}) and this run has no --lora-r; resume with --lora-r "
+                f"{theirs['r']} --lora-alpha {theirs['alpha']:g} --lora-target-modules "
+                f"{','.join(theirs['target_modules'])}, or export it with tools/convert_to_hf.py --merge-lora"
+            )
+        if theirs is None:
+            return (
+                "it is a full fine-tuning checkpoint and this run trains LoRA adapters (--lora-r); drop --lora-r "
+                "to resume it, or export it with tools/convert_to_hf.py and train adapters on that model with a "
+                "new --checkpoint-path"
+            )
+        for key, flag in (("r", "--lora-r"), ("alpha", "--lora-alpha"), ("target_modules", "--lora-target-modules")):
+            if theirs[key] != ours[key]:
+                shown = ",".join(theirs[key]) if key == "target_modules" else theirs[key]
+                return f"its adapters have {key} {theirs[key]}, this run {ours[key]}; resume with {flag} {shown}"
+        if theirs["base_fingerprint"] != ours["base_fingerprint"]:
+            return (
+                f"its adapters were trained on the base model {theirs['base_path']}, and the weights of --model-name "
+                f"{self.run.model_dir} differ from that base; resume with the base they were trained on"
+            )
+        return None
 
     def _same_layout(self, meta, state: TrainState) -> bool:
         layout = meta.get("layout", {})
@@ -223,3 +262,38 @@ class TrainingCheckpoint:
                 f"--optimizer {ours}; resume with --optimizer {saved}, "
                 f"or export it with tools/convert_to_hf.py and start a new run from that model"
             )
+
+
+def _lora_meta(lora, run: RunInfo) -> dict | None:
+    """The adapters' settings and their base, as the metadata of a LoRA checkpoint records them."""
+    if lora is None:
+        return None
+    return {
+        "r": lora.r,
+        "alpha": lora.alpha,
+        "dropout": lora.dropout,
+        "target_modules": list(lora.target_modules),
+        "quantize_base": run.quantize_base,
+        "base_path": os.path.abspath(run.model_dir),
+        "base_fingerprint": base_fingerprint(run.model_dir),
+    }
+
+
+@functools.cache
+def base_fingerprint(model_dir: str) -> str:
+    """sha256 over config.json and, for every weight file, its name, size and first and last MiB: it changes when
+    the base model does, and takes milliseconds where hashing 41 GB of a 20B base would take minutes."""
+    digest = hashlib.sha256()
+    names = sorted(os.listdir(model_dir))
+    for name in names:
+        if name != "config.json" and not name.endswith((".safetensors", ".bin", ".pt", ".index.json")):
+            continue
+        path = os.path.join(model_dir, name)
+        size = os.path.getsize(path)
+        digest.update(f"{name}:{size}:".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(size - (1 << 20))
+                digest.update(f.read(1 << 20))
+    return digest.hexdigest()

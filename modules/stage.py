@@ -150,21 +150,41 @@ def build_rank_stages(
     weights_dir: str | None = None,
     seed: int = 0,
     show_progress: bool = False,
+    lora=None,
+    quantize_base: str = "none",
+    adapter_tensors=None,
 ) -> list[Stage]:
     """The stages `stage_ids` of a pipeline split by `bounds`, allocated once on `device` in `dtype`, holding the
-    weights of `weights_dir` (or a random init from `seed`), each transformer block compiled if asked."""
+    weights of `weights_dir` (or a random init from `seed`), each transformer block compiled if asked.
+
+    With `lora` (a lora.LoraConfig) the blocks' target linears get adapters (initialised from `seed`, or copied
+    from `adapter_tensors`) and every base weight is frozen; `quantize_base` (nf4 | int8) then holds the base
+    linears in bitsandbytes. A quantised stage is loaded on the host and quantised onto `device` linear by linear,
+    so the device never holds the stage's full-precision weights."""
+    from .lora import apply_lora, init_lora_weights, load_lora_tensors
+    from .lora import quantize_base as quantize
     from .weights import init_stage_weights, load_stage_weights
 
+    load_device = torch.device("cpu") if quantize_base != "none" else device
     stages = []
     for s in stage_ids:
         start, end = bounds[s]
         with torch.device("meta"):  # no full-size fp32 copy on the host first
             stage = build_stage(cfg, start, end, s == 0, s == len(bounds) - 1, activation_checkpointing)
-        stage = materialize_stage(stage, device, dtype)
+            if lora is not None:
+                apply_lora(stage, lora, seed=None)
+        stage = materialize_stage(stage, load_device, dtype)
         if weights_dir is not None:
             load_stage_weights(stage, weights_dir, is_logger=show_progress)
         else:
             init_stage_weights(stage, cfg, seed)
+        if lora is not None:
+            init_lora_weights(stage, seed)
+            if adapter_tensors is not None:
+                load_lora_tensors(stage, adapter_tensors)
+            if quantize_base != "none":
+                quantize(stage, quantize_base, compute_dtype=dtype, device=device)
+                stage = stage.to(device)
         if compile_blocks:
             for block in getattr(getattr(stage, family(cfg).PREFIX), family(cfg).LAYERS).values():
                 block.compile()

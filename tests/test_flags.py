@@ -67,6 +67,12 @@ FLAG_ERRORS = [
     ({"net-interface": "bogus0"}, ["--net-interface bogus0", "no such network interface"]),
     ({"metrics-file": "/dev/null/m.jsonl"}, ["--metrics-file", "/dev/null is not a directory"]),
     ({"checkpoint-path": "/dev/null/ck"}, ["--checkpoint-path /dev/null/ck", "/dev/null is not a directory"]),
+    ({"lora-r": -1}, ["--lora-r must be >= 0"]),
+    ({"quantize-base": "nf4"}, ["--quantize-base needs adapters", "--lora-r"]),
+    ({"lora-target-modules": "q_proj"}, ["--lora-target-modules needs adapters"]),
+    ({"lora-r": 4, "lora-dropout": 1.5}, ["--lora-dropout must be in [0, 1)"]),
+    ({"lora-r": 4, "lora-alpha": 0}, ["--lora-alpha must be > 0"]),
+    ({"lora-r": 4, "lora-init": "/nonexistent"}, ["--lora-init /nonexistent", "adapter_config.json"]),
 ]
 
 

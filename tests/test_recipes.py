@@ -95,3 +95,43 @@ def test_recipe_exits_with_the_ranks_code_on_a_bad_flag(setup):
     result = subprocess.run(["bash", RECIPE], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "--micro-batch-size" in result.stderr
+
+
+def test_lora_recipe_trains_adapters_with_its_environment_overrides(setup, tmp_path):
+    """The one-GPU LoRA recipe (a pipeline of two here, on CPU): it trains adapters only, and exports to peft."""
+    root, model, data, _ = setup
+    ckpt = tmp_path / "lora run"
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        NUM_GPUS="2",
+        MASTER_PORT=str(free_port()),
+        BASE_MODEL=model,
+        DATASETS=data,
+        CHECKPOINT_PATH=str(ckpt),
+        FINETUNE_TOTAL_STEPS="2",
+        CHECKPOINT_STEPS="2",
+        EXTRA_ARGS="--use-cuda false --seq-length 32 --batch-size 2 --dist-timeout 60",
+    )
+    recipe = os.path.join(REPO, "finetune_GPT-NeoXT-Chat-Base-20B-lora.sh")
+    result = subprocess.run(["bash", recipe], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    weights = read_checkpoint_weights(str(ckpt))
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
+    assert any("query_key_value.lora_B" in k for k in weights)
+    out = tmp_path / "adapter"
+    export = subprocess.run(
+        [
+            "python3",
+            os.path.join(REPO, "tools", "convert_to_hf.py"),
+            "--checkpoint-path",
+            str(ckpt),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert export.returncode == 0, export.stderr
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()

@@ -21,7 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from checkpoint.names import LATEST, META, TOKENIZER_DIR, stage_model_file, step_dir_name  # noqa: E402
 from checkpoint.store import CheckpointError, file_problem, read_latest  # noqa: E402
 from modules.config import ModelError, model_config_from_dict  # noqa: E402
-from modules.export import DTYPES, save_hf_directory, write_model_card  # noqa: E402
+from modules.export import DTYPES, copy_tokenizer_files, save_hf_directory, write_model_card  # noqa: E402
+from modules.lora import LoraConfig, merge_lora_tensors, save_peft_adapter  # noqa: E402
+from modules.stage import tied_parameter_names  # noqa: E402
+from modules.weights import Checkpoint, expected_names, read_tensors  # noqa: E402
 
 _HF_MODEL_TYPES = {"gpt_neox": "gptneox"}
 
@@ -77,8 +80,17 @@ def resolve_step(checkpoint_path: str, step: int | None) -> int:
     return latest
 
 
-def convert(checkpoint_path: str, output_dir: str, step: int | None = None, dtype: str = "fp32") -> str:
-    """Write the HF directory for one checkpoint step; returns the checkpoint folder used."""
+def convert(
+    checkpoint_path: str,
+    output_dir: str,
+    step: int | None = None,
+    dtype: str = "fp32",
+    merge_lora: bool = False,
+    base_model: str | None = None,
+) -> str:
+    """Write the HF directory for one checkpoint step; returns the checkpoint folder used. A LoRA checkpoint
+    becomes a peft adapter directory, or with `merge_lora` a full model with the adapters merged into the base
+    (read from `base_model`, default the base the metadata names)."""
     step = resolve_step(checkpoint_path, step)
     folder = os.path.join(checkpoint_path, step_dir_name(step))
     if not os.path.isdir(folder):
@@ -106,8 +118,25 @@ def convert(checkpoint_path: str, output_dir: str, step: int | None = None, dtyp
             raise ModelError(f"{problem}; export another step (--step) or restore the file")
     paths = [os.path.join(folder, name) for name in names]
     tokenizer_dir = os.path.join(folder, TOKENIZER_DIR)
+    tensors = StageFiles(paths)
+    lora = meta.get("lora")
+    if merge_lora and lora is None:
+        raise ModelError(f"--merge-lora: {folder} is a full fine-tuning checkpoint (no adapters); drop --merge-lora")
+    if lora is not None:
+        lora_cfg = LoraConfig(
+            int(lora["r"]), float(lora["alpha"]), float(lora["dropout"]), tuple(lora["target_modules"])
+        )
+        base = base_model or lora["base_path"]
+        if not merge_lora:
+            save_peft_adapter(output_dir, {k: tensors[k] for k in tensors}, lora_cfg, cfg, base)
+            _copy_tokenizer(tokenizer_dir, output_dir)
+            write_model_card(output_dir, meta, step, folder)
+            return folder
+        if not os.path.isdir(base):
+            raise ModelError(f"--merge-lora: the base model {base} is not there; pass --base-model DIR")
+        tensors = merge_lora_tensors(BaseTensors(base, cfg), tensors, lora_cfg)
     save_hf_directory(
-        StageFiles(paths),
+        tensors,
         cfg,
         output_dir,
         dtype=dtype,
@@ -118,15 +147,43 @@ def convert(checkpoint_path: str, output_dir: str, step: int | None = None, dtyp
     return folder
 
 
+class BaseTensors(Mapping):
+    """The tensors of a base model directory (HF or layer-sharded) as a read-on-demand mapping {HF name: tensor}."""
+
+    def __init__(self, model_dir: str, cfg):
+        self.checkpoint = Checkpoint(model_dir, cfg)
+        self.names = [n for n in expected_names(cfg) if n not in tied_parameter_names(cfg)]
+
+    def __getitem__(self, key):
+        return next(read_tensors({key: self.checkpoint.locate(key)}))[1]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+
+def _copy_tokenizer(tokenizer_dir: str, output_dir: str) -> None:
+    if os.path.isdir(tokenizer_dir):
+        copy_tokenizer_files(tokenizer_dir, output_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint-path", required=True, help="training checkpoint directory (holds `latest`)")
     parser.add_argument("--step", type=int, default=None, help="step to convert (default: the one in `latest`)")
     parser.add_argument("--output", required=True, help="Hugging Face model directory to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
+    parser.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="LoRA checkpoint: write the full model with B·A·alpha/r merged into the base (default: a peft adapter)",
+    )
+    parser.add_argument("--base-model", default=None, help="--merge-lora: the base model (default: as trained)")
     args = parser.parse_args(argv)
     try:
-        folder = convert(args.checkpoint_path, args.output, args.step, args.dtype)
+        folder = convert(args.checkpoint_path, args.output, args.step, args.dtype, args.merge_lora, args.base_model)
     except (ModelError, OSError) as e:
         print(f"convert_to_hf: error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ process groups, pipeline_parallel/ plans and runs the stages, modules/ builds th
 data_parallel/ sums their gradients, tasks/ streams the data, checkpoint/ saves and restores everything.
 """
 
+import importlib.util
 import math
 import time
 
@@ -40,6 +41,7 @@ class Trainer:
             log.backend, lay.is_logger, log.project, log.job_id, job.flags, log.metrics_file, log.tensorboard_dir
         )
         self.tokenizer = self._check_inputs()
+        self.lora, adapters = self._adapters()
         self.plan = plan_stages(
             cfg.num_layers,
             lay.pp_size,
@@ -60,8 +62,13 @@ class Trainer:
             weights_dir=job.model.model_dir if job.model.load_pretrained else None,
             seed=job.model.seed,
             show_progress=lay.is_logger,
+            lora=self.lora,
+            quantize_base=job.lora.quantize_base,
+            adapter_tensors=adapters,
         )
-        self.named_params = [(n, p) for m in self.stages for n, p in m.named_parameters()]
+        # What trains: every weight, or (LoRA) the adapters only; the frozen base gets no gradient, master copy
+        # or optimizer state.
+        self.named_params = [(n, p) for m in self.stages for n, p in m.named_parameters() if p.requires_grad]
         self.log.info(
             f"model {cfg.model_type}: {cfg.num_layers} layers, hidden {cfg.hidden_size}; {self.plan.num_stages} "
             f"stages over pp={lay.pp_size} x dp={lay.dp_size}; stage layers {self.plan.bounds}"
@@ -75,7 +82,7 @@ class Trainer:
         self.optimizer = StageOptimizer(self.named_params, job.optimizer, lay, self.steps_total, tied_copies)
         self.loss_fn = TokenMeanLoss(recompute=job.model.activation_checkpointing != "none", compiled=job.model.compile)
         self.pipeline = Pipeline(self.stages, self.plan, lay, job.pipeline, self.loss_fn)
-        self.state = TrainState(cfg, lay, self.plan, self.stages, self.optimizer, self.stream, self.tied)
+        self.state = TrainState(cfg, lay, self.plan, self.stages, self.optimizer, self.stream, self.tied, self.lora)
         run = RunInfo(
             job.model.model_dir,
             job.model.tokenizer_dir,
@@ -84,13 +91,17 @@ class Trainer:
             getattr(torch, job.model.dtype),
             job.optimizer.kind,
             job.flags,
+            job.lora.quantize_base,
         )
         self.checkpoint = TrainingCheckpoint(job.checkpoint, lay, run, self._announce)
         self.step = self.checkpoint.resume(self.state) or 0
         self.loss_tokens_seen = False
-        self.meter = StepMeter(
-            lay.device, modules.flops_per_token(cfg, job.data.seq_length), lay.world_size, self.steps_total, self.step
+        flops = (
+            modules.lora_flops_per_token(cfg, self.lora, job.data.seq_length)
+            if self.lora
+            else modules.flops_per_token(cfg, job.data.seq_length)
         )
+        self.meter = StepMeter(lay.device, flops, lay.world_size, self.steps_total, self.step)
         self.profiler = make_profiler(job.profiling, lay, self.stages)
 
     # ------------------------------------------------------------------ set-up
@@ -134,6 +145,24 @@ class Trainer:
                 f"{cfg.vocab_size}; use the model's tokenizer"
             )
         return tokenizer
+
+    def _adapters(self):
+        """(LoraConfig, adapter tensors of --lora-init or None), or (None, None) for full fine-tuning; checked
+        before the model load, as the other inputs are."""
+        lora = self.job.lora
+        if not lora.enabled:
+            return None, None
+        lora_cfg = modules.make_lora_config(self.cfg, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+        if lora.quantize_base != "none" and importlib.util.find_spec("bitsandbytes") is None:
+            raise modules.ModelError(
+                f"--quantize-base {lora.quantize_base} needs bitsandbytes: pip install bitsandbytes"
+            )
+        adapters = None
+        if lora.init_dir is not None:
+            _, adapters = modules.load_peft_adapter(lora.init_dir, self.cfg, expect=lora_cfg)
+        targets = ",".join(lora_cfg.target_modules)
+        self.log.info(f"LoRA r={lora_cfg.r} alpha={lora_cfg.alpha:g} on {targets}; the base is frozen")
+        return lora_cfg, adapters
 
     def _data_stream(self):
         """Only ranks holding the first or last stage read data (inputs / labels)."""

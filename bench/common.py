@@ -44,6 +44,7 @@ EOS_ID = 50256  # <|endoftext|> of the bundled GPT-2 tokenizer
 
 # GPT-NeoX shapes (rotary_pct 0.25, parallel residual, intermediate 4h, untied head), as in the Pythia / NeoX configs.
 SHAPES = {
+    "pythia-410m": dict(hidden_size=1024, num_layers=24, num_heads=16, vocab_size=50304),
     "pythia-1.4b": dict(hidden_size=2048, num_layers=24, num_heads=16, vocab_size=50304),
     "pythia-2.8b": dict(hidden_size=2560, num_layers=32, num_heads=32, vocab_size=50304),
     "pythia-6.9b": dict(hidden_size=4096, num_layers=32, num_heads=32, vocab_size=50432),
@@ -243,6 +244,14 @@ def flops_per_token(model_dir: str, seq_length: int) -> float:
     import modules
 
     return float(modules.flops_per_token(modules.load_model_config(model_dir), seq_length))
+
+
+def lora_flops_per_token(model_dir: str, seq_length: int, r: int, alpha: float, targets: str | None) -> float:
+    """Issue 14's "LoRA MFU" FLOPs per token, 4·N_base + 6·N_lora + 12·L·d·S (the trainer's own function)."""
+    import modules
+
+    cfg = modules.load_model_config(model_dir)
+    return float(modules.lora_flops_per_token(cfg, modules.make_lora_config(cfg, r, alpha, 0.0, targets), seq_length))
 
 
 _WORDS = (
@@ -533,8 +542,10 @@ class Session:
         optimizer: str = "adam",
         load_pretrained: bool = False,
         extra: list[str] | None = None,
+        flops: float | None = None,
     ) -> dict:
-        """One launch of the real entrypoint under torchrun; `batch` is per data-parallel replica per step."""
+        """One launch of the real entrypoint under torchrun; `batch` is per data-parallel replica per step.
+        `flops`: FLOPs per token for MFU when not the dense 6·N + 12·L·d·S (LoRA: `lora_flops_per_token`)."""
         a = self.args
         run = {
             "label": label,
@@ -628,7 +639,7 @@ class Session:
         run.update(self._run(label, cmd, env, metrics, a.steps))
         records = read_jsonl(metrics)
         run["step_records"] = records
-        fpt = flops_per_token(model_dir, a.seq_length)
+        fpt = flops or flops_per_token(model_dir, a.seq_length)
         run["flops_per_token"] = fpt
         run.update(summarize(records, a.warmup, run["tokens_per_step"], nproc, fpt, self.peak))
         if run["status"] == "ok" and not run.get("steps_timed"):
@@ -637,10 +648,24 @@ class Session:
         self.note(f"{label}: {self._one_line(run)}")
         return run
 
-    def baseline(self, label: str, *, model_dir: str, micro_batch: int, accum: int) -> dict:
+    def baseline(
+        self,
+        label: str,
+        *,
+        model_dir: str,
+        micro_batch: int,
+        accum: int,
+        extra: list[str] | None = None,
+        flops: float | None = None,
+        compile: bool | None = None,
+        describe: dict | None = None,
+    ) -> dict:
         """transformers GPTNeoXForCausalLM on one device (bench/baseline_hf.py), `micro_batch` x `accum` sequences
-        per optimizer step."""
+        per optimizer step. `extra`: more baseline_hf.py flags (LoRA, quantisation, data); `flops`: FLOPs per token
+        for MFU (default dense); `compile`: overrides --baseline-compile; `describe`: run fields to override
+        (precision, optimizer, activation_checkpointing) for the table and JSON."""
         a = self.args
+        compile = a.baseline_compile if compile is None else compile
         run = {
             "label": label,
             "kind": "baseline",
@@ -650,11 +675,12 @@ class Session:
             "n_micro": accum,
             "batch_per_replica": micro_batch * accum,
             "tokens_per_step": micro_batch * accum * a.seq_length,
-            "compile": a.baseline_compile,
+            "compile": compile,
             "activation_checkpointing": "none",
             "precision": "bf16 autocast" if self.gpu else "fp32",
             "optimizer": "torch AdamW fused" if self.gpu else "torch AdamW",
             "model": model_shape(model_dir),
+            **(describe or {}),
         }
         if a.no_baseline or self.remaining() < 45:
             run["status"] = "skipped" if a.no_baseline else "skipped (time budget)"
@@ -682,18 +708,19 @@ class Session:
             "--metrics-file",
             result_file + "l",
         ]
-        if a.baseline_compile:
+        if compile:
             cmd.append("--compile")
+        cmd += extra or []
         env = dict(os.environ, **SAFE_ENV)
         self.note(f"{label}: baseline (transformers), mb={micro_batch} x{accum}")
         run.update(self._run(label, cmd, env, result_file + "l"))
         records = read_jsonl(result_file + "l")
         extra = json.load(open(result_file)) if os.path.exists(result_file) else {}
         run["step_records"] = records
-        fpt = flops_per_token(model_dir, a.seq_length)
+        fpt = flops or flops_per_token(model_dir, a.seq_length)
         run["flops_per_token"] = fpt
         run.update(summarize(records, a.warmup, run["tokens_per_step"], 1, fpt, self.peak))
-        for key in ("device_name", "peak_mem_gb", "error"):
+        for key in ("device_name", "peak_mem_gb", "error", "quantized_by", "trainable_params", "adapter_dtype"):
             if key in extra:
                 run[key] = extra[key]
         if "peak_mem_gb" in extra:

@@ -9,6 +9,7 @@ accumulation steps), so all runs train the same tokens per step. A variant is `+
   mbN           micro-batch size N (must divide the step's batch)     compile      --compile (torch.compile blocks)
   fp16          --fp16 instead of --bf16                               bsN          this variant's batch per step
   ac-full, ac-selective   --activation-checkpointing               flash, cudnn, efficient   --attention-backend
+  causal       --attention-mask causal (default: document)
 
     python bench/bench_single_gpu.py --variants mb4,mb4+compile,mb8+compile,mb4+compile+fp16
     python bench/bench_single_gpu.py --smoke        # CPU check, tiny model
@@ -32,6 +33,7 @@ def parse_variant(text: str, default_batch: int) -> dict:
         "fp16": False,
         "activation_checkpointing": "none",
         "attention_backend": "auto",
+        "attention_mask": "document",
     }
     for word in text.split("+"):
         if word.startswith("mb") and word[2:].isdigit():
@@ -42,6 +44,8 @@ def parse_variant(text: str, default_batch: int) -> dict:
             v["compile"] = True
         elif word == "fp16":
             v["fp16"] = True
+        elif word == "causal":
+            v["attention_mask"] = "causal"
         elif word == "bf16":
             pass
         elif word.startswith("ac-") and word[3:] in ("none", "full", "selective"):
@@ -51,7 +55,7 @@ def parse_variant(text: str, default_batch: int) -> dict:
         else:
             sys.exit(
                 f"--variants: unknown word {word!r} in {text!r} (mbN, bsN, compile, fp16, ac-full, "
-                f"ac-selective, flash, cudnn, efficient)"
+                f"ac-selective, flash, cudnn, efficient, causal)"
             )
     if v["batch"] % v["micro_batch"]:
         sys.exit(f"--variants {text!r}: micro-batch {v['micro_batch']} does not divide the batch {v['batch']}")
@@ -107,7 +111,7 @@ def main():
             compile=v["compile"],
             fp16=v["fp16"],
             activation_checkpointing=v["activation_checkpointing"],
-            extra=["--attention-backend", v["attention_backend"]],
+            extra=["--attention-backend", v["attention_backend"], "--attention-mask", v["attention_mask"]],
         )
 
     bf16 = [r for r in ours.values() if r["precision"] != "fp16" and r.get("tokens_per_s")]

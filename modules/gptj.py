@@ -31,13 +31,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, h, bias=False)
         self.out_proj = nn.Linear(h, h, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, mask=None):
         b, s, _ = x.shape
         shape = (b, s, self.num_heads, self.head_dim)
         q = apply_rotary(self.q_proj(x).view(shape).transpose(1, 2), cos, sin, INTERLEAVED_ROTARY)
         k = apply_rotary(self.k_proj(x).view(shape).transpose(1, 2), cos, sin, INTERLEAVED_ROTARY)
         v = self.v_proj(x).view(shape).transpose(1, 2)
-        return self.out_proj(causal_attention(q, k, v))
+        return self.out_proj(causal_attention(q, k, v, mask))
 
 
 class MLP(nn.Module):
@@ -58,6 +58,6 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
         h = self.ln_1(x)
-        return self.attn(h, cos, sin) + self.mlp(h) + x
+        return self.attn(h, cos, sin, mask) + self.mlp(h) + x

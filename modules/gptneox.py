@@ -30,7 +30,7 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, mask=None):
         b, s, _ = x.shape
         qkv = self.query_key_value(x).view(b, s, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.chunk(3, dim=-1)  # each [B, H, S, D]
@@ -38,7 +38,7 @@ class Attention(nn.Module):
         k = apply_rotary(k, cos, sin, INTERLEAVED_ROTARY)
         # v is a view of the whole qkv output; attention saves v for backward, so copy it out and let the 3x-larger
         # qkv buffer go (saves two hidden-sized activations per layer; measured 1.6 GB at Pythia-1.4B, mb 4).
-        return self.dense(causal_attention(q, k, v.contiguous()))
+        return self.dense(causal_attention(q, k, v.contiguous(), mask))
 
 
 class MLP(nn.Module):
@@ -61,8 +61,8 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        attn = self.attention(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
+        attn = self.attention(self.input_layernorm(x), cos, sin, mask)
         if self.use_parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
             return self.mlp(self.post_attention_layernorm(x)) + attn + x
         h = attn + x  # sequential (RedPajama-INCITE): h = x + attn(ln1(x)); h + mlp(ln2(h))

@@ -7,6 +7,7 @@ the activation dtype (as transformers does), once per stage forward and reused b
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -105,16 +106,56 @@ def attention_backend(name: str) -> contextlib.AbstractContextManager:
     return sdpa_kernel([first, *order.values()], set_priority=True)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """SDPA on [B, H, S, D] (k/v may have fewer heads: GQA); returns [B, S, H*D]."""
-    if k.shape[1] != q.shape[1]:
-        # Expand rather than enable_gqa: every SDPA backend (flash, efficient, cuDNN) takes equal head counts.
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+    """Attention on [B, H, S, D] (k/v may have fewer heads: GQA); returns [B, S, H*D]. `mask` None: causal over
+    the whole window; otherwise a `document_mask` (causal within each document)."""
+    if isinstance(mask, DocumentBlockMask):
+        out = _flex_attention()(q, k, v, block_mask=mask.block_mask, enable_gqa=k.shape[1] != q.shape[1])
+    else:
+        if k.shape[1] != q.shape[1]:
+            # Expand rather than enable_gqa: every SDPA backend (flash, efficient, cuDNN) takes equal head counts.
+            rep = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     b, h, s, d = out.shape
     return out.transpose(1, 2).reshape(b, s, h * d)
+
+
+class DocumentBlockMask:
+    """A FlexAttention block mask (GPU): tokens see earlier tokens of their own document. Blocks of the score
+    matrix that cross documents are skipped, so short documents cost less than a causal window."""
+
+    def __init__(self, doc_ids: torch.Tensor):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        batch, seq = doc_ids.shape
+
+        def same_document_causal(b, h, q_idx, kv_idx):
+            return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+        self.block_mask = create_block_mask(same_document_causal, batch, None, seq, seq, device=doc_ids.device)
+
+
+@functools.cache
+def _flex_attention():
+    """flex_attention compiled once: uncompiled it materialises the whole score matrix."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def document_mask(doc_ids: torch.Tensor):
+    """The attention mask of packed documents `doc_ids` [B, S], built once per stage forward and shared by its
+    blocks: a FlexAttention block mask on GPUs, a boolean [B, 1, S, S] mask for SDPA elsewhere."""
+    if doc_ids.device.type == "cuda":
+        return DocumentBlockMask(doc_ids)
+    seq = doc_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
 
 
 class RMSNorm(nn.Module):

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import gptj, gptneox, llama
 from .config import ModelConfig, ModelError
-from .layers import Rotary
+from .layers import Rotary, document_mask
 
 FAMILIES = {"gptneox": gptneox, "gptj": gptj, "llama": llama}
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
@@ -88,19 +88,24 @@ class Stage(nn.Module):
             return True
         return self.activation_checkpointing == "selective" and local_index % 2 == 0
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x: input_ids [B, S] (first stage) or hidden [B, S, H]; returns logits [B, S, V] (last) or hidden."""
+    def forward(
+        self, x: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: input_ids [B, S] (first stage) or hidden [B, S, H]; returns logits [B, S, V] (last) or hidden.
+        `position_ids` [B, S] (default 0..S-1) place the rotary embedding; with `doc_ids` [B, S] a token attends
+        only to earlier tokens of its own document (packed documents), else to every earlier token."""
         fam = family(self.cfg)
         body = getattr(self, fam.PREFIX)
         h = getattr(body, fam.EMBED)(x) if self.is_first else x
         blocks = getattr(body, fam.LAYERS)
         if len(blocks):
             cos, sin = self.rotary(h.shape[1], h.dtype, position_ids)  # once per stage, shared by all blocks
+            mask = document_mask(doc_ids) if doc_ids is not None else None
             for i, block in enumerate(blocks.values()):
                 if self._checkpointed(i) and torch.is_grad_enabled():
-                    h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, use_reentrant=False)
+                    h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, use_reentrant=False)
                 else:
-                    h = block(h, cos, sin)
+                    h = block(h, cos, sin, mask)
         if self.is_last:
             h = getattr(self, fam.HEAD)(getattr(body, fam.FINAL_NORM)(h))
         return h

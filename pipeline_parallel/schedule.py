@@ -34,30 +34,33 @@ class Pipeline:
                 schedule_cls = Schedule1F1B if cfg.mode == "1f1b" else ScheduleGPipe
                 self.schedule = schedule_cls(stages[0], cfg.micro_batches, loss_fn=loss_fn, scale_grads=False)
 
-    def _local(self, input_ids, labels, train):
+    def _local(self, input_ids, labels, train, stage_kwargs):
         """pp=1: the same micro-batch split and loss, in a plain loop."""
         model = self.modules[0]
+        chunked = {k: v.chunk(self.n_microbatches) for k, v in stage_kwargs.items()}
         losses = []
-        for ids, lab in zip(input_ids.chunk(self.n_microbatches), labels.chunk(self.n_microbatches)):
+        for i, (ids, lab) in enumerate(zip(input_ids.chunk(self.n_microbatches), labels.chunk(self.n_microbatches))):
             with torch.set_grad_enabled(train):
-                loss = self.loss_fn(model(ids), lab)
+                loss = self.loss_fn(model(ids, **{k: v[i] for k, v in chunked.items()}), lab)
             if train:
                 loss.backward()
             losses.append(loss.detach())
         return losses
 
-    def run(self, input_ids, labels, train=True):
-        """One batch. Returns the summed micro-batch losses on the rank holding the last stage, else None."""
+    def run(self, input_ids, labels, train=True, **stage_kwargs):
+        """One batch. Returns the summed micro-batch losses on the rank holding the last stage, else None.
+        `stage_kwargs` ([B, S] tensors: position_ids, doc_ids) reach every stage, split like the batch: every rank
+        of the pipeline passes them."""
         if self.schedule is None:
-            return torch.stack(self._local(input_ids, labels, train)).sum()
+            return torch.stack(self._local(input_ids, labels, train, stage_kwargs)).sum()
         args = (input_ids,) if self.holds_first else ()
         target = labels if self.holds_last else None
         losses = [] if self.holds_last else None
         if train:
-            self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+            self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **stage_kwargs)
         else:
             with torch.no_grad():
-                self.schedule.eval(*args, target=target, losses=losses)
+                self.schedule.eval(*args, target=target, losses=losses, **stage_kwargs)
         if not self.holds_last:
             return None
         return torch.stack([loss.detach() for loss in losses]).sum()

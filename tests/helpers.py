@@ -242,3 +242,15 @@ def damaged_files(folder):
             if hashlib.sha256(f.read()).hexdigest() != digest:
                 bad.append(name)
     return bad
+
+
+def document_logits(model, batch):
+    """A transformers model's logits for a packed batch as --attention-mask document sees it: each document of
+    each row run alone (fresh positions), the rows put back together."""
+    import torch
+
+    rows = []
+    for ids, docs in zip(batch["input_ids"], batch["doc_ids"]):
+        parts = [model(ids[docs == d][None]).logits[0] for d in torch.unique(docs, sorted=True)]
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)

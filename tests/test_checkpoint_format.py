@@ -21,7 +21,14 @@ def test_format_v1_checkpoint_resumes_bit_exact(tmp_path):
         model,
         data,
         str(ckpt),
-        **{"seq-length": 16, "batch-size": 2, "total-steps": 3, "pipeline-group-size": 2, "load-checkpoint": "true"},
+        **{
+            "seq-length": 16,
+            "batch-size": 2,
+            "total-steps": 3,
+            "pipeline-group-size": 2,
+            "load-checkpoint": "true",
+            "attention-mask": "causal",  # the attention of the version that wrote it
+        },
     )
     result = run_torchrun(2, flags)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,6 +1,7 @@
 """Every pipeline / data-parallel layout trains exactly like one process.
 
-Reference: the transformers model and a plain torch AdamW (decay on weights only, linear schedule, global clipping
+Reference: the transformers model (each packed document run alone, as --attention-mask document trains) and a plain
+torch AdamW (decay on weights only, linear schedule, global clipping
 at 1.0) on the same global batches, fp32 on CPU. Each layout is a real multi-process run of the entrypoint under
 torchrun on gloo; its final checkpoint must equal the reference within rtol 1e-5 / atol 4e-5.
 """
@@ -9,7 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import base_flags, make_chat_data, make_model, read_checkpoint_weights, run_torchrun
+from tests.helpers import (
+    base_flags,
+    document_logits,
+    make_chat_data,
+    make_model,
+    read_checkpoint_weights,
+    run_torchrun,
+)
 
 pytestmark = pytest.mark.e2e  # real multi-process runs of the entrypoint
 
@@ -21,7 +29,7 @@ def hf_saved_name(name, model_type):
     return "embed_out.weight" if name == "lm_head.weight" and model_type == "gpt_neox" else name
 
 
-def reference_weights(model_dir, data, steps=STEPS):
+def reference_weights(model_dir, data, steps=STEPS, documents=True):
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
     import tasks
@@ -42,7 +50,8 @@ def reference_weights(model_dir, data, steps=STEPS):
     sched = get_linear_schedule_with_warmup(opt, 0, steps)
     for _ in range(steps):
         batch = next(stream)
-        logits = model(batch["input_ids"]).logits
+        # --attention-mask document (the default): each packed document alone; causal: the whole window
+        logits = document_logits(model, batch) if documents else model(batch["input_ids"]).logits
         labels = batch["labels"]
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         (loss / (labels != -100).sum()).backward()
@@ -65,6 +74,12 @@ def setup(tmp_path_factory):
     model_dir = make_model(root / "model", hidden=32, layers=4, heads=4)
     data = make_chat_data(root / "chat.jsonl")
     return root, model_dir, data, reference_weights(model_dir, data)
+
+
+@pytest.fixture(scope="module")
+def causal_reference(setup):
+    _, model_dir, data, _ = setup
+    return reference_weights(model_dir, data, documents=False)
 
 
 # (pp, dp, pp-mode, batch-size per replica, gradient-accumulate-step)
@@ -92,6 +107,12 @@ def test_layout_matches_one_process_reference(setup, pp, dp, mode, batch, accum)
 
 def test_activation_checkpointing_and_recomputed_loss_match_the_reference(setup):
     run_and_compare(setup, 2, 1, "1f1b", 4, 1, {"activation-checkpointing": "full"})
+
+
+def test_causal_attention_trains_like_the_whole_window_reference(setup, causal_reference):
+    """--attention-mask causal: OpenChatKit's attention over the whole packed window."""
+    root, model_dir, data, _ = setup
+    run_and_compare((root, model_dir, data, causal_reference), 2, 2, "1f1b", 2, 1, {"attention-mask": "causal"})
 
 
 def run_and_compare(setup, pp, dp, mode, batch, accum, extra=None):

@@ -87,7 +87,9 @@ def models(tmp_path_factory):
 
 
 def lora_flags(model_dir, data, ckpt, targets, **overrides):
-    flags = {"lora-r": R, "lora-alpha": ALPHA, "total-steps": STEPS, "seq-length": SEQ, **overrides}
+    # causal: the peft reference runs whole windows (document masking is proven on its own in test_layouts)
+    flags = {"lora-r": R, "lora-alpha": ALPHA, "total-steps": STEPS, "seq-length": SEQ, "attention-mask": "causal"}
+    flags.update(overrides)
     if targets:
         flags["lora-target-modules"] = targets
     return base_flags(model_dir, data, ckpt, **flags)

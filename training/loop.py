@@ -73,7 +73,10 @@ class Trainer:
             f"model {cfg.model_type}: {cfg.num_layers} layers, hidden {cfg.hidden_size}; {self.plan.num_stages} "
             f"stages over pp={lay.pp_size} x dp={lay.dp_size}; stage layers {self.plan.bounds}"
         )
-        self.stream = self._data_stream() if self.plan.reads_data else None
+        # Under document masking every stage needs the batch's document ids, so every rank reads the data;
+        # otherwise only the ranks holding the first (inputs) or last stage (labels).
+        self.documents = job.model.attention_mask == "document"
+        self.stream = self._data_stream() if self.plan.reads_data or self.documents else None
         self.steps_total = self._total_optimizer_steps()
         # A tied head on a separate last stage is a copy of the embedding: its gradient is summed with the
         # embedding's (see _sync_tied_gradients), and it is left out of the gradient norm so it counts once.
@@ -165,7 +168,6 @@ class Trainer:
         return lora_cfg, adapters
 
     def _data_stream(self):
-        """Only ranks holding the first or last stage read data (inputs / labels)."""
         import tasks
 
         data, lay = self.job.data, self.layout
@@ -253,7 +255,7 @@ class Trainer:
             input_ids = batch["input_ids"].to(lay.device, non_blocking=True) if batch else None
             labels = batch["labels"].to(lay.device, non_blocking=True) if batch else None
             with self.profiler.span("iteration"):
-                loss = self.pipeline.run(input_ids, labels)
+                loss = self.pipeline.run(input_ids, labels, **self._document_inputs(batch))
             if loss is not None:
                 loss_sum += loss
         faults.before_optimizer_step(self.step + 1, lay.rank, [p for _, p in self.named_params])
@@ -263,6 +265,20 @@ class Trainer:
         with self.profiler.span("optimizer"):
             grad_norm, skipped = self.optimizer.step()
         return loss_sum / scale, grad_norm, skipped
+
+    def _document_inputs(self, batch):
+        """The stages' position and document ids of a batch under --attention-mask document; none (plain causal
+        attention over the window) when every row holds one document, decided on the host: no device sync."""
+        if not self.documents or batch is None:
+            return {}
+        doc_ids = batch["doc_ids"]
+        if bool((doc_ids[:, 0] == doc_ids[:, -1]).all()):
+            return {}
+        device = self.layout.device
+        return {
+            "position_ids": batch["position_ids"].to(device, non_blocking=True),
+            "doc_ids": doc_ids.to(device, non_blocking=True),
+        }
 
     def _global_loss_tokens(self, batches):
         """Loss tokens of the whole optimizer step, summed over replicas (only the last stage needs it)."""
@@ -324,7 +340,12 @@ class Trainer:
         for i, batch in enumerate(batches):
             if data.evaluation_batches is not None and i >= data.evaluation_batches:
                 break
-            loss = self.pipeline.run(batch["input_ids"].to(lay.device), batch["labels"].to(lay.device), train=False)
+            loss = self.pipeline.run(
+                batch["input_ids"].to(lay.device),
+                batch["labels"].to(lay.device),
+                train=False,
+                **self._document_inputs(batch),
+            )
             if loss is not None:
                 total[0] += loss.double()
                 total[1] += (batch["labels"] != -100).sum()

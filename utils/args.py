@@ -80,6 +80,14 @@ def build_parser():
         help="scaled-dot-product attention kernel tried first (auto: torch's order)",
     )
 
+    model.add_argument(
+        "--attention-mask",
+        choices=("document", "causal"),
+        default="document",
+        help="document: a token sees only earlier tokens of its own packed document, positions restart per "
+        "document; causal: every earlier token of the window (OpenChatKit's behaviour)",
+    )
+
     lora = parser.add_argument_group("adapters (LoRA / QLoRA)")
     lora.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0: train every weight (no adapters)")
     lora.add_argument("--lora-alpha", type=float, default=16, help="LoRA scale is alpha / r (peft's rule)")
@@ -476,6 +484,7 @@ def job_config(args) -> sections.JobConfig:
             activation_checkpointing=args.activation_checkpointing,
             compile=args.compile,
             attention_backend=args.attention_backend,
+            attention_mask=args.attention_mask,
             dtype=dtype,
             seed=args.seed,
         ),

@@ -34,6 +34,7 @@ class ModelRunConfig:
     activation_checkpointing: str  # none | full | selective [--activation-checkpointing]
     compile: bool  # torch.compile each block and the loss [--compile]
     attention_backend: str  # SDPA kernel tried first [--attention-backend]
+    attention_mask: str  # document: packed documents do not see each other; causal: the whole window [--attention-mask]
     dtype: str  # float32 | bfloat16 | float16 [--bf16 / --fp16]
     seed: int  # random init and data order [--seed]
 

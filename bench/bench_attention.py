@@ -1,0 +1,89 @@
+"""Attention alone, forward + backward, the way a stage runs it: SDPA causal over the whole window against the
+document mask of --attention-mask document (modules.layers: a FlexAttention block mask built once, compiled
+flex_attention), at several mean document lengths; and the mask's build time. One GPU.
+
+    python bench/bench_attention.py --out results.json      # B8 H16 S2048 D128, bf16
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def doc_ids_of(batch, seq, mean_len, generator):
+    """Document ids of packed windows whose documents average `mean_len` tokens (lengths uniform in 1..2·mean)."""
+    import torch
+
+    rows = []
+    for _ in range(batch):
+        ids, doc = [], 0
+        while len(ids) < seq:
+            n = int(torch.randint(1, 2 * mean_len, (1,), generator=generator))
+            ids += [doc] * n
+            doc += 1
+        rows.append(ids[:seq])
+    return torch.tensor(rows)
+
+
+def timed(fn, repeats):
+    import torch
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--doc-lengths", default="256,512,2048")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import torch
+
+    from modules.layers import causal_attention, document_mask
+
+    device = torch.device("cuda")
+    shape = (args.batch, args.heads, args.seq, args.head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn(args.batch, args.seq, args.heads * args.head_dim, device=device, dtype=torch.bfloat16)
+
+    def step(mask):
+        out = causal_attention(q, k, v, mask)
+        out.backward(grad)
+
+    results = {"shape": list(shape), "causal_ms": timed(lambda: step(None), args.repeats), "document": []}
+    generator = torch.Generator().manual_seed(0)
+    for mean_len in (int(x) for x in args.doc_lengths.split(",")):
+        doc_ids = doc_ids_of(args.batch, args.seq, mean_len, generator).to(device)
+        mask = document_mask(doc_ids)
+        row = {
+            "mean_doc_len": mean_len,
+            "ms": timed(lambda mask=mask: step(mask), args.repeats),
+            "mask_build_ms": timed(lambda doc_ids=doc_ids: document_mask(doc_ids), args.repeats),
+        }
+        row["ratio_to_causal"] = row["ms"] / results["causal_ms"]
+        results["document"].append(row)
+        print(json.dumps(row), flush=True)
+    results["device"] = torch.cuda.get_device_name(device)
+    print(json.dumps(results), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

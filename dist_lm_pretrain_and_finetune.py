@@ -1,7 +1,8 @@
 """Pipeline x data-parallel fine-tuning of causal LMs (GPT-NeoX, GPT-J, Llama).
 
 Launch one process per rank (`--rank R --world-size W --dist-url tcp://HOST:PORT --cuda-id G`), or under torchrun,
-which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. See README.md.
+which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, or with `--nproc-per-node N` (launcher mode,
+comm/launch.py: checks the flags, then starts this node's N workers as torchrun would). See README.md.
 """
 
 import os
@@ -118,7 +119,14 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    code = main()
+    from comm.launch import wants_launcher
+
+    if wants_launcher(sys.argv[1:]):  # launcher mode: start the workers of this node (see comm/launch.py)
+        from comm import launch
+
+        code = launch.main(os.path.abspath(__file__), sys.argv[1:])
+    else:
+        code = main()
     sys.stdout.flush()
     sys.stderr.flush()
     # os._exit: after a failure, background threads (data workers, process-group internals) must not keep the

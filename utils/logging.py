@@ -123,3 +123,17 @@ def one_line(text):
 def error_line(message):
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
+    _record_for_torchrun(message)
+
+
+def _record_for_torchrun(message):
+    """Under torchrun (or the entrypoint's launcher mode) also write the first error line of this process into the
+    error file torch.distributed.elastic reads, so its failure report names the cause, not a link to its docs."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):  # the first line is the cause; later ones are consequences
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+    except OSError:  # the report falls back to the exit code; the line is on stderr anyway
+        pass

@@ -54,7 +54,8 @@ def first_failure_line(failed):
     rank = min(failures, key=lambda r: (failures[r].timestamp, r))
     failure = failures[rank]
     if rank in with_message:
-        return failure.message, failure.exitcode
+        message = failure.message
+        return (message.get("message", "") if isinstance(message, dict) else message), failure.exitcode
     how = f"signal {-failure.exitcode}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
     return f"rank {rank} ended with {how} and no error line; see its output above", failure.exitcode
 

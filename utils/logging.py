@@ -134,6 +134,7 @@ def _record_for_torchrun(message):
         return
     try:
         with open(path, "w") as f:
-            json.dump({"message": message, "timestamp": int(time.time())}, f)
+            # the layout torch's own @record writes (torchrun then fills in the exit code), minus the traceback
+            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
     except OSError:  # the report falls back to the exit code; the line is on stderr anyway
         pass

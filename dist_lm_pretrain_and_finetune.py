@@ -13,6 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # Pipeline stages hold activations of many sizes at once; expandable segments keep the CUDA caching allocator
 # from fragmenting near the memory limit (20B on 80 GB cards). A user's own setting wins. Set before torch loads.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# c10d's C++ warnings (a rank reaching for the store of a rank that already stopped) print 20-line native stack
+# traces around the one error line that matters; errors still show. A user's own setting wins (INFO, WARNING).
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 from utils.args import ArgumentError, parse_args, validate_args  # noqa: E402
 from utils.logging import error_line, one_line  # noqa: E402

@@ -72,7 +72,8 @@ class Watchdog:
                 if any(s > self.timeout_s for s in silent.values()):
                     # a lost machine takes several ranks at once: name every rank that has been silent for a
                     # while, not only the first to pass the timeout (a live rank beats every HEARTBEAT_S)
-                    lost = sorted(r for r, s in silent.items() if s > max(self.timeout_s / 2, 3 * HEARTBEAT_S))
+                    quiet = min(self.timeout_s, max(self.timeout_s / 2, 3 * HEARTBEAT_S))
+                    lost = sorted(r for r, s in silent.items() if s > quiet)
                     names = f"rank {lost[0]}" if len(lost) == 1 else f"ranks {', '.join(map(str, lost))}"
                     self._exit(
                         f"stopping: {names} sent no heartbeat for {self.timeout_s:.0f} s "

@@ -17,7 +17,7 @@ LAUNCHER_FLAGS = ("--nproc-per-node", "--nnodes", "--rdzv-endpoint", "--rdzv-id"
 
 
 def wants_launcher(argv):
-    return any(a == "--nproc-per-node" or a.startswith("--nproc-per-node=") for a in argv)
+    return any(a.split("=")[0] in ("--nproc-per-node", "--nproc_per_node") for a in argv)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,13 +28,20 @@ class _Parser(argparse.ArgumentParser):
 def split_argv(argv):
     """(launcher options, the training flags that every worker gets)."""
     parser = _Parser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--nproc-per-node", type=int, required=True, help="worker processes on this node")
+    parser.add_argument(
+        "--nproc-per-node", "--nproc_per_node", type=int, required=True, help="worker processes on this node"
+    )
     parser.add_argument("--nnodes", type=int, default=1, help="nodes in the job (one launcher per node)")
     parser.add_argument(
-        "--rdzv-endpoint", default=None, help="HOST:PORT every node's launcher meets at (needed with --nnodes > 1)"
+        "--rdzv-endpoint",
+        "--rdzv_endpoint",
+        default=None,
+        help="HOST:PORT every node's launcher meets at (needed with --nnodes > 1)",
     )
-    parser.add_argument("--rdzv-id", default="finetune", help="job id, the same on every node")
-    parser.add_argument("--max-restarts", type=int, default=0, help="restart every worker up to N times on a failure")
+    parser.add_argument("--rdzv-id", "--rdzv_id", default="finetune", help="job id, the same on every node")
+    parser.add_argument(
+        "--max-restarts", "--max_restarts", type=int, default=0, help="restart every worker up to N times on a failure"
+    )
     return parser.parse_known_args(argv)
 
 

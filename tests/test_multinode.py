@@ -183,9 +183,27 @@ def two_nodes(flags, max_restarts=0, env=None):
     return [first, start_node(port, flags, max_restarts, env)]
 
 
+def script_env(setup, ckpt, max_restarts=0):
+    """The environment examples/multinode.sh reads, for the tiny model: 2 "GPUs" per node, pp=2."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),  # the rendezvous port (29400 unless set)
+        "NNODES": "2",
+        "MODEL": setup["model"],
+        "DATA": setup["data"],
+        "CHECKPOINT_PATH": ckpt,
+        "GPUS_PER_NODE": "2",
+        "PP": "2",
+        "MAX_RESTARTS": str(max_restarts),
+        "JOB_ID": f"job{free_port()}",
+        "TRAIN_FLAGS": " ".join(train_flags(setup, ckpt)),  # the tiny model's flags instead of the 20B defaults
+        "PYTHON": sys.executable,
+    }
+
+
 def test_slurm_script_on_two_nodes_trains_bit_exact(setup, tmp_path):
-    """examples/slurm.sbatch run once per "node" with SLURM's variables set and a stand-in for srun (it runs its
-    command here): each runs examples/multinode.sh, i.e. one launcher per node, with the tiny model's flags."""
+    """examples/slurm.sbatch run once per "node" with SLURM's variables set and stand-ins for srun (it runs its
+    command here) and scontrol: each runs examples/multinode.sh, i.e. one launcher per node."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n')
@@ -193,23 +211,19 @@ def test_slurm_script_on_two_nodes_trains_bit_exact(setup, tmp_path):
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
     ckpt = str(tmp_path / "ckpt")
-    flags = train_flags(setup, ckpt)
-    env = {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "SLURM_NNODES": "2",
-        "SLURM_JOB_ID": str(free_port()),
-        "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.2",
-        "SLURM_SUBMIT_DIR": REPO,
-        "MASTER_PORT": str(free_port()),  # the rendezvous port (29400 unless set)
-        "MODEL": setup["model"],
-        "DATA": setup["data"],
-        "CHECKPOINT_PATH": ckpt,
-        "GPUS_PER_NODE": "2",
-        "PP": "2",
-        "MAX_RESTARTS": "0",
-        "TRAIN_FLAGS": " ".join(flags),  # the tiny model's flags instead of the 20B defaults
-        "PYTHON": sys.executable,
-    }
+    env = script_env(setup, ckpt)
+    for name in ("MASTER_ADDR", "NNODES", "MAX_RESTARTS", "JOB_ID"):  # the batch script derives these
+        del env[name]
+    env.update(
+        {
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "SLURM_NNODES": "2",
+            "SLURM_JOB_ID": str(free_port()),
+            "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.2",
+            "SLURM_SUBMIT_DIR": REPO,
+            "MAX_RESTARTS": "0",
+        }
+    )
     nodes = []
     for node in range(2):
         nodes.append(
@@ -252,12 +266,16 @@ def test_lost_node_stops_the_other_within_the_timeout_and_relaunch_resumes_bit_e
 
 def test_max_restarts_restarts_both_nodes_after_a_worker_dies_and_finishes_bit_exact(setup, tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    nodes = two_nodes(train_flags(setup, ckpt), max_restarts=1, env={"CKPT_HOLD_AFTER_SAVE": f"{EVERY}:120"})
+    env = dict(script_env(setup, ckpt, max_restarts=1), CKPT_HOLD_AFTER_SAVE=f"{EVERY}:120")
+    nodes = []
+    for _ in range(2):  # examples/multinode.sh, the same command on both nodes
+        nodes.append(_popen(["bash", os.path.join(REPO, "examples", "multinode.sh")], env))
+        time.sleep(1.0)
     wait_for(lambda: latest(ckpt) == EVERY, 180, nodes)
     time.sleep(1.0)
     ranks = worker_ranks(nodes[1].pid)
     assert 3 in ranks, ranks
-    _kill(ranks[3])  # one worker of node 1; its agent and the other node's agent restart every worker
+    _kill(ranks[3])  # one worker of node 1; its launcher and the other node's launcher restart every worker
     results = wait_nodes(nodes, 300)
     for rc, out in results:
         assert rc == 0, out[-3000:]

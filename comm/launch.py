@@ -111,6 +111,12 @@ def main(entrypoint, argv):
         monitor_interval=0.5,
         start_method="spawn",
     )
+    if opts.nnodes > 1:  # the agent's own logs are off: say what this node waits for (up to 600 s, torch's default)
+        print(
+            f"launcher: {opts.nproc_per_node} workers here; waiting for {opts.nnodes} nodes at {opts.rdzv_endpoint} "
+            f"(--rdzv-id {opts.rdzv_id})",
+            flush=True,
+        )
     try:
         elastic_launch(config, entrypoint=sys.executable)(entrypoint, *flags)
     except ChildFailedError as failed:

@@ -177,10 +177,17 @@ def wait_for(condition, timeout, procs=()):
 
 
 def two_nodes(flags, max_restarts=0, env=None):
+    """Two torchrun nodes. The c10d rendezvous store is held here, as by a rendezvous host that outlives the nodes:
+    both agents find the port taken and join as clients. (When the node hosting the rendezvous is lost, torchrun's
+    agent on the other node fails at once with RendezvousConnectionError, before its workers can name anything.)"""
+    from torch.distributed import TCPStore
+
     port = free_port()
-    first = start_node(port, flags, max_restarts, env)
-    time.sleep(1.0)  # node 0 hosts the rendezvous and (lower pid) gets ranks 0 and 1
-    return [first, start_node(port, flags, max_restarts, env)]
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    nodes = [start_node(port, flags, max_restarts, env) for _ in range(2)]
+    for node in nodes:
+        node.rdzv_store = store  # alive as long as the nodes are
+    return nodes
 
 
 def script_env(setup, ckpt, max_restarts=0):
@@ -243,12 +250,14 @@ def test_lost_node_stops_the_other_within_the_timeout_and_relaunch_resumes_bit_e
     nodes = two_nodes(flags + ["--dist-timeout", str(TIMEOUT)], env={"CKPT_HOLD_AFTER_SAVE": f"{EVERY}:120"})
     wait_for(lambda: latest(ckpt) == EVERY, 180, nodes)
     time.sleep(1.0)  # every rank finished the save and sleeps in the pause
-    ranks = worker_ranks(nodes[1].pid)
-    assert sorted(ranks) == [2, 3], (ranks, worker_ranks(nodes[0].pid))
-    for pid in [nodes[1].pid, *descendants(nodes[1].pid)]:  # the whole node: its agent and its workers
+    # the node without rank 0 is lost (the rendezvous numbers the nodes; rank 0 holds the workers' store, and its
+    # loss is reported as a lost store instead)
+    lost = next(i for i, node in enumerate(nodes) if 0 not in worker_ranks(node.pid))
+    assert sorted(worker_ranks(nodes[lost].pid)) == [2, 3], [worker_ranks(node.pid) for node in nodes]
+    for pid in [nodes[lost].pid, *descendants(nodes[lost].pid)]:  # the whole node: its agent and its workers
         _kill(pid)
     killed_at = time.time()
-    (rc, out), _ = wait_nodes(nodes, TIMEOUT + 60)
+    (rc, out), _ = wait_nodes([nodes[1 - lost], nodes[lost]], TIMEOUT + 60)
     took = time.time() - killed_at
     assert rc not in (0, None), out[-3000:]
     assert took < TIMEOUT + 10, (took, out[-3000:])
@@ -273,9 +282,9 @@ def test_max_restarts_restarts_both_nodes_after_a_worker_dies_and_finishes_bit_e
         time.sleep(1.0)
     wait_for(lambda: latest(ckpt) == EVERY, 180, nodes)
     time.sleep(1.0)
-    ranks = worker_ranks(nodes[1].pid)
-    assert 3 in ranks, ranks
-    _kill(ranks[3])  # one worker of node 1; its launcher and the other node's launcher restart every worker
+    ranks = {**worker_ranks(nodes[0].pid), **worker_ranks(nodes[1].pid)}
+    assert sorted(ranks) == [0, 1, 2, 3], ranks
+    _kill(ranks[3])  # one worker; its launcher and the other node's launcher restart every worker
     results = wait_nodes(nodes, 300)
     for rc, out in results:
         assert rc == 0, out[-3000:]

@@ -53,16 +53,22 @@ def _check(opts):
     return None
 
 
+def _when(failure):
+    """When a rank wrote its error line (utils.logging keeps sub-second time; torch's timestamp is whole seconds,
+    and the rank that failed first and the ranks it stopped usually share that second)."""
+    message = failure.message if isinstance(failure.message, dict) else {}
+    return float(message.get("extraInfo", {}).get("time", failure.timestamp))
+
+
 def first_failure_line(failed):
     """The `error:` line of torch.distributed.elastic's ChildFailedError: the earliest failure that left a message
-    (a rank's own error line), else the earliest exit."""
-    with_message = {r: f for r, f in failed.failures.items() if f.error_file_data.get("message")}
+    (a rank's own error line; the ranks it stopped write theirs later), else the earliest exit."""
+    with_message = {r: f for r, f in failed.failures.items() if isinstance(f.message, dict)}  # read from its file
     failures = with_message or failed.failures
-    rank = min(failures, key=lambda r: (failures[r].timestamp, r))
+    rank = min(failures, key=lambda r: (_when(failures[r]), r))
     failure = failures[rank]
     if rank in with_message:
-        message = failure.message
-        return (message.get("message", "") if isinstance(message, dict) else message), failure.exitcode
+        return failure.message.get("message", ""), failure.exitcode
     how = f"signal {-failure.exitcode}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
     return f"rank {rank} ended with {how} and no error line; see its output above", failure.exitcode
 
@@ -91,6 +97,7 @@ def main(entrypoint, argv):
         error_line(str(exc))
         return 2
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -123,6 +130,9 @@ def main(entrypoint, argv):
         line, code = first_failure_line(failed)
         error_line(line)
         return code if code > 0 else 1
+    except (KeyboardInterrupt, SignalException) as exc:  # Ctrl-C, or scancel / kill: the workers are stopped
+        error_line(f"launcher: stopped by {getattr(exc, 'sigval', None) and exc.sigval.name or 'Ctrl-C'}")
+        return 130
     except Exception as exc:  # noqa: BLE001 - the rendezvous (no other node, a port in use): one line
         first = (str(exc).strip().splitlines() or [""])[0]
         error_line(

@@ -14,8 +14,6 @@ import pytest
 
 from tests.helpers import ENTRYPOINT, REPO, base_flags, make_chat_data, make_model, run_torchrun
 
-pytestmark = pytest.mark.e2e
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -45,6 +43,7 @@ def assert_last_line(result, screen, text, code=2, most=4):
     assert len(errors) <= most, errors
 
 
+@pytest.mark.e2e
 def test_bad_flag_in_launcher_mode_is_one_line_before_any_worker_starts(setup, tmp_path):
     flags = base_flags(setup["model"], setup["data"], str(tmp_path / "ckpt"), **{"pipeline-group-size": 2, "lr": -1})
     result, screen = launch([sys.executable, ENTRYPOINT, "--nproc-per-node", "2", *flags], timeout=120)
@@ -56,6 +55,7 @@ def test_bad_flag_in_launcher_mode_is_one_line_before_any_worker_starts(setup, t
     assert_last_line(result, screen, "--nnodes 1 x --nproc-per-node 2 = 2 processes", most=1)
 
 
+@pytest.mark.e2e
 def test_bad_data_in_launcher_mode_ends_with_the_failing_ranks_line(setup, tmp_path):
     flags = base_flags(setup["model"], setup["bad"], str(tmp_path / "ckpt"), **{"pipeline-group-size": 2})
     result, screen = launch([sys.executable, ENTRYPOINT, "--nproc-per-node", "2", *flags])
@@ -63,6 +63,7 @@ def test_bad_data_in_launcher_mode_ends_with_the_failing_ranks_line(setup, tmp_p
     assert len(screen) <= 8, screen
 
 
+@pytest.mark.e2e
 def test_bad_flag_through_the_multinode_script(setup, tmp_path):
     env = {
         "MODEL": setup["model"],
@@ -78,6 +79,7 @@ def test_bad_flag_through_the_multinode_script(setup, tmp_path):
     assert_last_line(result, screen, "--warmup-steps must be >= 0", most=1)
 
 
+@pytest.mark.e2e
 def test_plain_torchrun_report_names_the_cause(setup, tmp_path):
     """torchrun's own traceback stays (it is torchrun's), but its root cause is the rank's line, not a docs link."""
     flags = base_flags(setup["model"], setup["bad"], str(tmp_path / "ckpt"), **{"pipeline-group-size": 2})
@@ -85,3 +87,26 @@ def test_plain_torchrun_report_names_the_cause(setup, tmp_path):
     assert result.returncode != 0
     report = result.stderr.split("Root Cause")[-1]
     assert "bad.jsonl:2: not valid JSON" in report and "To enable traceback" not in report, result.stderr[-3000:]
+
+
+def test_the_launcher_names_the_rank_that_failed_first(tmp_path, monkeypatch):
+    """Error files as the ranks write them: rank 1's own error, then rank 0 stopping because of it, within the same
+    second. The launcher's last line is rank 1's, with its exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from comm.launch import first_failure_line
+    from utils.logging import error_line
+
+    failures = {}
+    for rank, line, code in ((1, "[rank 1] data.jsonl:2: not valid JSON", 2), (0, "[rank 0] stopping: rank 1 ...", 1)):
+        path = str(tmp_path / f"error{rank}.json")
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", path)
+        error_line(line)
+        error_line("a later line of the same rank is not its cause")
+        failures[rank] = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file=path)
+    assert first_failure_line(ChildFailedError("train", failures)) == ("[rank 1] data.jsonl:2: not valid JSON", 2)
+    # a rank that left no error file (killed by a signal) is named only when no rank left a line
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
+    killed = ProcessFailure(local_rank=0, pid=7, exitcode=-9, error_file=str(tmp_path / "none.json"))
+    line, code = first_failure_line(ChildFailedError("train", {3: killed}))
+    assert line == "rank 3 ended with signal 9 and no error line; see its output above" and code == -9

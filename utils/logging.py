@@ -135,6 +135,8 @@ def _record_for_torchrun(message):
     try:
         with open(path, "w") as f:
             # the layout torch's own @record writes (torchrun then fills in the exit code), minus the traceback
-            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+            # ("time": torch keeps whole seconds; the launcher mode orders the ranks' failures by it)
+            info = {"timestamp": str(int(time.time())), "time": repr(time.time())}
+            json.dump({"message": {"message": message, "extraInfo": info}}, f)
     except OSError:  # the report falls back to the exit code; the line is on stderr anyway
         pass

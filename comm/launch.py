@@ -97,6 +97,7 @@ def main(entrypoint, argv):
         error_line(str(exc))
         return 2
 
+    import torch.distributed.elastic.rendezvous.c10d_rendezvous_backend  # noqa: F401 - its logger, quieted below
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -106,7 +107,10 @@ def main(entrypoint, argv):
     if opts.nproc_per_node > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: N workers must not oversubscribe cores
     # The agent's own log lines (SIGTERMs sent, the failure table) would bury the workers' error lines.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # (torch gives some of its loggers a level of their own, so set each one, not only the parent)
+    for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(
         min_nodes=opts.nnodes,
         max_nodes=opts.nnodes,

@@ -1,7 +1,8 @@
 """Pipeline x data-parallel fine-tuning of causal LMs (GPT-NeoX, GPT-J, Llama).
 
 Launch one process per rank (`--rank R --world-size W --dist-url tcp://HOST:PORT --cuda-id G`), or under torchrun,
-which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. See README.md.
+which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, or with `--nproc-per-node N` (launcher mode,
+comm/launch.py: checks the flags, then starts this node's N workers as torchrun would). See README.md.
 """
 
 import os
@@ -12,6 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # Pipeline stages hold activations of many sizes at once; expandable segments keep the CUDA caching allocator
 # from fragmenting near the memory limit (20B on 80 GB cards). A user's own setting wins. Set before torch loads.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# c10d's C++ warnings (a rank reaching for the store of a rank that already stopped) print 20-line native stack
+# traces around the one error line that matters; errors still show. A user's own setting wins (INFO, WARNING).
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 from utils.args import ArgumentError, job_config, parse_args, validate_args
 from utils.errors import UserError  # noqa: E402
@@ -96,7 +100,14 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    code = main()
+    from comm.launch import wants_launcher
+
+    if wants_launcher(sys.argv[1:]):  # launcher mode: start the workers of this node (see comm/launch.py)
+        from comm import launch
+
+        code = launch.main(os.path.abspath(__file__), sys.argv[1:])
+    else:
+        code = main()
     sys.stdout.flush()
     sys.stderr.flush()
     # os._exit: after a failure, background threads (data workers, process-group internals) must not keep the

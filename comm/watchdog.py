@@ -58,6 +58,7 @@ class Watchdog:
                 if reported and reported[0] != self.rank:  # the failing rank itself reports and exits on its own
                     self._exit(f"stopping: {reported[1]}")
                 now = time.time()
+                silent = {}  # rank -> seconds since its heartbeat last changed
                 for other in range(self.world_size):
                     if other == self.rank:
                         continue
@@ -66,11 +67,19 @@ class Watchdog:
                     last_value, changed = seen.get(other, (None, now))
                     if value != last_value:
                         seen[other] = (value, now)
-                    elif now - changed > self.timeout_s:
-                        self._exit(
-                            f"stopping: rank {other} sent no heartbeat for {self.timeout_s:.0f} s "
-                            f"(--dist-timeout); it died or hangs, see its log"
-                        )
+                    else:
+                        silent[other] = now - changed
+                if any(s > self.timeout_s for s in silent.values()):
+                    # a lost machine takes several ranks at once: name every rank that has been silent for a
+                    # while, not only the first to pass the timeout (a live rank beats every HEARTBEAT_S)
+                    quiet = min(self.timeout_s, max(self.timeout_s / 2, 3 * HEARTBEAT_S))
+                    lost = sorted(r for r, s in silent.items() if s > quiet)
+                    names = f"rank {lost[0]}" if len(lost) == 1 else f"ranks {', '.join(map(str, lost))}"
+                    self._exit(
+                        f"stopping: {names} sent no heartbeat for {self.timeout_s:.0f} s "
+                        f"(--dist-timeout); {'it' if len(lost) == 1 else 'they'} died or hang (a lost node?), "
+                        f"see {'its' if len(lost) == 1 else 'their'} log"
+                    )
             except Exception as exc:  # the store lives with rank 0 / torchrun: losing it means the job is gone
                 self._exit(
                     f"stopping: lost the rendezvous store ({type(exc).__name__}: {exc}); rank 0 or the launcher died"

@@ -5,13 +5,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/demo}
 MODEL=$OUT/tiny-gptneox
+# Run again and again: each run starts over, replacing the demo's own earlier output (a marker file says the folder
+# is the demo's). Checkpoints in a folder the demo did not make stay: --load-checkpoint false refuses them below.
+if [ -f "$OUT/.demo-output" ]; then
+  rm -rf "$OUT/checkpoints" "$OUT/hf-export"
+fi
+mkdir -p "$OUT"
+if [ ! -e "$OUT/checkpoints" ]; then touch "$OUT/.demo-output"; fi
 if [ ! -f "$MODEL/config.json" ]; then
   python3 tools/make_tiny_model.py --output "$MODEL" --model-type gptneox --hidden-size 128 --num-layers 4 \
     --num-heads 4
 fi
 export OMP_NUM_THREADS=1
-python3 -m torch.distributed.run --nproc_per_node=2 --master_port="${MASTER_PORT:-29517}" \
-  dist_lm_pretrain_and_finetune.py \
+# The entrypoint's launcher mode (torchrun's machinery): a mistake in the flags below or in "$@" ends with one line.
+python3 dist_lm_pretrain_and_finetune.py --nproc-per-node 2 \
   --model-name "$MODEL" --tokenizer-name "$MODEL" --model-type gptneox \
   --task-name assets/data/sample_chat.jsonl:0.7,assets/data/sample_messages.jsonl:0.3 \
   --evaluation-data assets/data/sample_eval.jsonl --evaluation-steps 20 --evaluation-num-batch 4 \

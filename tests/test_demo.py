@@ -42,3 +42,36 @@ def test_demo_script_runs_and_exports(tmp_path):
 
     model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-export", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+@pytest.mark.e2e
+def test_demo_runs_again_and_again_but_keeps_other_runs_checkpoints(tmp_path):
+    """README command 1 twice in a row: the second run replaces the demo's own earlier output and succeeds. A folder
+    the demo did not make keeps its checkpoints: --load-checkpoint false still refuses to replace them."""
+
+    def demo(out):
+        env = dict(os.environ, OUT=str(out), DEMO_STEPS="2")
+        return subprocess.run(
+            ["bash", os.path.join(REPO, "examples", "demo_cpu.sh"), "--evaluation-steps", "0"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=540,
+        )
+
+    out = tmp_path / "demo"
+    for run in range(2):
+        result = demo(out)
+        assert result.returncode == 0, (run, result.stdout[-3000:] + result.stderr[-3000:])
+        assert "step 2 loss=" in result.stdout, result.stdout[-3000:]
+        assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint_2", "latest"]
+        assert (out / "hf-export" / "config.json").is_file()
+
+    other = tmp_path / "other"  # another run's checkpoints where the demo would write
+    os.makedirs(other / "checkpoints" / "checkpoint_5")
+    (other / "checkpoints" / "latest").write_text("5\n")
+    result = demo(other)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --checkpoint-path"), result.stderr[-3000:]
+    assert "holds another run's checkpoints" in result.stderr
+    assert sorted(os.listdir(other / "checkpoints")) == ["checkpoint_5", "latest"]

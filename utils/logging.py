@@ -194,3 +194,20 @@ def one_line(text):
 def error_line(message):
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
+    _record_for_torchrun(message)
+
+
+def _record_for_torchrun(message):
+    """Under torchrun (or the entrypoint's launcher mode) also write the first error line of this process into the
+    error file torch.distributed.elastic reads, so its failure report names the cause, not a link to its docs."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):  # the first line is the cause; later ones are consequences
+        return
+    try:
+        with open(path, "w") as f:
+            # the layout torch's own @record writes (torchrun then fills in the exit code), minus the traceback
+            # ("time": torch keeps whole seconds; the launcher mode orders the ranks' failures by it)
+            info = {"timestamp": str(int(time.time())), "time": repr(time.time())}
+            json.dump({"message": {"message": message, "extraInfo": info}}, f)
+    except OSError:  # the report falls back to the exit code; the line is on stderr anyway
+        pass

@@ -8,7 +8,7 @@ MODEL=$OUT/tiny-gptneox
 # Run again and again: each run starts over, replacing the demo's own earlier output (a marker file says the folder
 # is the demo's). Checkpoints in a folder the demo did not make stay: --load-checkpoint false refuses them below.
 if [ -f "$OUT/.demo-output" ]; then
-  rm -rf "$OUT/checkpoints" "$OUT/hf-export"
+  rm -rf "$OUT/checkpoints" "$OUT/hf-export" "$OUT/metrics.jsonl" "$OUT/curves.png"
 fi
 mkdir -p "$OUT"
 if [ ! -e "$OUT/checkpoints" ]; then touch "$OUT/.demo-output"; fi

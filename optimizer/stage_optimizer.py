@@ -9,6 +9,7 @@ there (torch's fused CPU AdamW).
 
 import importlib.util
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -66,6 +67,18 @@ def _inner_optimizer(kind, groups, lr, betas, eps):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 
+def host_memory_available():
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 class StageOptimizer:
     """The optimizer of one rank's stages. It steps *units*: whole parameters (--dp-mode allreduce), or, under
     --dp-mode sharded, the pieces `(param, start, end)` of flattened parameters this data-parallel rank owns
@@ -87,6 +100,8 @@ class StageOptimizer:
         else:
             self.shards = None
             self.units = [(i, 0, p.numel()) for i, p in enumerate(self.model_params)]
+        if self.offload:
+            self._check_host_memory()
         self.master_params = [self._make_master(i, a, b) for i, a, b in self.units]
         self._shard_grads = None  # this rank's summed gradient pieces, between reduce_gradients and step
         decay = [m for (i, _, _), m in zip(self.units, self.master_params) if not no_decay(*named_params[i])]
@@ -105,6 +120,20 @@ class StageOptimizer:
             self.scaler = NoScaler()
         self.max_grad_norm = cfg.max_grad_norm
         self.grad_chunks = self._grad_chunks()  # fixed by the parameters: worked out once, not every step
+
+    def _check_host_memory(self):
+        """--offload-optimizer cpu: this host's ranks together need 12 bytes per offloaded element (fp32 master and
+        two moments); say so in one line before allocating instead of being killed by the OOM killer."""
+        need = 12 * sum(b - a for _, a, b in self.units)
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        available = host_memory_available()
+        if available is not None and need * ranks_here > available:
+            raise OptimizerError(
+                f"--offload-optimizer cpu needs {need / 2**30:.1f} GiB of host memory per rank ({ranks_here} ranks "
+                f"on this host: {need * ranks_here / 2**30:.1f} GiB) and {available / 2**30:.1f} GiB is available; "
+                f"add data-parallel ranks with --dp-mode sharded, raise --pipeline-group-size, or drop "
+                f"--offload-optimizer"
+            )
 
     def _make_master(self, i, a, b):
         p = self.model_params[i].detach()

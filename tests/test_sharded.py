@@ -87,6 +87,16 @@ def test_offload_equals_the_device_optimizer(dtype):
         torch.testing.assert_close(off_state[key].float(), state[key].float(), rtol=0, atol=1e-6)
 
 
+def test_offload_without_enough_host_memory_is_one_line(monkeypatch):
+    from optimizer import OptimizerError, stage_optimizer
+    from tests import test_optimizer
+
+    monkeypatch.setattr(stage_optimizer, "host_memory_available", lambda: 1000)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(OptimizerError, match=r"needs .* GiB of host memory per rank \(2 ranks on this host"):
+        make_optimizer(test_optimizer.named_params(torch.float32), torch.float32, offload="cpu")
+
+
 def test_sharded_pieces_join_into_whole_tensors_and_a_gap_is_one_line():
     from checkpoint.store import CheckpointError
     from checkpoint.training_state import join_pieces

@@ -22,6 +22,11 @@ def stage_optimizer_file(pp_rank):
     return f"prank_{pp_rank}{OPTIMIZER_SUFFIX}"
 
 
+def stage_optimizer_shard_file(pp_rank, dp_rank):
+    """--dp-mode sharded: data-parallel rank dp_rank's pieces of stage pp_rank's optimizer state."""
+    return f"prank_{pp_rank}_dp_{dp_rank}{OPTIMIZER_SUFFIX}"
+
+
 def stage_state_file(pp_rank):
     return f"prank_{pp_rank}_state.json"
 

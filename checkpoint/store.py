@@ -7,6 +7,9 @@
                                        every file, tensor names of every safetensors file
     prank_<p>_model.safetensors        stage p's weights, Hugging Face names (global layer index)
     prank_<p>_optimizer.safetensors    "<param name>/<state>" tensors: AdamW moments, step, fp32 master weights
+    prank_<p>_dp_<r>_optimizer.safetensors  instead, under --dp-mode sharded: data-parallel rank r's pieces of them,
+                                       "<param name>/<state>[start:end]" (elements of the flattened parameter); 0-d
+                                       state ("step") whole, in the file of the piece starting at 0
     prank_<p>_state.json               LR scheduler and loss scaler
     rank_<r>_rng.safetensors           torch RNG states of global rank r (restored when the layout is the same)
     data_state.json                    position of the training data stream
@@ -15,7 +18,7 @@
 A save is written into `.tmp_checkpoint_<step>` by all ranks (every file fsynced), checked across ranks, then renamed
 by rank 0; `latest` moves only after that, and older checkpoints are rotated out (and stale `.tmp_*` folders of
 crashed saves removed) only after that. Only replica 0 writes model and optimizer files (replicas hold identical
-copies). Multi-node runs need --checkpoint-path on a filesystem every node sees. Nothing read from disk is unpickled:
+copies); under --dp-mode sharded every replica writes its own optimizer shard (nothing is gathered to one rank). Multi-node runs need --checkpoint-path on a filesystem every node sees. Nothing read from disk is unpickled:
 tensors go through safetensors, everything else through JSON.
 
 Fault-injection hooks for the tests (a crash or a full disk mid-save) are in utils/faults.py.
@@ -42,6 +45,7 @@ from checkpoint.names import (
     rng_file,
     stage_model_file,
     stage_optimizer_file,
+    stage_optimizer_shard_file,
     stage_state_file,
     step_dir_name,
 )
@@ -156,8 +160,11 @@ class Checkpointer:
         return os.path.join(self.root, step_dir_name(step))
 
     # ---------------------------------------------------------------- save
-    def save(self, step, stage_tensors, optimizer_tensors, stage_state, data_state, meta, tokenizer_dir):
-        """Every rank calls this. Raises CheckpointError on every rank if any rank failed to write; the previous
+    def save(
+        self, step, stage_tensors, optimizer_tensors, stage_state, data_state, meta, tokenizer_dir, optimizer_shard=None
+    ):
+        """Every rank calls this. `optimizer_shard`: this rank's data-parallel rank when each replica holds its own
+        shard of the optimizer state (--dp-mode sharded), else None (replica 0 writes the whole state). Raises CheckpointError on every rank if any rank failed to write; the previous
         checkpoint and `latest` are then untouched."""
         lay = self.layout
         tmp = os.path.join(self.root, TMP_PREFIX + step_dir_name(step))
@@ -202,12 +209,19 @@ class Checkpointer:
                     lambda path: save_file(_contiguous_cpu(stage_tensors), path),
                     stage_tensors,
                 )
+                if optimizer_shard is None:
+                    write(
+                        stage_optimizer_file(p),
+                        lambda path: save_file(_contiguous_cpu(optimizer_tensors), path),
+                        optimizer_tensors,
+                    )
+                write(stage_state_file(p), lambda path: _write_json(path, stage_state))
+            if optimizer_shard is not None:
                 write(
-                    stage_optimizer_file(p),
+                    stage_optimizer_shard_file(lay.pp_rank, optimizer_shard),
                     lambda path: save_file(_contiguous_cpu(optimizer_tensors), path),
                     optimizer_tensors,
                 )
-                write(stage_state_file(p), lambda path: _write_json(path, stage_state))
             rng = {"cpu": torch.get_rng_state()}
             if lay.device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(lay.device)

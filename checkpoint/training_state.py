@@ -12,15 +12,26 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass
 
 import torch
 
 import modules
-from checkpoint.names import DATA_STATE, META, MODEL_SUFFIX, OPTIMIZER_SUFFIX, rng_file, stage_state_file
+from checkpoint.names import (
+    DATA_STATE,
+    META,
+    MODEL_SUFFIX,
+    OPTIMIZER_SUFFIX,
+    rng_file,
+    stage_optimizer_file,
+    stage_optimizer_shard_file,
+    stage_state_file,
+)
 from checkpoint.store import Checkpointer, CheckpointError, files_of
 from utils.config import CheckpointConfig
 
@@ -60,6 +71,9 @@ class TrainState:
     def param_names(self) -> list[str]:
         """The trained parameters, in the optimizer's order."""
         return [n for m in self.stages for n, p in m.named_parameters() if p.requires_grad]
+
+    def param_shapes(self) -> dict[str, torch.Size]:
+        return {n: p.shape for m in self.stages for n, p in m.named_parameters() if p.requires_grad}
 
     def stage_tensors(self) -> dict[str, torch.Tensor]:
         """What a checkpoint holds of the stages: every tensor, or a LoRA run's adapters (the frozen base is read
@@ -104,6 +118,14 @@ class TrainingCheckpoint:
                 "num_stages": plan.num_stages,
                 "stage_layers": plan.bounds,
                 "pp_mode": self.run.pp_mode,
+                "dp_mode": "sharded" if state.optimizer.sharded else "allreduce",
+            },
+            # Which files hold each stage's optimizer state: one per stage, or one per data-parallel rank (sharded)
+            "optimizer_files": {
+                str(p): [stage_optimizer_shard_file(p, r) for r in range(lay.dp_size)]
+                if state.optimizer.sharded
+                else [stage_optimizer_file(p)]
+                for p in range(lay.pp_size)
             },
             "iteration": step * self.run.accumulation,
             "dtype": str(self.run.dtype).replace("torch.", ""),
@@ -130,6 +152,7 @@ class TrainingCheckpoint:
             data_state,
             self.metadata(state, step),
             self.run.tokenizer_dir,
+            optimizer_shard=self.layout.dp_rank if state.optimizer.sharded else None,
         )
         self.log(f"saved checkpoint {self.store.step_dir(step)} ({time.time() - start:.1f} s)")
 
@@ -170,6 +193,7 @@ class TrainingCheckpoint:
         for head, embedding in tied.items():  # a separate tied head starts from the embedding's state
             for key in [k for k in opt if k.split("/", 1)[0] == embedding]:
                 opt[head + key[len(embedding) :]] = opt[key]
+        opt = join_pieces(opt, state.param_shapes(), folder)
         weights = state.optimizer.load_state_tensors(param_names, opt, weights)
         with torch.no_grad():
             for k, v in current.items():
@@ -262,6 +286,41 @@ class TrainingCheckpoint:
                 f"--optimizer {ours}; resume with --optimizer {saved}, "
                 f"or export it with tools/convert_to_hf.py and start a new run from that model"
             )
+
+
+PIECE = re.compile(r"^(.+)\[(\d+):(\d+)\]$")
+
+
+def join_pieces(tensors: dict, shapes: dict, folder: str) -> dict:
+    """Whole per-parameter tensors from the pieces of a sharded checkpoint ("<param>/<state>[start:end]", elements
+    of the flattened parameter, from every data-parallel rank's file); other keys pass through. Raises
+    CheckpointError when the pieces do not cover a tensor (a shard file missing from the metadata)."""
+    out, pieces = {}, {}
+    for key, value in tensors.items():
+        match = PIECE.match(key)
+        if match is None:
+            out[key] = value
+        else:
+            pieces.setdefault(match.group(1), []).append((int(match.group(2)), int(match.group(3)), value))
+    for key, parts in pieces.items():
+        shape = shapes.get(key.split("/", 1)[0])
+        if shape is None:
+            continue  # not a parameter this run trains
+        numel = math.prod(shape)
+        parts.sort(key=lambda part: part[0])
+        covered = 0
+        for a, b, _ in parts:
+            if a != covered:
+                break
+            covered = b
+        if covered != numel:
+            raise CheckpointError(
+                f"cannot resume from {folder}: the optimizer state {key} is sharded and its pieces cover elements "
+                f"[0, {covered}) of {numel}; a prank_<p>_dp_<r>_optimizer.safetensors file is missing from its "
+                f"{META}. Resume from a complete checkpoint (--resume-fallback)"
+            )
+        out[key] = torch.cat([value.reshape(-1) for _, _, value in parts]).reshape(shape)
+    return out
 
 
 def _lora_meta(lora, run: RunInfo) -> dict | None:

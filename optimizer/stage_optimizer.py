@@ -1,16 +1,20 @@
 """The optimizer step of one pipeline stage: master weights, unscaling, global overflow check, global clipping.
 
 Model parameters may be fp16/bf16; the optimizer then works on fp32 master copies and writes them back.
-The gradient norm is reduced over the pipeline group only: after the data-parallel all-reduce every replica holds the
-same gradients, so every rank of the job sees the same norm, skips the same fp16 overflow step and clips alike.
+The gradient norm is reduced over the pipeline group (and, with --dp-mode sharded, the data-parallel group, whose ranks
+each hold one shard of the summed gradients), so every rank of the job sees the same norm, skips the same fp16
+overflow step and clips alike. --offload-optimizer cpu keeps the fp32 masters and the state on the host and steps
+there (torch's fused CPU AdamW).
 """
 
 import importlib.util
 import math
+import os
 
 import torch
 import torch.distributed as dist
 
+from data_parallel import FlatShards, allreduce_gradients
 from optimizer.scaler import LossScaler, NoScaler
 from utils.config import OptimizerConfig
 from utils.errors import UserError
@@ -63,18 +67,45 @@ def _inner_optimizer(kind, groups, lr, betas, eps):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 
+def host_memory_available():
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 class StageOptimizer:
+    """The optimizer of one rank's stages. It steps *units*: whole parameters (--dp-mode allreduce), or, under
+    --dp-mode sharded, the pieces `(param, start, end)` of flattened parameters this data-parallel rank owns
+    (data_parallel/sharded.py). Each unit has an fp32 master: the parameter itself (fp32), a view of it (fp32,
+    sharded), or a separate fp32 copy (bf16/fp16 models, and every unit with --offload-optimizer cpu, on the host)."""
+
     def __init__(self, named_params, cfg: OptimizerConfig, layout, total_optimizer_steps, norm_exclude=()):
         self.layout = layout
         self.in_norm = [name not in norm_exclude for name, _ in named_params]
         self.model_params = [p for _, p in named_params]
         self.mixed = any(p.dtype != torch.float32 for p in self.model_params)
-        if self.mixed:
-            self.master_params = [p.detach().float().clone().requires_grad_(True) for p in self.model_params]
+        self.sharded = cfg.dp_mode == "sharded" and layout.dp_size > 1  # dp=1: nothing to shard
+        self.offload = cfg.offload == "cpu"
+        self.host = torch.device("cpu") if self.offload else layout.device
+        self.separate = self.mixed or self.offload  # masters are copies, written back to the model after a step
+        if self.sharded:
+            self.shards = FlatShards(self.model_params, layout.dp_size, layout.dp_rank)
+            self.units = self.shards.my_pieces()
         else:
-            self.master_params = self.model_params
-        decay = [m for (n, p), m in zip(named_params, self.master_params) if not no_decay(n, p)]
-        plain = [m for (n, p), m in zip(named_params, self.master_params) if no_decay(n, p)]
+            self.shards = None
+            self.units = [(i, 0, p.numel()) for i, p in enumerate(self.model_params)]
+        if self.offload:
+            self._check_host_memory()
+        self.master_params = [self._make_master(i, a, b) for i, a, b in self.units]
+        self._shard_grads = None  # this rank's summed gradient pieces, between reduce_gradients and step
+        decay = [m for (i, _, _), m in zip(self.units, self.master_params) if not no_decay(*named_params[i])]
+        plain = [m for (i, _, _), m in zip(self.units, self.master_params) if no_decay(*named_params[i])]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
         self.inner = _inner_optimizer(cfg.kind, groups, cfg.lr, cfg.betas, cfg.eps)
         warmup = math.ceil(cfg.warmup_iterations / cfg.accumulation)
@@ -90,6 +121,30 @@ class StageOptimizer:
         self.max_grad_norm = cfg.max_grad_norm
         self.grad_chunks = self._grad_chunks()  # fixed by the parameters: worked out once, not every step
 
+    def _check_host_memory(self):
+        """--offload-optimizer cpu: this host's ranks together need 12 bytes per offloaded element (fp32 master and
+        two moments); say so in one line before allocating instead of being killed by the OOM killer."""
+        need = 12 * sum(b - a for _, a, b in self.units)
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        available = host_memory_available()
+        if available is not None and need * ranks_here > available:
+            raise OptimizerError(
+                f"--offload-optimizer cpu needs {need / 2**30:.1f} GiB of host memory per rank ({ranks_here} ranks "
+                f"on this host: {need * ranks_here / 2**30:.1f} GiB) and {available / 2**30:.1f} GiB is available; "
+                f"add data-parallel ranks with --dp-mode sharded, raise --pipeline-group-size, or drop "
+                f"--offload-optimizer"
+            )
+
+    def _make_master(self, i, a, b):
+        p = self.model_params[i].detach()
+        if not self.separate:
+            return self.model_params[i] if not self.sharded else p.view(-1)[a:b]  # updated in place
+        src = p.view(-1)[a:b] if self.sharded else p
+        master = torch.empty(src.shape, dtype=torch.float32, device=self.host)
+        if self.offload and torch.cuda.is_available():
+            master = master.pin_memory()  # fast, asynchronous device<->host copies
+        return master.copy_(src).requires_grad_(not self.sharded)
+
     @property
     def loss_scale(self):
         return self.scaler.scale
@@ -101,26 +156,50 @@ class StageOptimizer:
     def zero_grad(self):
         for p in self.model_params:
             p.grad = None
-        if self.mixed:
+        self._shard_grads = None
+        if self.separate or self.sharded:
             for m in self.master_params:
                 m.grad = None
 
+    def reduce_gradients(self):
+        """Sum the gradients over the data-parallel group: all of them on every replica (allreduce), or each
+        rank's own shard (sharded; the full gradients are dropped)."""
+        lay = self.layout
+        if self.sharded:
+            self._shard_grads = self.shards.reduce_scatter(self.model_params, lay.dp_group)
+        else:
+            allreduce_gradients(self.model_params, lay.dp_group, lay.dp_size)
+
+    def _unit_grads(self):
+        """The (summed, still loss-scaled) gradient of every unit, in the model's dtype and device."""
+        if self.sharded:
+            if self._shard_grads is None:  # reduce_gradients was not called: dp=1 semantics are not these
+                raise RuntimeError("StageOptimizer.step under --dp-mode sharded needs reduce_gradients() first")
+            return self._shard_grads
+        for p in self.model_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.model_params]
+
     def _global_grad_norm(self, grads):
-        """L2 norm over the whole pipeline of the (still loss-scaled) gradients, accumulated in fp32: an fp16
-        gradient holding inf or nan makes it non-finite, which is how overflow is detected."""
+        """L2 norm over the whole pipeline (and, sharded, over every shard) of the (still loss-scaled) gradients,
+        accumulated in fp32: an fp16 gradient holding inf or nan makes it non-finite, which is how overflow is
+        detected."""
         sumsq = torch.zeros((), device=self.layout.device)
         if grads:  # a stage may count none (only a tied head copy)
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # a few kernels, not one per tensor
             sumsq = torch.stack(norms).square().sum()
+        if self.sharded:
+            dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=self.layout.dp_group)
         if self.layout.pp_size > 1:
             dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=self.layout.pp_group)
         return sumsq.sqrt()
 
     def _grad_chunks(self):
-        """Index ranges of parameters holding at most MASTER_GRAD_CHUNK_BYTES of fp32 gradients each (or one
-        larger tensor): master gradients exist for one range at a time, so the step never holds a full fp32 copy
-        of all gradients."""
-        if not self.mixed:
+        """Index ranges of units holding at most MASTER_GRAD_CHUNK_BYTES of fp32 gradients each (or one larger
+        tensor): master gradients exist for one range at a time, so the step never holds a full fp32 copy of all
+        gradients."""
+        if not self.separate:
             return [range(len(self.master_params))]
         ranges, start, size = [], 0, 0
         for i, m in enumerate(self.master_params):
@@ -133,11 +212,9 @@ class StageOptimizer:
 
     def step(self):
         """Unscale, check overflow, clip, update. Returns (grad_norm: float, skipped: bool)."""
-        for p in self.model_params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        grads = self._unit_grads()
         scale = self.scaler.scale
-        scaled_norm = self._global_grad_norm([p.grad for p, counted in zip(self.model_params, self.in_norm) if counted])
+        scaled_norm = self._global_grad_norm([g for g, (i, _, _) in zip(grads, self.units) if self.in_norm[i]])
         grad_norm = scaled_norm.item() / scale  # the step's one host sync: every rank decides the same way
         overflow = not math.isfinite(grad_norm)
         self.scaler.update(overflow)
@@ -151,45 +228,67 @@ class StageOptimizer:
         divisor = scale / clip
         fused = self.inner.defaults.get("fused")
         if fused:
-            self.inner.grad_scale = torch.tensor(divisor, dtype=torch.float32, device=self.layout.device)
+            self.inner.grad_scale = torch.tensor(divisor, dtype=torch.float32, device=self.host)
         for chunk in self.grad_chunks:
-            masters = [self.master_params[i] for i in chunk]
-            if self.mixed:
-                for i, m in zip(chunk, masters):
-                    m.grad = self.model_params[i].grad.float()
-                    self.model_params[i].grad = None
+            masters = [self.master_params[k] for k in chunk]
+            for k, m in zip(chunk, masters):
+                if m is not grads[k] and m.grad is not grads[k]:
+                    m.grad = grads[k].to(m.device, torch.float32) if self.separate else grads[k]
+                if self.separate and not self.sharded:
+                    self.model_params[self.units[k][0]].grad = None  # its fp32 copy replaces it
             if divisor != 1.0 and not fused:
                 torch._foreach_div_([m.grad for m in masters], divisor)
             self.inner.step()  # steps only the parameters that have a gradient: this chunk's
-            if self.mixed:
-                with torch.no_grad():
-                    torch._foreach_copy_([self.model_params[i] for i in chunk], masters)
+            if self.separate:
+                self._write_back(chunk, masters)
                 for m in masters:
                     m.grad = None
+        if self.sharded:
+            self._shard_grads = None
+            self.shards.all_gather(self.model_params, self.layout.dp_group)
         self.scheduler.step()
         self.zero_grad()
         return grad_norm, False
 
+    @torch.no_grad()
+    def _write_back(self, chunk, masters):
+        """The updated fp32 masters of `chunk` into the model's parameters (rounded to bf16/fp16)."""
+        if not self.sharded and not self.offload:
+            torch._foreach_copy_([self.model_params[self.units[k][0]] for k in chunk], masters)
+            return
+        for k, m in zip(chunk, masters):
+            i, a, b = self.units[k]
+            target = self.model_params[i].view(-1)[a:b] if self.sharded else self.model_params[i]
+            target.copy_(m, non_blocking=self.offload)
+
     # Checkpoint I/O works on plain tensors keyed by parameter name (any layout can read them). Python numbers
     # in the state (bitsandbytes keeps its step count as an int) travel as 0-d tensors under a "#py" suffix.
+    # Under --dp-mode sharded a piece of a parameter's state is keyed "<name>/<state>[start:end]" (elements of the
+    # flattened parameter); 0-d state (the step count) is written once, by the owner of the parameter's element 0.
     def state_tensors(self, names):
-        """{f"{name}/{key}": tensor} for the optimizer state and fp32 master weights of `names` (same order)."""
+        """{f"{name}/{key}": tensor} for the optimizer state and fp32 master weights of `names` (same order as the
+        parameters), or under --dp-mode sharded the pieces this rank owns."""
         out = {}
-        for name, master in zip(names, self.master_params):
+        for (i, a, b), master in zip(self.units, self.master_params):
+            name = names[i]
+            piece = f"[{a}:{b}]" if self.sharded else ""
             for key, value in self.inner.state.get(master, {}).items():
-                if torch.is_tensor(value):
+                if torch.is_tensor(value) and value.ndim > 0:
+                    out[f"{name}/{key}{piece}"] = value.detach()
+                elif a == 0 and torch.is_tensor(value):
                     out[f"{name}/{key}"] = value.detach()
-                elif isinstance(value, (int, float)):
+                elif a == 0 and isinstance(value, (int, float)):
                     out[f"{name}/{key}#py"] = torch.tensor(value)
             if self.mixed:
-                out[f"{name}/master"] = master.detach()
+                out[f"{name}/master{piece}"] = master.detach()
         return out
 
     def load_state_tensors(self, names, tensors, weights):
-        """Restore the state of `names` from checkpoint tensors and return the weights the model should take.
-        Precisions may differ from the checkpoint's: a mixed-precision run starts its fp32 master copies from the
-        weights of an fp32 checkpoint (which has none); an fp32 run takes the master copies of a bf16/fp16 checkpoint
-        instead of its rounded weights."""
+        """Restore the state of `names` from whole per-parameter checkpoint tensors (checkpoint/ joins the pieces
+        of a sharded checkpoint) and return the weights the model should take. Precisions may differ from the
+        checkpoint's: a mixed-precision run starts its fp32 master copies from the weights of an fp32 checkpoint
+        (which has none); an fp32 run takes the master copies of a bf16/fp16 checkpoint instead of its rounded
+        weights."""
         weights = dict(weights)
         for name in names:
             master = tensors.get(f"{name}/master")
@@ -197,9 +296,16 @@ class StageOptimizer:
                 weights[name] = master
             elif self.mixed and master is None:
                 tensors[f"{name}/master"] = weights[name].float()
-        for name, master in zip(names, self.master_params):
-            if self.mixed:
-                master.data.copy_(tensors[f"{name}/master"])
+        for (i, a, b), master in zip(self.units, self.master_params):
+            name = names[i]
+            numel = self.model_params[i].numel()
+
+            def mine(value, numel=numel, a=a, b=b):
+                return value.reshape(-1)[a:b] if self.sharded and value.numel() == numel else value
+
+            if self.separate:
+                full = tensors[f"{name}/master"] if self.mixed else weights[name]
+                master.data.copy_(mine(full).reshape(master.shape))
             keys = {k.split("/", 1)[1] for k in tensors if k.split("/", 1)[0] == name} - {"master"}
             if keys:
                 state = {}
@@ -208,7 +314,7 @@ class StageOptimizer:
                     if key.endswith("#py"):
                         state[key[: -len("#py")]] = value.item()
                     else:
-                        state[key] = value.to(master.device).clone()
+                        state[key] = mine(value).to(master.device).clone()
                 self.inner.state[master] = state
         return weights
 

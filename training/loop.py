@@ -18,7 +18,6 @@ import modules
 from checkpoint.training_state import RunInfo, TrainingCheckpoint, TrainState
 from comm import init_distributed
 from comm.watchdog import Watchdog
-from data_parallel import allreduce_gradients
 from optimizer import StageOptimizer, check_available
 from pipeline_parallel import Pipeline, plan_stages
 from training.loss import TokenMeanLoss
@@ -134,6 +133,10 @@ class Trainer:
         if job.optimizer.loss_scale and not job.optimizer.fp16:
             self.log.info("WARNING: --loss-scale applies to --fp16 only; this run does not scale the loss")
         check_available(job.optimizer.kind)  # --optimizer's library, e.g. bitsandbytes
+        if job.optimizer.dp_mode == "sharded" and job.dist.data_size == 1:
+            self.log.info(
+                "WARNING: --dp-mode sharded with --data-group-size 1 has nothing to shard; it runs as allreduce"
+            )
         where = job.model.tokenizer_dir
         try:
             tokenizer = AutoTokenizer.from_pretrained(where)
@@ -261,7 +264,7 @@ class Trainer:
         faults.before_optimizer_step(self.step + 1, lay.rank, [p for _, p in self.named_params])
         self._sync_tied_gradients()
         with self.profiler.span("dp_allreduce"):
-            allreduce_gradients([p for _, p in self.named_params], lay.dp_group, lay.dp_size)
+            self.optimizer.reduce_gradients()  # all-reduce, or reduce-scatter under --dp-mode sharded
         with self.profiler.span("optimizer"):
             grad_norm, skipped = self.optimizer.step()
         return loss_sum / scale, grad_norm, skipped

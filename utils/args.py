@@ -155,6 +155,12 @@ def build_parser():
     optim.add_argument("--adam-beta2", type=float, default=0.999)
     optim.add_argument("--adam-eps", type=float, default=1e-6)
     optim.add_argument("--max-grad-norm", type=float, default=1.0, help="global clipping norm (0: off)")
+    optim.add_argument(
+        "--offload-optimizer",
+        choices=("none", "cpu"),
+        default="none",
+        help="cpu: fp32 master weights and AdamW state in host memory, the optimizer step on the CPU",
+    )
 
     precision = parser.add_argument_group("precision")
     precision.add_argument("--fp16", action="store_true", help="fp16 model, fp32 master weights, loss scaling")
@@ -182,7 +188,13 @@ def build_parser():
         help="on GPUs both move CUDA tensors with NCCL (gloo cannot); gloo adds a gloo group for CPU "
         "tensors. Without GPUs (--use-cuda false) everything runs on gloo",
     )
-    dist.add_argument("--dp-mode", choices=("allreduce",), default="allreduce")
+    dist.add_argument(
+        "--dp-mode",
+        choices=("allreduce", "sharded"),
+        default="allreduce",
+        help="sharded: each data-parallel rank keeps 1/dp of every stage's fp32 master weights and optimizer state "
+        "(gradients reduce-scattered, weights all-gathered)",
+    )
     dist.add_argument("--net-interface", default=None, help="sets GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME when unset")
     dist.add_argument("--dist-timeout", type=float, default=600, help="seconds before a stuck collective aborts")
 
@@ -306,6 +318,16 @@ def validate_args(args):
             f"--world-size {args.world_size} must equal --pipeline-group-size x --data-group-size = {expected_world}"
         )
     _check_lora(args)
+    if args.optimizer == "8bit-adam" and args.dp_mode == "sharded":
+        raise ArgumentError(
+            "--optimizer 8bit-adam cannot be sharded yet (its block-wise quantised state does not split across "
+            "ranks); use --optimizer adamw with --dp-mode sharded, or --dp-mode allreduce with 8bit-adam"
+        )
+    if args.optimizer == "8bit-adam" and args.offload_optimizer != "none":
+        raise ArgumentError(
+            "--offload-optimizer cpu steps torch's AdamW on the host and 8-bit Adam (bitsandbytes) runs on the GPU; "
+            "use --optimizer adamw with --offload-optimizer cpu, or drop --offload-optimizer"
+        )
     if args.fp16 and args.bf16:
         raise ArgumentError("--fp16 and --bf16 exclude each other; pick one")
     if args.loss_scale < 0:
@@ -536,6 +558,8 @@ def job_config(args) -> sections.JobConfig:
             loss_scale_window=args.loss_scale_window,
             hysteresis=args.hysteresis,
             min_loss_scale=args.min_loss_scale,
+            dp_mode=args.dp_mode,
+            offload=args.offload_optimizer,
         ),
         checkpoint=sections.CheckpointConfig(
             path=args.checkpoint_path,

@@ -98,6 +98,10 @@ class OptimizerConfig:
     loss_scale_window: int  # [--loss-scale-window]
     hysteresis: int  # [--hysteresis]
     min_loss_scale: float  # [--min-loss-scale]
+    dp_mode: str = "allreduce"  # allreduce: every replica keeps all state; sharded: 1/dp of it per rank [--dp-mode]
+    offload: str = (
+        "none"  # none | cpu: fp32 masters and optimizer state on the host, stepped there [--offload-optimizer]
+    )
 
 
 @dataclass(frozen=True)

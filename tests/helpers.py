@@ -254,3 +254,11 @@ def document_logits(model, batch):
         parts = [model(ids[docs == d][None]).logits[0] for d in torch.unique(docs, sorted=True)]
         rows.append(torch.cat(parts))
     return torch.stack(rows)
+
+
+RUN_FILES = ("curves.png", "metrics.jsonl")  # what every run writes beside its checkpoints
+
+
+def checkpoint_entries(ckpt_dir):
+    """The names under a --checkpoint-path, without the run's metrics and curves."""
+    return sorted(n for n in os.listdir(ckpt_dir) if n not in RUN_FILES)

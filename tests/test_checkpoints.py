@@ -16,6 +16,7 @@ import torch
 
 from tests.helpers import (
     base_flags,
+    checkpoint_entries,
     damaged_files,
     make_chat_data,
     make_model,
@@ -104,7 +105,8 @@ def setup(tmp_path_factory):
 def test_layout_and_metadata(setup):
     ckpt = setup["ref"]
     assert latest(ckpt) == STEPS
-    assert sorted(os.listdir(ckpt)) == ["checkpoint_2", "checkpoint_4", "checkpoint_6", "latest"]
+    assert checkpoint_entries(ckpt) == ["checkpoint_2", "checkpoint_4", "checkpoint_6", "latest"]
+    assert os.path.isfile(os.path.join(ckpt, "curves.png"))  # the run's curves beside its checkpoints
     folder = os.path.join(ckpt, f"checkpoint_{STEPS}")
     meta = json.load(open(os.path.join(folder, "meta.json")))
     assert meta["step"] == STEPS and meta["model_type"] == "gptneox"
@@ -186,7 +188,7 @@ def test_sigkill_crash_in_save_and_torchrun_restart_resume_bit_exact(setup, tmp_
         assert losses and all(losses[s] == setup["ref_losses"][s] for s in losses), (path, losses)
     assert min(read_metrics(metrics[2])) == 3  # run 3 logged from step 3 (resumed from 2) on
     # rotation kept only the newest (and deleted none before its successor was complete); leftovers are gone
-    assert sorted(os.listdir(ckpt)) == ["checkpoint_6", "latest"]
+    assert checkpoint_entries(ckpt) == ["checkpoint_6", "latest"]
 
 
 def test_resume_under_another_layout(setup, tmp_path):
@@ -358,7 +360,7 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
         assert "No space left on device" in stderr and "Traceback" not in stderr, stderr[-2000:]
     assert f"checkpoint {EVERY * 2} not saved" in out["disk-full"][2]
     assert latest(ckpt) == EVERY and damaged_files(os.path.join(ckpt, f"checkpoint_{EVERY}")) == []
-    assert sorted(os.listdir(ckpt)) == [f"checkpoint_{EVERY}", "latest"]
+    assert checkpoint_entries(ckpt) == [f"checkpoint_{EVERY}", "latest"]
 
 
 def test_export_to_hugging_face_matches_the_checkpoint(setup, tmp_path):
@@ -449,4 +451,4 @@ def test_rotation_keeps_this_runs_newest_even_beside_a_later_leftover(tmp_path):
         (tmp_path / f"checkpoint_{step}").mkdir()
     (tmp_path / ".tmp_crashed_save").mkdir()
     Checkpointer(str(tmp_path), None, keep=2)._clean(newest=6)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint_10", "checkpoint_4", "checkpoint_6"]
+    assert checkpoint_entries(tmp_path) == ["checkpoint_10", "checkpoint_4", "checkpoint_6"]

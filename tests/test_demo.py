@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, checkpoint_entries, free_port
 
 pytestmark = pytest.mark.e2e  # real multi-process runs of the entrypoint
 
@@ -37,7 +37,7 @@ def test_demo_script_runs_and_exports(tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 2 and losses[-1] < losses[0]  # logged every 5 steps, and at the last one
     assert any("valid.loss" in r for r in records)
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint_4", "checkpoint_8", "latest"]
+    assert checkpoint_entries(tmp_path / "checkpoints") == ["checkpoint_4", "checkpoint_8", "latest"]
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-export", output_loading_info=True)
@@ -64,7 +64,7 @@ def test_demo_runs_again_and_again_but_keeps_other_runs_checkpoints(tmp_path):
         result = demo(out)
         assert result.returncode == 0, (run, result.stdout[-3000:] + result.stderr[-3000:])
         assert "step 2 loss=" in result.stdout, result.stdout[-3000:]
-        assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint_2", "latest"]
+        assert checkpoint_entries(out / "checkpoints") == ["checkpoint_2", "latest"]
         assert (out / "hf-export" / "config.json").is_file()
 
     other = tmp_path / "other"  # another run's checkpoints where the demo would write
@@ -74,4 +74,4 @@ def test_demo_runs_again_and_again_but_keeps_other_runs_checkpoints(tmp_path):
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: --checkpoint-path"), result.stderr[-3000:]
     assert "holds another run's checkpoints" in result.stderr
-    assert sorted(os.listdir(other / "checkpoints")) == ["checkpoint_5", "latest"]
+    assert checkpoint_entries(other / "checkpoints") == ["checkpoint_5", "latest"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import base_flags, make_chat_data, make_model, run_torchrun
+from tests.helpers import base_flags, document_logits, make_chat_data, make_model, run_torchrun
 
 pytestmark = pytest.mark.e2e  # real multi-process runs of the entrypoint
 
@@ -30,7 +30,7 @@ def reference_eval_loss(model_dir, eval_path, seq_length, batch_size):
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in tasks.evaluation_batches([eval_path], tokenizer, seq_length, batch_size, 0, 1):
-            logits = model(batch["input_ids"]).logits
+            logits = document_logits(model, batch)  # evaluation masks packed documents as training does
             total += F.cross_entropy(
                 logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum"
             ).item()

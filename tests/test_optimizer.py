@@ -1,5 +1,7 @@
 """Optimizer pieces on their own: loss-scaler rules, LR schedules, state round trip through checkpoint tensors."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -44,7 +46,8 @@ def test_no_weight_decay_on_biases_and_norms():
     assert not no_decay("model.layers.0.mlp.up_proj.weight", torch.zeros(4, 4))
 
 
-def make_optimizer(params, dtype, lr=1e-2, lr_scheduler="linear"):
+def make_optimizer(params, dtype, lr=1e-2, lr_scheduler="linear", **changes):
+    """A StageOptimizer of one rank with the trainer's defaults; `changes` replace OptimizerConfig fields."""
     cfg = OptimizerConfig(
         kind="adam",
         lr=lr,
@@ -63,7 +66,7 @@ def make_optimizer(params, dtype, lr=1e-2, lr_scheduler="linear"):
         min_loss_scale=1.0,
     )
     layout = Layout(0, 1, 1, 1, 0, 0, 0, torch.device("cpu"))
-    return StageOptimizer(params, cfg, layout, total_optimizer_steps=10)
+    return StageOptimizer(params, dataclasses.replace(cfg, **changes), layout, total_optimizer_steps=10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,7 +8,6 @@ skip and no clipping;
 a dp=4 sharded checkpoint resumes at dp=2 sharded, then at dp=1 allreduce; a missing shard file is one line.
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -38,29 +37,9 @@ def test_shards_cover_every_element_once(dp):
 
 
 def make_optimizer(named, dtype, **changes):
-    from comm import Layout
-    from optimizer import StageOptimizer
-    from utils.config import OptimizerConfig
+    from tests import test_optimizer
 
-    cfg = OptimizerConfig(
-        kind="adamw",
-        lr=1e-2,
-        lr_scheduler="linear",
-        warmup_iterations=0,
-        accumulation=1,
-        weight_decay=0.01,
-        betas=(0.9, 0.999),
-        eps=1e-6,
-        max_grad_norm=1.0,
-        fp16=False,
-        loss_scale=0.0,
-        initial_loss_scale=2.0**15,
-        loss_scale_window=1000,
-        hysteresis=2,
-        min_loss_scale=1.0,
-    )
-    layout = Layout(0, 1, 1, 1, 0, 0, 0, torch.device("cpu"))
-    return StageOptimizer(named, dataclasses.replace(cfg, **changes), layout, total_optimizer_steps=10)
+    return test_optimizer.make_optimizer(named, dtype, **changes)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -516,6 +516,7 @@ with open(out_path, "a") as out:
         with open(state_path + ".tmp", "w") as fh:  # the checkpoint: atomic, after the batch was used
             json.dump({{"state": s.state_dict(), "served": served}}, fh)
         os.replace(state_path + ".tmp", state_path)
+s.close()  # stop the loader thread before the interpreter exits (a thread left inside native code aborts it)
 """
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -42,6 +43,16 @@ def test_demo_script_runs_and_exports(tmp_path):
 
     model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-export", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    # README's last demo step: talk to the export (an 8-step model says little, but it answers and exits 0)
+    chat = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "chat.py"), str(tmp_path / "hf-export"), "--prompt", "Hello?"]
+        + ["--max-new-tokens", "8", "--temperature", "0"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert chat.stdout.strip(), chat.stderr[-2000:]
 
 
 @pytest.mark.e2e

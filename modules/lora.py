@@ -193,10 +193,6 @@ def lora_parameters(stage: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in stage.named_parameters() if is_lora_name(name)}
 
 
-def adapter_names(stage: nn.Module) -> list[str]:
-    return list(lora_parameters(stage))
-
-
 def lora_state_dict(stage: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors only (detached, sharing storage with the stage), under our (HF-based) names."""
     return {name: p.detach() for name, p in lora_parameters(stage).items()}
@@ -239,14 +235,23 @@ def load_lora_tensors(stage: nn.Module, tensors: Mapping[str, torch.Tensor], sou
 QUANTIZE_MODES = ("none", "nf4", "int8")
 
 
+BITSANDBYTES_MISSING = "quantising the base needs bitsandbytes: pip install bitsandbytes"
+
+
+def check_quantize_available(mode: str) -> None:
+    """Before the model load: the library `--quantize-base` needs is installed (without importing it: seconds)."""
+    import importlib.util
+
+    if mode != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"--quantize-base {mode}: {BITSANDBYTES_MISSING}")
+
+
 def import_bitsandbytes():
     """bitsandbytes, imported only when a base is quantised (it takes seconds to import); one line when missing."""
     try:
         import bitsandbytes
     except ImportError as e:
-        raise ModelError(
-            f"quantising the base needs bitsandbytes, which cannot be imported ({e}); run: pip install bitsandbytes"
-        ) from None
+        raise ModelError(f"{BITSANDBYTES_MISSING} (it cannot be imported: {e})") from None
     return bitsandbytes
 
 
@@ -321,7 +326,8 @@ def quantize_base(
 
 class MergedTensors(Mapping):
     """`base_tensors` with W + scale * B @ A for every adapted weight, merged on access (one tensor at a time in
-    memory, so a 20B export stays bounded); other tensors pass through. Computed in fp32, cast back."""
+    memory, so a 20B export stays bounded); other tensors pass through. Merged weights stay fp32: the exporter
+    casts to the dtype asked for (a bf16 round trip here would lose small updates)."""
 
     def __init__(self, base_tensors: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor], scale: float):
         self.base, self.adapters, self.scale = base_tensors, adapters, scale
@@ -347,7 +353,7 @@ class MergedTensors(Mapping):
                 f"LoRA tensors: {module!r} has A {list(a.shape)} and B {list(b.shape)}, which do not fit the base "
                 f"weight {list(weight.shape)}"
             )
-        return (weight.float() + self.scale * (b @ a).to(weight.device)).to(weight.dtype)
+        return weight.float() + self.scale * (b @ a).to(weight.device)
 
     def shape_of(self, key: str):
         shape_of = getattr(self.base, "shape_of", None)
@@ -363,7 +369,7 @@ class MergedTensors(Mapping):
 def merge_lora_tensors(
     base_tensors: Mapping[str, torch.Tensor], adapter_tensors: Mapping[str, torch.Tensor], lora_cfg: LoraConfig
 ) -> Mapping[str, torch.Tensor]:
-    """Base tensors (HF names) with the adapters merged in: W + alpha/r * B @ A, computed in fp32, cast back."""
+    """Base tensors (HF names) with the adapters merged in: W + alpha/r * B @ A, in fp32."""
     return MergedTensors(base_tensors, adapter_tensors, lora_cfg.scale)
 
 

@@ -39,3 +39,25 @@ def test_format_v1_checkpoint_resumes_bit_exact(tmp_path):
         assert set(got) == set(want) and want
         for name, value in want.items():
             assert torch.equal(got[name], value), name
+
+
+def test_base_fingerprint_sees_a_change_in_the_middle_of_a_large_file(tmp_path):
+    """The fingerprint that ties LoRA checkpoints to their base samples large files: a tensor rewritten in the
+    middle of a 72 MiB file changes it, and so does any byte of a small file."""
+    from checkpoint.training_state import base_fingerprint
+
+    def fingerprint_of(folder, data):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(data)
+        return base_fingerprint(str(folder))
+
+    big = bytearray(72 << 20)
+    first = fingerprint_of(tmp_path / "a", bytes(big))
+    big[(36 << 20) + 1000 : (36 << 20) + (3 << 20)] = b"\x01" * ((3 << 20) - 1000)  # a 3 MiB tensor mid-file
+    assert fingerprint_of(tmp_path / "b", bytes(big)) != first
+    assert fingerprint_of(tmp_path / "c", bytes(72 << 20)) == first
+    small = bytearray(1 << 20)
+    small_first = fingerprint_of(tmp_path / "d", bytes(small))
+    small[512 << 10] = 1
+    assert fingerprint_of(tmp_path / "e", bytes(small)) != small_first

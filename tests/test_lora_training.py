@@ -232,6 +232,13 @@ def test_lora_and_dense_checkpoints_do_not_mix(models, tmp_path):
     from tools.convert_to_hf import main as convert
 
     assert convert(["--checkpoint-path", str(dense_ckpt), "--output", str(tmp_path / "x"), "--merge-lora"]) == 2
+    merged_on = ["--checkpoint-path", str(lora_ckpt), "--output", str(tmp_path / "m"), "--merge-lora"]
+    assert convert(merged_on + ["--base-model", str(changed)]) == 2  # another base: refused, nothing written
+    assert not (tmp_path / "m").exists()
+    assert convert(["--checkpoint-path", str(lora_ckpt), "--output", str(tmp_path / "a")]) == 0
+    before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    assert convert(["--checkpoint-path", str(lora_ckpt), "--output", str(tmp_path / "a")]) == 2  # no overwrite
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
 
     bad_target = lora_flags(model_dir, data, str(tmp_path / "t"), "q_proj", **{"total-steps": 1})
     result = run_torchrun(1, bad_target)

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from checkpoint.names import LATEST, META, TOKENIZER_DIR, stage_model_file, step_dir_name  # noqa: E402
 from checkpoint.store import CheckpointError, file_problem, read_latest  # noqa: E402
+from checkpoint.training_state import base_fingerprint  # noqa: E402
 from modules.config import ModelError, model_config_from_dict  # noqa: E402
 from modules.export import DTYPES, copy_tokenizer_files, save_hf_directory, write_model_card  # noqa: E402
 from modules.lora import LoraConfig, merge_lora_tensors, save_peft_adapter  # noqa: E402
@@ -123,17 +124,44 @@ def convert(
     if merge_lora and lora is None:
         raise ModelError(f"--merge-lora: {folder} is a full fine-tuning checkpoint (no adapters); drop --merge-lora")
     if lora is not None:
-        lora_cfg = LoraConfig(
-            int(lora["r"]), float(lora["alpha"]), float(lora["dropout"]), tuple(lora["target_modules"])
-        )
-        base = base_model or lora["base_path"]
+        try:
+            lora_cfg = LoraConfig(
+                int(lora["r"]), float(lora["alpha"]), float(lora["dropout"]), tuple(lora["target_modules"])
+            )
+            trained_on, fingerprint = lora["base_path"], lora["base_fingerprint"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(
+                f"{meta_path}: its lora section lacks r, alpha, dropout, targets or base ({e!r})"
+            ) from None
+        base = base_model or trained_on
         if not merge_lora:
+            adapter_files = [
+                f
+                for f in ("adapter_config.json", "adapter_model.safetensors")
+                if os.path.exists(os.path.join(output_dir, f))
+            ]
+            if adapter_files:
+                raise ModelError(
+                    f"{output_dir} already holds an adapter ({', '.join(adapter_files)}); export into a new folder, "
+                    f"or delete them first"
+                )
             save_peft_adapter(output_dir, {k: tensors[k] for k in tensors}, lora_cfg, cfg, base)
-            _copy_tokenizer(tokenizer_dir, output_dir)
+            if os.path.isdir(tokenizer_dir):
+                copy_tokenizer_files(tokenizer_dir, output_dir)
             write_model_card(output_dir, meta, step, folder)
             return folder
+        if fingerprint.startswith("seed "):
+            raise ModelError(
+                f"--merge-lora: the adapters of {folder} were trained on a random base ({fingerprint}, "
+                f"--load-pretrained-model false), which no folder holds; export the adapter without --merge-lora"
+            )
         if not os.path.isdir(base):
             raise ModelError(f"--merge-lora: the base model {base} is not there; pass --base-model DIR")
+        if base_fingerprint(base) != fingerprint:
+            raise ModelError(
+                f"--merge-lora: the weights in {base} differ from the base the adapters were trained on "
+                f"({trained_on}); pass that base with --base-model DIR"
+            )
         tensors = merge_lora_tensors(BaseTensors(base, cfg), tensors, lora_cfg)
     save_hf_directory(
         tensors,
@@ -155,18 +183,19 @@ class BaseTensors(Mapping):
         self.names = [n for n in expected_names(cfg) if n not in tied_parameter_names(cfg)]
 
     def __getitem__(self, key):
-        return next(read_tensors({key: self.checkpoint.locate(key)}))[1]
+        tensor = next(read_tensors({key: self.checkpoint.locate(key)}))[1]
+        if tuple(tensor.shape) != self.checkpoint.shapes[key]:
+            raise ModelError(
+                f"{self.checkpoint.model_dir}: {key} has shape {list(tensor.shape)}, the adapters' model needs "
+                f"{list(self.checkpoint.shapes[key])}; pass the base they were trained on"
+            )
+        return tensor
 
     def __iter__(self):
         return iter(self.names)
 
     def __len__(self):
         return len(self.names)
-
-
-def _copy_tokenizer(tokenizer_dir: str, output_dir: str) -> None:
-    if os.path.isdir(tokenizer_dir):
-        copy_tokenizer_files(tokenizer_dir, output_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,6 @@ process groups, pipeline_parallel/ plans and runs the stages, modules/ builds th
 data_parallel/ sums their gradients, tasks/ streams the data, checkpoint/ saves and restores everything.
 """
 
-import importlib.util
 import math
 import time
 
@@ -94,6 +93,7 @@ class Trainer:
             job.optimizer.kind,
             job.flags,
             job.lora.quantize_base,
+            None if job.model.load_pretrained else job.model.seed,
         )
         self.checkpoint = TrainingCheckpoint(job.checkpoint, lay, run, self._announce)
         self.step = self.checkpoint.resume(self.state) or 0
@@ -159,10 +159,7 @@ class Trainer:
         if not lora.enabled:
             return None, None
         lora_cfg = modules.make_lora_config(self.cfg, lora.r, lora.alpha, lora.dropout, lora.target_modules)
-        if lora.quantize_base != "none" and importlib.util.find_spec("bitsandbytes") is None:
-            raise modules.ModelError(
-                f"--quantize-base {lora.quantize_base} needs bitsandbytes: pip install bitsandbytes"
-            )
+        modules.lora.check_quantize_available(lora.quantize_base)
         adapters = None
         if lora.init_dir is not None:
             _, adapters = modules.load_peft_adapter(lora.init_dir, self.cfg, expect=lora_cfg)

@@ -251,7 +251,9 @@ def import_bitsandbytes():
     try:
         import bitsandbytes
     except ImportError as e:
-        raise ModelError(f"{BITSANDBYTES_MISSING} (it cannot be imported: {e})") from None
+        raise ModelError(
+            f"quantising the base needs bitsandbytes, which cannot be imported ({e}); run: pip install bitsandbytes"
+        ) from None
     return bitsandbytes
 
 

@@ -17,8 +17,9 @@ import modules
 from checkpoint.training_state import RunInfo, TrainingCheckpoint, TrainState
 from comm import init_distributed
 from comm.watchdog import Watchdog
-from optimizer import StageOptimizer, check_available
+from optimizer import StageOptimizer
 from pipeline_parallel import Pipeline, plan_stages
+from training.inputs import adapters_of, check_inputs
 from training.loss import TokenMeanLoss
 from training.metrics import StepMeter
 from training.profiling import make_profiler
@@ -38,8 +39,8 @@ class Trainer:
         self.log = make_logger(
             log.backend, lay.is_logger, log.project, log.job_id, job.flags, log.metrics_file, log.tensorboard_dir
         )
-        self.tokenizer = self._check_inputs()
-        self.lora, adapters = self._adapters()
+        self.tokenizer = check_inputs(job, cfg, self.log.info)
+        self.lora, adapters = adapters_of(job.lora, cfg, self.log.info)
         self.plan = plan_stages(
             cfg.num_layers,
             lay.pp_size,
@@ -107,66 +108,6 @@ class Trainer:
         self.profiler = make_profiler(job.profiling, lay, self.stages)
 
     # ------------------------------------------------------------------ set-up
-    def _check_inputs(self):
-        """Model settings, data specs, the tokenizer and the optimizer's library before the model load (minutes
-        for 20B), so that a typo costs seconds. Returns the tokenizer."""
-        from transformers import AutoTokenizer
-
-        import tasks
-
-        job, cfg = self.job, self.cfg
-        if job.model.embedding_dim is not None and job.model.embedding_dim != cfg.hidden_size:
-            raise modules.ModelError(
-                f"--embedding-dim {job.model.embedding_dim} differs from hidden size {cfg.hidden_size} in "
-                f"{job.model.model_dir}/config.json; use --embedding-dim {cfg.hidden_size} or omit it"
-            )
-        if job.data.seq_length > cfg.max_position_embeddings:
-            self.log.info(
-                f"WARNING: --seq-length {job.data.seq_length} is longer than the model was trained for "
-                f"(max_position_embeddings {cfg.max_position_embeddings} in config.json)"
-            )
-        tasks.parse_task_spec(job.data.task_spec)
-        if job.data.evaluation_data:
-            tasks.parse_task_spec(job.data.evaluation_data, flag="--evaluation-data")
-            if not job.data.evaluation_every:
-                self.log.info("WARNING: --evaluation-data is never read without --evaluation-steps N")
-        if job.optimizer.loss_scale and not job.optimizer.fp16:
-            self.log.info("WARNING: --loss-scale applies to --fp16 only; this run does not scale the loss")
-        check_available(job.optimizer.kind)  # --optimizer's library, e.g. bitsandbytes
-        if job.optimizer.dp_mode == "sharded" and job.dist.data_size == 1:
-            self.log.info(
-                "WARNING: --dp-mode sharded with --data-group-size 1 has nothing to shard; it runs as allreduce"
-            )
-        where = job.model.tokenizer_dir
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(where)
-        except Exception as exc:  # noqa: BLE001 - a broken file surfaces as JSON, Value or OS errors
-            raise modules.ModelError(
-                f"--tokenizer-name {where}: cannot load the tokenizer ({type(exc).__name__}: "
-                f"{one_line(exc)[:200]}); point it at the model's tokenizer directory"
-            ) from None
-        if len(tokenizer) > cfg.vocab_size:  # ids past the embedding would crash (or assert on a GPU)
-            raise modules.ModelError(
-                f"--tokenizer-name {where} has {len(tokenizer)} tokens but the model's vocabulary has "
-                f"{cfg.vocab_size}; use the model's tokenizer"
-            )
-        return tokenizer
-
-    def _adapters(self):
-        """(LoraConfig, adapter tensors of --lora-init or None), or (None, None) for full fine-tuning; checked
-        before the model load, as the other inputs are."""
-        lora = self.job.lora
-        if not lora.enabled:
-            return None, None
-        lora_cfg = modules.make_lora_config(self.cfg, lora.r, lora.alpha, lora.dropout, lora.target_modules)
-        modules.lora.check_quantize_available(lora.quantize_base)
-        adapters = None
-        if lora.init_dir is not None:
-            _, adapters = modules.load_peft_adapter(lora.init_dir, self.cfg, expect=lora_cfg)
-        targets = ",".join(lora_cfg.target_modules)
-        self.log.info(f"LoRA r={lora_cfg.r} alpha={lora_cfg.alpha:g} on {targets}; the base is frozen")
-        return lora_cfg, adapters
-
     def _data_stream(self):
         import tasks
 

@@ -1,0 +1,64 @@
+"""Start-up checks of a run's inputs, before the model load (minutes for 20B), so that a typo costs seconds: model
+settings, data specs, the tokenizer, the optimizer's and the quantiser's libraries, the LoRA settings and adapters."""
+
+from collections.abc import Callable
+
+from transformers import AutoTokenizer
+
+import modules
+import tasks
+from optimizer import check_available
+from utils.config import JobConfig, LoraRunConfig
+from utils.logging import one_line
+
+
+def check_inputs(job: JobConfig, cfg: modules.ModelConfig, warn: Callable[[str], None]):
+    """Raise a UserError for inputs that cannot work, `warn` about ones that are likely mistakes; returns the
+    tokenizer."""
+    if job.model.embedding_dim is not None and job.model.embedding_dim != cfg.hidden_size:
+        raise modules.ModelError(
+            f"--embedding-dim {job.model.embedding_dim} differs from hidden size {cfg.hidden_size} in "
+            f"{job.model.model_dir}/config.json; use --embedding-dim {cfg.hidden_size} or omit it"
+        )
+    if job.data.seq_length > cfg.max_position_embeddings:
+        warn(
+            f"WARNING: --seq-length {job.data.seq_length} is longer than the model was trained for "
+            f"(max_position_embeddings {cfg.max_position_embeddings} in config.json)"
+        )
+    tasks.parse_task_spec(job.data.task_spec)
+    if job.data.evaluation_data:
+        tasks.parse_task_spec(job.data.evaluation_data, flag="--evaluation-data")
+        if not job.data.evaluation_every:
+            warn("WARNING: --evaluation-data is never read without --evaluation-steps N")
+    if job.optimizer.loss_scale and not job.optimizer.fp16:
+        warn("WARNING: --loss-scale applies to --fp16 only; this run does not scale the loss")
+    check_available(job.optimizer.kind)  # --optimizer's library, e.g. bitsandbytes
+    if job.optimizer.dp_mode == "sharded" and job.dist.data_size == 1:
+        warn("WARNING: --dp-mode sharded with --data-group-size 1 has nothing to shard; it runs as allreduce")
+    where = job.model.tokenizer_dir
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except Exception as exc:  # noqa: BLE001 - a broken file surfaces as JSON, Value or OS errors
+        raise modules.ModelError(
+            f"--tokenizer-name {where}: cannot load the tokenizer ({type(exc).__name__}: "
+            f"{one_line(exc)[:200]}); point it at the model's tokenizer directory"
+        ) from None
+    if len(tokenizer) > cfg.vocab_size:  # ids past the embedding would crash (or assert on a GPU)
+        raise modules.ModelError(
+            f"--tokenizer-name {where} has {len(tokenizer)} tokens but the model's vocabulary has "
+            f"{cfg.vocab_size}; use the model's tokenizer"
+        )
+    return tokenizer
+
+
+def adapters_of(lora: LoraRunConfig, cfg: modules.ModelConfig, log: Callable[[str], None]):
+    """(LoraConfig, the adapter tensors of --lora-init or None), or (None, None) for full fine-tuning."""
+    if not lora.enabled:
+        return None, None
+    lora_cfg = modules.make_lora_config(cfg, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    modules.lora.check_quantize_available(lora.quantize_base)
+    adapters = None
+    if lora.init_dir is not None:
+        _, adapters = modules.load_peft_adapter(lora.init_dir, cfg, expect=lora_cfg)
+    log(f"LoRA r={lora_cfg.r} alpha={lora_cfg.alpha:g} on {','.join(lora_cfg.target_modules)}; the base is frozen")
+    return lora_cfg, adapters

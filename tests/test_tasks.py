@@ -17,31 +17,11 @@ import torch
 from tasks import PackedStream, TaskError, count_tokens, evaluation_batches, parse_task_spec
 from tasks.reader import Mixture
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER_DIR = os.path.join(ROOT, "assets", "tokenizer")
 EOS = 50256
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 WORDS = (
     "apple river stone cloud quick brown fox lazy dog sun moon star tree house garden music paper light "
     "window table chair road city water fire green blue red yellow small large happy"
 ).split()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-
-
-@pytest.fixture(scope="module")
-def chat_tok(tok):
-    t = copy.deepcopy(tok)
-    t.chat_template = CHATML
-    return t
 
 
 def sentence(rng, lo=3, hi=20):

@@ -4,7 +4,6 @@ masks as messages; every bad input is one line; resume is exact for every source
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import os
@@ -18,33 +17,15 @@ import pytest
 import torch
 
 from tasks import PackedStream, TaskError, count_tokens, evaluation_batches, parse_task_spec
+from tests.helpers import TOKENIZER
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 datasets = pytest.importorskip("datasets")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER_DIR = os.path.join(ROOT, "assets", "tokenizer")
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 WORDS = "apple river stone cloud quick brown fox lazy dog sun moon star tree house garden music paper".split()
 KW = dict(seq_length=32, batch_size=3, seed=5, shuffle_buffer=8, chunk_docs=16)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-
-
-@pytest.fixture(scope="module")
-def chat_tok(tok):
-    t = copy.deepcopy(tok)
-    t.chat_template = CHATML
-    return t
 
 
 def sentence(rng, lo=3, hi=14):
@@ -540,7 +521,7 @@ def test_sigkill_and_relaunch_is_exact(tmp_path, tok):
             for b in take(s, total)
         ]
     script = tmp_path / "reader.py"
-    script.write_text(READER.format(root=ROOT, tok=TOKENIZER_DIR))
+    script.write_text(READER.format(root=ROOT, tok=TOKENIZER))
     state, out = tmp_path / "state.json", tmp_path / "hashes.txt"
     argv = [sys.executable, str(script), spec, str(state), str(out), str(total), json.dumps(kw)]
     proc = subprocess.Popen(argv)

@@ -1,0 +1,139 @@
+"""Where one GPU's training step goes: our trainer under torch.profiler, GPU kernel time by kind.
+
+Runs the real entrypoint with `--profiling pytorch_profiling` (two traced optimizer steps after a warm-up step), then
+reads the Chrome trace of rank 0 and sums the GPU kernels' time by kind: matmul (cuBLAS / CUTLASS / nvjet / triton
+mm), attention (flash / cuDNN / efficient / flex), optimizer (multi-tensor / fused Adam), copies and memsets,
+collectives, everything else (elementwise, norms, rotary, cross-entropy: fused or not). "GPU idle" is the step's wall
+time not covered by any kernel. Numbers of a traced step are a little slower than an untraced one: the profile says
+where time goes, bench_single_gpu.py says how fast.
+
+    python bench/profile_step.py --variant mb8+compile          # one H100/H200
+    python bench/profile_step.py --smoke                        # CPU check of the plumbing (no GPU kernels)
+"""
+
+import argparse
+import collections
+import glob
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_single_gpu import parse_variant  # noqa: E402
+from common import Session, add_common_args, apply_smoke  # noqa: E402
+
+KINDS = [  # first match wins
+    ("attention", ("flash", "fmha", "cudnn", "attention", "flex", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "_mm_", "mm_kernel", "splitk")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("collective", ("nccl",)),
+    ("copy/memset", ("memcpy", "memset", "copy_kernel", "fill")),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, words in KINDS:
+        if any(w in low for w in words):
+            return kind
+    return "other"
+
+
+def summarize_trace(path: str, top: int = 30) -> dict:
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    steps = [e for e in events if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("step")]
+    if not kernels:
+        return {"kernels": 0}
+    start = min(e["ts"] for e in kernels)
+    end = max(e["ts"] + e["dur"] for e in kernels)
+    by_kind = collections.Counter()
+    by_name = collections.Counter()
+    count = collections.Counter()
+    for e in kernels:
+        by_kind[kind_of(e["name"])] += e["dur"]
+        by_name[e["name"][:120]] += e["dur"]
+        count[e["name"][:120]] += 1
+    busy = _union_length([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
+    span = end - start
+    return {
+        "trace": os.path.basename(path),
+        "span_ms": round(span / 1e3, 1),
+        "gpu_busy_ms": round(busy / 1e3, 1),
+        "gpu_idle_share": round(1 - busy / span, 4),
+        "profiler_steps": [s["name"] for s in steps],
+        "by_kind_ms": {k: round(v / 1e3, 1) for k, v in by_kind.most_common()},
+        "by_kind_share_of_busy": {k: round(v / busy, 4) for k, v in by_kind.most_common()},
+        "top_kernels": [
+            {"name": n, "ms": round(t / 1e3, 2), "calls": count[n], "kind": kind_of(n)}
+            for n, t in by_name.most_common(top)
+        ],
+    }
+
+
+def _union_length(intervals):
+    total, cur_start, cur_end = 0, None, None
+    for a, b in sorted(intervals):
+        if cur_end is None or a > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = a, b
+        else:
+            cur_end = max(cur_end, b)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, steps=4, warmup=1)
+    ap.add_argument("--shape", default="pythia-1.4b")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--variant", default="mb8+compile", help="as in bench_single_gpu.py")
+    ap.add_argument("--profiling-steps", type=int, default=2)
+    args = ap.parse_args()
+    apply_smoke(args, ap)
+    s = Session("profile_step", args)
+    shape = "tiny" if args.smoke else args.shape
+    v = parse_variant(args.variant, args.batch_size)
+    model_dir = s.model_dir(shape)
+    data = s.data_file(v["batch"] * args.seq_length * (args.steps + 2) * 2)
+    trace_dir = os.path.join(s.workdir, "trace")
+    run = s.ours(
+        args.variant,
+        model_dir=model_dir,
+        data=data,
+        nproc=1,
+        micro_batch=v["micro_batch"],
+        batch=v["batch"],
+        compile=v["compile"],
+        activation_checkpointing=v["activation_checkpointing"],
+        extra=[
+            "--profiling",
+            "pytorch_profiling",
+            "--profiling-dir",
+            trace_dir,
+            "--profiling-steps",
+            str(args.profiling_steps),
+            "--attention-mask",
+            v["attention_mask"],
+        ],
+    )
+    traces = sorted(glob.glob(os.path.join(trace_dir, "torch_rank_0*.json")))
+    run["profile"] = summarize_trace(traces[0]) if traces else {"error": f"no trace in {trace_dir}"}
+    p = run["profile"]
+    if "by_kind_ms" in p:
+        s.note(
+            f"traced span {p['span_ms']} ms, GPU idle {p['gpu_idle_share']:.1%}; busy by kind: "
+            + ", ".join(f"{k} {v:.1%}" for k, v in p["by_kind_share_of_busy"].items())
+        )
+        for k in p["top_kernels"][:15]:
+            print(f"  {k['ms']:9.2f} ms  {k['calls']:5d}x  {k['kind']:11s} {k['name'][:100]}")
+    s.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -127,17 +127,50 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=Non
 
 class DocumentBlockMask:
     """A FlexAttention block mask (GPU): tokens see earlier tokens of their own document. Blocks of the score
-    matrix that cross documents are skipped, so short documents cost less than a causal window."""
+    matrix that cross documents are skipped, so short documents cost less than a causal window.
+
+    The block structure is worked out from each 128-token block's lowest and highest document id, a few small
+    kernels on [B, S/128, S/128]: `create_block_mask` evaluates the mask on all B x S x S positions through vmap,
+    which costs the host several milliseconds of kernel launches per micro-batch while the GPU waits. Document ids
+    ascend along a row (tasks/packing.py), so a block pair holds a visible position exactly when its id ranges meet
+    and the key block is not after the query block; it is full when both blocks lie inside one document and the key
+    block is strictly earlier (the diagonal block is causal inside)."""
+
+    BLOCK = 128
 
     def __init__(self, doc_ids: torch.Tensor):
-        from torch.nn.attention.flex_attention import create_block_mask
+        from torch.nn.attention.flex_attention import BlockMask
 
         batch, seq = doc_ids.shape
+        n = -(-seq // self.BLOCK)
+        padded = torch.cat([doc_ids, doc_ids[:, -1:].expand(batch, n * self.BLOCK - seq)], dim=1)
+        blocks = padded.view(batch, n, self.BLOCK)
+        low, high = blocks.amin(-1), blocks.amax(-1)  # [B, n]
+        q_low, q_high, kv_low, kv_high = low[:, :, None], high[:, :, None], low[:, None, :], high[:, None, :]
+        not_after = torch.ones(n, n, dtype=torch.bool, device=doc_ids.device).tril()
+        visible = (kv_low <= q_high) & (q_low <= kv_high) & not_after
+        whole = torch.arange(n, device=doc_ids.device) < seq // self.BLOCK  # blocks without padding
+        one_document = (low == high) & whole
+        full = one_document[:, :, None] & one_document[:, None, :] & (q_low == kv_low) & not_after.tril(-1)
 
         def same_document_causal(b, h, q_idx, kv_idx):
             return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
 
-        self.block_mask = create_block_mask(same_document_causal, batch, None, seq, seq, device=doc_ids.device)
+        self.block_mask = BlockMask.from_kv_blocks(
+            *_kv_block_lists(visible & ~full),
+            *_kv_block_lists(full),
+            BLOCK_SIZE=self.BLOCK,
+            mask_mod=same_document_causal,
+            seq_lengths=(seq, seq),
+        )
+
+
+def _kv_block_lists(selected: torch.Tensor):
+    """BlockMask's sparse form of a [B, n, n] block selection: per query block, how many key blocks and which
+    (ascending, the selected ones first), with a head dimension of 1."""
+    counts = selected.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~selected).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
+    return counts[:, None], order[:, None]
 
 
 @functools.cache

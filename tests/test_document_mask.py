@@ -81,3 +81,39 @@ def test_document_mask_with_activation_checkpointing(tmp_path):
         grads.append({n: p.grad for n, p in stage.named_parameters()})
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-6, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("seq", [128, 300, 640])
+def test_gpu_block_mask_equals_flex_reference(seq):
+    """The GPU path's block mask, built from per-block document ranges, is the one `create_block_mask` derives
+    from the mask itself (same full and partial blocks, same order), and FlexAttention under it equals SDPA under
+    the dense document mask the CPU path uses."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from modules.layers import DocumentBlockMask, document_mask
+
+    g = torch.Generator().manual_seed(seq)
+    for density in (0.0, 0.003, 0.02, 0.1):
+        doc_ids = (torch.rand(3, seq, generator=g) < density).long().cumsum(1)
+        ours = DocumentBlockMask(doc_ids).block_mask
+
+        def same_document_causal(b, h, q, kv, doc_ids=doc_ids):
+            return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
+
+        reference = create_block_mask(same_document_causal, 3, None, seq, seq, device="cpu")
+        for counts, indices in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+            n = getattr(reference, counts)
+            assert torch.equal(getattr(ours, counts).to(n.dtype), n), (density, counts)
+            for b, q in zip(*torch.nonzero(n[:, 0] >= 0, as_tuple=True)):
+                k = int(n[b, 0, q])
+                assert torch.equal(
+                    getattr(ours, indices)[b, 0, q, :k].long(), getattr(reference, indices)[b, 0, q, :k].long()
+                )
+        assert torch.equal(ours.to_dense(), reference.to_dense())
+        q, k, v = torch.randn(3, 3, 2, seq, 16, generator=g).unbind(0)
+        torch.testing.assert_close(
+            flex_attention(q, k, v, block_mask=ours),
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(doc_ids)),
+            rtol=1e-5,
+            atol=1e-5,
+        )

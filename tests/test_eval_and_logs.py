@@ -20,7 +20,7 @@ def setup(tmp_path_factory):
     return root, model_dir, make_chat_data(root / "chat.jsonl"), make_chat_data(root / "eval.jsonl", n=30, seed=3)
 
 
-def reference_eval_loss(model_dir, eval_path, seq_length, batch_size):
+def reference_eval_loss(model_dir, eval_path, seq_length, batch_size, train_on_inputs=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import tasks
@@ -29,7 +29,9 @@ def reference_eval_loss(model_dir, eval_path, seq_length, batch_size):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in tasks.evaluation_batches([eval_path], tokenizer, seq_length, batch_size, 0, 1):
+        for batch in tasks.evaluation_batches(
+            [eval_path], tokenizer, seq_length, batch_size, 0, 1, train_on_inputs=train_on_inputs
+        ):
             logits = document_logits(model, batch)  # evaluation masks packed documents as training does
             total += F.cross_entropy(
                 logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum"
@@ -39,7 +41,8 @@ def reference_eval_loss(model_dir, eval_path, seq_length, batch_size):
 
 
 def test_evaluation_loss_matches_transformers_and_one_rank_logs(setup):
-    """pp=2 x dp=2, lr 0: valid.loss after step 1 is the untouched model's mean token loss on the eval file."""
+    """pp=2 x dp=2, lr 0: valid.loss after step 1 is the untouched model's mean token loss on the eval file, over
+    the tokens training learns (--train-on-inputs: the user turns too)."""
     root, model_dir, data, eval_path = setup
     metrics = root / "metrics.jsonl"
     flags = base_flags(
@@ -55,6 +58,7 @@ def test_evaluation_loss_matches_transformers_and_one_rank_logs(setup):
             "evaluation-data": eval_path,
             "evaluation-steps": 1,
             "metrics-file": str(metrics),
+            "train-on-inputs": True,
         },
     )
     result = run_torchrun(4, flags)
@@ -62,7 +66,8 @@ def test_evaluation_loss_matches_transformers_and_one_rank_logs(setup):
     records = [json.loads(line) for line in open(metrics)]
     evals = [r for r in records if "valid.loss" in r]
     assert [r["step"] for r in evals] == [1, 2]
-    want = reference_eval_loss(model_dir, eval_path, 32, 4)
+    want = reference_eval_loss(model_dir, eval_path, 32, 4, train_on_inputs=True)
+    assert abs(want - reference_eval_loss(model_dir, eval_path, 32, 4)) > 1e-4 * want  # the flag matters
     assert evals[0]["valid.loss"] == pytest.approx(want, rel=1e-5)
     assert evals[0]["valid.perplexity"] == pytest.approx(math.exp(want), rel=1e-5)
     # one logging process: each step line printed once in the output of all 4 ranks

@@ -276,7 +276,15 @@ class Trainer:
         total = torch.zeros(2, device=lay.device, dtype=torch.float64)  # loss sum, token count
         self.loss_fn.factor = 1.0
         batches = tasks.evaluation_batches(
-            paths, self.tokenizer, data.seq_length, data.batch_size, lay.dp_rank, lay.dp_size, **self._record_format()
+            paths,
+            self.tokenizer,
+            data.seq_length,
+            data.batch_size,
+            lay.dp_rank,
+            lay.dp_size,
+            train_on_inputs=data.train_on_inputs,  # the loss counts the tokens training learns
+            loss_on_bot_only=data.loss_on_bot_only,
+            **self._record_format(),
         )
         for i, batch in enumerate(batches):
             if data.evaluation_batches is not None and i >= data.evaluation_batches:

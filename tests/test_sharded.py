@@ -42,38 +42,59 @@ def make_optimizer(named, dtype, **changes):
     return test_optimizer.make_optimizer(named, dtype, **changes)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_offload_equals_the_device_optimizer(dtype):
-    """Three clipped steps (and a state round trip) with the masters and state on the host equal the in-device
-    optimizer within 1e-6 (on this CPU-only machine both run the same fused CPU kernel)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_bytes", [None, 200])
+def test_offload_equals_the_device_optimizer(monkeypatch, dtype, chunk_bytes):
+    """Three clipped steps (fp16: loss-scaled) and a state round trip with the masters and state on the host give
+    the very bits of the in-device optimizer (on this CPU-only machine both run the same fused CPU kernel). With
+    200-byte chunks every parameter is its own chunk, so the host step's two staging buffers take turns."""
+    from optimizer import stage_optimizer
     from tests import test_optimizer
 
+    if chunk_bytes:
+        monkeypatch.setattr(stage_optimizer, "MASTER_GRAD_CHUNK_BYTES", chunk_bytes)
     runs = {}
     for offload in ("none", "cpu"):
-        named = test_optimizer.named_params(dtype)
-        opt = make_optimizer(named, dtype, offload=offload)
+        named = test_optimizer.named_params(dtype, shapes=((16, 8), (8,), (8, 8), (3, 5)))
+        opt = make_optimizer(named, dtype, offload=offload, initial_loss_scale=1024.0)
+        if offload == "cpu":
+            assert len(opt.grad_chunks) == (4 if chunk_bytes else 1)
         for k in range(3):
             for i, (_, p) in enumerate(named):
-                p.grad = torch.full_like(p, 0.5 * (k + i + 1))  # norm > 1: clipping active
+                p.grad = torch.full_like(p, 0.5 * (k + i + 1) * opt.loss_scale)  # norm > 1: clipping active
             opt.step()
         saved = opt.state_tensors([n for n, _ in named])
-        runs[offload] = ({n: p.detach().float() for n, p in named}, saved)
+        runs[offload] = ({n: p.detach().clone() for n, p in named}, saved)
     (weights, state), (off_weights, off_state) = runs["none"], runs["cpu"]
-    assert set(state) == set(off_state)
-    for key in weights:
-        torch.testing.assert_close(off_weights[key], weights[key], rtol=0, atol=1e-6)
-    for key in state:
-        torch.testing.assert_close(off_state[key].float(), state[key].float(), rtol=0, atol=1e-6)
+    assert set(state) == set(off_state) and set(weights) == set(off_weights)
+    different = [k for k in weights if not torch.equal(off_weights[k], weights[k])]
+    different += [k for k in state if not torch.equal(off_state[k], state[k])]
+    assert not different, different
 
 
-def test_offload_without_enough_host_memory_is_one_line(monkeypatch):
-    from optimizer import OptimizerError, stage_optimizer
-    from tests import test_optimizer
+def test_host_memory_check_before_the_model_load_is_one_line(monkeypatch, tmp_path):
+    """The check counts the trained elements of this host's ranks' stages from config.json and the stage plan
+    (sharded: 1/dp of them), without building the model."""
+    import modules
+    from optimizer import OptimizerError, check_host_memory, stage_optimizer
+    from pipeline_parallel import plan_stages
+    from training.inputs import offloaded_elements
 
-    monkeypatch.setattr(stage_optimizer, "host_memory_available", lambda: 1000)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    with pytest.raises(OptimizerError, match=r"needs .* GiB of host memory per rank \(2 ranks on this host"):
-        make_optimizer(test_optimizer.named_params(torch.float32), torch.float32, offload="cpu")
+    cfg = modules.load_model_config(make_model(tmp_path / "model", hidden=32, layers=4, heads=4))
+    whole = modules.count_parameters(cfg)
+    plans = [plan_stages(cfg.num_layers, 2, r, "gpipe", 1, None, head_cost=1.0) for r in range(2)]
+    one = plan_stages(cfg.num_layers, 1, 0, "gpipe", 1, None, head_cost=1.0)
+    assert offloaded_elements(cfg, [one], dp=1, sharded=False) == [whole]
+    first, last = offloaded_elements(cfg, plans, dp=1, sharded=False)
+    assert first + last == whole and first > 0 and last > 0  # untied: every tensor on exactly one stage
+    assert offloaded_elements(cfg, plans, dp=4, sharded=True) == [-(-first // 4), -(-last // 4)]
+    lora = modules.make_lora_config(cfg, 4, 8)
+    assert offloaded_elements(cfg, [one], dp=1, sharded=False, lora=lora) == [modules.count_lora_parameters(cfg, lora)]
+    monkeypatch.setattr(stage_optimizer, "host_memory_available", lambda: 10 * 2**30)
+    check_host_memory([first, last])  # fits
+    monkeypatch.setattr(stage_optimizer, "host_memory_available", lambda: 2**30)
+    with pytest.raises(OptimizerError, match=r"needs 6\.0 GiB of host memory for the 2 rank\(s\) on this host"):
+        check_host_memory([first, last])
 
 
 def test_sharded_pieces_join_into_whole_tensors_and_a_gap_is_one_line():

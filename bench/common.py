@@ -535,6 +535,7 @@ class Session:
         dp: int = 1,
         micro_batch: int,
         batch: int,
+        accum: int = 1,
         schedule: str = "gpipe",
         compile: bool = False,
         fp16: bool = False,
@@ -544,7 +545,8 @@ class Session:
         extra: list[str] | None = None,
         flops: float | None = None,
     ) -> dict:
-        """One launch of the real entrypoint under torchrun; `batch` is per data-parallel replica per step.
+        """One launch of the real entrypoint under torchrun; `batch` is per data-parallel replica per iteration,
+        `accum` iterations per optimizer step (--gradient-accumulate-step).
         `flops`: FLOPs per token for MFU when not the dense 6·N + 12·L·d·S (LoRA: `lora_flops_per_token`)."""
         a = self.args
         run = {
@@ -555,7 +557,8 @@ class Session:
             "micro_batch": micro_batch,
             "n_micro": batch // micro_batch,
             "batch_per_replica": batch,
-            "tokens_per_step": batch * dp * a.seq_length,
+            "accumulation": accum,
+            "tokens_per_step": batch * dp * accum * a.seq_length,
             "compile": compile,
             "activation_checkpointing": activation_checkpointing,
             "precision": "fp16" if fp16 else ("bf16" if self.gpu else "fp32"),
@@ -588,8 +591,10 @@ class Session:
             str(dp),
             "--pp-mode",
             schedule,
+            "--gradient-accumulate-step",
+            str(accum),
             "--total-steps",
-            str(a.steps),
+            str(a.steps * accum),  # counts iterations, as OpenChatKit's flag does
             "--warmup-steps",
             "0",
             "--lr",
@@ -634,7 +639,8 @@ class Session:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         self.note(
             f"{label}: ours, {nproc} process(es), pp={pp} dp={dp} {schedule} mb={micro_batch} "
-            f"x{batch // micro_batch}{' compile' if compile else ''}{' fp16' if fp16 else ''}"
+            f"x{batch // micro_batch}{f' accum {accum}' if accum > 1 else ''}{' compile' if compile else ''}"
+            f"{' fp16' if fp16 else ''}"
         )
         run.update(self._run(label, cmd, env, metrics, a.steps))
         records = read_jsonl(metrics)

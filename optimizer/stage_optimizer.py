@@ -4,7 +4,7 @@ Model parameters may be fp16/bf16; the optimizer then works on fp32 master copie
 The gradient norm is reduced over the pipeline group (and, with --dp-mode sharded, the data-parallel group, whose ranks
 each hold one shard of the summed gradients), so every rank of the job sees the same norm, skips the same fp16
 overflow step and clips alike. --offload-optimizer cpu keeps the fp32 masters and the state on the host and steps
-there (torch's fused CPU AdamW).
+there (torch's fused CPU AdamW), its copies overlapped chunk by chunk (offload.py).
 """
 
 import importlib.util
@@ -15,11 +15,15 @@ import torch
 import torch.distributed as dist
 
 from data_parallel import FlatShards, allreduce_gradients
+from optimizer.offload import HostStep, host_threads
 from optimizer.scaler import LossScaler, NoScaler
 from utils.config import OptimizerConfig
 from utils.errors import UserError
 
 MASTER_GRAD_CHUNK_BYTES = 1 << 30
+# At most, per rank: two staging buffers of a chunk's gradients and two of its rounded weights in 16-bit (half a
+# chunk each) and one chunk of fp32 gradients (optimizer/offload.py).
+HOST_STAGING_BYTES = 3 * MASTER_GRAD_CHUNK_BYTES
 
 
 class OptimizerError(UserError, RuntimeError):
@@ -79,6 +83,21 @@ def host_memory_available():
     return None
 
 
+def check_host_memory(elements_per_rank):
+    """--offload-optimizer cpu: the ranks on this host, offloading `elements_per_rank[i]` elements each (fp32 master
+    and two moments: 12 bytes per element, plus the step's staging buffers), fit in the host's available memory;
+    otherwise one line saying how much is needed, before anything large is allocated, instead of the OOM killer."""
+    needs = [12 * n + HOST_STAGING_BYTES for n in elements_per_rank]
+    available = host_memory_available()
+    if available is not None and sum(needs) > available:
+        raise OptimizerError(
+            f"--offload-optimizer cpu needs {sum(needs) / 2**30:.1f} GiB of host memory for the {len(needs)} "
+            f"rank(s) on this host (12 bytes per offloaded parameter; {max(needs) / 2**30:.1f} GiB for the largest "
+            f"rank) and {available / 2**30:.1f} GiB is available; add data-parallel ranks with --dp-mode sharded, "
+            f"raise --pipeline-group-size, or drop --offload-optimizer"
+        )
+
+
 class StageOptimizer:
     """The optimizer of one rank's stages. It steps *units*: whole parameters (--dp-mode allreduce), or, under
     --dp-mode sharded, the pieces `(param, start, end)` of flattened parameters this data-parallel rank owns
@@ -100,8 +119,6 @@ class StageOptimizer:
         else:
             self.shards = None
             self.units = [(i, 0, p.numel()) for i, p in enumerate(self.model_params)]
-        if self.offload:
-            self._check_host_memory()
         self.master_params = [self._make_master(i, a, b) for i, a, b in self.units]
         self._shard_grads = None  # this rank's summed gradient pieces, between reduce_gradients and step
         decay = [m for (i, _, _), m in zip(self.units, self.master_params) if not no_decay(*named_params[i])]
@@ -120,29 +137,20 @@ class StageOptimizer:
             self.scaler = NoScaler()
         self.max_grad_norm = cfg.max_grad_norm
         self.grad_chunks = self._grad_chunks()  # fixed by the parameters: worked out once, not every step
-
-    def _check_host_memory(self):
-        """--offload-optimizer cpu: this host's ranks together need 12 bytes per offloaded element (fp32 master and
-        two moments); say so in one line before allocating instead of being killed by the OOM killer."""
-        need = 12 * sum(b - a for _, a, b in self.units)
-        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        available = host_memory_available()
-        if available is not None and need * ranks_here > available:
-            raise OptimizerError(
-                f"--offload-optimizer cpu needs {need / 2**30:.1f} GiB of host memory per rank ({ranks_here} ranks "
-                f"on this host: {need * ranks_here / 2**30:.1f} GiB) and {available / 2**30:.1f} GiB is available; "
-                f"add data-parallel ranks with --dp-mode sharded, raise --pipeline-group-size, or drop "
-                f"--offload-optimizer"
-            )
+        self.host_step = None
+        if self.offload:
+            dtypes = [self.model_params[i].dtype for i, _, _ in self.units]
+            self.host_step = HostStep(self.master_params, dtypes, self.grad_chunks, layout.device)
+            if layout.device.type == "cuda":  # on a CPU-only run the model runs on the host too: threads as given
+                torch.set_num_threads(host_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
     def _make_master(self, i, a, b):
         p = self.model_params[i].detach()
         if not self.separate:
             return self.model_params[i] if not self.sharded else p.view(-1)[a:b]  # updated in place
         src = p.view(-1)[a:b] if self.sharded else p
-        master = torch.empty(src.shape, dtype=torch.float32, device=self.host)
-        if self.offload and torch.cuda.is_available():
-            master = master.pin_memory()  # fast, asynchronous device<->host copies
+        pinned = self.offload and torch.cuda.is_available()  # asynchronous host->device copies of fp32 weights
+        master = torch.empty(src.shape, dtype=torch.float32, device=self.host, pin_memory=pinned)
         return master.copy_(src).requires_grad_(not self.sharded)
 
     @property
@@ -229,20 +237,10 @@ class StageOptimizer:
         fused = self.inner.defaults.get("fused")
         if fused:
             self.inner.grad_scale = torch.tensor(divisor, dtype=torch.float32, device=self.host)
-        for chunk in self.grad_chunks:
-            masters = [self.master_params[k] for k in chunk]
-            for k, m in zip(chunk, masters):
-                if m is not grads[k] and m.grad is not grads[k]:
-                    m.grad = grads[k].to(m.device, torch.float32) if self.separate else grads[k]
-                if self.separate and not self.sharded:
-                    self.model_params[self.units[k][0]].grad = None  # its fp32 copy replaces it
-            if divisor != 1.0 and not fused:
-                torch._foreach_div_([m.grad for m in masters], divisor)
-            self.inner.step()  # steps only the parameters that have a gradient: this chunk's
-            if self.separate:
-                self._write_back(chunk, masters)
-                for m in masters:
-                    m.grad = None
+        if self.offload:
+            self._host_update(grads, 1.0 if fused else divisor)
+        else:
+            self._device_update(grads, 1.0 if fused else divisor)
         if self.sharded:
             self._shard_grads = None
             self.shards.all_gather(self.model_params, self.layout.dp_group)
@@ -250,16 +248,52 @@ class StageOptimizer:
         self.zero_grad()
         return grad_norm, False
 
+    def _device_update(self, grads, divisor):
+        """Step the units chunk by chunk on the device; mixed precision: fp32 master gradients exist for one chunk
+        at a time, and the updated masters are rounded into the model's parameters."""
+        for chunk in self.grad_chunks:
+            masters = [self.master_params[k] for k in chunk]
+            for k, m in zip(chunk, masters):
+                if m is not grads[k] and m.grad is not grads[k]:
+                    m.grad = grads[k].to(m.device, torch.float32) if self.separate else grads[k]
+                if self.separate and not self.sharded:
+                    self.model_params[self.units[k][0]].grad = None  # its fp32 copy replaces it
+            if divisor != 1.0:
+                torch._foreach_div_([m.grad for m in masters], divisor)
+            self.inner.step()  # steps only the parameters that have a gradient: this chunk's
+            if self.separate:
+                self._write_back(chunk, masters)
+                for m in masters:
+                    m.grad = None
+
+    def _host_update(self, grads, divisor):
+        """--offload-optimizer cpu: the same chunks stepped on the host, their copies overlapped (offload.py)."""
+        masters = self.master_params
+        targets = [
+            self.model_params[i].view(-1)[a:b] if self.sharded else self.model_params[i] for i, a, b in self.units
+        ]
+
+        def step_chunk(chunk):
+            if divisor != 1.0:
+                torch._foreach_div_([masters[k].grad for k in chunk], divisor)
+            self.inner.step()  # steps only the parameters that have a gradient: this chunk's
+
+        self.host_step.run(grads, masters, targets, step_chunk)
+
+    @property
+    def host_seconds(self):
+        """(seconds of the last offloaded update, of which the host waited for copies), or None without offload."""
+        return None if self.host_step is None else (self.host_step.seconds, self.host_step.wait_seconds)
+
     @torch.no_grad()
     def _write_back(self, chunk, masters):
         """The updated fp32 masters of `chunk` into the model's parameters (rounded to bf16/fp16)."""
-        if not self.sharded and not self.offload:
+        if not self.sharded:
             torch._foreach_copy_([self.model_params[self.units[k][0]] for k in chunk], masters)
             return
         for k, m in zip(chunk, masters):
             i, a, b = self.units[k]
-            target = self.model_params[i].view(-1)[a:b] if self.sharded else self.model_params[i]
-            target.copy_(m, non_blocking=self.offload)
+            self.model_params[i].view(-1)[a:b].copy_(m)
 
     # Checkpoint I/O works on plain tensors keyed by parameter name (any layout can read them). Python numbers
     # in the state (bitsandbytes keeps its step count as an int) travel as 0-d tensors under a "#py" suffix.

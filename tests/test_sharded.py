@@ -2,20 +2,31 @@
 
 Unit tests (in-process): shards cover every element once, offload equals the device optimizer, sharded checkpoint
 pieces join back into whole tensors, bad flag combinations are one line. End-to-end (torchrun on gloo, the tiny
-model, 3 steps): sharded equals allreduce at pp1xdp4 in fp32 with clipping active (within 1e-6: the global norm is
-summed shard by shard, so its last bits differ), and bit-identically at pp2xdp2 in fp16 with CPU offload, an overflow
-skip and no clipping;
-a dp=4 sharded checkpoint resumes at dp=2 sharded, then at dp=1 allreduce; a missing shard file is one line.
+model, 3 steps): sharded equals allreduce at pp1xdp4 and pp2xdp2 in fp32 with clipping active (within 1e-6: the global
+norm is summed shard by shard, so its last bits differ), and bit-identically at pp2xdp2 in fp16 with CPU offload, an
+overflow skip and no clipping; a sharded rank killed mid-run resumes bit-exactly; a dp=4 sharded checkpoint resumes at
+dp=2 sharded, then at dp=1 allreduce; a missing shard file is one line.
 """
 
 import json
 import os
 import shutil
+import signal
+import time
 
 import pytest
 import torch
 
-from tests.helpers import base_flags, make_chat_data, make_model, read_checkpoint_weights, read_metrics, run_torchrun
+from tests.helpers import (
+    base_flags,
+    make_chat_data,
+    make_model,
+    read_checkpoint_weights,
+    read_metrics,
+    run_ranks,
+    run_torchrun,
+    wait_ranks,
+)
 
 SEQ, STEPS = 32, 3
 BOTH = ("_model.safetensors", "_optimizer.safetensors")
@@ -42,38 +53,59 @@ def make_optimizer(named, dtype, **changes):
     return test_optimizer.make_optimizer(named, dtype, **changes)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_offload_equals_the_device_optimizer(dtype):
-    """Three clipped steps (and a state round trip) with the masters and state on the host equal the in-device
-    optimizer within 1e-6 (on this CPU-only machine both run the same fused CPU kernel)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_bytes", [None, 200])
+def test_offload_equals_the_device_optimizer(monkeypatch, dtype, chunk_bytes):
+    """Three clipped steps (fp16: loss-scaled) and a state round trip with the masters and state on the host give
+    the very bits of the in-device optimizer (on this CPU-only machine both run the same fused CPU kernel). With
+    200-byte chunks every parameter is its own chunk, so the host step's two staging buffers take turns."""
+    from optimizer import stage_optimizer
     from tests import test_optimizer
 
+    if chunk_bytes:
+        monkeypatch.setattr(stage_optimizer, "MASTER_GRAD_CHUNK_BYTES", chunk_bytes)
     runs = {}
     for offload in ("none", "cpu"):
-        named = test_optimizer.named_params(dtype)
-        opt = make_optimizer(named, dtype, offload=offload)
+        named = test_optimizer.named_params(dtype, shapes=((16, 8), (8,), (8, 8), (3, 5)))
+        opt = make_optimizer(named, dtype, offload=offload, initial_loss_scale=1024.0)
+        if offload == "cpu":
+            assert len(opt.grad_chunks) == (4 if chunk_bytes else 1)
         for k in range(3):
             for i, (_, p) in enumerate(named):
-                p.grad = torch.full_like(p, 0.5 * (k + i + 1))  # norm > 1: clipping active
+                p.grad = torch.full_like(p, 0.5 * (k + i + 1) * opt.loss_scale)  # norm > 1: clipping active
             opt.step()
         saved = opt.state_tensors([n for n, _ in named])
-        runs[offload] = ({n: p.detach().float() for n, p in named}, saved)
+        runs[offload] = ({n: p.detach().clone() for n, p in named}, saved)
     (weights, state), (off_weights, off_state) = runs["none"], runs["cpu"]
-    assert set(state) == set(off_state)
-    for key in weights:
-        torch.testing.assert_close(off_weights[key], weights[key], rtol=0, atol=1e-6)
-    for key in state:
-        torch.testing.assert_close(off_state[key].float(), state[key].float(), rtol=0, atol=1e-6)
+    assert set(state) == set(off_state) and set(weights) == set(off_weights)
+    different = [k for k in weights if not torch.equal(off_weights[k], weights[k])]
+    different += [k for k in state if not torch.equal(off_state[k], state[k])]
+    assert not different, different
 
 
-def test_offload_without_enough_host_memory_is_one_line(monkeypatch):
-    from optimizer import OptimizerError, stage_optimizer
-    from tests import test_optimizer
+def test_host_memory_check_before_the_model_load_is_one_line(monkeypatch, tmp_path):
+    """The check counts the trained elements of this host's ranks' stages from config.json and the stage plan
+    (sharded: 1/dp of them), without building the model."""
+    import modules
+    from optimizer import OptimizerError, check_host_memory, stage_optimizer
+    from pipeline_parallel import plan_stages
+    from training.inputs import offloaded_elements
 
-    monkeypatch.setattr(stage_optimizer, "host_memory_available", lambda: 1000)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    with pytest.raises(OptimizerError, match=r"needs .* GiB of host memory per rank \(2 ranks on this host"):
-        make_optimizer(test_optimizer.named_params(torch.float32), torch.float32, offload="cpu")
+    cfg = modules.load_model_config(make_model(tmp_path / "model", hidden=32, layers=4, heads=4))
+    whole = modules.count_parameters(cfg)
+    plans = [plan_stages(cfg.num_layers, 2, r, "gpipe", 1, None, head_cost=1.0) for r in range(2)]
+    one = plan_stages(cfg.num_layers, 1, 0, "gpipe", 1, None, head_cost=1.0)
+    assert offloaded_elements(cfg, [one], dp=1, sharded=False) == [whole]
+    first, last = offloaded_elements(cfg, plans, dp=1, sharded=False)
+    assert first + last == whole and first > 0 and last > 0  # untied: every tensor on exactly one stage
+    assert offloaded_elements(cfg, plans, dp=4, sharded=True) == [-(-first // 4), -(-last // 4)]
+    lora = modules.make_lora_config(cfg, 4, 8)
+    assert offloaded_elements(cfg, [one], dp=1, sharded=False, lora=lora) == [modules.count_lora_parameters(cfg, lora)]
+    monkeypatch.setattr(stage_optimizer, "host_memory_available", lambda: 10 * 2**30)
+    check_host_memory([first, last])  # fits
+    monkeypatch.setattr(stage_optimizer, "host_memory_available", lambda: 2**30)
+    with pytest.raises(OptimizerError, match=r"needs 6\.0 GiB of host memory for the 2 rank\(s\) on this host"):
+        check_host_memory([first, last])
 
 
 def test_sharded_pieces_join_into_whole_tensors_and_a_gap_is_one_line():
@@ -122,12 +154,11 @@ def setup(tmp_path_factory):
     return {"root": root, "model": make_model(root / "model"), "data": make_chat_data(root / "chat.jsonl")}
 
 
-def train(setup, name, pp, dp, env=None, **extra):
-    ckpt = setup["root"] / name
-    flags = base_flags(
+def flags_of(setup, name, pp, dp, **extra):
+    return base_flags(
         setup["model"],
         setup["data"],
-        str(ckpt),
+        str(setup["root"] / name),
         **{
             "pipeline-group-size": pp,
             "data-group-size": dp,
@@ -138,7 +169,11 @@ def train(setup, name, pp, dp, env=None, **extra):
             **extra,
         },
     )
-    result = run_torchrun(pp * dp, flags, env=env)
+
+
+def train(setup, name, pp, dp, env=None, **extra):
+    ckpt = setup["root"] / name
+    result = run_torchrun(pp * dp, flags_of(setup, name, pp, dp, **extra), env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return ckpt, result
 
@@ -173,6 +208,64 @@ def test_sharded_fp32_matches_allreduce_with_clipping(setup, pp1_dp4):
     assert set(got) == set(want) and len(want) > 100
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# pp=2 x dp=2 in fp32, clipping active: both modes, and a sharded run killed after its first checkpoint. A short
+# --dist-timeout so that the killed run's other ranks stop within seconds.
+PP2_DP2 = {"dist-timeout": 10, "checkpoint-steps": 1, "load-checkpoint": "true"}
+
+
+@pytest.fixture(scope="module")
+def pp2_dp2(setup):
+    allreduce, _ = train(setup, "ar-pp2-dp2", 2, 2, **PP2_DP2)
+    sharded, _ = train(setup, "sh-pp2-dp2", 2, 2, **{"dp-mode": "sharded", **PP2_DP2})
+    return allreduce, sharded
+
+
+@pytest.mark.e2e
+def test_sharded_fp32_pp2_dp2_matches_allreduce_with_clipping(setup, pp2_dp2):
+    """Weights and Adam moments within 1e-6 of allreduce after 3 clipped steps (not bit for bit: the global norm is
+    summed shard by shard, then over the pipeline, so its last bits, and the clip factor's, differ)."""
+    allreduce, sharded = pp2_dp2
+    norms = read_metrics(str(setup["root"] / "sh-pp2-dp2.jsonl"), "grad_norm")
+    assert sorted(norms) == [1, 2, 3] and min(norms.values()) > 1.0  # --max-grad-norm 1: every step clipped
+    meta = json.load(open(sharded / f"checkpoint_{STEPS}" / "meta.json"))
+    assert meta["optimizer_files"] == {
+        str(p): [f"prank_{p}_dp_{r}_optimizer.safetensors" for r in range(2)] for p in range(2)
+    }
+    want, got = read_state(allreduce), read_state(sharded)
+    assert set(got) == set(want) and any(k.endswith("/exp_avg_sq") for k in want) and len(want) > 100
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.e2e
+def test_sharded_rank_killed_mid_run_resumes_bit_exact(setup, pp2_dp2):
+    """pp=2 x dp=2 sharded, one process per rank: rank 3 is SIGKILLed after checkpoint 1, the others stop within
+    --dist-timeout; the same command resumes from checkpoint 1 and ends bit-identical to the uninterrupted run
+    (weights, every optimizer shard, the losses logged after the resume)."""
+    _, sharded = pp2_dp2
+    name = "sh-pp2-dp2-killed"
+    ckpt = setup["root"] / name
+    flags = flags_of(setup, name, 2, 2, **{"dp-mode": "sharded", **PP2_DP2})
+    procs = run_ranks(4, flags, env={"CKPT_HOLD_AFTER_SAVE": "1:60"})
+    deadline = time.time() + 240
+    while not (ckpt / "latest").exists() and time.time() < deadline and procs[0].poll() is None:
+        time.sleep(0.1)
+    assert (ckpt / "latest").exists(), wait_ranks(procs, 5)[0][2][-2000:]
+    time.sleep(1.0)  # let every rank finish the save and reach the pause
+    procs[3].send_signal(signal.SIGKILL)
+    results = wait_ranks(procs, 60)
+    assert results[3][0] == -signal.SIGKILL and all(rc not in (0, None) for rc, _, _ in results[:3])
+    assert (ckpt / "latest").read_text().strip() == "1"
+    _, result = train(setup, name, 2, 2, **{"dp-mode": "sharded", **PP2_DP2})
+    assert "(step 1; saved with pp=2 x dp=2)" in result.stdout, result.stdout[-2000:]
+    want, got = read_checkpoint_weights(str(sharded), suffix=BOTH), read_checkpoint_weights(str(ckpt), suffix=BOTH)
+    assert set(got) == set(want) and any("[" in k for k in want)  # the shards' pieces, compared as written
+    different = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not different, different[:5]
+    losses, want_losses = read_metrics(str(setup["root"] / f"{name}.jsonl")), read_metrics(str(sharded) + ".jsonl")
+    assert sorted(losses) == [1, 2, 3] and all(losses[s] == want_losses[s] for s in losses)
 
 
 @pytest.mark.e2e

@@ -1,13 +1,16 @@
 """Start-up checks of a run's inputs, before the model load (minutes for 20B), so that a typo costs seconds: model
-settings, data specs, the tokenizer, the optimizer's and the quantiser's libraries, the LoRA settings and adapters."""
+settings, data specs, the tokenizer, the optimizer's and the quantiser's libraries, the LoRA settings and adapters,
+the host memory of an offloaded optimizer."""
 
+import os
 from collections.abc import Callable
 
+import torch
 from transformers import AutoTokenizer
 
 import modules
 import tasks
-from optimizer import check_available
+from optimizer import check_available, check_host_memory
 from utils.config import JobConfig, LoraRunConfig
 from utils.logging import one_line
 
@@ -62,3 +65,32 @@ def adapters_of(lora: LoraRunConfig, cfg: modules.ModelConfig, log: Callable[[st
         _, adapters = modules.load_peft_adapter(lora.init_dir, cfg, expect=lora_cfg)
     log(f"LoRA r={lora_cfg.r} alpha={lora_cfg.alpha:g} on {','.join(lora_cfg.target_modules)}; the base is frozen")
     return lora_cfg, adapters
+
+
+def offloaded_elements(cfg: modules.ModelConfig, plans, dp: int, sharded: bool, lora=None) -> list[int]:
+    """Trained elements each plan's stages hand the optimizer (1/dp of them, rounded up, under --dp-mode sharded),
+    counted on stages built on the meta device: no memory, no weights read."""
+    out = []
+    for plan in plans:
+        elements = 0
+        for s in plan.stage_ids:
+            with torch.device("meta"):
+                stage = modules.build_stage(cfg, *plan.bounds[s], s == 0, s == plan.num_stages - 1)
+                if lora is not None:
+                    modules.apply_lora(stage, lora, seed=None)
+            elements += sum(p.numel() for p in stage.parameters() if p.requires_grad)
+        out.append(-(-elements // dp) if sharded else elements)
+    return out
+
+
+def check_offload_memory(job: JobConfig, cfg: modules.ModelConfig, layout, plan_of: Callable, lora=None):
+    """--offload-optimizer cpu: the state of every rank on this host (torchrun's LOCAL_RANK / LOCAL_WORLD_SIZE; a
+    rank launched on its own counts alone) fits in its available memory: one line saying how much is needed, before
+    the model load. `plan_of(pp_rank)` is the stage plan of a pipeline rank."""
+    if job.optimizer.offload != "cpu":
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    first = layout.rank - int(os.environ.get("LOCAL_RANK", "0"))
+    plans = [plan_of(r % layout.pp_size) for r in range(first, first + local_ranks)]
+    sharded = job.optimizer.dp_mode == "sharded" and layout.dp_size > 1
+    check_host_memory(offloaded_elements(cfg, plans, layout.dp_size, sharded, lora))

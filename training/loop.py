@@ -19,7 +19,7 @@ from comm import init_distributed
 from comm.watchdog import Watchdog
 from optimizer import StageOptimizer
 from pipeline_parallel import Pipeline, plan_stages
-from training.inputs import adapters_of, check_inputs
+from training.inputs import adapters_of, check_inputs, check_offload_memory
 from training.loss import TokenMeanLoss
 from training.metrics import StepMeter
 from training.profiling import make_profiler
@@ -41,15 +41,20 @@ class Trainer:
         )
         self.tokenizer = check_inputs(job, cfg, self.log.info)
         self.lora, adapters = adapters_of(job.lora, cfg, self.log.info)
-        self.plan = plan_stages(
-            cfg.num_layers,
-            lay.pp_size,
-            lay.pp_rank,
-            job.pipeline.mode,
-            job.pipeline.virtual_stages,
-            job.model.layers_per_stage,
-            head_cost=modules.head_cost_in_layers(cfg, job.data.seq_length),
-        )
+
+        def plan_of(pp_rank):
+            return plan_stages(
+                cfg.num_layers,
+                lay.pp_size,
+                pp_rank,
+                job.pipeline.mode,
+                job.pipeline.virtual_stages,
+                job.model.layers_per_stage,
+                head_cost=modules.head_cost_in_layers(cfg, job.data.seq_length),
+            )
+
+        self.plan = plan_of(lay.pp_rank)
+        check_offload_memory(job, cfg, lay, plan_of, self.lora)  # before the load, like the checks above
         self.stages = modules.build_rank_stages(
             cfg,
             self.plan.bounds,
@@ -321,6 +326,8 @@ class Trainer:
         if skipped:
             values["skipped"] = 1
         values.update(self.meter.measure(self.step, tokens_per_step))
+        if self.optimizer.host_seconds is not None:  # --offload-optimizer cpu: the host update, and its copy waits
+            values["optimizer_s"], values["optimizer_wait_s"] = self.optimizer.host_seconds
         if memory:
             values["mem_gb_per_rank"] = memory
         if self.step == self.meter.start_step + 1:

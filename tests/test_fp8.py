@@ -79,6 +79,15 @@ def test_conversion_takes_the_large_block_linears_and_keeps_names_and_dtypes(fam
     assert summary.startswith(f"fp8 tensorwise: {len(converted)} of {linears} block linears in float8"), summary
 
 
+def test_build_rank_stages_converts_every_stage_of_the_rank():
+    cfg = modules.model_config_from_dict(CONFIGS["gptneox"]().to_dict())
+    stages = modules.build_rank_stages(
+        cfg, [(0, 1), (1, 2)], [0, 1], torch.device("cpu"), torch.bfloat16, compile_blocks=True, fp8="tensorwise"
+    )
+    converted = [n for stage in stages for n, m in stage.named_modules() if type(m).__name__ == "Float8Linear"]
+    assert converted == CONVERTED["gptneox"]
+
+
 def test_filter_agrees_with_torchao_auto_filter():
     """Our size thresholds are torchao 0.18's auto filter (torchtitan's); compare on a grid of shapes."""
     from torchao.float8 import _auto_filter_for_recipe

@@ -6,12 +6,13 @@
     hidden = stage(input_ids)
 
 Reading order: config.py, layers.py, gptneox.py / gptj.py / llama.py, stage.py, weights.py, flops.py, export.py,
-lora.py (LoRA adapters on a stage, peft's adapter files).
+lora.py (LoRA adapters on a stage, peft's adapter files), fp8.py (torchao float8 linears in the blocks).
 """
 
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelError, load_model_config, model_config_from_dict
 from .export import save_hf_directory
 from .flops import count_lora_parameters, count_parameters, flops_per_token, head_cost_in_layers, lora_flops_per_token
+from .fp8 import check_fp8_device, convert_blocks_to_float8, float8_summary, gains_from_float8
 from .layers import attention_backend
 from .lora import (
     LoraConfig,
@@ -49,12 +50,16 @@ __all__ = [
     "Stage",
     "build_rank_stages",
     "build_stage",
+    "check_fp8_device",
+    "convert_blocks_to_float8",
     "count_lora_parameters",
     "count_parameters",
     "embedding_name",
     "expected_names",
     "expected_shapes",
+    "float8_summary",
     "flops_per_token",
+    "gains_from_float8",
     "head_cost_in_layers",
     "head_name",
     "init_lora_weights",

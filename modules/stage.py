@@ -158,6 +158,7 @@ def build_rank_stages(
     lora=None,
     quantize_base: str = "none",
     adapter_tensors=None,
+    fp8: str = "none",
 ) -> list[Stage]:
     """The stages `stage_ids` of a pipeline split by `bounds`, allocated once on `device` in `dtype`, holding the
     weights of `weights_dir` (or a random init from `seed`), each transformer block compiled if asked.
@@ -165,7 +166,11 @@ def build_rank_stages(
     With `lora` (a lora.LoraConfig) the blocks' target linears get adapters (initialised from `seed`, or copied
     from `adapter_tensors`) and every base weight is frozen; `quantize_base` (nf4 | int8) then holds the base
     linears in bitsandbytes. A quantised stage is loaded on the host and quantised onto `device` linear by linear,
-    so the device never holds the stage's full-precision weights."""
+    so the device never holds the stage's full-precision weights.
+
+    `fp8` (tensorwise | rowwise) swaps the blocks' large linears for torchao's Float8Linear (same parameter names
+    and dtypes), before torch.compile so that the compiled blocks fuse the float8 casts."""
+    from .fp8 import convert_blocks_to_float8
     from .lora import apply_lora, init_lora_weights, load_lora_tensors
     from .lora import quantize_base as quantize
     from .weights import init_stage_weights, load_stage_weights
@@ -190,6 +195,8 @@ def build_rank_stages(
             if quantize_base != "none":
                 quantize(stage, quantize_base, compute_dtype=dtype, device=device)
                 stage = stage.to(device)
+        if fp8 != "none":
+            convert_blocks_to_float8(stage, fp8)
         if compile_blocks:
             for block in getattr(getattr(stage, family(cfg).PREFIX), family(cfg).LAYERS).values():
                 block.compile()

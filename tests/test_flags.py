@@ -73,6 +73,18 @@ FLAG_ERRORS = [
     ({"lora-r": 4, "lora-dropout": 1.5}, ["--lora-dropout must be in [0, 1)"]),
     ({"lora-r": 4, "lora-alpha": 0}, ["--lora-alpha must be > 0"]),
     ({"lora-r": 4, "lora-init": "/nonexistent"}, ["--lora-init /nonexistent", "adapter_config.json"]),
+    # --fp8 on this CPU machine: the GPU refusal comes first, whether or not torchao is installed.
+    (
+        {"fp8": "tensorwise", "bf16": True},
+        ["--fp8 needs an NVIDIA GPU with compute capability 8.9+", "--use-cuda false"],
+    ),
+    ({"fp8": "rowwise", "use-cuda": "true"}, ["--fp8 rowwise trains a bf16 model", "add --bf16"]),
+    ({"fp8": "tensorwise", "use-cuda": "true", "fp16": True}, ["--fp8 tensorwise", "replace --fp16 with --bf16"]),
+    ({"fp8": "tensorwise", "use-cuda": "true", "bf16": True, "lora-r": 8}, ["--fp8 tensorwise and LoRA adapters"]),
+    (
+        {"fp8": "tensorwise", "use-cuda": "true", "bf16": True, "seq-length": 30},
+        ["--micro-batch-size x --seq-length to be a multiple of 16", "got 1 x 30"],
+    ),
 ]
 
 
@@ -81,6 +93,19 @@ def test_bad_flags_exit_2_with_one_line(setup, tmp_path, capsys, overrides, frag
     _, model_dir, data = setup
     result = run_main(base_flags(model_dir, data, str(tmp_path / "ck"), **overrides), capsys)
     assert_one_line_error(result, *fragments)
+
+
+def test_fp8_without_torchao_says_how_to_install(setup, tmp_path, capsys, monkeypatch):
+    """Checked without importing torchao (it takes seconds), whether or not this machine has it."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a)
+    )
+    _, model_dir, data = setup
+    flags = base_flags(model_dir, data, str(tmp_path / "ck"), fp8="tensorwise", bf16=True, **{"use-cuda": "true"})
+    assert_one_line_error(run_main(flags, capsys), "--fp8 tensorwise", "needs torchao: pip install torchao")
 
 
 def test_argparse_rejects_unknown_choice(setup, tmp_path, capsys):

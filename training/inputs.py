@@ -1,6 +1,6 @@
 """Start-up checks of a run's inputs, before the model load (minutes for 20B), so that a typo costs seconds: model
-settings, data specs, the tokenizer, the optimizer's and the quantiser's libraries, the LoRA settings and adapters,
-the host memory of an offloaded optimizer."""
+settings, the GPU for --fp8, data specs, the tokenizer, the optimizer's and the quantiser's libraries, the LoRA
+settings and adapters, the host memory of an offloaded optimizer."""
 
 import os
 from collections.abc import Callable
@@ -15,9 +15,9 @@ from utils.config import JobConfig, LoraRunConfig
 from utils.logging import one_line
 
 
-def check_inputs(job: JobConfig, cfg: modules.ModelConfig, warn: Callable[[str], None]):
-    """Raise a UserError for inputs that cannot work, `warn` about ones that are likely mistakes; returns the
-    tokenizer."""
+def check_inputs(job: JobConfig, cfg: modules.ModelConfig, warn: Callable[[str], None], device: torch.device):
+    """Raise a UserError for inputs that cannot work on `device`, `warn` about ones that are likely mistakes;
+    returns the tokenizer."""
     if job.model.embedding_dim is not None and job.model.embedding_dim != cfg.hidden_size:
         raise modules.ModelError(
             f"--embedding-dim {job.model.embedding_dim} differs from hidden size {cfg.hidden_size} in "
@@ -28,6 +28,8 @@ def check_inputs(job: JobConfig, cfg: modules.ModelConfig, warn: Callable[[str],
             f"WARNING: --seq-length {job.data.seq_length} is longer than the model was trained for "
             f"(max_position_embeddings {cfg.max_position_embeddings} in config.json)"
         )
+    if job.model.fp8 != "none":
+        modules.check_fp8_device(device)
     tasks.parse_task_spec(job.data.task_spec)
     if job.data.evaluation_data:
         tasks.parse_task_spec(job.data.evaluation_data, flag="--evaluation-data")

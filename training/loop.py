@@ -39,7 +39,7 @@ class Trainer:
         self.log = make_logger(
             log.backend, lay.is_logger, log.project, log.job_id, job.flags, log.metrics_file, log.tensorboard_dir
         )
-        self.tokenizer = check_inputs(job, cfg, self.log.info)
+        self.tokenizer = check_inputs(job, cfg, self.log.info, lay.device)
         self.lora, adapters = adapters_of(job.lora, cfg, self.log.info)
 
         def plan_of(pp_rank):
@@ -69,7 +69,10 @@ class Trainer:
             lora=self.lora,
             quantize_base=job.lora.quantize_base,
             adapter_tensors=adapters,
+            fp8=job.model.fp8,
         )
+        if job.model.fp8 != "none":
+            self.log.info(modules.float8_summary(self.stages, job.model.fp8))
         # What trains: every weight, or (LoRA) the adapters only; the frozen base gets no gradient, master copy
         # or optimizer state.
         self.named_params = [(n, p) for m in self.stages for n, p in m.named_parameters() if p.requires_grad]

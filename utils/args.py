@@ -5,6 +5,7 @@ The flag names and meanings are OpenChatKit's (see the training README); new fla
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -20,6 +21,7 @@ PP_MODES = ("gpipe", "1f1b", "interleaved-1f1b")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 OPTIMIZERS = ("adam", "adamw", "8bit-adam")
 QUANTIZE_MODES = ("none", "nf4", "int8")
+FP8_RECIPES = ("tensorwise", "rowwise")  # modules/fp8.py RECIPES
 
 
 class ArgumentError(UserError, ValueError):
@@ -165,6 +167,13 @@ def build_parser():
     precision = parser.add_argument_group("precision")
     precision.add_argument("--fp16", action="store_true", help="fp16 model, fp32 master weights, loss scaling")
     precision.add_argument("--bf16", action="store_true", help="bf16 model, fp32 master weights")
+    precision.add_argument(
+        "--fp8",
+        choices=("none",) + FP8_RECIPES,
+        default="none",
+        help="train the transformer blocks' large linear layers in float8 through torchao, with one scale per "
+        "tensor (tensorwise, fastest) or per row (rowwise); needs --bf16 and a GPU of compute capability 8.9+",
+    )
     precision.add_argument("--loss-scale", type=float, default=0, help="> 0: static loss scale; 0: dynamic")
     precision.add_argument("--initial-loss-scale", type=float, default=2**15)
     precision.add_argument("--loss-scale-window", type=int, default=1000)
@@ -330,6 +339,7 @@ def validate_args(args):
         )
     if args.fp16 and args.bf16:
         raise ArgumentError("--fp16 and --bf16 exclude each other; pick one")
+    _check_fp8(args)
     if args.loss_scale < 0:
         raise ArgumentError(f"--loss-scale must be >= 0 (0 = dynamic), got {args.loss_scale}")
     if args.initial_loss_scale <= 0 or args.min_loss_scale <= 0 or args.loss_scale_window < 1 or args.hysteresis < 1:
@@ -434,6 +444,33 @@ def _check_lora(args):
         )
 
 
+def _check_fp8(args):
+    if args.fp8 == "none":
+        return
+    flag = f"--fp8 {args.fp8}"
+    if not args.use_cuda:  # modules/fp8.py checks the GPU itself once the process has one
+        raise ArgumentError(
+            "--fp8 needs an NVIDIA GPU with compute capability 8.9+ (H100/L4/RTX 4090); this run has "
+            "--use-cuda false (CPU); drop --fp8"
+        )
+    if args.fp16 or not args.bf16:
+        raise ArgumentError(
+            f"{flag} trains a bf16 model (float8 matmuls, bf16 weights, fp32 master weights): "
+            f"{'replace --fp16 with' if args.fp16 else 'add'} --bf16"
+        )
+    if args.lora_r:
+        raise ArgumentError(
+            f"{flag} and LoRA adapters (--lora-r, --quantize-base) are not supported together; drop one of them"
+        )
+    if (args.micro_batch_size * args.seq_length) % 16:
+        raise ArgumentError(
+            f"{flag} needs --micro-batch-size x --seq-length to be a multiple of 16 (the tokens of a float8 "
+            f"matmul), got {args.micro_batch_size} x {args.seq_length}; use a --seq-length that is a multiple of 16"
+        )
+    if importlib.util.find_spec("torchao") is None:  # without importing it: torchao takes seconds to import
+        raise ArgumentError(f"{flag}: float8 training needs torchao: pip install torchao")
+
+
 def _check_log_backends(args):
     try:
         backends = parse_backends(args.train_log_backend)
@@ -509,6 +546,7 @@ def job_config(args) -> sections.JobConfig:
             attention_mask=args.attention_mask,
             dtype=dtype,
             seed=args.seed,
+            fp8=args.fp8,
         ),
         lora=sections.LoraRunConfig(
             r=args.lora_r,

@@ -37,6 +37,7 @@ class ModelRunConfig:
     attention_mask: str  # document: packed documents do not see each other; causal: the whole window [--attention-mask]
     dtype: str  # float32 | bfloat16 | float16 [--bf16 / --fp16]
     seed: int  # random init and data order [--seed]
+    fp8: str = "none"  # none | tensorwise | rowwise: the blocks' large linears in torchao float8 [--fp8]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,187 @@
+"""Issue 20 item 2: --fp8 (torchao float8 training) against our own bf16, measured in the same call.
+
+Both sides are the real entrypoint under torchrun on one GPU, --bf16 (bf16 weights, fp32 AdamW masters), random
+init from the same seed; the float8 side adds --fp8 RECIPE (the blocks' large linears in float8, embedding and head
+in bf16, see modules/fp8.py).
+
+  part 1: Pythia-6.9B shape, seq 2048, micro-batch 1 x 4 per step, no recompute (111 GB in bf16 eagerly on an H200:
+          bench_sharded.py target 2), --compile on both sides. bf16 vs --fp8 tensorwise (--recipes adds rowwise).
+          Target: fp8 tokens/s >= 1.3 x bf16. MFU is counted with the bf16 formula and peak for both (the float8
+          run does the same model FLOPs; its MFU says how much faster than bf16 it got, not float8 utilisation).
+  part 2: numerics, Pythia-410M shape, --p2-steps (300) steps on the bundled data (assets/data/sample_chat.jsonl and
+          sample_messages.jsonl), seq 512, 8 sequences per step (micro-batch 4), lr --p2-lr after 30 warmup steps,
+          --compile: bf16 vs --fp8 tensorwise, the same seed and batches. Target: |fp8 - bf16| / bf16 <= 1% at every
+          logged step (--log-interval 1). At hidden 1024 tensorwise converts query_key_value and dense_h_to_4h
+          (48 of 96 block linears; rowwise none, so part 2 runs tensorwise only).
+
+The GPU image has no torchao: carry its wheel and install it first (python 3.12, torch 2.11):
+  .whl/torchao-0.18.0-cp310-abi3-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl   (3.4 MB, `pip download torchao==0.18.0`)
+
+    pip install --no-index --no-deps .whl/*.whl && python3 bench/bench_fp8.py     # both parts, ~8 min (estimate)
+    python3 bench/bench_fp8.py --part 1 --recipes tensorwise,rowwise                # ~8 min (estimate)
+    python3 bench/bench_fp8.py --smoke      # CPU: plumbing only; float8 needs a GPU, so part 1's fp8 run must be
+                                            # refused with the trainer's one line (part 2's is not launched)
+"""
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import REPO, Session, add_common_args, apply_smoke, ratio  # noqa: E402
+
+DATA = ",".join(os.path.join(REPO, "assets", "data", name) for name in ("sample_chat.jsonl", "sample_messages.jsonl"))
+GPU_REFUSAL = "--fp8 needs an NVIDIA GPU"
+
+
+def fp8_run(s: Session, label: str, recipe: str, **common) -> dict:
+    """One --fp8 run; on CPU (--smoke) the trainer must refuse it with its one line, which is what is checked."""
+    run = s.ours(label, extra=common.pop("extra", []) + ["--fp8", recipe], **common)
+    run["fp8"] = recipe
+    if not s.gpu:
+        refused = str(run.get("status")).startswith("exit") and GPU_REFUSAL in (run.get("error_tail") or "")
+        run["status"] = "refused on CPU, as expected" if refused else f"{run.get('status')}: expected the GPU refusal"
+        s.note(f"{label}: {run['status']}")
+    return run
+
+
+def part1(s: Session, args) -> dict:
+    shape = "tiny" if args.smoke else "pythia-6.9b"
+    common = dict(
+        model_dir=s.model_dir(shape),
+        data=s.data_file(args.steps * args.p1_batch * args.seq_length),
+        nproc=1,
+        micro_batch=args.p1_micro_batch,
+        batch=args.p1_batch,
+        compile=not args.p1_eager,
+        activation_checkpointing=args.p1_recompute,
+    )
+    bf16 = s.ours("p1 bf16", **common)
+    out = {"shape": shape, "bf16": bf16.get("tokens_per_s")}
+    for recipe in args.recipes.split(","):
+        fp8 = fp8_run(s, f"p1 fp8 {recipe}", recipe, **common)
+        speedup = ratio(fp8.get("tokens_per_s"), bf16.get("tokens_per_s"))
+        out[recipe] = {"tokens_per_s": fp8.get("tokens_per_s"), "x_bf16": speedup}
+        s.target(
+            f"20.2: {shape} fp8 {recipe} tokens/s / bf16 tokens/s (one GPU{'' if args.p1_eager else ', --compile'})",
+            speedup,
+            1.3,
+            detail=f"mb{args.p1_micro_batch} x {args.p1_batch // args.p1_micro_batch}, recompute {args.p1_recompute}",
+            ours=fp8,
+            reference=bf16,
+        )
+    return out
+
+
+def relative_loss_gaps(reference: dict, other: dict) -> dict[int, float]:
+    """{step: |other - reference| / |reference|} over the steps both runs logged."""
+    ref = {r["step"]: r["loss"] for r in reference.get("step_records", []) if r.get("loss") is not None}
+    oth = {r["step"]: r["loss"] for r in other.get("step_records", []) if r.get("loss") is not None}
+    return {k: abs(oth[k] - ref[k]) / abs(ref[k]) for k in sorted(set(ref) & set(oth)) if ref[k]}
+
+
+def part2(s: Session, args) -> dict:
+    shape = "tiny" if args.smoke else "pythia-410m"
+    steps = args.p2_steps
+    # the throughput part's --steps / --seq-length do not apply here (bench_lora.py part 5 does the same)
+    saved = (args.steps, args.warmup, args.seq_length)
+    args.steps, args.warmup, args.seq_length = steps, min(args.warmup, steps - 1), args.p2_seq
+    try:
+        common = dict(
+            model_dir=s.model_dir(shape),
+            data=DATA,
+            nproc=1,
+            micro_batch=args.p2_micro_batch,
+            batch=args.p2_batch,
+            compile=not args.p2_eager,
+            extra=["--lr", str(args.p2_lr), "--warmup-steps", "30", "--max-grad-norm", "1.0", "--seed", "42"],
+        )
+        bf16 = s.ours(f"p2 bf16 {steps} steps", **common)
+        if s.gpu:
+            fp8 = fp8_run(s, f"p2 fp8 tensorwise {steps} steps", "tensorwise", **common)
+        else:  # part 1 has checked the refusal; one launch less keeps the smoke short
+            fp8 = {}
+            s.note("p2 fp8: not launched on CPU")
+    finally:
+        args.steps, args.warmup, args.seq_length = saved
+    gaps = relative_loss_gaps(bf16, fp8)
+    if args.smoke:  # no float8 run on CPU: check the comparison on the bf16 run against itself
+        itself = relative_loss_gaps(bf16, bf16)
+        assert len(itself) == steps and max(itself.values()) == 0.0, itself
+    worst = max(gaps, key=gaps.get, default=None)
+    losses = {r["step"]: r["loss"] for r in bf16.get("step_records", []) if r.get("loss") is not None}
+    fp8_losses = {r["step"]: r["loss"] for r in fp8.get("step_records", []) if r.get("loss") is not None}
+    for k in sorted(gaps)[:: max(1, len(gaps) // 10)] + sorted(gaps)[-1:]:
+        s.note(f"p2 step {k}: bf16 {losses[k]:.4f}  fp8 {fp8_losses[k]:.4f}  rel diff {gaps[k]:.4%}")
+    complete = len(gaps) == steps
+    s.target(
+        f"20.2: {shape} {steps} steps, max |fp8 - bf16| / bf16 loss over the logged steps",
+        gaps[worst] if worst is not None and complete else None,
+        0.01,
+        compare="<=",
+        detail=(
+            f"worst at step {worst}; bf16 loss {losses.get(1)} -> {losses.get(steps)}, fp8 {fp8_losses.get(1)} -> "
+            f"{fp8_losses.get(steps)}"
+            if worst is not None
+            else "no common steps"
+        )
+        + ("" if complete else f"; only {len(gaps)} of {steps} steps on both sides"),
+        ours=fp8,
+        reference=bf16,
+    )
+    curve = [{"step": k, "bf16": losses[k], "fp8": fp8_losses[k], "rel_diff": gaps[k]} for k in sorted(gaps)]
+    return {"shape": shape, "seq_length": args.p2_seq, "batch_per_step": args.p2_batch, "steps": steps, "curve": curve}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, steps=10, warmup=3)
+    ap.set_defaults(time_budget=540)
+    ap.add_argument("--part", default="1,2", help="comma list of 1 (speed) and 2 (loss), run in this order")
+    g = ap.add_argument_group("part 1 (Pythia-6.9B shape, one GPU)")
+    g.add_argument("--recipes", default="tensorwise", help="comma list of tensorwise, rowwise")
+    g.add_argument("--p1-batch", type=int, default=4, help="sequences per step")
+    g.add_argument("--p1-micro-batch", type=int, default=1)
+    g.add_argument("--p1-recompute", choices=("none", "selective", "full"), default="none")
+    g.add_argument("--p1-eager", action="store_true", help="without --compile (float8 casts are slow eagerly)")
+    g = ap.add_argument_group("part 2 (Pythia-410M shape, loss against bf16)")
+    g.add_argument("--p2-steps", type=int, default=300)
+    g.add_argument("--p2-seq", type=int, default=512)
+    g.add_argument("--p2-batch", type=int, default=8)
+    g.add_argument("--p2-micro-batch", type=int, default=4)
+    g.add_argument("--p2-lr", type=float, default=1e-4)
+    g.add_argument("--p2-eager", action="store_true", help="without --compile")
+    args = ap.parse_args()
+    apply_smoke(args, ap)
+    parts = [p.strip() for p in args.part.split(",") if p.strip()]
+    if any(p not in ("1", "2") for p in parts):
+        sys.exit(f"bench_fp8: --part {args.part!r}: parts are 1 and 2")
+    if any(r not in ("tensorwise", "rowwise") for r in args.recipes.split(",")):
+        sys.exit(f"bench_fp8: --recipes {args.recipes!r}: recipes are tensorwise and rowwise")
+    if args.smoke:
+        args.p1_batch, args.p1_micro_batch, args.p2_seq, args.p2_batch, args.p2_micro_batch = 2, 1, 64, 2, 1
+        args.p1_eager = args.p2_eager = True  # compiling on 2 CPU cores takes minutes
+        if args.p2_steps == ap.get_default("p2_steps"):
+            args.p2_steps = 4
+    elif importlib.util.find_spec("torchao") is None:
+        sys.exit("bench_fp8: --fp8 needs torchao: pip install --no-index --no-deps .whl/torchao-*.whl (see --help)")
+
+    s = Session("bench_fp8", args)
+    extra = {"parts": parts}
+    for part in parts:
+        t0 = time.perf_counter()
+        s.note(f"== part {part}, {s.remaining():.0f}s of the time budget left")
+        extra[f"part{part}"] = {"1": part1, "2": part2}[part](s, args)
+        extra[f"part{part}"]["seconds"] = round(time.perf_counter() - t0, 1)
+        s.note(f"== part {part} done in {time.perf_counter() - t0:.0f}s")
+    if args.smoke:
+        fp8_runs = [r for r in s.runs if r.get("fp8")]
+        assert all(r["status"] == "refused on CPU, as expected" for r in fp8_runs), [r["status"] for r in fp8_runs]
+    s.finish(extra=extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -292,8 +292,11 @@ class Checkpoint:
         return list(self._locations)
 
 
-def read_tensors(locations: dict[str, tuple[str, str]]):
-    """Yield (name, tensor) for {name: (path, key)}, one tensor in memory at a time, grouped by file."""
+def read_tensors(locations: dict[str, tuple[str, str]], device: torch.device | str = "cpu"):
+    """Yield (name, tensor) for {name: (path, key)}, one tensor in memory at a time, grouped by file.
+
+    Safetensors files are read straight onto `device` (safetensors copies the mapped bytes there: no host copy
+    of its own, and a cast to the stage's dtype then runs on the device); `.bin`/`.pt` tensors stay on the host."""
     by_file: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for name, (path, key) in locations.items():
         by_file[path].append((name, key))
@@ -303,7 +306,7 @@ def read_tensors(locations: dict[str, tuple[str, str]]):
 
             for name, key in items:
                 # A fresh handle per tensor: its mapped pages are released as soon as the tensor is copied.
-                with safe_open(path, framework="pt") as f:
+                with safe_open(path, framework="pt", device=str(device)) as f:
                     tensor = f.get_tensor(key)
                 yield name, tensor
                 del tensor
@@ -330,7 +333,8 @@ def load_stage_weights(stage: Stage, model_dir: str, is_logger: bool = False) ->
         seen.add(id(tensor))
         targets[name] = tensor
     locations = {name: ckpt.locate(name) for name in targets}
-    loading = progress(read_tensors(locations), "loading weights", len(locations), "tensor", is_logger)
+    device = next(iter(targets.values())).device if targets else torch.device("cpu")
+    loading = progress(read_tensors(locations, device), "loading weights", len(locations), "tensor", is_logger)
     for name, tensor in loading:
         target = targets[name]
         if tuple(tensor.shape) != tuple(target.shape):

@@ -15,6 +15,7 @@ import modules
 from checkpoint.training_state import RunInfo, TrainingCheckpoint, TrainState
 from comm import init_distributed
 from comm.watchdog import Watchdog
+from modules.compile_cache import use_compile_cache
 from optimizer import StageOptimizer
 from pipeline_parallel import Pipeline, plan_stages
 from training.inputs import adapters_of, check_inputs
@@ -53,6 +54,9 @@ class Trainer:
             job.model.layers_per_stage,
             head_cost=modules.head_cost_in_layers(cfg, job.data.seq_length),
         )
+        if job.model.compile:  # every rank compiles, so every rank points inductor at the lasting cache
+            cache = use_compile_cache()
+            self.log.info(f"torch.compile cache: {cache} (runs of the same shapes reuse it)")
         self.stages = modules.build_rank_stages(
             cfg,
             self.plan.bounds,

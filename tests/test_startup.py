@@ -2,6 +2,7 @@
 metrics file as one record (tests/test_eval_and_logs.py checks the record of a real launch)."""
 
 import json
+import os
 import time
 
 IMPORTED = time.time()  # pytest's interpreter started well before this module was imported
@@ -47,3 +48,18 @@ def test_startup_record_lands_in_the_metrics_file_beside_step_records(tmp_path, 
     assert "step_s" not in startup and "loss" not in startup  # benchmarks find the first step by its step_s
     assert step == {"loss": 2.0, "step_s": 0.5, "step": 1}
     assert capsys.readouterr().out.count("start-up, seconds since launch: imports") == 1
+
+
+def test_compile_cache_lasts_under_the_user_cache_unless_the_user_chose_one(tmp_path, monkeypatch):
+    from modules.compile_cache import use_compile_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    want = str(tmp_path / "xdg" / "openchatkit" / "torchinductor")
+    assert use_compile_cache() == want and os.environ["TORCHINDUCTOR_CACHE_DIR"] == want and os.path.isdir(want)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_compile_cache() == str(tmp_path / "mine")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # cannot hold a directory: inductor's default
+    assert "default" in use_compile_cache() and "TORCHINDUCTOR_CACHE_DIR" not in os.environ

@@ -159,6 +159,7 @@ def build_rank_stages(
     quantize_base: str = "none",
     adapter_tensors=None,
     fp8: str = "none",
+    on_phase=None,
 ) -> list[Stage]:
     """The stages `stage_ids` of a pipeline split by `bounds`, allocated once on `device` in `dtype`, holding the
     weights of `weights_dir` (or a random init from `seed`), each transformer block compiled if asked.
@@ -169,13 +170,16 @@ def build_rank_stages(
     so the device never holds the stage's full-precision weights.
 
     `fp8` (tensorwise | rowwise) swaps the blocks' large linears for torchao's Float8Linear (same parameter names
-    and dtypes), before torch.compile so that the compiled blocks fuse the float8 casts."""
+    and dtypes), before torch.compile so that the compiled blocks fuse the float8 casts. `on_phase(name)` is called
+    as each stage is allocated ("model_build") and as its weights are in ("weights"), for the trainer's start-up
+    timing."""
     from .fp8 import convert_blocks_to_float8
     from .lora import apply_lora, init_lora_weights, load_lora_tensors
     from .lora import quantize_base as quantize
     from .weights import init_stage_weights, load_stage_weights
 
     load_device = torch.device("cpu") if quantize_base != "none" else device
+    on_phase = on_phase or (lambda name: None)
     stages = []
     for s in stage_ids:
         start, end = bounds[s]
@@ -184,6 +188,7 @@ def build_rank_stages(
             if lora is not None:
                 apply_lora(stage, lora, seed=None)
         stage = materialize_stage(stage, load_device, dtype)
+        on_phase("model_build")
         if weights_dir is not None:
             load_stage_weights(stage, weights_dir, is_logger=show_progress)
         else:
@@ -200,5 +205,6 @@ def build_rank_stages(
         if compile_blocks:
             for block in getattr(getattr(stage, family(cfg).PREFIX), family(cfg).LAYERS).values():
                 block.compile()
+        on_phase("weights")
         stages.append(stage)
     return stages

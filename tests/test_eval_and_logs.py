@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import base_flags, document_logits, make_chat_data, make_model, run_torchrun
+from training.startup import PHASES
 
 pytestmark = pytest.mark.e2e  # real multi-process runs of the entrypoint
 
@@ -74,6 +75,16 @@ def test_evaluation_loss_matches_transformers_and_one_rank_logs(setup):
     step_lines = [line for line in result.stdout.splitlines() if " step 1 loss=" in line]
     assert len(step_lines) == 1, result.stdout[-3000:]
     assert (result.stdout + result.stderr).count("MFU is not reported") == 1  # CPU: no peak, said once
+    # the logging rank's start-up phases: one record after the first step, every phase, times since launch rising
+    startup = [r for r in records if "startup_s" in r]
+    assert len(startup) == 1 and startup[0]["step"] == 1
+    phases = startup[0]["startup_s"]
+    assert list(phases) == list(PHASES)
+    times = list(phases.values())
+    assert times[0] > 0 and times == sorted(times)
+    first = next(r for r in records if r["step"] == 1 and "loss" in r)
+    assert times[-1] <= first["launch_to_first_step_s"]  # the first step's record comes after the start-up's
+    assert result.stdout.count("start-up, seconds since launch: imports") == 1
 
 
 def test_tidy_profiling_writes_per_rank_and_merged_traces(setup):

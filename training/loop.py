@@ -8,8 +8,6 @@ data_parallel/ sums their gradients, tasks/ streams the data, checkpoint/ saves 
 import math
 import time
 
-PROCESS_START = time.time()  # launch-to-first-step is measured from here (module import ~ process start)
-
 import torch
 import torch.distributed as dist
 
@@ -17,12 +15,14 @@ import modules
 from checkpoint.training_state import RunInfo, TrainingCheckpoint, TrainState
 from comm import init_distributed
 from comm.watchdog import Watchdog
+from modules.compile_cache import use_compile_cache
 from optimizer import StageOptimizer
 from pipeline_parallel import Pipeline, plan_stages
 from training.inputs import adapters_of, check_inputs, check_offload_memory
 from training.loss import TokenMeanLoss
 from training.metrics import StepMeter
 from training.profiling import make_profiler
+from training.startup import StartupClock
 from utils import faults
 from utils.config import JobConfig
 from utils.logging import make_logger, one_line
@@ -30,6 +30,8 @@ from utils.logging import make_logger, one_line
 
 class Trainer:
     def __init__(self, job: JobConfig):
+        self.clock = clock = StartupClock()  # launch -> first step, phase by phase (logged after the first step)
+        clock.lap("imports")
         self.job = job
         self.cfg = cfg = modules.load_model_config(job.model.model_dir, job.model.model_type)
         self.tied = modules.tied_parameter_names(cfg)  # {head: embedding} when the two share weights
@@ -39,6 +41,7 @@ class Trainer:
         self.log = make_logger(
             log.backend, lay.is_logger, log.project, log.job_id, job.flags, log.metrics_file, log.tensorboard_dir
         )
+        clock.lap("process_group")
         self.tokenizer = check_inputs(job, cfg, self.log.info, lay.device)
         self.lora, adapters = adapters_of(job.lora, cfg, self.log.info)
 
@@ -55,6 +58,10 @@ class Trainer:
 
         self.plan = plan_of(lay.pp_rank)
         check_offload_memory(job, cfg, lay, plan_of, self.lora)  # before the load, like the checks above
+        clock.lap("inputs")
+        if job.model.compile:  # every rank compiles, so every rank points inductor at the lasting cache
+            cache = use_compile_cache()
+            self.log.info(f"torch.compile cache: {cache} (runs of the same shapes reuse it)")
         self.stages = modules.build_rank_stages(
             cfg,
             self.plan.bounds,
@@ -70,6 +77,7 @@ class Trainer:
             quantize_base=job.lora.quantize_base,
             adapter_tensors=adapters,
             fp8=job.model.fp8,
+            on_phase=clock.lap,
         )
         if job.model.fp8 != "none":
             self.log.info(modules.float8_summary(self.stages, job.model.fp8))
@@ -84,6 +92,7 @@ class Trainer:
         # otherwise only the ranks holding the first (inputs) or last stage (labels).
         self.documents = job.model.attention_mask == "document"
         self.stream = self._data_stream() if self.plan.reads_data or self.documents else None
+        clock.lap("data")
         self.steps_total = self._total_optimizer_steps()
         # A tied head on a separate last stage is a copy of the embedding: its gradient is summed with the
         # embedding's (see _sync_tied_gradients), and it is left out of the gradient norm so it counts once.
@@ -92,6 +101,7 @@ class Trainer:
         self.optimizer = StageOptimizer(self.named_params, job.optimizer, lay, self.steps_total, tied_copies)
         self.loss_fn = TokenMeanLoss(recompute=job.model.activation_checkpointing != "none", compiled=job.model.compile)
         self.pipeline = Pipeline(self.stages, self.plan, lay, job.pipeline, self.loss_fn)
+        clock.lap("optimizer")
         self.state = TrainState(cfg, lay, self.plan, self.stages, self.optimizer, self.stream, self.tied, self.lora)
         run = RunInfo(
             job.model.model_dir,
@@ -114,6 +124,7 @@ class Trainer:
         )
         self.meter = StepMeter(lay.device, flops, lay.world_size, self.steps_total, self.step)
         self.profiler = make_profiler(job.profiling, lay, self.stages)
+        clock.lap("resume")
 
     # ------------------------------------------------------------------ set-up
     def _data_stream(self):
@@ -175,6 +186,8 @@ class Trainer:
                 with self.profiler.step(self.step):
                     loss_sum, grad_norm, skipped = self.train_step()
                 self.step += 1
+                if self.step == self.meter.start_step + 1:
+                    self._log_startup()
                 if self.step % self.job.log.every_steps == 0 or self.step == self.steps_total:
                     loss = self._reduce_loss(loss_sum) if self.plan.holds_last else None  # a host sync
                     self._log_step(loss, lr, grad_norm, skipped, tokens_per_step)
@@ -189,6 +202,13 @@ class Trainer:
             self.checkpoint.save(self.state, self.step)
             self._draw_curves()
         self.profiler.finish()
+
+    def _log_startup(self):
+        """After this process's first step: its start-up phases, one line and one metrics record."""
+        if self.layout.device.type == "cuda":
+            torch.cuda.synchronize(self.layout.device)  # the first step's kernels (and compilation) have run
+        self.clock.lap("first_step")
+        self.log.record(self.step, {"startup_s": self.clock.since_start()}, self.clock.line())
 
     def train_step(self):
         lay = self.layout
@@ -334,7 +354,7 @@ class Trainer:
         if memory:
             values["mem_gb_per_rank"] = memory
         if self.step == self.meter.start_step + 1:
-            values["launch_to_first_step_s"] = time.time() - PROCESS_START
+            values["launch_to_first_step_s"] = time.time() - self.clock.start
         if self.stream is not None:
             values["epochs"] = max(self.stream.epochs.values(), default=0)
         self.log.metrics(self.step, values)

@@ -125,6 +125,13 @@ class Logger:
         for sink in self.sinks:
             sink.metrics(step, values)
 
+    def record(self, step, values, message):
+        """A record that is not a step's metrics (the start-up phases): `message` for the text log, `values` for
+        the sinks (a nested dict: the metrics file keeps it whole, wandb flattens it, TensorBoard skips it)."""
+        self.text.info(message)
+        for sink in self.sinks:
+            sink.metrics(step, values)
+
     def close(self):
         for sink in self.sinks:
             sink.close()
@@ -136,6 +143,9 @@ class Silent:
         pass
 
     def metrics(self, step, values):
+        pass
+
+    def record(self, step, values, message):
         pass
 
     def close(self):

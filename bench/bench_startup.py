@@ -1,0 +1,167 @@
+"""Issue #20 item 3: launch -> first step, Pythia-1.4B shape on one GPU, and where the seconds go.
+
+  target a: random init, no compile: launch -> first step <= 15 s;
+  target b: --compile with a warm compile cache (the second launch on the same cache dir): <= 20 s;
+  reported: loading bf16 safetensors, --compile with a cold cache, and the reference below.
+
+Launch -> first step is the wall time from starting `python -m torch.distributed.run` (one process) to the first
+step's line in the metrics file (polled every 0.2 s); the trainer's own breakdown (its `startup_s` record: seconds
+since its interpreter started at the end of imports, process group, inputs, model build, weights, data, optimizer,
+resume and the first step) is printed per run and kept in the JSON.
+
+In order:
+  1. a bf16 Hugging Face directory of the shape (transformers' GPTNeoXForCausalLM built on the device and written
+     with save_pretrained, in a child process; its pages stay in the page cache, as after any recent write);
+  2. ours, random init (`--load-pretrained-model false`);
+  3. ours, loading that directory;
+  4. ours, --compile, TORCHINDUCTOR_CACHE_DIR a fresh empty directory (cold), then again on the same directory (warm);
+  5. REFERENCE, in the same call: bench/baseline_hf.py --load-weights --base-dtype bf16 (transformers
+     GPTNeoXForCausalLM.from_pretrained(dir, dtype=bfloat16).to(cuda), SDPA, fused AdamW) as a subprocess, wall
+     time to its first step.
+Every run is stopped after its last step (--steps, default 2) without writing a checkpoint.
+
+    python bench/bench_startup.py                 # one GPU, about 4 minutes
+    python bench/bench_startup.py --smoke         # CPU check: tiny shape, no compile runs
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import Session, add_common_args, apply_smoke, remove_stale  # noqa: E402
+
+from training.startup import PHASES  # noqa: E402
+
+MICRO_BATCH = 4  # one micro-batch of 4 x seq tokens per step, as bench_single_gpu's eager runs
+
+WRITE_WEIGHTS = """
+import sys, time, torch
+from transformers import AutoConfig, GPTNeoXForCausalLM
+path, device = sys.argv[1], sys.argv[2]
+t = time.perf_counter()
+torch.manual_seed(0)
+with torch.device(device):
+    model = GPTNeoXForCausalLM._from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16)
+model.save_pretrained(path)
+print(f"{time.perf_counter() - t:.1f}")
+"""
+
+
+def write_weights(session: Session, model_dir: str) -> str:
+    """A copy of `model_dir` (config + tokenizer) with bf16 weights written by transformers' save_pretrained."""
+    path = model_dir + "-bf16"
+    if not os.path.exists(os.path.join(path, "config.json")) or not any(
+        name.endswith(".safetensors") for name in os.listdir(path)
+    ):
+        shutil.copytree(model_dir, path, dirs_exist_ok=True)
+        device = "cuda" if session.gpu else "cpu"
+        done = subprocess.run(
+            [sys.executable, "-c", WRITE_WEIGHTS, path, device], capture_output=True, text=True, timeout=600
+        )
+        if done.returncode != 0:
+            sys.exit(f"bench_startup: writing the weights failed:\n{done.stderr[-3000:]}")
+        size = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n.endswith(".safetensors"))
+        session.note(f"weights: {size / 2**30:.2f} GiB of bf16 safetensors in {done.stdout.strip()}s ({path})")
+    return path
+
+
+def startup_phases(run: dict) -> dict | None:
+    """The trainer's start-up record of a run: {phase: seconds since its process started}."""
+    for record in run.get("step_records") or []:
+        if "startup_s" in record:
+            return record["startup_s"]
+    return None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, steps=2, warmup=1)
+    parser.add_argument("--shape", default="pythia-1.4b", help="bench/common.py SHAPES key")
+    args = parser.parse_args()
+    apply_smoke(args, parser)
+    if args.smoke and args.steps == 3:
+        args.steps = 2  # the first step is what counts
+    session = Session("bench_startup", args)
+    shape = "tiny" if args.smoke else args.shape
+    model_dir = session.model_dir(shape)
+    weights_dir = write_weights(session, model_dir)
+    data = session.data_file(tokens=MICRO_BATCH * args.seq_length * (args.steps + 2))
+    common = dict(data=data, nproc=1, micro_batch=MICRO_BATCH, batch=MICRO_BATCH)
+
+    random_init = session.ours("random init", model_dir=model_dir, **common)
+    loaded = session.ours("load bf16 safetensors", model_dir=weights_dir, load_pretrained=True, **common)
+    cold = warm = None
+    if session.gpu:  # inductor on 2 CPU cores takes minutes even for the tiny shape: GPU runs only
+        cache = tempfile.mkdtemp(prefix="inductor_", dir=session.workdir)
+        saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # inherited by torchrun and the trainer
+        try:
+            cold = session.ours("compile, cold cache", model_dir=model_dir, compile=True, **common)
+            warm = session.ours("compile, warm cache", model_dir=model_dir, compile=True, **common)
+        finally:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+            if saved is not None:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
+        remove_stale(cache)
+    reference = session.baseline(
+        "reference: transformers from_pretrained bf16",
+        model_dir=weights_dir,
+        micro_batch=MICRO_BATCH,
+        accum=1,
+        extra=["--load-weights", "--base-dtype", "bf16"],
+        compile=False,
+        describe={"precision": "bf16 (from_pretrained) + autocast"},
+    )
+
+    ref_s = reference.get("launch_to_first_step_s")
+    for run in (random_init, loaded, cold, warm):
+        if run:
+            run["startup_s"] = startup_phases(run)
+            run["launch_ratio_to_reference"] = (
+                run["launch_to_first_step_s"] / ref_s if run.get("launch_to_first_step_s") and ref_s else None
+            )
+    detail = f"reference (transformers from_pretrained + one step) {ref_s}s"
+    session.target(
+        "a: launch -> first step, random init, no compile (s)",
+        random_init.get("launch_to_first_step_s"),
+        15,
+        "<=",
+        detail,
+        ours=random_init,
+        reference=reference,
+    )
+    session.target(
+        "b: launch -> first step, --compile, warm cache (s)",
+        warm and warm.get("launch_to_first_step_s"),
+        20,
+        "<=",
+        f"cold cache {(cold or {}).get('launch_to_first_step_s', 'not run')} s; {detail}",
+        ours=warm,
+        reference=reference,
+    )
+    session.target(
+        "load bf16 safetensors: launch -> first step (s, reported)",
+        loaded.get("launch_to_first_step_s"),
+        15,
+        "<=",
+        detail,
+        ours=loaded,
+        reference=reference,
+    )
+    print("\nstart-up phases (seconds since the trainer process started, at the end of each phase):")
+    print("  " + "run".ljust(26) + "".join(p[:11].rjust(12) for p in PHASES) + "   launch->step1 (wall)")
+    for run in (random_init, loaded, cold, warm):
+        phases = run and run.get("startup_s")
+        if phases:
+            cells = "".join(f"{phases.get(p, float('nan')):12.1f}" for p in PHASES)
+            print(f"  {run['label'][:26].ljust(26)}{cells}   {run.get('launch_to_first_step_s')}")
+    session.finish(extra={"micro_batch": MICRO_BATCH, "shape": shape})
+
+
+if __name__ == "__main__":
+    main()

@@ -58,6 +58,9 @@ def summarize_trace(path: str, top: int = 30) -> dict:
         count[e["name"][:120]] += 1
     busy = _union_length([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
     span = end - start
+    cpu_ops = [
+        e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "cuda_runtime")
+    ]
     return {
         "trace": os.path.basename(path),
         "span_ms": round(span / 1e3, 1),
@@ -66,11 +69,43 @@ def summarize_trace(path: str, top: int = 30) -> dict:
         "profiler_steps": [s["name"] for s in steps],
         "by_kind_ms": {k: round(v / 1e3, 1) for k, v in by_kind.most_common()},
         "by_kind_share_of_busy": {k: round(v / busy, 4) for k, v in by_kind.most_common()},
+        "syncs": _syncs(cpu_ops),
+        "idle_gaps": _idle_gaps(kernels, cpu_ops),
         "top_kernels": [
             {"name": n, "ms": round(t / 1e3, 2), "calls": count[n], "kind": kind_of(n)}
             for n, t in by_name.most_common(top)
         ],
     }
+
+
+def _enclosing(cpu_ops, ts, end, limit=6):
+    """Names of the CPU ops running over [ts, end], outermost first (what the host was doing then)."""
+    around = [e for e in cpu_ops if e["ts"] <= ts and e["ts"] + e["dur"] >= end]
+    return [e["name"][:60] for e in sorted(around, key=lambda e: -e["dur"])][:limit]
+
+
+def _syncs(cpu_ops):
+    """Every host wait on the GPU, with what the host was inside of."""
+    waits = [e for e in cpu_ops if "Synchronize" in e["name"] or e["name"] == "aten::_local_scalar_dense"]
+    return [
+        {"name": e["name"], "ms": round(e["dur"] / 1e3, 2), "inside": _enclosing(cpu_ops, e["ts"], e["ts"] + e["dur"])}
+        for e in sorted(waits, key=lambda e: e["ts"])
+    ]
+
+
+def _idle_gaps(kernels, cpu_ops, min_us=300):
+    """GPU gaps longer than `min_us` and the host ops that overlapped them."""
+    gaps, ordered = [], sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+    cursor = ordered[0][1]
+    for a, b in ordered[1:]:
+        if a - cursor > min_us:
+            during = [e for e in cpu_ops if e["ts"] < a and e["ts"] + e["dur"] > cursor]
+            names = collections.Counter(e["name"][:60] for e in during)
+            gaps.append(
+                {"at_ms": round(cursor / 1e3, 1), "ms": round((a - cursor) / 1e3, 2), "host": names.most_common(8)}
+            )
+        cursor = max(cursor, b)
+    return gaps
 
 
 def _union_length(intervals):
@@ -130,6 +165,10 @@ def main():
             f"traced span {p['span_ms']} ms, GPU idle {p['gpu_idle_share']:.1%}; busy by kind: "
             + ", ".join(f"{k} {v:.1%}" for k, v in p["by_kind_share_of_busy"].items())
         )
+        for g in p["idle_gaps"]:
+            print(f"  idle {g['ms']:7.2f} ms; host: {g['host']}")
+        for w in p["syncs"]:
+            print(f"  sync {w['ms']:7.2f} ms {w['name']} inside {w['inside']}")
         for k in p["top_kernels"][:15]:
             print(f"  {k['ms']:9.2f} ms  {k['calls']:5d}x  {k['kind']:11s} {k['name'][:100]}")
     s.finish()

@@ -253,10 +253,16 @@ class StageOptimizer:
         at a time, and the updated masters are rounded into the model's parameters."""
         for chunk in self.grad_chunks:
             masters = [self.master_params[k] for k in chunk]
-            for k, m in zip(chunk, masters):
-                if m is not grads[k] and m.grad is not grads[k]:
-                    m.grad = grads[k].to(m.device, torch.float32) if self.separate else grads[k]
-                if self.separate and not self.sharded:
+            given = [k for k, m in zip(chunk, masters) if m is not grads[k] and m.grad is not grads[k]]
+            if self.separate:  # widened in one multi-tensor copy: one launch per chunk, not one per parameter
+                wide = [torch.empty_like(self.master_params[k]) for k in given]
+                torch._foreach_copy_(wide, [grads[k] for k in given])
+            else:
+                wide = [grads[k] for k in given]
+            for k, g in zip(given, wide):
+                self.master_params[k].grad = g
+            if self.separate and not self.sharded:
+                for k in chunk:
                     self.model_params[self.units[k][0]].grad = None  # its fp32 copy replaces it
             if divisor != 1.0:
                 torch._foreach_div_([m.grad for m in masters], divisor)
@@ -288,12 +294,11 @@ class StageOptimizer:
     @torch.no_grad()
     def _write_back(self, chunk, masters):
         """The updated fp32 masters of `chunk` into the model's parameters (rounded to bf16/fp16)."""
-        if not self.sharded:
-            torch._foreach_copy_([self.model_params[self.units[k][0]] for k in chunk], masters)
-            return
-        for k, m in zip(chunk, masters):
-            i, a, b = self.units[k]
-            self.model_params[i].view(-1)[a:b].copy_(m)
+        targets = [
+            self.model_params[i].view(-1)[a:b] if self.sharded else self.model_params[i]
+            for i, a, b in (self.units[k] for k in chunk)
+        ]
+        torch._foreach_copy_(targets, masters)
 
     # Checkpoint I/O works on plain tensors keyed by parameter name (any layout can read them). Python numbers
     # in the state (bitsandbytes keeps its step count as an int) travel as 0-d tensors under a "#py" suffix.

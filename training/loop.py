@@ -20,7 +20,7 @@ from optimizer import StageOptimizer
 from pipeline_parallel import Pipeline, plan_stages
 from training.inputs import adapters_of, check_inputs, check_offload_memory
 from training.loss import TokenMeanLoss
-from training.metrics import StepMeter
+from training.metrics import PendingStepLog, StepMeter
 from training.profiling import make_profiler
 from training.startup import StartupClock
 from utils import faults
@@ -124,6 +124,7 @@ class Trainer:
         )
         self.meter = StepMeter(lay.device, flops, lay.world_size, self.steps_total, self.step)
         self.profiler = make_profiler(job.profiling, lay, self.stages)
+        self.pending_log = None  # the last step's metrics, written after the next step is under way
         clock.lap("resume")
 
     # ------------------------------------------------------------------ set-up
@@ -180,28 +181,45 @@ class Trainer:
             f"training {self.steps_total} optimizer steps from step {self.step}; {tokens_per_step} tokens per step; "
             f"peak {self.meter.peak_label}"
         )
+        try:
+            self._train_steps(data, tokens_per_step)
+        except BaseException:
+            if self.pending_log is not None and self.pending_log.ready():  # the last good step's line is not lost
+                self._write_step_log()
+            raise
+        if self.step > self.meter.start_step:
+            self.checkpoint.save(self.state, self.step)
+            self._draw_curves()
+        self.profiler.finish()
+
+    def _train_steps(self, data, tokens_per_step):
         with modules.attention_backend(self.job.model.attention_backend):
             while self.step < self.steps_total:
                 lr = self.optimizer.lr  # the rate this step uses (the scheduler advances inside the step)
                 with self.profiler.step(self.step):
                     loss_sum, grad_norm, skipped = self.train_step()
                 self.step += 1
-                if self.step == self.meter.start_step + 1:
+                first, last = self.step == self.meter.start_step + 1, self.step == self.steps_total
+                if first:
                     self._log_startup()
-                if self.step % self.job.log.every_steps == 0 or self.step == self.steps_total:
-                    loss = self._reduce_loss(loss_sum) if self.plan.holds_last else None  # a host sync
-                    self._log_step(loss, lr, grad_norm, skipped, tokens_per_step)
+                evaluating = bool(data.evaluation_every) and self.step % data.evaluation_every == 0
+                saving = self.checkpoint.due(self.step, self.steps_total)
+                if self.step % self.job.log.every_steps == 0 or last:
+                    # Written one step late: its values reach the host while the next step runs, so logging never
+                    # leaves the GPU idle between steps. Steps that wait anyway (first, evaluation, checkpoint,
+                    # last) write at once.
+                    self._write_step_log()
+                    self.pending_log = self._step_log(loss_sum, lr, grad_norm, skipped, tokens_per_step)
+                if first or last or evaluating or saving:
+                    self._write_step_log()
                 started = time.perf_counter()
-                if data.evaluation_every and self.step % data.evaluation_every == 0:
+                if evaluating:
                     self.evaluate()
-                if self.checkpoint.due(self.step, self.steps_total):
+                if saving:
                     self.checkpoint.save(self.state, self.step)
                     self._draw_curves()
                 self.meter.exclude(time.perf_counter() - started)
-        if self.step > self.meter.start_step:
-            self.checkpoint.save(self.state, self.step)
-            self._draw_curves()
-        self.profiler.finish()
+        self._write_step_log()
 
     def _log_startup(self):
         """After this process's first step: its start-up phases, one line and one metrics record."""
@@ -289,11 +307,11 @@ class Trainer:
             dist.all_reduce(param.grad, group=self.layout.ends_group)
 
     def _reduce_loss(self, loss_sum):
-        """Global mean token loss of the step (meaningful on the last-stage ranks)."""
+        """Global mean token loss of the step (meaningful on the last-stage ranks), still on the device."""
         loss = loss_sum.detach().clone()
         if self.layout.dp_size > 1:
             dist.all_reduce(loss, group=self.layout.dp_group)
-        return loss.item()
+        return loss
 
     def evaluate(self):
         """Every rank runs the same evaluation batches (every stage must take part in each)."""
@@ -332,32 +350,45 @@ class Trainer:
             mean = (total[0] / total[1]).item()
             self.log.metrics(self.step, {"valid.loss": mean, "valid.perplexity": math.exp(min(mean, 50))})
 
-    def _log_step(self, loss, lr, grad_norm, skipped, tokens_per_step):
-        """Called by every rank (the memory gather is collective); only the logging rank writes."""
+    def _step_log(self, loss_sum, lr, grad_norm, skipped, tokens_per_step):
+        """Every rank calls this (the loss and memory reductions are collective): the step's values, with its
+        device tensors on their way to the host (copies that do not wait for the GPU)."""
         lay = self.layout
-        memory = None
+        tensors = {}
+        if self.plan.holds_last:
+            tensors["loss"] = self._reduce_loss(loss_sum)
         if lay.device.type == "cuda":
             mine = torch.tensor([torch.cuda.max_memory_allocated(lay.device) / 2**30], device=lay.device)
             gathered = [torch.zeros_like(mine) for _ in range(lay.world_size)]
             dist.all_gather(gathered, mine)
-            memory = [round(m.item(), 2) for m in gathered]
-        if not lay.is_logger:
-            return
-        values = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+            tensors["memory"] = torch.cat(gathered)
+        values = {"lr": lr, "grad_norm": grad_norm}
         if self.job.optimizer.fp16:
             values["loss_scale"] = self.optimizer.loss_scale
         if skipped:
             values["skipped"] = 1
-        values.update(self.meter.measure(self.step, tokens_per_step))
         if self.optimizer.host_seconds is not None:  # --offload-optimizer cpu: the host update, and its copy waits
             values["optimizer_s"], values["optimizer_wait_s"] = self.optimizer.host_seconds
-        if memory:
-            values["mem_gb_per_rank"] = memory
-        if self.step == self.meter.start_step + 1:
-            values["launch_to_first_step_s"] = time.time() - self.clock.start
         if self.stream is not None:
             values["epochs"] = max(self.stream.epochs.values(), default=0)
-        self.log.metrics(self.step, values)
+        if lay.is_logger:  # timed here, at the step's end on the host, however late the line is written
+            values.update(self.meter.measure(self.step, tokens_per_step))
+            if self.step == self.meter.start_step + 1:
+                values["launch_to_first_step_s"] = time.time() - self.clock.start
+        return PendingStepLog(self.step, values, tensors)
+
+    def _write_step_log(self):
+        """The pending step's metrics line, once its values are on the host; only the logging rank writes."""
+        pending, self.pending_log = self.pending_log, None
+        if pending is None:
+            return
+        host = pending.wait()
+        if not self.layout.is_logger:
+            return
+        values = {"loss": host["loss"].item() if "loss" in host else None, **pending.values}
+        if "memory" in host:
+            values["mem_gb_per_rank"] = [round(m, 2) for m in host["memory"].tolist()]
+        self.log.metrics(pending.step, values)
 
     def _draw_curves(self):
         """The run's metrics as a PNG beside its checkpoints; a plot never stops training."""

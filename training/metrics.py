@@ -82,3 +82,25 @@ class StepMeter:
         if done > 0:
             values["eta_min"] = (now - self.started) / done * (self.total_steps - step) / 60
         return values
+
+
+class PendingStepLog:
+    """One step's metrics on their way to the host. The device values are copied without waiting for the GPU and
+    an event marks the copies; `wait()` blocks only until they are done, which by the next step's end they are."""
+
+    def __init__(self, step, values, tensors):
+        self.step, self.values = step, values
+        # non_blocking device -> host copies land in pinned memory; on the CPU they are plain copies
+        self.host = {key: t.detach().to("cpu", non_blocking=True) for key, t in tensors.items()}
+        self.event = None
+        if any(t.is_cuda for t in tensors.values()):
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def ready(self):
+        return self.event is None or self.event.query()
+
+    def wait(self):
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host

@@ -161,26 +161,39 @@ class Trainer:
             f"training {self.steps_total} optimizer steps from step {self.step}; {tokens_per_step} tokens per step; "
             f"peak {self.meter.peak_label}"
         )
-        with modules.attention_backend(self.job.model.attention_backend):
-            while self.step < self.steps_total:
-                lr = self.optimizer.lr  # the rate this step uses (the scheduler advances inside the step)
-                with self.profiler.step(self.step):
-                    loss_sum, grad_norm, skipped = self.train_step()
-                self.step += 1
-                if self.step % self.job.log.every_steps == 0 or self.step == self.steps_total:
-                    loss = self._reduce_loss(loss_sum) if self.plan.holds_last else None  # a host sync
-                    self._log_step(loss, lr, grad_norm, skipped, tokens_per_step)
-                started = time.perf_counter()
-                if data.evaluation_every and self.step % data.evaluation_every == 0:
-                    self.evaluate()
-                if self.checkpoint.due(self.step, self.steps_total):
-                    self.checkpoint.save(self.state, self.step)
-                    self._draw_curves()
-                self.meter.exclude(time.perf_counter() - started)
-        if self.step > self.meter.start_step:
-            self.checkpoint.save(self.state, self.step)
-            self._draw_curves()
+        try:
+            with modules.attention_backend(self.job.model.attention_backend):
+                self._steps(tokens_per_step)
+            if self.step > self.meter.start_step:
+                self.checkpoint.save(self.state, self.step)
+            self.checkpoint.wait()  # the final checkpoint is complete (or its error raised) before the run ends
+            self._checkpoint_metrics()
+            if self.step > self.meter.start_step:
+                self._draw_curves()
+        except Exception:
+            self.checkpoint.abandon()  # a background write in flight finishes before the process reports and exits
+            raise
         self.profiler.finish()
+
+    def _steps(self, tokens_per_step):
+        data = self.job.data
+        while self.step < self.steps_total:
+            lr = self.optimizer.lr  # the rate this step uses (the scheduler advances inside the step)
+            with self.profiler.step(self.step):
+                loss_sum, grad_norm, skipped = self.train_step()
+            self.step += 1
+            self.checkpoint.poll()  # a background write that finished (on every rank) is reported, or its error raised
+            if self.step % self.job.log.every_steps == 0 or self.step == self.steps_total:
+                loss = self._reduce_loss(loss_sum) if self.plan.holds_last else None  # a host sync
+                self._log_step(loss, lr, grad_norm, skipped, tokens_per_step)
+            started = time.perf_counter()
+            if data.evaluation_every and self.step % data.evaluation_every == 0:
+                self.evaluate()
+            if self.checkpoint.due(self.step, self.steps_total):
+                self.checkpoint.save(self.state, self.step)
+                self._draw_curves()
+            self._checkpoint_metrics()
+            self.meter.exclude(time.perf_counter() - started)
 
     def train_step(self):
         lay = self.layout
@@ -320,6 +333,12 @@ class Trainer:
         if self.stream is not None:
             values["epochs"] = max(self.stream.epochs.values(), default=0)
         self.log.metrics(self.step, values)
+
+    def _checkpoint_metrics(self):
+        """The stall and write seconds of checkpoints, as their own records of the metrics file."""
+        values = self.checkpoint.take_metrics()
+        if values and self.layout.is_logger:
+            self.log.metrics(self.step, values)
 
     def _draw_curves(self):
         """The run's metrics as a PNG beside its checkpoints; a plot never stops training."""

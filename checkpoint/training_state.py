@@ -97,7 +97,7 @@ class TrainingCheckpoint:
         self.store = Checkpointer(cfg.path, layout, cfg.keep)
         self.buffers = HostBuffers(pin=layout.device.type == "cuda")  # the async snapshot's, reused
         self.pending = None  # the BackgroundWrite in flight
-        self.metrics = {}  # checkpoint timings not yet in the metrics file
+        self.metrics = []  # checkpoint timing records not yet in the metrics file
 
     def step_dir(self, step: int) -> str:
         return self.store.step_dir(step)
@@ -167,7 +167,7 @@ class TrainingCheckpoint:
             self.store.commit(snap)
             seconds = time.perf_counter() - started
             self.log(f"saved checkpoint {self.store.step_dir(step)} ({seconds:.1f} s)")
-            self.metrics = {"checkpoint_step": step, "checkpoint_stall_s": seconds, "checkpoint_write_s": seconds}
+            self.metrics.append({"checkpoint_step": step, "checkpoint_stall_s": seconds, "checkpoint_write_s": seconds})
             return
         groups = {"stage": snap.stage_tensors, "optimizer": snap.optimizer_tensors}
         fits, sizes = snapshot_fits(self.buffers.needs(groups))
@@ -186,7 +186,7 @@ class TrainingCheckpoint:
         self.log(
             f"checkpoint {step}: training stalled {stall:.1f} s for the snapshot{wait}; writing it in the background"
         )
-        self.metrics = dict(self.metrics, checkpoint_step=step, checkpoint_stall_s=stall, checkpoint_wait_s=waited)
+        self.metrics.append({"checkpoint_step": step, "checkpoint_stall_s": stall, "checkpoint_wait_s": waited})
 
     def poll(self) -> None:
         """After each optimizer step, every rank: once every rank's background write is done, report it (its error,
@@ -205,9 +205,9 @@ class TrainingCheckpoint:
             self.pending.join()
             self.pending = None
 
-    def take_metrics(self) -> dict:
-        """`checkpoint_stall_s` / `checkpoint_write_s` news since the last call, for the metrics file."""
-        metrics, self.metrics = self.metrics, {}
+    def take_metrics(self) -> list[dict]:
+        """`checkpoint_stall_s` / `checkpoint_write_s` records since the last call, for the metrics file."""
+        metrics, self.metrics = self.metrics, []
         return metrics
 
     def _finish_pending(self) -> float:
@@ -223,7 +223,7 @@ class TrainingCheckpoint:
             f"saved checkpoint {self.store.step_dir(write.step)} ({write.write_s:.1f} s) in the background; "
             f"training stalled {write.stall_s:.1f} s for it"
         )
-        self.metrics = dict(self.metrics, checkpoint_step=write.step, checkpoint_write_s=write.write_s)
+        self.metrics.append({"checkpoint_step": write.step, "checkpoint_write_s": write.write_s})
         return time.perf_counter() - started
 
     # ------------------------------------------------------------------ restore

@@ -336,9 +336,9 @@ class Trainer:
 
     def _checkpoint_metrics(self):
         """The stall and write seconds of checkpoints, as their own records of the metrics file."""
-        values = self.checkpoint.take_metrics()
-        if values and self.layout.is_logger:
-            self.log.metrics(self.step, values)
+        for values in self.checkpoint.take_metrics():
+            if self.layout.is_logger:
+                self.log.metrics(self.step, values)
 
     def _draw_curves(self):
         """The run's metrics as a PNG beside its checkpoints; a plot never stops training."""

@@ -6,6 +6,7 @@ data_parallel/ sums their gradients, tasks/ streams the data, checkpoint/ saves 
 """
 
 import math
+import threading
 import time
 
 PROCESS_START = time.time()  # launch-to-first-step is measured from here (module import ~ process start)
@@ -106,6 +107,7 @@ class Trainer:
         )
         self.meter = StepMeter(lay.device, flops, lay.world_size, self.steps_total, self.step)
         self.profiler = make_profiler(job.profiling, lay, self.stages)
+        self.curves = None  # the thread drawing curves.png
 
     # ------------------------------------------------------------------ set-up
     def _data_stream(self):
@@ -341,9 +343,17 @@ class Trainer:
                 self.log.metrics(self.step, values)
 
     def _draw_curves(self):
-        """The run's metrics as a PNG beside its checkpoints; a plot never stops training."""
+        """The run's metrics as a PNG beside its checkpoints, drawn by a background thread: the first plot imports
+        matplotlib (seconds), and the other ranks would wait for the logging rank meanwhile. One at a time; a plot
+        never stops training."""
         if not self.layout.is_logger:
             return
+        if self.curves is not None:
+            self.curves.join()
+        self.curves = threading.Thread(target=self._plot_curves, name="curves", daemon=True)
+        self.curves.start()
+
+    def _plot_curves(self):
         from tools.plot_metrics import MetricsError, plot_metrics
 
         try:
@@ -356,6 +366,8 @@ class Trainer:
             dist.barrier()
             self.watchdog.stop()
             dist.barrier()
+        if self.curves is not None:
+            self.curves.join()  # the final curves, drawn while the other ranks finished
         if self.stream is not None:
             self.stream.close()
         self.log.close()

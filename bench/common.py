@@ -468,10 +468,12 @@ class Session:
         return path
 
     # -------------------------------------------------------------- running processes
-    def _run(self, label: str, cmd: list[str], env: dict, metrics_file: str, last_step: int | None = None) -> dict:
+    def _run(
+        self, label: str, cmd: list[str], env: dict, metrics_file: str, last_step: int | None = None, stop_when=None
+    ) -> dict:
         """Run `cmd` in its own process group, watching its `metrics_file` for the first step; stop it once
-        `last_step` shows there (when given, unless --final-checkpoint), at --run-timeout, or when the time budget
-        is spent."""
+        `last_step` shows there (when given, unless --final-checkpoint), once `stop_when(records)` holds (when
+        given: instead of `last_step`), at --run-timeout, or when the time budget is spent."""
         timeout = min(self.args.run_timeout, self.remaining())
         with open(self.log_path, "a") as log:
             log.write(f"\n##### {label}\n##### {shlex.join(cmd)}\n")
@@ -485,13 +487,19 @@ class Session:
             status = None
             while True:
                 rc = proc.poll()
-                steps = [r["step"] for r in read_jsonl(metrics_file) if "step_s" in r]
+                records = read_jsonl(metrics_file)
+                steps = [r["step"] for r in records if "step_s" in r]
                 now = time.perf_counter() - t0
                 if steps and first_step_at is None:
                     first_step_at = now
+                if stop_when is not None and stop_when(records):
+                    stop_group(proc)
+                    log.write(f"\n##### {label}: stopped by the benchmark (what it measures is done)\n")
+                    status = "ok"
+                    break
                 if last_step and steps and max(steps) >= last_step and last_step_at is None:
                     last_step_at = now
-                    if not self.args.final_checkpoint:
+                    if not self.args.final_checkpoint and stop_when is None:
                         stop_group(proc)
                         log.write(
                             f"\n##### {label}: stopped by the benchmark after step {last_step} "
@@ -515,7 +523,7 @@ class Session:
             "launch_to_first_step_s": round(first_step_at, 1) if first_step_at is not None else None,
             "launch_to_last_step_s": round(last_step_at, 1) if last_step_at is not None else None,
         }
-        if status != "ok" or (last_step and last_step_at is None):
+        if status != "ok" or (last_step and last_step_at is None and stop_when is None):
             if status == "ok":
                 result["status"] = "no metrics"
             result["error_tail"] = log_tail(self.log_path, start_offset)
@@ -544,10 +552,12 @@ class Session:
         load_pretrained: bool = False,
         extra: list[str] | None = None,
         flops: float | None = None,
+        stop_when=None,
     ) -> dict:
         """One launch of the real entrypoint under torchrun; `batch` is per data-parallel replica per iteration,
         `accum` iterations per optimizer step (--gradient-accumulate-step).
-        `flops`: FLOPs per token for MFU when not the dense 6·N + 12·L·d·S (LoRA: `lora_flops_per_token`)."""
+        `flops`: FLOPs per token for MFU when not the dense 6·N + 12·L·d·S (LoRA: `lora_flops_per_token`).
+        `stop_when(metrics records)`: stop the run once it holds (instead of after the last step)."""
         a = self.args
         run = {
             "label": label,
@@ -642,7 +652,7 @@ class Session:
             f"x{batch // micro_batch}{f' accum {accum}' if accum > 1 else ''}{' compile' if compile else ''}"
             f"{' fp16' if fp16 else ''}"
         )
-        run.update(self._run(label, cmd, env, metrics, a.steps))
+        run.update(self._run(label, cmd, env, metrics, a.steps, stop_when))
         records = read_jsonl(metrics)
         run["step_records"] = records
         fpt = flops or flops_per_token(model_dir, a.seq_length)

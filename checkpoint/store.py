@@ -15,8 +15,9 @@
     data_state.json                    position of the training data stream
     tokenizer/                         the tokenizer files, so the checkpoint exports on its own
 
-A save is written into `.tmp_checkpoint_<step>` by all ranks (every file fsynced), checked across ranks, then renamed
-by rank 0; `latest` moves only after that, and older checkpoints are rotated out (and stale `.tmp_*` folders of
+A save (`Checkpointer.commit` of a `Snapshot`, on the training thread or, with --async-checkpoint, a background
+thread: checkpoint/snapshot.py) is written into `.tmp_checkpoint_<step>` by all ranks (every file fsynced), checked
+across ranks through the gloo commit group, then renamed by rank 0; `latest` moves only after that, and older checkpoints are rotated out (and stale `.tmp_*` folders of
 crashed saves removed) only after that. Only replica 0 writes model and optimizer files (replicas hold identical
 copies); under --dp-mode sharded every replica writes its own optimizer shard (nothing is gathered to one rank). Multi-node runs need --checkpoint-path on a filesystem every node sees. Nothing read from disk is unpickled:
 tensors go through safetensors, everything else through JSON.
@@ -29,6 +30,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -103,10 +105,10 @@ def _write_json(path, obj):
         os.fsync(f.fileno())
 
 
-def _all_ok(ok, device):
-    """True on every rank iff `ok` on every rank."""
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+def _all_ok(ok, group):
+    """True on every rank iff `ok` on every rank (`group`: the gloo commit group, so a CPU tensor)."""
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return flag.item() == 0
 
 
@@ -150,6 +152,24 @@ def list_steps(root):
     return sorted(steps)
 
 
+@dataclass
+class Snapshot:
+    """Everything one rank writes for checkpoint `step`, captured at one moment. `on_host`: the tensors are private
+    contiguous host copies (checkpoint/snapshot.py), so the write may run while training changes the live ones;
+    otherwise they are the live tensors and the write must finish before training goes on."""
+
+    step: int
+    stage_tensors: dict
+    optimizer_tensors: dict
+    rng: dict  # {"cpu": ..., ["cuda": ...]} torch RNG states
+    stage_state: dict  # LR scheduler and loss scaler, and the step
+    data_state: dict | None  # the data stream's position (rank 0)
+    meta: dict
+    tokenizer_dir: str | None
+    optimizer_shard: int | None = None  # this rank's data-parallel rank under --dp-mode sharded
+    on_host: bool = False
+
+
 class Checkpointer:
     def __init__(self, root, layout, keep):
         self.root = root
@@ -160,13 +180,12 @@ class Checkpointer:
         return os.path.join(self.root, step_dir_name(step))
 
     # ---------------------------------------------------------------- save
-    def save(
-        self, step, stage_tensors, optimizer_tensors, stage_state, data_state, meta, tokenizer_dir, optimizer_shard=None
-    ):
-        """Every rank calls this. `optimizer_shard`: this rank's data-parallel rank when each replica holds its own
-        shard of the optimizer state (--dp-mode sharded), else None (replica 0 writes the whole state). Raises CheckpointError on every rank if any rank failed to write; the previous
-        checkpoint and `latest` are then untouched."""
-        lay = self.layout
+    def commit(self, snap):
+        """Write `snap` into `.tmp_checkpoint_<step>`, agree across ranks, rename, move `latest`, rotate. Its
+        collectives go through the layout's commit group only, so a background thread may run it while the training
+        thread runs its own. Raises CheckpointError on every rank if any rank failed."""
+        lay, step = self.layout, snap.step
+        group = lay.commit_group
         tmp = os.path.join(self.root, TMP_PREFIX + step_dir_name(step))
         untouched = "; the previous checkpoint and `latest` are untouched"
         error = None
@@ -178,7 +197,7 @@ class Checkpointer:
                 os.makedirs(tmp)
             except OSError as exc:
                 error = f"cannot create checkpoint folder {tmp}: {_describe(exc)}"
-        if not _all_ok(error is None, lay.device):
+        if not _all_ok(error is None, group):
             raise CheckpointError(
                 f"checkpoint {step} not saved: {error or 'rank 0 could not create ' + tmp}"
                 f"{untouched}. --checkpoint-path must be a writable directory"
@@ -201,40 +220,34 @@ class Checkpointer:
             written.append(name)
             faults.after_checkpoint_files(step, lay.rank, len(written))
 
+        def tensors_file(tensors):
+            # a snapshot is already contiguous host memory; live tensors are copied one file at a time
+            return lambda path: save_file(tensors if snap.on_host else _contiguous_cpu(tensors), path)
+
         try:
+            faults.before_checkpoint_files(step)
             if lay.dp_rank == 0:
                 p = lay.pp_rank
+                write(stage_model_file(p), tensors_file(snap.stage_tensors), snap.stage_tensors)
+                if snap.optimizer_shard is None:
+                    write(stage_optimizer_file(p), tensors_file(snap.optimizer_tensors), snap.optimizer_tensors)
+                write(stage_state_file(p), lambda path: _write_json(path, snap.stage_state))
+            if snap.optimizer_shard is not None:
                 write(
-                    stage_model_file(p),
-                    lambda path: save_file(_contiguous_cpu(stage_tensors), path),
-                    stage_tensors,
+                    stage_optimizer_shard_file(lay.pp_rank, snap.optimizer_shard),
+                    tensors_file(snap.optimizer_tensors),
+                    snap.optimizer_tensors,
                 )
-                if optimizer_shard is None:
-                    write(
-                        stage_optimizer_file(p),
-                        lambda path: save_file(_contiguous_cpu(optimizer_tensors), path),
-                        optimizer_tensors,
-                    )
-                write(stage_state_file(p), lambda path: _write_json(path, stage_state))
-            if optimizer_shard is not None:
-                write(
-                    stage_optimizer_shard_file(lay.pp_rank, optimizer_shard),
-                    lambda path: save_file(_contiguous_cpu(optimizer_tensors), path),
-                    optimizer_tensors,
-                )
-            rng = {"cpu": torch.get_rng_state()}
-            if lay.device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(lay.device)
-            write(rng_file(lay.rank), lambda path: save_file(rng, path))
+            write(rng_file(lay.rank), lambda path: save_file(snap.rng, path))
             if lay.rank == 0:
-                write(DATA_STATE, lambda path: _write_json(path, data_state))
-                if tokenizer_dir:
-                    write(TOKENIZER_DIR, lambda path: _copy_tokenizer(tokenizer_dir, path))
+                write(DATA_STATE, lambda path: _write_json(path, snap.data_state))
+                if snap.tokenizer_dir:
+                    write(TOKENIZER_DIR, lambda path: _copy_tokenizer(snap.tokenizer_dir, path))
         except Exception as exc:  # noqa: BLE001 - OSError, or safetensors' error for the same I/O failures
             where = exc.filename if isinstance(exc, OSError) and exc.filename else os.path.join(tmp, "")
             error = f"rank {lay.rank} could not write {where}: {_describe(exc)}"
         gathered = [None] * lay.world_size
-        dist.all_gather_object(gathered, (error, files, sizes, keys))
+        dist.all_gather_object(gathered, (error, files, sizes, keys), group=group)
         errors = [e for e, _, _, _ in gathered if e]
         if errors:
             if lay.rank == 0:
@@ -254,7 +267,7 @@ class Checkpointer:
                     all_keys.update(k)
                 _write_json(
                     os.path.join(tmp, META),
-                    dict(meta, step=step, files=all_files, sizes=all_sizes, tensors=all_keys),
+                    dict(snap.meta, step=step, files=all_files, sizes=all_sizes, tensors=all_keys),
                 )
                 _fsync(tmp)
                 final = self.step_dir(step)
@@ -274,7 +287,7 @@ class Checkpointer:
                 _fsync(self.root)
             except OSError as exc:
                 error = f"could not finish checkpoint {step} in {self.root}: {_describe(exc)}"
-        if not _all_ok(error is None, lay.device):
+        if not _all_ok(error is None, group):
             raise CheckpointError(error or f"rank 0 could not finish checkpoint {step}; see its log")
         if lay.rank == 0:
             self._clean(step)

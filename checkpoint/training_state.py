@@ -8,6 +8,7 @@ rotation, reading any layout's files) are store.py's job.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -32,7 +33,8 @@ from checkpoint.names import (
     stage_optimizer_shard_file,
     stage_state_file,
 )
-from checkpoint.store import Checkpointer, CheckpointError, files_of
+from checkpoint.snapshot import BackgroundWrite, HostBuffers, all_done, snapshot_fits
+from checkpoint.store import Checkpointer, CheckpointError, Snapshot, files_of
 from utils.config import CheckpointConfig
 
 FORMAT = "checkpoint/1"
@@ -93,6 +95,9 @@ class TrainingCheckpoint:
         self.run = run
         self.log = log  # a function printing one line (rank 0 and the logging rank)
         self.store = Checkpointer(cfg.path, layout, cfg.keep)
+        self.buffers = HostBuffers(pin=layout.device.type == "cuda")  # the async snapshot's, reused
+        self.pending = None  # the BackgroundWrite in flight
+        self.metrics = []  # checkpoint timing records not yet in the metrics file
 
     def step_dir(self, step: int) -> str:
         return self.store.step_dir(step)
@@ -142,20 +147,84 @@ class TrainingCheckpoint:
         }
 
     def save(self, state: TrainState, step: int) -> None:
-        start = time.time()
-        stage_state = dict(state.optimizer.state_dict(), step=step)
-        data_state = state.stream.state_dict() if self.layout.rank == 0 else None
-        self.store.save(
+        """Checkpoint `state` after optimizer step `step`. Asynchronous (--async-checkpoint true): wait for the write
+        in flight, copy the state into host buffers, write it in the background; the outcome surfaces in `poll` or
+        `wait`. Synchronous: write and commit now, raising CheckpointError on every rank if any rank failed."""
+        started = time.perf_counter()
+        waited = self._finish_pending()  # one write in flight at a time: host memory holds one checkpoint
+        snap = Snapshot(
             step,
             state.stage_tensors(),
             state.optimizer.state_tensors(state.param_names),
-            stage_state,
-            data_state,
+            _rng_states(self.layout.device),
+            copy.deepcopy(dict(state.optimizer.state_dict(), step=step)),
+            copy.deepcopy(state.stream.state_dict()) if self.layout.rank == 0 else None,
             self.metadata(state, step),
             self.run.tokenizer_dir,
             optimizer_shard=self.layout.dp_rank if state.optimizer.sharded else None,
         )
-        self.log(f"saved checkpoint {self.store.step_dir(step)} ({time.time() - start:.1f} s)")
+        if not self.cfg.async_write:
+            self.store.commit(snap)
+            seconds = time.perf_counter() - started
+            self.log(f"saved checkpoint {self.store.step_dir(step)} ({seconds:.1f} s)")
+            self.metrics.append({"checkpoint_step": step, "checkpoint_stall_s": seconds, "checkpoint_write_s": seconds})
+            return
+        groups = {"stage": snap.stage_tensors, "optimizer": snap.optimizer_tensors}
+        fits, sizes = snapshot_fits(self.buffers.needs(groups))
+        if fits:
+            copies = self.buffers.copy(groups)
+            snap.stage_tensors, snap.optimizer_tensors, snap.on_host = copies["stage"], copies["optimizer"], True
+        else:
+            self.log(
+                f"WARNING: checkpoint {step} is written synchronously: its host snapshot does not fit ({sizes}); "
+                f"free host memory, or pass --async-checkpoint false to say so"
+            )
+        stall = time.perf_counter() - started
+        # Inline when the snapshot did not fit: the outcome still surfaces where every rank checks.
+        self.pending = BackgroundWrite(step, lambda: self.store.commit(snap), stall, background=fits)
+        wait = f" (of which {waited:.1f} s waiting for the previous write)" if waited > 0.05 else ""
+        self.log(
+            f"checkpoint {step}: training stalled {stall:.1f} s for the snapshot{wait}; writing it in the background"
+        )
+        self.metrics.append({"checkpoint_step": step, "checkpoint_stall_s": stall, "checkpoint_wait_s": waited})
+
+    def poll(self) -> None:
+        """After each optimizer step, every rank: once every rank's background write is done, report it (its error,
+        the same on every rank, is raised here). Costs one small all-reduce per step while a write is in flight."""
+        if self.pending is not None and all_done(self.pending.done(), self.layout.device):
+            self._finish_pending()
+
+    def wait(self) -> None:
+        """Every rank, at the end of the run: the write in flight is complete (or its error raised) on return."""
+        self._finish_pending()
+
+    def abandon(self) -> None:
+        """Training failed: let the write in flight finish (a complete checkpoint is still worth having), without
+        raising; the failure that got here is the one to report."""
+        if self.pending is not None:
+            self.pending.join()
+            self.pending = None
+
+    def take_metrics(self) -> list[dict]:
+        """`checkpoint_stall_s` / `checkpoint_write_s` records since the last call, for the metrics file."""
+        metrics, self.metrics = self.metrics, []
+        return metrics
+
+    def _finish_pending(self) -> float:
+        """Wait for the write in flight; raise its error, or log it. Returns the seconds waited."""
+        if self.pending is None:
+            return 0.0
+        started = time.perf_counter()
+        write, self.pending = self.pending, None
+        write.join()
+        if write.error is not None:
+            raise write.error
+        self.log(
+            f"saved checkpoint {self.store.step_dir(write.step)} ({write.write_s:.1f} s) in the background; "
+            f"training stalled {write.stall_s:.1f} s for it"
+        )
+        self.metrics.append({"checkpoint_step": write.step, "checkpoint_write_s": write.write_s})
+        return time.perf_counter() - started
 
     # ------------------------------------------------------------------ restore
     def resume(self, state: TrainState) -> int | None:
@@ -287,6 +356,14 @@ class TrainingCheckpoint:
                 f"--optimizer {ours}; resume with --optimizer {saved}, "
                 f"or export it with tools/convert_to_hf.py and start a new run from that model"
             )
+
+
+def _rng_states(device) -> dict:
+    """This rank's torch RNG states now (new CPU tensors: nothing to copy)."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
 
 
 PIECE = re.compile(r"^(.+)\[(\d+):(\d+)\]$")

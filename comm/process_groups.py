@@ -30,6 +30,7 @@ class Layout:
     pp_group: object = None  # ProcessGroup of this rank's pipeline
     dp_group: object = None  # ProcessGroup of the ranks holding the same stage
     ends_group: object = None  # first + last stage of this pipeline (tied embeddings), when requested
+    commit_group: object = None  # every rank, gloo: checkpoint commits only (a background writer's collectives)
 
     @property
     def is_last_stage(self):
@@ -177,4 +178,7 @@ def init_distributed(cfg: DistConfig, ends_group=False):
             group = dist.new_group([replica * pp, replica * pp + pp - 1], timeout=timeout)
             if replica == dp_rank and pp_rank in (0, pp - 1):
                 layout.ends_group = group
+    # Checkpoint commits run in a background thread: their collectives must never share a group (and its ordering)
+    # with the training thread's. gloo takes CPU tensors whatever the training backend is.
+    layout.commit_group = dist.new_group(list(range(world)), timeout=timeout, backend="gloo")
     return layout

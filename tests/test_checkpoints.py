@@ -191,6 +191,52 @@ def test_sigkill_crash_in_save_and_torchrun_restart_resume_bit_exact(setup, tmp_
     assert checkpoint_entries(ckpt) == ["checkpoint_6", "latest"]
 
 
+def test_background_write_matches_sync_and_a_kill_during_it_loses_nothing(setup, tmp_path):
+    """The reference run wrote its checkpoints in the background (the default): a synchronous run writes the very
+    same files. A job killed while the write of checkpoint 4 is in flight (training already past it) keeps checkpoint
+    2 and `latest`; relaunched, it resumes from 2 and ends bit-identical to the uninterrupted run."""
+    sync_dir = str(tmp_path / "sync")
+    sync = run_torchrun(2, flags_for(setup, sync_dir, **{"async-checkpoint": "false"}))
+    assert sync.returncode == 0, sync.stdout[-3000:] + sync.stderr[-3000:]
+    assert "saved checkpoint" in sync.stdout and "in the background" not in sync.stdout, sync.stdout[-3000:]
+    for step in (EVERY, EVERY * 2, STEPS):
+        metas = [json.load(open(os.path.join(d, f"checkpoint_{step}", "meta.json"))) for d in (sync_dir, setup["ref"])]
+        # every file's sha256: weights, optimizer state, scheduler and scaler, data position, tokenizer. Not the RNG
+        # files: the process's global torch RNG state differs between two identical runs, sync or not.
+        files = [{k: v for k, v in m["files"].items() if "_rng." not in k} for m in metas]
+        assert files[0] == files[1] and len(files[0]) > 8, step
+
+    ckpt = str(tmp_path / "ckpt")
+    metrics = [str(tmp_path / f"run{i}.jsonl") for i in range(2)]
+    flags = flags_for(setup, ckpt)
+    procs = run_ranks(2, flags + ["--metrics-file", metrics[0]], env={"CKPT_SLOW_WRITE": f"{EVERY * 2}:60"})
+    deadline = time.time() + 120
+    while max(read_metrics(metrics[0]), default=0) < STEPS and time.time() < deadline and procs[0].poll() is None:
+        time.sleep(0.05)
+    # training went on past step 4 while checkpoint 4 was being written (it is not there yet)
+    assert max(read_metrics(metrics[0]), default=0) == STEPS, wait_ranks(procs, 5)
+    assert latest(ckpt) == EVERY and not os.path.exists(os.path.join(ckpt, f"checkpoint_{EVERY * 2}"))
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+    wait_ranks(procs, 30)
+    assert latest(ckpt) == EVERY and damaged_files(os.path.join(ckpt, f"checkpoint_{EVERY}")) == []
+    assert not os.path.exists(os.path.join(ckpt, f"checkpoint_{EVERY * 2}"))
+
+    results = wait_ranks(run_ranks(2, flags + ["--metrics-file", metrics[1]]), 120)
+    assert all(rc == 0 for rc, _, _ in results), results[1][2][-3000:]
+    stdout = "".join(out for _, out, _ in results)
+    assert f"checkpoint_{EVERY} (step {EVERY}" in stdout and "writing it in the background" in stdout, stdout[-3000:]
+    assert latest(ckpt) == STEPS
+    assert_bit_identical(ckpt, setup["ref"])
+    losses = read_metrics(metrics[1])
+    assert min(losses) == EVERY + 1 and all(losses[s] == setup["ref_losses"][s] for s in losses), losses
+    # the stall and the write of every checkpoint are in the metrics file
+    records = [json.loads(line) for line in open(metrics[1])]
+    stalls = {r["checkpoint_step"] for r in records if "checkpoint_stall_s" in r}
+    writes = {r["checkpoint_step"] for r in records if "checkpoint_write_s" in r}
+    assert stalls == writes == {EVERY * 2, STEPS}, records
+
+
 def test_resume_under_another_layout(setup, tmp_path):
     """Saved with pp=4 x dp=1, resumed with pp=1 x dp=2 (same global batch): weights, optimizer state and the data
     position carry over; the result equals an uninterrupted run within fp32 tolerance."""

@@ -6,6 +6,7 @@ data_parallel/ sums their gradients, tasks/ streams the data, checkpoint/ saves 
 """
 
 import math
+import threading
 import time
 
 import torch
@@ -126,6 +127,7 @@ class Trainer:
         self.profiler = make_profiler(job.profiling, lay, self.stages)
         self.pending_log = None  # the last step's metrics, written after the next step is under way
         clock.lap("resume")
+        self.curves = None  # the thread drawing curves.png
 
     # ------------------------------------------------------------------ set-up
     def _data_stream(self):
@@ -182,43 +184,50 @@ class Trainer:
             f"peak {self.meter.peak_label}"
         )
         try:
-            self._train_steps(data, tokens_per_step)
-        except BaseException:
+            with modules.attention_backend(self.job.model.attention_backend):
+                self._steps(tokens_per_step)
+            if self.step > self.meter.start_step:
+                self.checkpoint.save(self.state, self.step)
+            self.checkpoint.wait()  # the final checkpoint is complete (or its error raised) before the run ends
+            self._checkpoint_metrics()
+            if self.step > self.meter.start_step:
+                self._draw_curves()
+        except Exception:
             if self.pending_log is not None and self.pending_log.ready():  # the last good step's line is not lost
                 self._write_step_log()
+            self.checkpoint.abandon()  # a background write in flight finishes before the process reports and exits
             raise
-        if self.step > self.meter.start_step:
-            self.checkpoint.save(self.state, self.step)
-            self._draw_curves()
         self.profiler.finish()
 
-    def _train_steps(self, data, tokens_per_step):
-        with modules.attention_backend(self.job.model.attention_backend):
-            while self.step < self.steps_total:
-                lr = self.optimizer.lr  # the rate this step uses (the scheduler advances inside the step)
-                with self.profiler.step(self.step):
-                    loss_sum, grad_norm, skipped = self.train_step()
-                self.step += 1
-                first, last = self.step == self.meter.start_step + 1, self.step == self.steps_total
-                if first:
-                    self._log_startup()
-                evaluating = bool(data.evaluation_every) and self.step % data.evaluation_every == 0
-                saving = self.checkpoint.due(self.step, self.steps_total)
-                if self.step % self.job.log.every_steps == 0 or last:
-                    # Written one step late: its values reach the host while the next step runs, so logging never
-                    # leaves the GPU idle between steps. Steps that wait anyway (first, evaluation, checkpoint,
-                    # last) write at once.
-                    self._write_step_log()
-                    self.pending_log = self._step_log(loss_sum, lr, grad_norm, skipped, tokens_per_step)
-                if first or last or evaluating or saving:
-                    self._write_step_log()
-                started = time.perf_counter()
-                if evaluating:
-                    self.evaluate()
-                if saving:
-                    self.checkpoint.save(self.state, self.step)
-                    self._draw_curves()
-                self.meter.exclude(time.perf_counter() - started)
+    def _steps(self, tokens_per_step):
+        data = self.job.data
+        while self.step < self.steps_total:
+            lr = self.optimizer.lr  # the rate this step uses (the scheduler advances inside the step)
+            with self.profiler.step(self.step):
+                loss_sum, grad_norm, skipped = self.train_step()
+            self.step += 1
+            self.checkpoint.poll()  # a background write that finished (on every rank) is reported, or its error raised
+            first, last = self.step == self.meter.start_step + 1, self.step == self.steps_total
+            if first:
+                self._log_startup()
+            evaluating = bool(data.evaluation_every) and self.step % data.evaluation_every == 0
+            saving = self.checkpoint.due(self.step, self.steps_total)
+            if self.step % self.job.log.every_steps == 0 or last:
+                # Written one step late: its values reach the host while the next step runs, so logging never
+                # leaves the GPU idle between steps. Steps that wait anyway (first, evaluation, checkpoint, last)
+                # write at once.
+                self._write_step_log()
+                self.pending_log = self._step_log(loss_sum, lr, grad_norm, skipped, tokens_per_step)
+            if first or last or evaluating or saving:
+                self._write_step_log()
+            started = time.perf_counter()
+            if evaluating:
+                self.evaluate()
+            if saving:
+                self.checkpoint.save(self.state, self.step)
+                self._draw_curves()
+            self._checkpoint_metrics()
+            self.meter.exclude(time.perf_counter() - started)
         self._write_step_log()
 
     def _log_startup(self):
@@ -227,6 +236,26 @@ class Trainer:
             torch.cuda.synchronize(self.layout.device)  # the first step's kernels (and compilation) have run
         self.clock.lap("first_step")
         self.log.record(self.step, {"startup_s": self.clock.since_start()}, self.clock.line())
+
+    def _steps(self, tokens_per_step):
+        data = self.job.data
+        while self.step < self.steps_total:
+            lr = self.optimizer.lr  # the rate this step uses (the scheduler advances inside the step)
+            with self.profiler.step(self.step):
+                loss_sum, grad_norm, skipped = self.train_step()
+            self.step += 1
+            self.checkpoint.poll()  # a background write that finished (on every rank) is reported, or its error raised
+            if self.step % self.job.log.every_steps == 0 or self.step == self.steps_total:
+                loss = self._reduce_loss(loss_sum) if self.plan.holds_last else None  # a host sync
+                self._log_step(loss, lr, grad_norm, skipped, tokens_per_step)
+            started = time.perf_counter()
+            if data.evaluation_every and self.step % data.evaluation_every == 0:
+                self.evaluate()
+            if self.checkpoint.due(self.step, self.steps_total):
+                self.checkpoint.save(self.state, self.step)
+                self._draw_curves()
+            self._checkpoint_metrics()
+            self.meter.exclude(time.perf_counter() - started)
 
     def train_step(self):
         lay = self.layout
@@ -390,10 +419,24 @@ class Trainer:
             values["mem_gb_per_rank"] = [round(m, 2) for m in host["memory"].tolist()]
         self.log.metrics(pending.step, values)
 
+    def _checkpoint_metrics(self):
+        """The stall and write seconds of checkpoints, as their own records of the metrics file."""
+        for values in self.checkpoint.take_metrics():
+            if self.layout.is_logger:
+                self.log.metrics(self.step, values)
+
     def _draw_curves(self):
-        """The run's metrics as a PNG beside its checkpoints; a plot never stops training."""
+        """The run's metrics as a PNG beside its checkpoints, drawn by a background thread: the first plot imports
+        matplotlib (seconds), and the other ranks would wait for the logging rank meanwhile. One at a time; a plot
+        never stops training."""
         if not self.layout.is_logger:
             return
+        if self.curves is not None:
+            self.curves.join()
+        self.curves = threading.Thread(target=self._plot_curves, name="curves", daemon=True)
+        self.curves.start()
+
+    def _plot_curves(self):
         from tools.plot_metrics import MetricsError, plot_metrics
 
         try:
@@ -406,6 +449,8 @@ class Trainer:
             dist.barrier()
             self.watchdog.stop()
             dist.barrier()
+        if self.curves is not None:
+            self.curves.join()  # the final curves, drawn while the other ranks finished
         if self.stream is not None:
             self.stream.close()
         self.log.close()

@@ -232,6 +232,13 @@ def build_parser():
         default=3,
         help="checkpoints kept on disk (0: keep all)",
     )
+    ckpt.add_argument(
+        "--async-checkpoint",
+        type=str_to_bool,
+        default=True,
+        help="true: copy the state to host memory and write the checkpoint in a background thread while training "
+        "goes on (host memory for one checkpoint per host); false: training waits for the whole write",
+    )
 
     logging = parser.add_argument_group("logging")
     logging.add_argument(
@@ -606,6 +613,7 @@ def job_config(args) -> sections.JobConfig:
             fallback=args.resume_fallback,
             resume_data=args.resume_data,
             keep=args.keep_checkpoints,
+            async_write=args.async_checkpoint,
         ),
         log=sections.LogConfig(
             backend=args.train_log_backend,

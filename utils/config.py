@@ -113,6 +113,7 @@ class CheckpointConfig:
     fallback: bool  # resume from an earlier complete checkpoint when `latest` is damaged [--resume-fallback]
     resume_data: str  # exact | continue | restart [--resume-data]
     keep: int  # newest kept; 0 all [--keep-checkpoints]
+    async_write: bool = True  # snapshot to host memory, write and commit in a background thread [--async-checkpoint]
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ attempt (TORCHELASTIC_RESTART_COUNT unset or 0), so a restarted job runs clean.
   CKPT_FAULT_AFTER_FILES=N[:STEP[:RANK]]  os._exit(9) after writing N files of a save (of STEP, on RANK)
   CKPT_FAULT_OSERROR=STEP[:RANK]           writing the save of STEP (on RANK) fails with ENOSPC (disk full)
   CKPT_HOLD_AFTER_SAVE=STEP:SECONDS        every rank sleeps after the save of STEP completed (to kill it there)
+  CKPT_SLOW_WRITE=STEP:SECONDS             every rank sleeps before writing the first file of the save of STEP (a slow
+                                           disk: kill a job while a background write is in flight)
   INJECT_INF_GRAD=STEP:RANK                one gradient is inf on RANK at optimizer step STEP (overflow handling)
 """
 
@@ -17,6 +19,7 @@ import time
 SAVE_CRASH = "CKPT_FAULT_AFTER_FILES"
 SAVE_OSERROR = "CKPT_FAULT_OSERROR"
 HOLD_AFTER_SAVE = "CKPT_HOLD_AFTER_SAVE"
+SLOW_WRITE = "CKPT_SLOW_WRITE"
 INF_GRADIENT = "INJECT_INF_GRAD"
 
 
@@ -38,6 +41,13 @@ def before_checkpoint_file(step, rank, path):
     fields = _fields(SAVE_OSERROR)
     if fields and _targets(fields, step, rank):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" ({SAVE_OSERROR})", path)
+
+
+def before_checkpoint_files(step):
+    """CKPT_SLOW_WRITE: the save of STEP takes SECONDS longer, before any of its files is written."""
+    fields = _fields(SLOW_WRITE)
+    if fields and int(fields[0]) == step:
+        time.sleep(float(fields[1]))
 
 
 def after_checkpoint_files(step, rank, files_written):

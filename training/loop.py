@@ -237,26 +237,6 @@ class Trainer:
         self.clock.lap("first_step")
         self.log.record(self.step, {"startup_s": self.clock.since_start()}, self.clock.line())
 
-    def _steps(self, tokens_per_step):
-        data = self.job.data
-        while self.step < self.steps_total:
-            lr = self.optimizer.lr  # the rate this step uses (the scheduler advances inside the step)
-            with self.profiler.step(self.step):
-                loss_sum, grad_norm, skipped = self.train_step()
-            self.step += 1
-            self.checkpoint.poll()  # a background write that finished (on every rank) is reported, or its error raised
-            if self.step % self.job.log.every_steps == 0 or self.step == self.steps_total:
-                loss = self._reduce_loss(loss_sum) if self.plan.holds_last else None  # a host sync
-                self._log_step(loss, lr, grad_norm, skipped, tokens_per_step)
-            started = time.perf_counter()
-            if data.evaluation_every and self.step % data.evaluation_every == 0:
-                self.evaluate()
-            if self.checkpoint.due(self.step, self.steps_total):
-                self.checkpoint.save(self.state, self.step)
-                self._draw_curves()
-            self._checkpoint_metrics()
-            self.meter.exclude(time.perf_counter() - started)
-
     def train_step(self):
         lay = self.layout
         batches = [next(self.stream) if self.stream else None for _ in range(self.job.data.accumulation)]

@@ -60,7 +60,9 @@ class Trainer:
         self.plan = plan_of(lay.pp_rank)
         check_offload_memory(job, cfg, lay, plan_of, self.lora)  # before the load, like the checks above
         clock.lap("inputs")
-        if job.model.compile:  # every rank compiles, so every rank points inductor at the lasting cache
+        # Every rank compiles (--compile, and FlexAttention's document mask on GPUs whatever the flag), so every
+        # rank points inductor at the lasting cache.
+        if job.model.compile or (lay.device.type == "cuda" and job.model.attention_mask == "document"):
             cache = use_compile_cache()
             self.log.info(f"torch.compile cache: {cache} (runs of the same shapes reuse it)")
         self.stages = modules.build_rank_stages(

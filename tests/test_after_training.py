@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, TOKENIZER, base_flags, run_torchrun
+from tests.helpers import REPO, TOKENIZER, base_flags, run_job
 from tools import chat as chat_tool
 from tools.plot_metrics import MetricsError, plot_metrics
 from utils.logging import make_logger, parse_backends
@@ -238,7 +238,7 @@ def test_a_model_trained_on_questions_answers_them_through_chat(tmp_path):
             "train-log-backend": "print,tensorboard",
         },
     )
-    result = run_torchrun(2, flags, timeout=500)
+    result = run_job(2, flags, timeout=500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     # Straight from the checkpoint folder (its `latest`), through the command line.

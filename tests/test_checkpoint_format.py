@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, base_flags, run_torchrun
+from tests.helpers import REPO, base_flags, run_job
 
 FIXTURE = os.path.join("tests", "fixtures", "format_v1")
 
@@ -30,7 +30,7 @@ def test_format_v1_checkpoint_resumes_bit_exact(tmp_path):
             "attention-mask": "causal",  # the attention of the version that wrote it
         },
     )
-    result = run_torchrun(2, flags)
+    result = run_job(2, flags)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from" in result.stdout and "(step 2;" in result.stdout
     for stage in (0, 1):

@@ -22,8 +22,8 @@ from tests.helpers import (
     make_model,
     read_checkpoint_weights,
     read_metrics,
+    run_job,
     run_ranks,
-    run_torchrun,
     run_torchrun_launcher,
     wait_ranks,
 )
@@ -95,7 +95,7 @@ def setup(tmp_path_factory):
         "data": make_chat_data(root / "chat.jsonl"),
     }
     setup["ref"] = str(root / "reference")
-    result = run_torchrun(2, flags_for(setup, setup["ref"], **{"metrics-file": str(root / "reference.jsonl")}))
+    result = run_job(2, flags_for(setup, setup["ref"], **{"metrics-file": str(root / "reference.jsonl")}))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     setup["ref_losses"] = read_metrics(str(root / "reference.jsonl"))
     assert sorted(setup["ref_losses"]) == list(range(1, STEPS + 1))
@@ -196,7 +196,7 @@ def test_background_write_matches_sync_and_a_kill_during_it_loses_nothing(setup,
     same files. A job killed while the write of checkpoint 4 is in flight (training already past it) keeps checkpoint
     2 and `latest`; relaunched, it resumes from 2 and ends bit-identical to the uninterrupted run."""
     sync_dir = str(tmp_path / "sync")
-    sync = run_torchrun(2, flags_for(setup, sync_dir, **{"async-checkpoint": "false"}))
+    sync = run_job(2, flags_for(setup, sync_dir, **{"async-checkpoint": "false"}))
     assert sync.returncode == 0, sync.stdout[-3000:] + sync.stderr[-3000:]
     assert "saved checkpoint" in sync.stdout and "in the background" not in sync.stdout, sync.stdout[-3000:]
     for step in (EVERY, EVERY * 2, STEPS):
@@ -241,13 +241,13 @@ def test_resume_under_another_layout(setup, tmp_path):
     """Saved with pp=4 x dp=1, resumed with pp=1 x dp=2 (same global batch): weights, optimizer state and the data
     position carry over; the result equals an uninterrupted run within fp32 tolerance."""
     source = str(tmp_path / "pp4")
-    result = run_torchrun(4, flags_for(setup, source, **{"pipeline-group-size": 4}))
+    result = run_job(4, flags_for(setup, source, **{"pipeline-group-size": 4}))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_close(source, setup["ref"])  # the uninterrupted pp=4 run
 
     resumed = copy_checkpoints(source, tmp_path / "pp1dp2", [EVERY], EVERY)
     metrics = str(tmp_path / "pp1dp2.jsonl")
-    result = run_torchrun(
+    result = run_job(
         2,
         flags_for(
             setup, resumed, **{"pipeline-group-size": 1, "data-group-size": 2, "batch-size": 2, "metrics-file": metrics}
@@ -441,10 +441,10 @@ def test_tied_embeddings_resume_from_one_stage_to_two(setup, tmp_path):
     )
     source = str(tmp_path / "pp1")
     flags = {"model-name": model, "tokenizer-name": model}
-    result = run_torchrun(1, flags_for(setup, source, **dict(flags, **{"pipeline-group-size": 1})))
+    result = run_job(1, flags_for(setup, source, **dict(flags, **{"pipeline-group-size": 1})))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     resumed = copy_checkpoints(source, tmp_path / "pp2", [EVERY], EVERY)
-    result = run_torchrun(2, flags_for(setup, resumed, **flags))
+    result = run_job(2, flags_for(setup, resumed, **flags))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     got = read_checkpoint_weights(resumed, suffix=BOTH)
     want = read_checkpoint_weights(source, suffix=BOTH)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import base_flags, document_logits, make_chat_data, make_model, run_torchrun
+from tests.helpers import base_flags, document_logits, make_chat_data, make_model, run_job
 from training.startup import PHASES
 
 pytestmark = pytest.mark.e2e  # real multi-process runs of the entrypoint
@@ -62,7 +62,7 @@ def test_evaluation_loss_matches_transformers_and_one_rank_logs(setup):
             "train-on-inputs": True,
         },
     )
-    result = run_torchrun(4, flags)
+    result = run_job(4, flags)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in open(metrics)]
     evals = [r for r in records if "valid.loss" in r]
@@ -103,7 +103,7 @@ def test_tidy_profiling_writes_per_rank_and_merged_traces(setup):
             "profiling-steps": 1,
         },
     )
-    result = run_torchrun(2, flags)
+    result = run_job(2, flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["merged.json", "rank_0.json", "rank_1.json"]
     events = [e for e in json.load(open(out / "merged.json"))["traceEvents"] if e["ph"] == "X"]
@@ -126,7 +126,7 @@ def test_pytorch_profiling_writes_trace_and_summary(setup):
         str(root / "ck-torchprof"),
         **{"total-steps": 3, "profiling": "pytorch_profiling", "profiling-dir": str(out), "profiling-steps": 1},
     )
-    result = run_torchrun(1, flags)
+    result = run_job(1, flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["torch_rank_0.json", "torch_rank_0_summary.txt"]
     names = {e.get("name") for e in json.load(open(out / "torch_rank_0.json"))["traceEvents"]}
@@ -152,7 +152,7 @@ def test_wandb_offline_one_run_per_job_without_secrets(setup, tmp_path):
         },
     )
     secret = "0123456789abcdef0123456789abcdef01234567"
-    result = run_torchrun(
+    result = run_job(
         4,
         flags,
         env={

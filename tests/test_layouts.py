@@ -16,7 +16,7 @@ from tests.helpers import (
     make_chat_data,
     make_model,
     read_checkpoint_weights,
-    run_torchrun,
+    run_job,
 )
 
 pytestmark = pytest.mark.e2e  # real multi-process runs of the entrypoint
@@ -135,7 +135,7 @@ def run_and_compare(setup, pp, dp, mode, batch, accum, extra=None):
             **(extra or {}),
         },
     )
-    result = run_torchrun(pp * dp, flags)
+    result = run_job(pp * dp, flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     got = read_checkpoint_weights(str(ckpt), suffix=("_model.safetensors", "_optimizer.safetensors"))
     assert set(expected) <= set(got)
@@ -169,7 +169,7 @@ def test_llama_gqa_tied_embeddings(tmp_path, pp, mode):
         str(ckpt),
         **{"pipeline-group-size": pp, "pp-mode": mode, "total-steps": STEPS, "seq-length": SEQ, "lr": LR, "seed": SEED},
     )
-    result = run_torchrun(pp, flags)
+    result = run_job(pp, flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     got = read_checkpoint_weights(str(ckpt), suffix=("_model.safetensors", "_optimizer.safetensors"))
     for name, value in expected.items():

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import base_flags, make_chat_data, make_model, read_checkpoint_weights, run_torchrun
+from tests.helpers import base_flags, make_chat_data, make_model, read_checkpoint_weights, run_job
 
 pytestmark = pytest.mark.e2e  # real multi-process runs of the entrypoint
 
@@ -124,7 +124,7 @@ def test_adapters_match_peft_in_every_layout(models, tmp_path, family, pp, dp, m
         FAMILIES[family]["targets"],
         **{"pipeline-group-size": pp, "data-group-size": dp, "pp-mode": mode, "batch-size": GLOBAL_BATCH // dp},
     )
-    result = run_torchrun(pp * dp, flags)
+    result = run_job(pp * dp, flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_adapters_equal(tmp_path / "ck", expected)
 
@@ -144,12 +144,12 @@ def test_resume_under_another_layout_and_export_to_peft_and_merged(models, tmp_p
     expected = peft_reference(model_dir, data, None, steps=4)
     ckpt = tmp_path / "ck"
     first = lora_flags(model_dir, data, str(ckpt), None, **{"pipeline-group-size": 2, "total-steps": 4})
-    result = run_torchrun(2, first + ["--checkpoint-steps", "2", "--keep-checkpoints", "0"])
+    result = run_job(2, first + ["--checkpoint-steps", "2", "--keep-checkpoints", "0"])
     assert result.returncode == 0, result.stderr[-3000:]
     shutil.rmtree(ckpt / "checkpoint_4")
     (ckpt / "latest").write_text("2\n")
     again = lora_flags(model_dir, data, str(ckpt), None, **{"data-group-size": 2, "batch-size": 2, "total-steps": 4})
-    result = run_torchrun(2, again + ["--load-checkpoint", "true"])
+    result = run_job(2, again + ["--load-checkpoint", "true"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout and "(step 2; saved with pp=2 x dp=1)" in result.stdout
     assert_adapters_equal(ckpt, expected)
@@ -191,7 +191,7 @@ def test_resume_under_another_layout_and_export_to_peft_and_merged(models, tmp_p
 
     # The adapters continue from the peft export (--lora-init) with a new checkpoint folder.
     cont = lora_flags(model_dir, data, str(tmp_path / "ck2"), None, **{"total-steps": 1, "lr": 0})
-    result = run_torchrun(1, cont + ["--lora-init", str(tmp_path / "adapter")])
+    result = run_job(1, cont + ["--lora-init", str(tmp_path / "adapter")])
     assert result.returncode == 0, result.stderr[-3000:]
     for name, value in read_checkpoint_weights(str(tmp_path / "ck2")).items():
         assert torch.equal(value, adapters[name]), name  # lr 0: the adapters stay what was loaded
@@ -203,21 +203,21 @@ def test_lora_and_dense_checkpoints_do_not_mix(models, tmp_path):
     _, data, by_family = models
     model_dir, _ = by_family["gptneox"]
     lora_ckpt, dense_ckpt = tmp_path / "lora", tmp_path / "dense"
-    assert run_torchrun(1, lora_flags(model_dir, data, str(lora_ckpt), None, **{"total-steps": 1})).returncode == 0
+    assert run_job(1, lora_flags(model_dir, data, str(lora_ckpt), None, **{"total-steps": 1})).returncode == 0
     dense = base_flags(model_dir, data, str(dense_ckpt), **{"total-steps": 1, "seq-length": SEQ})
-    assert run_torchrun(1, dense).returncode == 0
+    assert run_job(1, dense).returncode == 0
 
     as_dense = base_flags(model_dir, data, str(lora_ckpt), **{"total-steps": 2, "load-checkpoint": "true"})
-    result = run_torchrun(1, as_dense)
+    result = run_job(1, as_dense)
     assert result.returncode != 0
     assert "holds LoRA adapters (r=4" in result.stderr and "--lora-r 4" in result.stderr
     as_lora = lora_flags(model_dir, data, str(dense_ckpt), None, **{"total-steps": 2, "load-checkpoint": "true"})
-    result = run_torchrun(1, as_lora)
+    result = run_job(1, as_lora)
     assert result.returncode != 0 and "full fine-tuning checkpoint" in result.stderr
 
     other_rank = lora_flags(model_dir, data, str(lora_ckpt), None, **{"total-steps": 2, "load-checkpoint": "true"})
     other_rank[other_rank.index("--lora-r") + 1] = "8"
-    result = run_torchrun(1, other_rank)
+    result = run_job(1, other_rank)
     assert result.returncode != 0 and "resume with --lora-r 4" in result.stderr
 
     changed = tmp_path / "changed-base"
@@ -226,7 +226,7 @@ def test_lora_and_dense_checkpoints_do_not_mix(models, tmp_path):
     tensors["gpt_neox.final_layer_norm.weight"] += 1
     save_file(tensors, str(changed / "model.safetensors"), metadata={"format": "pt"})
     other_base = lora_flags(str(changed), data, str(lora_ckpt), None, **{"total-steps": 2, "load-checkpoint": "true"})
-    result = run_torchrun(1, other_base)
+    result = run_job(1, other_base)
     assert result.returncode != 0 and "differ from that base" in result.stderr
 
     from tools.convert_to_hf import main as convert
@@ -241,6 +241,6 @@ def test_lora_and_dense_checkpoints_do_not_mix(models, tmp_path):
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
 
     bad_target = lora_flags(model_dir, data, str(tmp_path / "t"), "q_proj", **{"total-steps": 1})
-    result = run_torchrun(1, bad_target)
+    result = run_job(1, bad_target)
     assert result.returncode != 0
     assert "'q_proj' is not a linear layer of a gptneox block" in result.stderr and "query_key_value" in result.stderr

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import base_flags, make_chat_data, make_model, read_checkpoint_weights, run_torchrun
+from tests.helpers import base_flags, make_chat_data, make_model, read_checkpoint_weights, run_job
 
 pytestmark = pytest.mark.e2e  # real multi-process runs of the entrypoint
 
@@ -31,7 +31,7 @@ def test_half_precision_trains_with_fp32_master_weights(setup, precision, dtype)
         str(ckpt),
         **{precision: True, "pipeline-group-size": 2, "total-steps": 6, "lr": 3e-3, "metrics-file": str(metrics)},
     )
-    result = run_torchrun(2, flags)
+    result = run_job(2, flags)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = read_metrics(metrics)
     assert sorted(steps) == list(range(1, 7))
@@ -54,10 +54,10 @@ def test_fp16_overflow_on_one_stage_skips_the_step_everywhere(setup):
     root, model_dir, data = setup
     common = {"fp16": True, "pipeline-group-size": 2, "lr-scheduler": "constant", "hysteresis": 1}
     clean = root / "ck-clean"
-    result = run_torchrun(2, base_flags(model_dir, data, str(clean), **common, **{"total-steps": 1}))
+    result = run_job(2, base_flags(model_dir, data, str(clean), **common, **{"total-steps": 1}))
     assert result.returncode == 0, result.stderr[-3000:]
     injected, metrics = root / "ck-inf", root / "metrics-inf.jsonl"
-    result = run_torchrun(
+    result = run_job(
         2,
         base_flags(model_dir, data, str(injected), **common, **{"total-steps": 2, "metrics-file": str(metrics)}),
         env={"INJECT_INF_GRAD": "2:0"},
@@ -82,7 +82,7 @@ def test_compiled_blocks_and_loss_train_like_eager(setup):
     for compiled in (False, True):
         ckpt = root / f"ck-compile-{compiled}"
         flags = {"lr": 3e-3, "attention-backend": "math" if compiled else "auto"}
-        result = run_torchrun(1, base_flags(model_dir, data, str(ckpt), compile=compiled, **flags), timeout=400)
+        result = run_job(1, base_flags(model_dir, data, str(ckpt), compile=compiled, **flags), timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
         weights[compiled] = read_checkpoint_weights(str(ckpt))
     assert set(weights[True]) == set(weights[False])

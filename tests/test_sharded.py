@@ -23,8 +23,8 @@ from tests.helpers import (
     make_model,
     read_checkpoint_weights,
     read_metrics,
+    run_job,
     run_ranks,
-    run_torchrun,
     wait_ranks,
 )
 
@@ -173,7 +173,7 @@ def flags_of(setup, name, pp, dp, **extra):
 
 def train(setup, name, pp, dp, env=None, **extra):
     ckpt = setup["root"] / name
-    result = run_torchrun(pp * dp, flags_of(setup, name, pp, dp, **extra), env=env)
+    result = run_job(pp * dp, flags_of(setup, name, pp, dp, **extra), env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return ckpt, result
 
@@ -323,7 +323,7 @@ def test_missing_shard_file_is_one_line_and_dp1_sharded_warns(setup, pp1_dp4):
         str(ckpt),
         **{"dp-mode": "sharded", "load-checkpoint": "true", "seq-length": SEQ, "total-steps": STEPS},
     )
-    result = run_torchrun(1, flags)
+    result = run_job(1, flags)
     assert result.returncode != 0
     assert "WARNING: --dp-mode sharded with --data-group-size 1 has nothing to shard" in result.stdout
     errors = [line for line in result.stderr.splitlines() if "error: " in line]

@@ -1,5 +1,7 @@
-"""training/metrics.py: the peak FLOP/s behind MFU for each GPU name torch reports, and no MFU where none is known."""
+"""training/metrics.py: the peak FLOP/s behind MFU for each GPU name torch reports, and no MFU where none is known;
+the metrics file of a resumed run."""
 
+import json
 import types
 
 import pytest
@@ -45,3 +47,23 @@ def test_cpu_run_logs_no_mfu():
     assert meter.peak is None and "MFU is not reported" in meter.peak_label
     values = meter.measure(1, tokens_per_step=100)
     assert "mfu" not in values and values["tokens_per_s"] > 0
+
+
+def test_a_resumed_run_keeps_each_step_once_in_the_metrics_file(tmp_path):
+    """A run killed after step 5 with its last checkpoint at step 3 wrote steps 4 and 5 (and a torn line); the
+    resumed run drops them before writing steps 4 onward again."""
+    from utils.logging import make_logger
+
+    path = tmp_path / "metrics.jsonl"
+    log = make_logger("print", True, "p", 0, {}, metrics_file=str(path))
+    for step in range(1, 6):
+        log.metrics(step, {"loss": float(step)})
+    log.close()
+    with open(path, "a") as f:
+        f.write('{"loss": 6.0, "st')  # killed mid-line
+    log = make_logger("print", True, "p", 0, {}, metrics_file=str(path))
+    log.resume_at(3)
+    log.metrics(4, {"loss": 40.0})
+    log.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]

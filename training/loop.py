@@ -119,6 +119,8 @@ class Trainer:
         )
         self.checkpoint = TrainingCheckpoint(job.checkpoint, lay, run, self._announce)
         self.step = self.checkpoint.resume(self.state) or 0
+        if self.step:
+            self.log.resume_at(self.step)  # the metrics file keeps each step once
         self.loss_tokens_seen = False
         flops = (
             modules.lora_flops_per_token(cfg, self.lora, job.data.seq_length)

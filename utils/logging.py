@@ -107,6 +107,26 @@ class JsonlSink:
         self.file.write(json.dumps(dict(values, step=step)) + "\n")
         self.file.flush()
 
+    def resume_at(self, step):
+        """A run resumed after `step`: drop the records of later steps, which the interrupted run wrote after its
+        last checkpoint and this run writes again (and a line torn by the crash), so every step appears once."""
+        path = self.file.name
+        self.file.close()
+        kept = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(record, dict) or record.get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+        self.file = open(path, "a")
+
     def close(self):
         self.file.close()
 
@@ -124,6 +144,11 @@ class Logger:
         self.text.metrics(step, values)
         for sink in self.sinks:
             sink.metrics(step, values)
+
+    def resume_at(self, step):
+        for sink in self.sinks:
+            if hasattr(sink, "resume_at"):
+                sink.resume_at(step)
 
     def record(self, step, values, message):
         """A record that is not a step's metrics (the start-up phases): `message` for the text log, `values` for
@@ -143,6 +168,9 @@ class Silent:
         pass
 
     def metrics(self, step, values):
+        pass
+
+    def resume_at(self, step):
         pass
 
     def record(self, step, values, message):

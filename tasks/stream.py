@@ -240,6 +240,11 @@ class PackedStream:
             "seed": self.seed,
             "shuffle_buffer": self.shuffle_buffer,
             "tokenizer": self.encoder.fingerprint,
+            "record_format": {
+                "data_format": self.record_format.format,
+                "text_field": self.record_format.text_field,
+                "messages_field": self.record_format.messages_field,
+            },
             "tasks": [
                 {"name": t.name, "weight": t.raw_weight, "files": [file_signature(f) for f in t.files]}
                 for t in self.tasks
@@ -295,6 +300,18 @@ class PackedStream:
                     f"({state[key]!r} → {mine[key]!r}); restore it, or pass --resume-data restart to read "
                     f"the data from the start"
                 )
+        saved_format = state.get("record_format")  # absent in states written before it was recorded
+        if saved_format is not None and saved_format != mine["record_format"]:
+            flags = {"data_format": "--data-format", "text_field": "--text-field", "messages_field": "--messages-field"}
+            changed = ", ".join(
+                f"{flags[k]} {saved_format.get(k)!r} → {v!r}"
+                for k, v in mine["record_format"].items()
+                if saved_format.get(k) != v
+            )
+            raise TaskError(
+                f"cannot resume the data stream: how records are read changed since the checkpoint ({changed}); "
+                f"restore the flags, or pass --resume-data restart to read the data from the start"
+            )
         old, new = state["tasks"], mine["tasks"]
         if [(t["name"], t["weight"]) for t in old] != [(t["name"], t["weight"]) for t in new]:
             raise TaskError(

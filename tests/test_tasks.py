@@ -416,6 +416,11 @@ def test_resume_rejects_changed_setup(mixed_data, tok):
         other.load_state_dict(st)
     with pytest.raises(TaskError, match="format"):
         other.load_state_dict({"x": 1})
+    reread = PackedStream(mixed_data, tok, 16, 2, num_workers=0, data_format="text")
+    with pytest.raises(TaskError, match="--data-format 'auto' → 'text'.*--resume-data restart"):
+        reread.load_state_dict(st)
+    older = {k: v for k, v in st.items() if k != "record_format"}  # a state written before it was recorded
+    PackedStream(mixed_data, tok, 16, 2, num_workers=0).load_state_dict(older)
 
 
 # ------------------------------------------------------------------ sampling, memory, gz

@@ -17,10 +17,11 @@
 
 A save (`Checkpointer.commit` of a `Snapshot`, on the training thread or, with --async-checkpoint, a background
 thread: checkpoint/snapshot.py) is written into `.tmp_checkpoint_<step>` by all ranks (every file fsynced), checked
-across ranks through the gloo commit group, then renamed by rank 0; `latest` moves only after that, and older checkpoints are rotated out (and stale `.tmp_*` folders of
-crashed saves removed) only after that. Only replica 0 writes model and optimizer files (replicas hold identical
-copies); under --dp-mode sharded every replica writes its own optimizer shard (nothing is gathered to one rank). Multi-node runs need --checkpoint-path on a filesystem every node sees. Nothing read from disk is unpickled:
-tensors go through safetensors, everything else through JSON.
+across ranks through the gloo commit group, then renamed by rank 0; `latest` moves only after that, and older
+checkpoints are rotated out (and stale `.tmp_*` folders of crashed saves removed) only after that. Only replica 0
+writes model and optimizer files (replicas hold identical copies); under --dp-mode sharded every replica writes its
+own optimizer shard (nothing is gathered to one rank). Multi-node runs need --checkpoint-path on a filesystem every
+node sees. Nothing read from disk is unpickled: tensors go through safetensors, everything else through JSON.
 
 Fault-injection hooks for the tests (a crash or a full disk mid-save) are in utils/faults.py.
 """

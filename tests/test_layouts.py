@@ -91,10 +91,8 @@ LAYOUTS = [
     (2, 1, "1f1b", 4, 1),
     (2, 1, "1f1b", 2, 2),
     (2, 1, "interleaved-1f1b", 4, 1),
-    (2, 2, "gpipe", 2, 1),
-    (2, 2, "1f1b", 2, 1),
-    (4, 1, "gpipe", 4, 1),
-    (4, 1, "1f1b", 4, 1),
+    (2, 2, "1f1b", 2, 1),  # gpipe at pp2 x dp2: test_sharded and test_lora_training
+    (4, 1, "1f1b", 4, 1),  # gpipe over four stages: test_lora_training's pp4
 ]
 
 

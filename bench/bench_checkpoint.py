@@ -44,7 +44,7 @@ def checkpoint_bytes(shape: str, layers: int, mixed: bool) -> int:
 
 
 def host_available() -> int | None:
-    from optimizer.stage_optimizer import host_memory_available
+    from utils.host import host_memory_available
 
     return host_memory_available()
 

@@ -10,14 +10,13 @@ A write's outcome is the same on every rank (the commit agrees through the commi
 it where every rank is at the same point: `all_done` after each step, the next snapshot, or the end of the run.
 """
 
-import os
 import threading
 import time
 
 import torch
 import torch.distributed as dist
 
-from optimizer.stage_optimizer import host_memory_available
+from utils.host import host_memory_available, local_ranks
 
 ALIGN = 64  # bytes: every tensor's offset in the arena, so any dtype can view it
 PAGE = 4096
@@ -94,7 +93,7 @@ def snapshot_fits(nbytes: int) -> tuple[bool, str]:
     if nbytes == 0:
         return True, ""
     available = host_memory_available()
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    ranks_here = local_ranks()
     sizes = (
         f"{nbytes / 1e9:.1f} GB per rank x {ranks_here} rank(s) on this host, "
         f"{(available or 0) / 1e9:.1f} GB available (MemAvailable)"

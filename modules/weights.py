@@ -20,6 +20,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from utils.host import cores_per_rank
 from utils.progress import progress
 
 from .config import ModelConfig, ModelError
@@ -97,16 +98,6 @@ def _stable_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _init_threads() -> int:
-    """Host threads for the random init: this process's share of the cores (torchrun starts LOCAL_WORLD_SIZE
-    processes per node, each drawing its own stages at the same time)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
-
-
 @torch.no_grad()
 def init_stage_weights(stage: Stage, cfg: ModelConfig, seed: int, threads: int | None = None) -> None:
     """transformers' scheme: normal(0, initializer_range) for Linear/Embedding weights, zero biases, unit norms.
@@ -145,7 +136,7 @@ def init_stage_weights(stage: Stage, cfg: ModelConfig, seed: int, threads: int |
         param.copy_(value)
 
     draws.sort(key=lambda item: -item[1].numel())
-    workers = min(threads or _init_threads(), len(draws))
+    workers = min(threads or cores_per_rank(), len(draws))
     if workers <= 1:
         for source, param in draws:
             draw(source, param)

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from utils.host import cores_per_rank
+
 ALIGN = 64  # bytes: every unit's view in a staging buffer starts aligned for any dtype
 
 
@@ -36,8 +38,7 @@ def host_threads(local_ranks):
     given = os.environ.get("OMP_NUM_THREADS")
     if given and not (given == "1" and local_ranks > 1):
         return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_ranks))
+    return cores_per_rank()
 
 
 class HostStep:

@@ -9,7 +9,6 @@ there (torch's fused CPU AdamW), its copies overlapped chunk by chunk (offload.p
 
 import importlib.util
 import math
-import os
 
 import torch
 import torch.distributed as dist
@@ -19,6 +18,7 @@ from optimizer.offload import HostStep, host_threads
 from optimizer.scaler import LossScaler, NoScaler
 from utils.config import OptimizerConfig
 from utils.errors import UserError
+from utils.host import host_memory_available, local_ranks
 
 MASTER_GRAD_CHUNK_BYTES = 1 << 30
 # At most, per rank: two staging buffers of a chunk's gradients and two of its rounded weights in 16-bit (half a
@@ -69,18 +69,6 @@ def _inner_optimizer(kind, groups, lr, betas, eps):
         return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas, eps=eps)
     # Fused on CPU too, so that the tests run the same update (and its in-kernel unscaling) as the GPUs.
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
-
-
-def host_memory_available():
-    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def check_host_memory(elements_per_rank):
@@ -142,7 +130,7 @@ class StageOptimizer:
             dtypes = [self.model_params[i].dtype for i, _, _ in self.units]
             self.host_step = HostStep(self.master_params, dtypes, self.grad_chunks, layout.device)
             if layout.device.type == "cuda":  # on a CPU-only run the model runs on the host too: threads as given
-                torch.set_num_threads(host_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+                torch.set_num_threads(host_threads(local_ranks()))
 
     def _make_master(self, i, a, b):
         p = self.model_params[i].detach()

@@ -12,6 +12,7 @@ import modules
 import tasks
 from optimizer import check_available, check_host_memory
 from utils.config import JobConfig, LoraRunConfig
+from utils.host import local_ranks
 from utils.logging import one_line
 
 
@@ -91,8 +92,7 @@ def check_offload_memory(job: JobConfig, cfg: modules.ModelConfig, layout, plan_
     the model load. `plan_of(pp_rank)` is the stage plan of a pipeline rank."""
     if job.optimizer.offload != "cpu":
         return
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     first = layout.rank - int(os.environ.get("LOCAL_RANK", "0"))
-    plans = [plan_of(r % layout.pp_size) for r in range(first, first + local_ranks)]
+    plans = [plan_of(r % layout.pp_size) for r in range(first, first + local_ranks())]
     sharded = job.optimizer.dp_mode == "sharded" and layout.dp_size > 1
     check_host_memory(offloaded_elements(cfg, plans, layout.dp_size, sharded, lora))

@@ -7,14 +7,14 @@ store.py's commit (files, fsync, sha256, the cross-rank agreement through the gl
 `latest`, rotation). One write is in flight at a time: the next snapshot first waits for it.
 
 A write's outcome is the same on every rank (the commit agrees through the commit group). The training thread learns
-it where every rank is at the same point: `all_done` after each step, the next snapshot, or the end of the run.
+it where every rank is at the same point: after each step (`TrainingCheckpoint.poll`), the next snapshot, or the end
+of the run.
 """
 
 import threading
 import time
 
 import torch
-import torch.distributed as dist
 
 from utils.host import host_memory_available, local_ranks
 
@@ -133,11 +133,3 @@ class BackgroundWrite:
     def join(self):
         if self.thread is not None:
             self.thread.join()
-
-
-def all_done(done: bool, device) -> bool:
-    """True on every rank iff every rank's write is done: one all-reduce on the training thread's default group, so
-    every rank learns a write's outcome after the same step."""
-    flag = torch.tensor([1 if done else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return flag.item() == 1

@@ -106,9 +106,10 @@ def _write_json(path, obj):
         os.fsync(f.fileno())
 
 
-def _all_ok(ok, group):
-    """True on every rank iff `ok` on every rank (`group`: the gloo commit group, so a CPU tensor)."""
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+def all_ranks(ok, group=None, device="cpu"):
+    """True on every rank iff `ok` on every rank of `group` (the default group when None; `device`: where its
+    backend takes tensors: the CPU for gloo, the rank's GPU for NCCL)."""
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return flag.item() == 0
 
@@ -198,7 +199,7 @@ class Checkpointer:
                 os.makedirs(tmp)
             except OSError as exc:
                 error = f"cannot create checkpoint folder {tmp}: {_describe(exc)}"
-        if not _all_ok(error is None, group):
+        if not all_ranks(error is None, group):
             raise CheckpointError(
                 f"checkpoint {step} not saved: {error or 'rank 0 could not create ' + tmp}"
                 f"{untouched}. --checkpoint-path must be a writable directory"
@@ -288,7 +289,7 @@ class Checkpointer:
                 _fsync(self.root)
             except OSError as exc:
                 error = f"could not finish checkpoint {step} in {self.root}: {_describe(exc)}"
-        if not _all_ok(error is None, group):
+        if not all_ranks(error is None, group):
             raise CheckpointError(error or f"rank 0 could not finish checkpoint {step}; see its log")
         if lay.rank == 0:
             self._clean(step)

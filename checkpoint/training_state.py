@@ -33,8 +33,8 @@ from checkpoint.names import (
     stage_optimizer_shard_file,
     stage_state_file,
 )
-from checkpoint.snapshot import BackgroundWrite, HostBuffers, all_done, snapshot_fits
-from checkpoint.store import Checkpointer, CheckpointError, Snapshot, files_of
+from checkpoint.snapshot import BackgroundWrite, HostBuffers, snapshot_fits
+from checkpoint.store import Checkpointer, CheckpointError, Snapshot, all_ranks, files_of
 from utils.config import CheckpointConfig
 
 FORMAT = "checkpoint/1"
@@ -191,7 +191,8 @@ class TrainingCheckpoint:
     def poll(self) -> None:
         """After each optimizer step, every rank: once every rank's background write is done, report it (its error,
         the same on every rank, is raised here). Costs one small all-reduce per step while a write is in flight."""
-        if self.pending is not None and all_done(self.pending.done(), self.layout.device):
+        # one all-reduce on the training thread's default group, so every rank learns the outcome after the same step
+        if self.pending is not None and all_ranks(self.pending.done(), device=self.layout.device):
             self._finish_pending()
 
     def wait(self) -> None:

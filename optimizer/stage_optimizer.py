@@ -263,9 +263,7 @@ class StageOptimizer:
     def _host_update(self, grads, divisor):
         """--offload-optimizer cpu: the same chunks stepped on the host, their copies overlapped (offload.py)."""
         masters = self.master_params
-        targets = [
-            self.model_params[i].view(-1)[a:b] if self.sharded else self.model_params[i] for i, a, b in self.units
-        ]
+        targets = [self._unit_target(k) for k in range(len(self.units))]
 
         def step_chunk(chunk):
             if divisor != 1.0:
@@ -282,11 +280,12 @@ class StageOptimizer:
     @torch.no_grad()
     def _write_back(self, chunk, masters):
         """The updated fp32 masters of `chunk` into the model's parameters (rounded to bf16/fp16)."""
-        targets = [
-            self.model_params[i].view(-1)[a:b] if self.sharded else self.model_params[i]
-            for i, a, b in (self.units[k] for k in chunk)
-        ]
-        torch._foreach_copy_(targets, masters)
+        torch._foreach_copy_([self._unit_target(k) for k in chunk], masters)
+
+    def _unit_target(self, k):
+        """The model tensor unit `k` updates: its parameter, or (sharded) this rank's piece of it."""
+        i, a, b = self.units[k]
+        return self.model_params[i].view(-1)[a:b] if self.sharded else self.model_params[i]
 
     # Checkpoint I/O works on plain tensors keyed by parameter name (any layout can read them). Python numbers
     # in the state (bitsandbytes keeps its step count as an int) travel as 0-d tensors under a "#py" suffix.

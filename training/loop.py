@@ -393,11 +393,9 @@ class Trainer:
     def _write_step_log(self):
         """The pending step's metrics line, once its values are on the host; only the logging rank writes."""
         pending, self.pending_log = self.pending_log, None
-        if pending is None:
+        if pending is None or not self.layout.is_logger:
             return
         host = pending.wait()
-        if not self.layout.is_logger:
-            return
         values = {"loss": host["loss"].item() if "loss" in host else None, **pending.values}
         if "memory" in host:
             values["mem_gb_per_rank"] = [round(m, 2) for m in host["memory"].tolist()]

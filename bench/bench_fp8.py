@@ -31,7 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import REPO, Session, add_common_args, apply_smoke, ratio  # noqa: E402
+from common import REPO, Session, add_common_args, apply_smoke, ratio, relative_loss_gaps  # noqa: E402
 
 DATA = ",".join(os.path.join(REPO, "assets", "data", name) for name in ("sample_chat.jsonl", "sample_messages.jsonl"))
 GPU_REFUSAL = "--fp8 needs an NVIDIA GPU"
@@ -76,13 +76,6 @@ def part1(s: Session, args) -> dict:
     return out
 
 
-def relative_loss_gaps(reference: dict, other: dict) -> dict[int, float]:
-    """{step: |other - reference| / |reference|} over the steps both runs logged."""
-    ref = {r["step"]: r["loss"] for r in reference.get("step_records", []) if r.get("loss") is not None}
-    oth = {r["step"]: r["loss"] for r in other.get("step_records", []) if r.get("loss") is not None}
-    return {k: abs(oth[k] - ref[k]) / abs(ref[k]) for k in sorted(set(ref) & set(oth)) if ref[k]}
-
-
 def part2(s: Session, args) -> dict:
     shape = "tiny" if args.smoke else "pythia-410m"
     steps = args.p2_steps
@@ -107,32 +100,18 @@ def part2(s: Session, args) -> dict:
             s.note("p2 fp8: not launched on CPU")
     finally:
         args.steps, args.warmup, args.seq_length = saved
-    gaps = relative_loss_gaps(bf16, fp8)
     if args.smoke:  # no float8 run on CPU: check the comparison on the bf16 run against itself
         itself = relative_loss_gaps(bf16, bf16)
         assert len(itself) == steps and max(itself.values()) == 0.0, itself
-    worst = max(gaps, key=gaps.get, default=None)
-    losses = {r["step"]: r["loss"] for r in bf16.get("step_records", []) if r.get("loss") is not None}
-    fp8_losses = {r["step"]: r["loss"] for r in fp8.get("step_records", []) if r.get("loss") is not None}
-    for k in sorted(gaps)[:: max(1, len(gaps) // 10)] + sorted(gaps)[-1:]:
-        s.note(f"p2 step {k}: bf16 {losses[k]:.4f}  fp8 {fp8_losses[k]:.4f}  rel diff {gaps[k]:.4%}")
-    complete = len(gaps) == steps
-    s.target(
+    curve = s.loss_curve_target(
         f"20.2: {shape} {steps} steps, max |fp8 - bf16| / bf16 loss over the logged steps",
-        gaps[worst] if worst is not None and complete else None,
+        fp8,
+        bf16,
+        steps,
         0.01,
-        compare="<=",
-        detail=(
-            f"worst at step {worst}; bf16 loss {losses.get(1)} -> {losses.get(steps)}, fp8 {fp8_losses.get(1)} -> "
-            f"{fp8_losses.get(steps)}"
-            if worst is not None
-            else "no common steps"
-        )
-        + ("" if complete else f"; only {len(gaps)} of {steps} steps on both sides"),
-        ours=fp8,
-        reference=bf16,
+        labels=("fp8", "bf16"),
+        tag="p2 ",
     )
-    curve = [{"step": k, "bf16": losses[k], "fp8": fp8_losses[k], "rel_diff": gaps[k]} for k in sorted(gaps)]
     return {"shape": shape, "seq_length": args.p2_seq, "batch_per_step": args.p2_batch, "steps": steps, "curve": curve}
 
 

@@ -421,29 +421,14 @@ def part5(s: Session, args) -> dict:
         )
     finally:
         args.steps, args.warmup, args.seq_length = saved
-    ours_loss = {r["step"]: r["loss"] for r in ours_run.get("step_records", []) if "loss" in r}
-    peft_loss = {r["step"]: r["loss"] for r in peft_run.get("step_records", []) if "loss" in r}
-    common_steps = sorted(set(ours_loss) & set(peft_loss))
-    diffs = {k: abs(ours_loss[k] - peft_loss[k]) / abs(peft_loss[k]) for k in common_steps if peft_loss[k]}
-    worst = max(diffs, key=diffs.get, default=None)
-    curve = [{"step": k, "ours": ours_loss[k], "peft": peft_loss[k], "rel_diff": diffs.get(k)} for k in common_steps]
-    for k in common_steps[:: max(1, len(common_steps) // 10)] + common_steps[-1:]:
-        s.note(f"p5 step {k}: ours {ours_loss[k]:.4f}  peft {peft_loss[k]:.4f}  rel diff {diffs.get(k, 0):.4%}")
-    complete = len(common_steps) == steps
-    s.target(
+    curve = s.loss_curve_target(
         "14.5: Pythia-410M LoRA loss curve, max |ours - peft| / peft over the logged steps",
-        diffs[worst] if worst is not None and complete else None,
+        ours_run,
+        peft_run,
+        steps,
         0.02,
-        compare="<=",
-        detail=(
-            f"worst at step {worst} of {len(common_steps)} compared; first loss ours {ours_loss.get(1)} peft "
-            f"{peft_loss.get(1)}, last ours {ours_loss.get(steps)} peft {peft_loss.get(steps)}"
-            if worst is not None
-            else "no common steps"
-        )
-        + ("" if complete else f"; only {len(common_steps)} of {steps} steps on both sides"),
-        ours=ours_run,
-        reference=peft_run,
+        labels=("ours", "peft"),
+        tag="p5 ",
     )
     return {"shape": shape, "seq_length": seq, "batch_per_step": batch, "steps": steps, "curve": curve}
 

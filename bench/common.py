@@ -384,6 +384,17 @@ def summarize(
     return out
 
 
+def run_losses(run: dict) -> dict[int, float]:
+    """{step: loss} of a run's metrics records."""
+    return {r["step"]: r["loss"] for r in run.get("step_records", []) if r.get("loss") is not None}
+
+
+def relative_loss_gaps(reference: dict, other: dict) -> dict[int, float]:
+    """{step: |other - reference| / |reference|} over the steps both runs logged."""
+    ref, oth = run_losses(reference), run_losses(other)
+    return {k: abs(oth[k] - ref[k]) / abs(ref[k]) for k in sorted(set(ref) & set(oth)) if ref[k]}
+
+
 def ratio(a, b):
     return a / b if a and b else None
 
@@ -775,6 +786,30 @@ class Session:
                 "reference": figure(reference),
             }
         )
+
+    def loss_curve_target(
+        self, name: str, ours: dict, reference: dict, steps: int, threshold: float, labels=("ours", "ref"), tag=""
+    ) -> list[dict]:
+        """Target `name`: the largest |ours - reference| / |reference| loss over the steps both runs logged (no value
+        unless both logged all `steps`); notes every tenth step; returns the curve, one {step, <labels>, rel_diff}
+        per common step. `labels` name the two runs in notes and curve, `tag` prefixes the notes."""
+        mine, theirs = labels
+        a, b = run_losses(ours), run_losses(reference)
+        common = sorted(set(a) & set(b))
+        gaps = relative_loss_gaps(reference, ours)
+        worst = max(gaps, key=gaps.get, default=None)
+        for k in common[:: max(1, len(common) // 10)] + common[-1:]:
+            self.note(f"{tag}step {k}: {mine} {a[k]:.4f}  {theirs} {b[k]:.4f}  rel diff {gaps.get(k, 0):.4%}")
+        complete = len(common) == steps
+        detail = (
+            f"worst at step {worst} of {len(common)} compared; first loss {mine} {a.get(1)} {theirs} {b.get(1)}, "
+            f"last {mine} {a.get(steps)} {theirs} {b.get(steps)}"
+            if worst is not None
+            else "no common steps"
+        ) + ("" if complete else f"; only {len(common)} of {steps} steps on both sides")
+        value = gaps[worst] if worst is not None and complete else None
+        self.target(name, value, threshold, compare="<=", detail=detail, ours=ours, reference=reference)
+        return [{"step": k, mine: a[k], theirs: b[k], "rel_diff": gaps.get(k)} for k in common]
 
     @staticmethod
     def _one_line(run: dict) -> str:

@@ -5,13 +5,18 @@ parameter, ~97 GB per checkpoint), random init, the real entrypoint. Reference f
 
   sync   --checkpoint-steps 2, --async-checkpoint false: the checkpoint of step 2 stalls training for the whole write;
          stopped once it is written.
-  async  --checkpoint-steps 2, --async-checkpoint true: checkpoint 2 (the host buffers are allocated and pinned
-         here, once), training goes on while it is written, checkpoint 4 waits for that write and takes its snapshot
-         into the same buffers; stopped once the stall of checkpoint 4 is logged.
+  async  --checkpoint-steps 3, --async-checkpoint true: the host buffers are allocated and pinned in the background
+         from step 1 on; checkpoint 3 waits for them if they are not ready yet; training goes on while it is
+         written; checkpoint 6 waits for that write and takes its snapshot into the same buffers; stopped once
+         step 7 (the one whose optimizer step waits for checkpoint 6's device copies) is logged.
 
 Both read the trainer's metrics file: `checkpoint_stall_s` (seconds the training thread spent in the save,
-`checkpoint_wait_s` of it waiting for the previous write) and `checkpoint_write_s` (write + sha256 + commit). The
-target: the async stall of a checkpoint (checkpoint 4's, snapshot only) <= 5 s; its write time is reported beside it.
+`checkpoint_wait_s` of it waiting for the previous write), `checkpoint_copy_wait_s` (seconds the next optimizer step
+waited for the snapshot's device-to-host copies, which run during that step's forward and backward) and
+`checkpoint_write_s` (write + sha256 + commit). The stall of a checkpoint = its snapshot (without waiting for the
+previous write) + the copy wait; the step after it is also compared with an undisturbed step (step 5) to show what
+the copies cost the forward and backward. Target: the stall of checkpoint 6 <= 5 s; its write time is reported beside
+it.
 
 Disk and host memory: the checkpoint of each run must fit the disk of --workdir once (one checkpoint on disk at a
 time: runs are stopped before the next one is written) and the async snapshot must fit host memory (MemAvailable).
@@ -32,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import SHAPES, Session, add_common_args, apply_smoke, ratio  # noqa: E402
 
-EVERY = 2  # --checkpoint-steps: checkpoints of steps 2 and 4
+EVERY = 3  # --checkpoint-steps: checkpoints of steps 3 and 6; step 5 has none before or after it
 
 
 def checkpoint_bytes(shape: str, layers: int, mixed: bool) -> int:
@@ -73,16 +78,24 @@ def has(step: int, key: str):
     return lambda records: any(r.get("checkpoint_step") == step and key in r for r in records)
 
 
+def step_logged(step: int):
+    return lambda records: any(r.get("step") == step and "step_s" in r for r in records)
+
+
+def step_seconds(run: dict, step: int):
+    return next((r["step_s"] for r in run.get("step_records", []) if r.get("step") == step and "step_s" in r), None)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(ap, steps=2 * EVERY + 1, warmup=1)
+    add_common_args(ap, steps=2 * EVERY + 2, warmup=1)
     ap.set_defaults(seq_length=1024, run_timeout=330)
     ap.add_argument("--shape", default="pythia-6.9b", choices=sorted(SHAPES))
     ap.add_argument("--layers", type=int, default=None, help="default: all of the shape's layers that fit (see above)")
     ap.add_argument("--batch-size", type=int, default=2, help="sequences per optimizer step (micro-batch 1)")
     args = ap.parse_args()
     apply_smoke(args, ap)
-    args.steps = max(args.steps, 2 * EVERY + 1)  # both checkpoints are periodic ones, never the final one
+    args.steps = max(args.steps, 2 * EVERY + 2)  # both checkpoints and the step after the second are not the last
     if args.smoke:
         args.shape = "tiny"
 
@@ -114,24 +127,31 @@ def main():
         "async",
         **common,
         extra=extra + ["--async-checkpoint", "true"],
-        stop_when=has(2 * EVERY, "checkpoint_stall_s"),
+        stop_when=step_logged(2 * EVERY + 1),
     )
 
     sync_ck, async_ck = checkpoint_records(sync).get(EVERY, {}), checkpoint_records(async_run)
     first, second = async_ck.get(EVERY, {}), async_ck.get(2 * EVERY, {})
     steady = None
     if "checkpoint_stall_s" in second:
-        steady = second["checkpoint_stall_s"] - second.get("checkpoint_wait_s", 0.0)
+        snapshot = second["checkpoint_stall_s"] - second.get("checkpoint_wait_s", 0.0)
+        steady = snapshot + second.get("checkpoint_copy_wait_s", 0.0)
+    after, undisturbed = step_seconds(async_run, 2 * EVERY + 1), step_seconds(async_run, EVERY + 2)
     results = {
         "sync_stall_s": sync_ck.get("checkpoint_stall_s"),
         "sync_write_s": sync_ck.get("checkpoint_write_s"),
-        "async_first_stall_s": first.get("checkpoint_stall_s"),  # includes allocating and pinning the buffers
-        "async_stall_s": steady,  # checkpoint 4: a snapshot into the reused buffers
+        # checkpoint 3: may wait for the buffers being allocated and pinned since step 1
+        "async_first_stall_s": first.get("checkpoint_stall_s", 0.0) + first.get("checkpoint_copy_wait_s", 0.0),
+        "async_stall_s": steady,  # checkpoint 6: snapshot into the reused buffers + the next step's copy wait
+        "async_copy_wait_s": second.get("checkpoint_copy_wait_s"),
         "async_wait_for_previous_write_s": second.get("checkpoint_wait_s"),
         "async_write_s": first.get("checkpoint_write_s"),
+        "step_after_checkpoint_s": after,  # includes the copy wait
+        "undisturbed_step_s": undisturbed,
     }
     if layers < full:
-        results.update({f"{k[:-2]}_full_model_s": v * scale for k, v in list(results.items()) if v is not None})
+        scaled = {k: v for k, v in results.items() if v is not None and "step" not in k}  # step times do not scale
+        results.update({f"{k[:-2]}_full_model_s": v * scale for k, v in scaled.items()})
     for key, value in results.items():
         s.note(f"{key}: {'-' if value is None else f'{value:.2f}'}")
     stall = results.get("async_stall_full_model_s", steady) if layers < full else steady

@@ -1,10 +1,13 @@
 """Asynchronous checkpoints: a snapshot of the state in host memory, written and committed by a background thread.
 
-The training thread stalls only for the snapshot: every tensor is copied into host buffers (pinned where CUDA is
-available, non-blocking copies and one synchronize at the end) that are allocated at the first checkpoint and reused
-by every later one, so host memory holds one checkpoint's tensors, never more. A background thread then runs
-store.py's commit (files, fsync, sha256, the cross-rank agreement through the gloo commit group, meta.json, rename,
-`latest`, rotation). One write is in flight at a time: the next snapshot first waits for it.
+The training thread stalls only for the snapshot. Every tensor is copied into host buffers that are allocated and
+pinned once, in a background thread after the run's first optimizer step (`prepare`: page-locking ~100 GB takes tens
+of seconds), and reused by every checkpoint, so host memory holds one checkpoint's tensors, never more. Device
+tensors are copied on a side stream while the next step's forward and backward run: the weights and optimizer state
+change only in the optimizer step, which waits for those copies first (`CopiesInFlight.wait`); host tensors are
+copied at once. A background thread then waits for the copies and runs store.py's commit (files, fsync, sha256, the
+cross-rank agreement through the gloo commit group, meta.json, rename, `latest`, rotation). One write is in flight at
+a time: the next snapshot first waits for it.
 
 A write's outcome is the same on every rank (the commit agrees through the commit group). The training thread learns
 it where every rank is at the same point: after each step (`TrainingCheckpoint.poll`), the next snapshot, or the end
@@ -20,17 +23,38 @@ from utils.host import host_memory_available, local_ranks
 
 ALIGN = 64  # bytes: every tensor's offset in the arena, so any dtype can view it
 PAGE = 4096
+HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context, whichever thread registers it
+
+
+class CopiesInFlight:
+    """Device-to-host copies of one snapshot, running on a side stream; `wait` returns once they are complete."""
+
+    def __init__(self, event):
+        self.event = event  # recorded after the last copy; None when every copy was made on the host
+
+    def wait(self) -> float:
+        """The training thread, before the optimizer step: returns the seconds it waited."""
+        started = time.perf_counter()
+        self.join()
+        return time.perf_counter() - started
+
+    def join(self):
+        if self.event is not None:
+            self.event.synchronize()
 
 
 class HostBuffers:
     """One host arena carved into a contiguous buffer per tensor. Reused while the tensors keep their names, dtypes
     and shapes (every checkpoint of a run); a snapshot returns views of it, valid until the next snapshot."""
 
-    def __init__(self, pin: bool):
-        self.pin = pin  # page-lock the arena (CUDA): device-to-host copies then run asynchronously at full speed
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pin = device.type == "cuda"  # page-locked (CUDA): device-to-host copies run asynchronously at full speed
+        self.stream = None  # the side stream of the device-to-host copies, made at the first snapshot
         self.signature = None
         self.arena = None
         self.views = {}
+        self.preparing = None  # the thread allocating the arena ahead of the first snapshot
 
     @staticmethod
     def plan(groups: dict) -> tuple[list, int]:
@@ -47,22 +71,51 @@ class HostBuffers:
         entries, size = self.plan(groups)
         return 0 if entries == self.signature else size
 
-    def copy(self, groups: dict) -> dict:
-        """{group: {key: host copy}} of `groups`, complete when this returns."""
+    def prepare(self, groups: dict):
+        """Allocate (and pin) the arena for snapshots of `groups` in a background thread; the next `copy` waits
+        for it."""
+        entries, size = self.plan(groups)
+        if entries == self.signature or self.preparing is not None:
+            return
+
+        def allocate():
+            if self.pin:
+                torch.cuda.set_device(self.device)  # a new thread starts on device 0
+            self._allocate(entries, size)
+
+        self.preparing = threading.Thread(target=allocate, name="checkpoint-buffers", daemon=True)
+        self.preparing.start()
+
+    def copy(self, groups: dict) -> tuple[dict, CopiesInFlight]:
+        """{group: {key: host copy}} of `groups`, and the copies still in flight (device tensors' copies run on a
+        side stream, after the work already queued; host tensors are copied by the time this returns)."""
+        if self.preparing is not None:
+            self.preparing.join()
+            self.preparing = None
         entries, size = self.plan(groups)
         if entries != self.signature:
             self._allocate(entries, size)
         out = {group: {} for group in groups}
-        cuda = False
+        on_device = [t for tensors in groups.values() for t in tensors.values() if t.is_cuda]
+        if on_device:
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(self.device)
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # copy the values after the update
         for group, tensors in groups.items():
             for key, tensor in tensors.items():
                 view = self.views[(group, key)]
-                view.copy_(tensor.detach(), non_blocking=True)
-                cuda = cuda or tensor.is_cuda
+                if tensor.is_cuda:
+                    with torch.cuda.stream(self.stream):
+                        view.copy_(tensor.detach(), non_blocking=True)
+                    tensor.record_stream(self.stream)  # a temporary's memory is not reused before its copy ran
+                else:
+                    view.copy_(tensor.detach())
                 out[group][key] = view
-        if cuda:
-            torch.cuda.synchronize()  # the copies are complete before training may change the tensors again
-        return out
+        event = None
+        if on_device:
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return out, CopiesInFlight(event)
 
     def _allocate(self, entries, size):
         self.release()
@@ -72,7 +125,8 @@ class HostBuffers:
         if self.pin and size:
             # In place, by cudaHostRegister: torch's pinned allocator rounds each block up to a power of two, which
             # would take up to twice a 90 GB snapshot.
-            if int(torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), size, 0)) != 0:
+            registered = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), size, HOST_REGISTER_PORTABLE)
+            if int(registered) != 0:
                 self.pin = False  # unpinned still works, with slower, synchronous copies
         self.arena = arena
         self.views = {}

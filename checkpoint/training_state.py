@@ -95,8 +95,10 @@ class TrainingCheckpoint:
         self.run = run
         self.log = log  # a function printing one line (rank 0 and the logging rank)
         self.store = Checkpointer(cfg.path, layout, cfg.keep)
-        self.buffers = HostBuffers(pin=layout.device.type == "cuda")  # the async snapshot's, reused
+        self.buffers = HostBuffers(layout.device)  # the async snapshot's, reused
+        self.buffers_prepared = False
         self.pending = None  # the BackgroundWrite in flight
+        self.copying = None  # (step, CopiesInFlight) of the last snapshot, until the next optimizer step
         self.metrics = []  # checkpoint timing records not yet in the metrics file
 
     def step_dir(self, step: int) -> str:
@@ -171,22 +173,48 @@ class TrainingCheckpoint:
             return
         groups = {"stage": snap.stage_tensors, "optimizer": snap.optimizer_tensors}
         fits, sizes = snapshot_fits(self.buffers.needs(groups))
+        copies = None
         if fits:
-            copies = self.buffers.copy(groups)
-            snap.stage_tensors, snap.optimizer_tensors, snap.on_host = copies["stage"], copies["optimizer"], True
+            host, copies = self.buffers.copy(groups)
+            snap.stage_tensors, snap.optimizer_tensors, snap.on_host = host["stage"], host["optimizer"], True
+            self.copying = (step, copies)
         else:
             self.log(
                 f"WARNING: checkpoint {step} is written synchronously: its host snapshot does not fit ({sizes}); "
                 f"free host memory, or pass --async-checkpoint false to say so"
             )
         stall = time.perf_counter() - started
+
+        def write():
+            if copies is not None:
+                copies.join()  # the device copies run while training goes on; the files need them complete
+            self.store.commit(snap)
+
         # Inline when the snapshot did not fit: the outcome still surfaces where every rank checks.
-        self.pending = BackgroundWrite(step, lambda: self.store.commit(snap), stall, background=fits)
+        self.pending = BackgroundWrite(step, write, stall, background=fits)
         wait = f" (of which {waited:.1f} s waiting for the previous write)" if waited > 0.05 else ""
         self.log(
             f"checkpoint {step}: training stalled {stall:.1f} s for the snapshot{wait}; writing it in the background"
         )
         self.metrics.append({"checkpoint_step": step, "checkpoint_stall_s": stall, "checkpoint_wait_s": waited})
+
+    def prepare(self, state: TrainState) -> None:
+        """After an optimizer step that created or updated the optimizer state: allocate and pin the asynchronous
+        snapshot's host buffers in the background, once, so that the first checkpoint does not stall for it."""
+        if not self.cfg.async_write or self.buffers_prepared:
+            return
+        self.buffers_prepared = True
+        groups = {"stage": state.stage_tensors(), "optimizer": state.optimizer.state_tensors(state.param_names)}
+        if snapshot_fits(self.buffers.needs(groups))[0]:
+            self.buffers.prepare(groups)
+
+    def before_update(self) -> None:
+        """Before the optimizer step changes weights and state: the last snapshot's device copies, made while this
+        step's forward and backward ran, are complete. The seconds waited count as stall (`checkpoint_copy_wait_s`)."""
+        if self.copying is not None:
+            step, copies = self.copying
+            self.copying = None
+            self.metrics.append({"checkpoint_step": step, "checkpoint_copy_wait_s": copies.wait()})
 
     def poll(self) -> None:
         """After each optimizer step, every rank: once every rank's background write is done, report it (its error,

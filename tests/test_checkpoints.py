@@ -235,6 +235,8 @@ def test_background_write_matches_sync_and_a_kill_during_it_loses_nothing(setup,
     stalls = {r["checkpoint_step"] for r in records if "checkpoint_stall_s" in r}
     writes = {r["checkpoint_step"] for r in records if "checkpoint_write_s" in r}
     assert stalls == writes == {EVERY * 2, STEPS}, records
+    # the optimizer step after a snapshot waited for its copies (the final checkpoint has no step after it)
+    assert {r["checkpoint_step"] for r in records if "checkpoint_copy_wait_s" in r} == {EVERY * 2}, records
 
 
 def test_resume_under_another_layout(setup, tmp_path):

@@ -210,6 +210,8 @@ class Trainer:
             with self.profiler.step(self.step):
                 loss_sum, grad_norm, skipped = self.train_step()
             self.step += 1
+            if not skipped:
+                self.checkpoint.prepare(self.state)  # once: the snapshot's host buffers, allocated in the background
             self.checkpoint.poll()  # a background write that finished (on every rank) is reported, or its error raised
             first, last = self.step == self.meter.start_step + 1, self.step == self.steps_total
             if first:
@@ -262,6 +264,7 @@ class Trainer:
         self._sync_tied_gradients()
         with self.profiler.span("dp_allreduce"):
             self.optimizer.reduce_gradients()  # all-reduce, or reduce-scatter under --dp-mode sharded
+        self.checkpoint.before_update()  # a snapshot's copies of the weights and state are complete
         with self.profiler.span("optimizer"):
             grad_norm, skipped = self.optimizer.step()
         return loss_sum / scale, grad_norm, skipped

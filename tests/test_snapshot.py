@@ -1,0 +1,73 @@
+"""The asynchronous checkpoint's host snapshot (checkpoint/snapshot.py): buffers allocated once, ahead of the first
+snapshot; a snapshot holds the values at the moment it was taken, whatever training does to the tensors afterwards.
+
+On a GPU the device copies run on a side stream after the work already queued, and the optimizer step waits for them
+(`CopiesInFlight.wait`); those tests run where CUDA is (the GPU benchmark machine) and are skipped here.
+"""
+
+import pytest
+import torch
+
+from checkpoint.snapshot import HostBuffers
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-stream copies need a CUDA device")
+
+
+def state(device="cpu"):
+    return {
+        "stage": {"w": torch.arange(10_000, dtype=torch.float32, device=device).reshape(100, 100)},
+        "optimizer": {
+            "w/exp_avg": torch.full((100, 100), 0.5, device=device),
+            "w/step": torch.tensor(3.0, device=device),
+            "b/exp_avg": torch.ones(7, dtype=torch.bfloat16, device=device),
+        },
+    }
+
+
+def test_prepared_buffers_are_the_ones_every_snapshot_reuses():
+    buffers = HostBuffers(torch.device("cpu"))
+    groups = state()
+    assert buffers.needs(groups) > 0
+    buffers.prepare(groups)
+    host, _ = buffers.copy(groups)  # waits for the preparing thread
+    assert buffers.needs(groups) == 0
+    arena = buffers.arena.data_ptr()
+    again, _ = buffers.copy(state())
+    assert buffers.arena.data_ptr() == arena and again["stage"]["w"].data_ptr() == host["stage"]["w"].data_ptr()
+    # another shape: new buffers
+    grown = state()
+    grown["optimizer"]["extra"] = torch.zeros(3)
+    assert buffers.needs(grown) > 0
+
+
+def test_a_snapshot_keeps_the_values_of_its_moment():
+    buffers = HostBuffers(torch.device("cpu"))
+    groups = state()
+    host, copies = buffers.copy(groups)
+    copies.wait()
+    for tensors in groups.values():
+        for tensor in tensors.values():
+            tensor.add_(1)  # the next optimizer step
+    fresh = state()
+    for name, tensors in fresh.items():
+        for key, expected in tensors.items():
+            assert host[name][key].dtype == expected.dtype and torch.equal(host[name][key], expected), key
+
+
+@cuda
+def test_device_copies_take_the_queued_values_and_the_update_waits_for_them():
+    device = torch.device("cuda")
+    buffers = HostBuffers(device)
+    weights = torch.zeros(64 << 20, dtype=torch.int64, device=device)  # 512 MB: copies take a while
+    for _ in range(20):
+        weights.add_(1)  # queued before the snapshot: the snapshot must see all of it
+    temporary = weights * 2  # freed right after the snapshot: its memory must not be reused before its copy ran
+    host, copies = buffers.copy({"stage": {"w": weights, "t": temporary}})
+    del temporary
+    garbage = torch.full((64 << 20,), -1, dtype=torch.int64, device=device)  # may take the temporary's memory
+    copies.wait()  # what before_update does
+    weights.add_(1000)  # the optimizer step
+    copies.join()
+    torch.cuda.synchronize()
+    assert bool((host["stage"]["w"] == 20).all()) and bool((host["stage"]["t"] == 40).all())
+    assert bool((garbage == -1).all())

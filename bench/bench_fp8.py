@@ -11,7 +11,8 @@ in bf16, see modules/fp8.py).
   part 2: numerics, Pythia-410M shape, --p2-steps (300) steps on the bundled data (assets/data/sample_chat.jsonl and
           sample_messages.jsonl), seq 512, 8 sequences per step (micro-batch 4), lr --p2-lr after 30 warmup steps,
           --compile: bf16 vs --fp8 tensorwise, the same seed and batches. Target: |fp8 - bf16| / bf16 <= 1% at every
-          logged step (--log-interval 1). At hidden 1024 tensorwise converts query_key_value and dense_h_to_4h
+          logged step (--log-interval 1). --p2-control adds a bf16 run at micro-batch 2 (the same sums grouped
+          otherwise): the same comparison between two bf16 runs is the noise floor the fp8 one is read against. At hidden 1024 tensorwise converts query_key_value and dense_h_to_4h
           (48 of 96 block linears; rowwise none, so part 2 runs tensorwise only).
 
 The GPU image has no torchao: carry its wheel and install it first (python 3.12, torch 2.11):
@@ -93,6 +94,10 @@ def part2(s: Session, args) -> dict:
             extra=["--lr", str(args.p2_lr), "--warmup-steps", "30", "--max-grad-norm", "1.0", "--seed", "42"],
         )
         bf16 = s.ours(f"p2 bf16 {steps} steps", **common)
+        control = {}
+        if args.p2_control:  # the same bf16 steps, micro-batches summed in another grouping: only rounding differs
+            half = max(1, args.p2_micro_batch // 2)
+            control = s.ours(f"p2 bf16 mb{half} {steps} steps (control)", **dict(common, micro_batch=half))
         if s.gpu:
             fp8 = fp8_run(s, f"p2 fp8 tensorwise {steps} steps", "tensorwise", **common)
         else:  # part 1 has checked the refusal; one launch less keeps the smoke short
@@ -112,7 +117,19 @@ def part2(s: Session, args) -> dict:
         labels=("fp8", "bf16"),
         tag="p2 ",
     )
-    return {"shape": shape, "seq_length": args.p2_seq, "batch_per_step": args.p2_batch, "steps": steps, "curve": curve}
+    out = {"shape": shape, "seq_length": args.p2_seq, "batch_per_step": args.p2_batch, "steps": steps, "curve": curve}
+    if control:
+        out["control_curve"] = s.loss_curve_target(
+            f"20.2 control: {shape} {steps} steps, max |bf16 mb{half} - bf16 mb{args.p2_micro_batch}| / bf16 loss "
+            "(bf16's own rounding noise on this data, the floor of the comparison above)",
+            control,
+            bf16,
+            steps,
+            0.01,
+            labels=(f"bf16 mb{half}", "bf16"),
+            tag="p2 control ",
+        )
+    return out
 
 
 def main():
@@ -133,6 +150,11 @@ def main():
     g.add_argument("--p2-micro-batch", type=int, default=4)
     g.add_argument("--p2-lr", type=float, default=1e-4)
     g.add_argument("--p2-eager", action="store_true", help="without --compile")
+    g.add_argument(
+        "--p2-control",
+        action="store_true",
+        help="also a bf16 run at half the micro-batch: how far two bf16 runs that differ only in rounding drift apart",
+    )
     args = ap.parse_args()
     apply_smoke(args, ap)
     parts = [p.strip() for p in args.part.split(",") if p.strip()]

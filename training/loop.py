@@ -43,6 +43,9 @@ class Trainer:
             log.backend, lay.is_logger, log.project, log.job_id, job.flags, log.metrics_file, log.tensorboard_dir
         )
         clock.lap("process_group")
+        # Dropout (--lora-dropout) draws from torch's global generators: seeded from --seed and the rank, two runs of
+        # the same flags draw the same masks (a resume restores the generator states its checkpoint saved).
+        torch.manual_seed(job.model.seed * 100_003 + lay.rank)
         self.tokenizer = check_inputs(job, cfg, self.log.info, lay.device)
         self.lora, adapters = adapters_of(job.lora, cfg, self.log.info)
 

@@ -33,18 +33,24 @@ BOTH = ("_model.safetensors", "_optimizer.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------------- unit tests
+@pytest.mark.parametrize("align", [1, 4])
 @pytest.mark.parametrize("dp", [1, 2, 3, 4])
-def test_shards_cover_every_element_once(dp):
+def test_shards_cover_every_element_once(dp, align):
+    """With `align`, every piece starts at a multiple of it in its parameter and ends there or at the parameter's
+    end (a block of 8-bit Adam's state is never cut between ranks)."""
     from data_parallel import FlatShards
 
     params = [torch.zeros(5, 3), torch.zeros(7), torch.zeros(2, 2, dtype=torch.bfloat16), torch.zeros(1)]
     seen = [torch.zeros(p.numel(), dtype=torch.int32) for p in params]
     for rank in range(dp):
-        shards = FlatShards(params, dp, rank)
+        shards = FlatShards(params, dp, rank, align=align)
         for i, a, b in shards.my_pieces():
             assert 0 <= a < b <= params[i].numel()
+            assert a % align == 0 and (b % align == 0 or b == params[i].numel())
             seen[i][a:b] += 1
     assert all(bool((s == 1).all()) for s in seen)
+    if dp == 3:  # the 15-element parameter really is cut between two ranks (at 12 with align 4)
+        assert sum(len(FlatShards(params, dp, r, align=align).my_pieces()) for r in range(dp)) > len(params)
 
 
 def make_optimizer(named, dtype, **changes):

@@ -9,7 +9,8 @@
     prank_<p>_optimizer.safetensors    "<param name>/<state>" tensors: AdamW moments, step, fp32 master weights
     prank_<p>_dp_<r>_optimizer.safetensors  instead, under --dp-mode sharded: data-parallel rank r's pieces of them,
                                        "<param name>/<state>[start:end]" (elements of the flattened parameter); 0-d
-                                       state ("step") whole, in the file of the piece starting at 0
+                                       state ("step") and 8-bit Adam's codebooks whole, in the file of the piece
+                                       starting at 0 (optimizer.stage_optimizer names each state's kind)
     prank_<p>_state.json               LR scheduler and loss scaler
     rank_<r>_rng.safetensors           torch RNG states of global rank r (restored when the layout is the same)
     data_state.json                    position of the training data stream

@@ -35,6 +35,7 @@ from checkpoint.names import (
 )
 from checkpoint.snapshot import BackgroundWrite, HostBuffers, snapshot_fits
 from checkpoint.store import Checkpointer, CheckpointError, Snapshot, all_ranks, files_of
+from optimizer.stage_optimizer import PER_BLOCK_STATE
 from utils.config import CheckpointConfig
 
 FORMAT = "checkpoint/1"
@@ -400,8 +401,9 @@ PIECE = re.compile(r"^(.+)\[(\d+):(\d+)\]$")
 
 def join_pieces(tensors: dict, shapes: dict, folder: str) -> dict:
     """Whole per-parameter tensors from the pieces of a sharded checkpoint ("<param>/<state>[start:end]", elements
-    of the flattened parameter, from every data-parallel rank's file); other keys pass through. Raises
-    CheckpointError when the pieces do not cover a tensor (a shard file missing from the metadata)."""
+    of the flattened parameter, from every data-parallel rank's file); other keys pass through. Per-element state
+    takes the parameter's shape; per-block state (8-bit Adam's absmax, PER_BLOCK_STATE) is the blocks in order.
+    Raises CheckpointError when the pieces do not cover a tensor (a shard file missing from the metadata)."""
     out, pieces = {}, {}
     for key, value in tensors.items():
         match = PIECE.match(key)
@@ -426,7 +428,8 @@ def join_pieces(tensors: dict, shapes: dict, folder: str) -> dict:
                 f"[0, {covered}) of {numel}; a prank_<p>_dp_<r>_optimizer.safetensors file is missing from its "
                 f"{META}. Resume from a complete checkpoint (--resume-fallback)"
             )
-        out[key] = torch.cat([value.reshape(-1) for _, _, value in parts]).reshape(shape)
+        joined = torch.cat([value.reshape(-1) for _, _, value in parts])
+        out[key] = joined if key.split("/", 1)[1] in PER_BLOCK_STATE else joined.reshape(shape)
     return out
 
 

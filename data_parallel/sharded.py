@@ -5,6 +5,11 @@ padded to a multiple of dp and cut into dp contiguous shards: data-parallel rank
 shard meets a parameter in at most one contiguous piece, so the optimizer steps pieces `(param index, start, end)`
 of flattened parameters, and its state is the same element-wise maths on fewer elements.
 
+With `align` > 1 every parameter starts at a multiple of `align` in the flat space and S is a multiple of `align`
+too, so every piece starts at a multiple of `align` of its own parameter's elements: a block-wise optimizer state
+(8-bit Adam: one scale per 256 elements) then never has a block cut between two ranks. The gaps between parameters
+are padding: zeros into the reduce-scatter, ignored by the all-gather.
+
 Per step: gradients are reduce-scattered (each rank receives the sum over replicas of its own shard, in buckets of
 BUCKET_BYTES) and the full gradients are dropped; after the step each rank's updated pieces are all-gathered into
 every replica's parameters. Summing with reduce-scatter gives the same sums as the all-reduce of allreduce.py (the
@@ -17,22 +22,27 @@ import torch.distributed as dist
 from data_parallel.allreduce import BUCKET_BYTES
 
 
-class _FlatGroup:
-    """Parameters of one dtype, flattened in order and cut into `dp` shards of `shard` elements."""
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
 
-    def __init__(self, indices, numels, dtype, dp_size):
+
+class _FlatGroup:
+    """Parameters of one dtype, flattened in order (each starting at a multiple of `align`) and cut into `dp` shards
+    of `shard` elements (a multiple of `align`)."""
+
+    def __init__(self, indices, numels, dtype, dp_size, align):
         self.indices, self.numels, self.dtype = indices, numels, dtype
-        self.offsets = [0]
+        self.offsets, end = [], 0
         for n in numels:
-            self.offsets.append(self.offsets[-1] + n)
-        self.total = self.offsets[-1]
-        self.shard = -(-self.total // dp_size)  # ceil: the last shard is padded
+            self.offsets.append(_round_up(end, align))
+            end = self.offsets[-1] + n
+        self.shard = _round_up(-(-end // dp_size), align)  # ceil: the last shard is padded
 
     def pieces(self, lo, hi):
         """(param index, start, end, flat start) of every parameter overlapping flat range [lo, hi)."""
         out = []
         for k, i in enumerate(self.indices):
-            a, b = max(lo, self.offsets[k]), min(hi, self.offsets[k + 1])
+            a, b = max(lo, self.offsets[k]), min(hi, self.offsets[k] + self.numels[k])
             if a < b:
                 out.append((i, a - self.offsets[k], b - self.offsets[k], a))
         return out
@@ -41,7 +51,7 @@ class _FlatGroup:
 class FlatShards:
     """Where each data-parallel rank's shard lies in a stage's parameters, and the two collectives over them."""
 
-    def __init__(self, params, dp_size, dp_rank, bucket_bytes=BUCKET_BYTES):
+    def __init__(self, params, dp_size, dp_rank, bucket_bytes=BUCKET_BYTES, align=1):
         for p in params:
             if not p.is_contiguous():
                 raise ValueError("--dp-mode sharded needs contiguous parameters")
@@ -49,7 +59,9 @@ class FlatShards:
         by_dtype = {}
         for i, p in enumerate(params):
             by_dtype.setdefault(p.dtype, []).append(i)
-        self.groups = [_FlatGroup(ix, [params[i].numel() for i in ix], dt, dp_size) for dt, ix in by_dtype.items()]
+        self.groups = [
+            _FlatGroup(ix, [params[i].numel() for i in ix], dt, dp_size, align) for dt, ix in by_dtype.items()
+        ]
 
     def my_pieces(self):
         """This rank's pieces: [(param index, start, end)] over flattened parameters (per dtype group, in order)."""
@@ -65,7 +77,7 @@ class FlatShards:
 
     @staticmethod
     def _copy_range(g, tensors, lo, hi, dst):
-        """dst[:] = flat elements [lo, hi) of `tensors` (None and padding: zeros)."""
+        """dst[:] = flat elements [lo, hi) of `tensors` (None, padding and the gaps of `align`: zeros)."""
         if hi - lo > sum(b - a for _, a, b, _ in g.pieces(lo, hi)):
             dst.zero_()
         for i, a, b, f in g.pieces(lo, hi):

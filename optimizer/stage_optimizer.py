@@ -3,7 +3,9 @@
 Model parameters may be fp16/bf16; the optimizer then works on fp32 master copies and writes them back.
 The gradient norm is reduced over the pipeline group (and, with --dp-mode sharded, the data-parallel group, whose ranks
 each hold one shard of the summed gradients), so every rank of the job sees the same norm, skips the same fp16
-overflow step and clips alike. --offload-optimizer cpu keeps the fp32 masters and the state on the host and steps
+overflow step and clips alike. 8-bit Adam (bitsandbytes) shards too: its pieces start on its 256-element blocks
+(BNB_BLOCK), and the kind of each state tensor (per element, per block, shared) says what a piece of it holds in a
+checkpoint. --offload-optimizer cpu keeps the fp32 masters and the state on the host and steps
 there (torch's fused CPU AdamW), its copies overlapped chunk by chunk (offload.py).
 """
 
@@ -52,6 +54,30 @@ def no_decay(name, param):
 
 
 BITSANDBYTES_MISSING = "--optimizer 8bit-adam needs bitsandbytes: pip install bitsandbytes"
+# bitsandbytes' 8-bit state is block-wise: one absmax scale per block of this many consecutive elements of the
+# flattened tensor (`blocksize = 256` in Optimizer2State.init_state and in its update kernels, CPU and CUDA). Sharded
+# pieces of 8-bit Adam start at multiples of it (FlatShards' align), so no block is cut between ranks.
+BNB_BLOCK = 256
+
+# How each optimizer state tensor relates to its parameter's flattened elements, which decides what a sharded piece
+# [a:b] holds in a checkpoint (`<name>/<key>[a:b]`), how checkpoint.training_state.join_pieces joins the pieces and
+# how load_state_tensors cuts a whole tensor for a piece. 0-d state (the step) is written once, like SHARED_STATE.
+PER_ELEMENT_STATE = frozenset({"exp_avg", "exp_avg_sq", "master", "state1", "state2"})  # elements a..b
+PER_BLOCK_STATE = frozenset({"absmax1", "absmax2"})  # blocks a // BNB_BLOCK .. ceil(b / BNB_BLOCK)
+SHARED_STATE = frozenset({"qmap1", "qmap2"})  # 8-bit Adam's codebooks: the same for every piece, written once
+
+
+def check_shardable(key):
+    if key not in PER_ELEMENT_STATE | PER_BLOCK_STATE | SHARED_STATE:
+        raise ValueError(f"optimizer state {key!r} has no sharding rule (optimizer/stage_optimizer.py)")
+
+
+def state_piece(key, value, a, b):
+    """The part of the whole-parameter state tensor `value` (state `key`) that the piece [a, b) holds."""
+    check_shardable(key)
+    if key in PER_BLOCK_STATE:
+        return value[a // BNB_BLOCK : -(-b // BNB_BLOCK)]
+    return value if key in SHARED_STATE else value.reshape(-1)[a:b]
 
 
 def check_available(kind):
@@ -60,13 +86,27 @@ def check_available(kind):
         raise OptimizerError(BITSANDBYTES_MISSING)
 
 
-def _inner_optimizer(kind, groups, lr, betas, eps):
+def _inner_optimizer(kind, groups, lr, betas, eps, whole_numels):
+    """The optimizer of the groups' tensors; `whole_numels[g][k]`: the size of the whole parameter that tensor k of
+    group g is (a piece of)."""
     if kind == "8bit-adam":
         try:
             import bitsandbytes as bnb  # slow import: only when asked for
         except ImportError as exc:
             raise OptimizerError(f"{BITSANDBYTES_MISSING} ({exc})") from None
-        return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas, eps=eps)
+
+        class AdamW8bitOfPieces(bnb.optim.AdamW8bit):
+            """bitsandbytes keeps fp32 state for a tensor of fewer than min_8bit_size (4096) elements, judged by
+            the tensor it steps: judge a sharded piece by its whole parameter, so that it keeps the state the whole
+            would. (Per optimizer, unlike bitsandbytes' GlobalOptimManager overrides: a process-wide registry.)"""
+
+            def get_config(self, gindex, pindex, group):
+                config = super().get_config(gindex, pindex, group)
+                small = whole_numels[gindex][pindex] < self.args.min_8bit_size
+                config["min_8bit_size"] = math.inf if small else 0
+                return config
+
+        return AdamW8bitOfPieces(groups, lr=lr, betas=betas, eps=eps)
     # Fused on CPU too, so that the tests run the same update (and its in-kernel unscaling) as the GPUs.
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
@@ -102,17 +142,22 @@ class StageOptimizer:
         self.host = torch.device("cpu") if self.offload else layout.device
         self.separate = self.mixed or self.offload  # masters are copies, written back to the model after a step
         if self.sharded:
-            self.shards = FlatShards(self.model_params, layout.dp_size, layout.dp_rank)
+            align = BNB_BLOCK if cfg.kind == "8bit-adam" else 1
+            self.shards = FlatShards(self.model_params, layout.dp_size, layout.dp_rank, align=align)
             self.units = self.shards.my_pieces()
         else:
             self.shards = None
             self.units = [(i, 0, p.numel()) for i, p in enumerate(self.model_params)]
         self.master_params = [self._make_master(i, a, b) for i, a, b in self.units]
         self._shard_grads = None  # this rank's summed gradient pieces, between reduce_gradients and step
-        decay = [m for (i, _, _), m in zip(self.units, self.master_params) if not no_decay(*named_params[i])]
-        plain = [m for (i, _, _), m in zip(self.units, self.master_params) if no_decay(*named_params[i])]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-        self.inner = _inner_optimizer(cfg.kind, groups, cfg.lr, cfg.betas, cfg.eps)
+        decay = [k for k, (i, _, _) in enumerate(self.units) if not no_decay(*named_params[i])]
+        plain = [k for k, (i, _, _) in enumerate(self.units) if no_decay(*named_params[i])]
+        groups = [
+            {"params": [self.master_params[k] for k in decay], "weight_decay": cfg.weight_decay},
+            {"params": [self.master_params[k] for k in plain], "weight_decay": 0.0},
+        ]
+        whole_numels = [[self.model_params[self.units[k][0]].numel() for k in ks] for ks in (decay, plain)]
+        self.inner = _inner_optimizer(cfg.kind, groups, cfg.lr, cfg.betas, cfg.eps, whole_numels)
         warmup = math.ceil(cfg.warmup_iterations / cfg.accumulation)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.inner, lr_multiplier(cfg.lr_scheduler, warmup, total_optimizer_steps)
@@ -290,7 +335,8 @@ class StageOptimizer:
     # Checkpoint I/O works on plain tensors keyed by parameter name (any layout can read them). Python numbers
     # in the state (bitsandbytes keeps its step count as an int) travel as 0-d tensors under a "#py" suffix.
     # Under --dp-mode sharded a piece of a parameter's state is keyed "<name>/<state>[start:end]" (elements of the
-    # flattened parameter); 0-d state (the step count) is written once, by the owner of the parameter's element 0.
+    # flattened parameter; what the tensor holds of them: PER_ELEMENT_STATE / PER_BLOCK_STATE); 0-d state (the step
+    # count) and SHARED_STATE are written once, whole, by the owner of the parameter's element 0.
     def state_tensors(self, names):
         """{f"{name}/{key}": tensor} for the optimizer state and fp32 master weights of `names` (same order as the
         parameters), or under --dp-mode sharded the pieces this rank owns."""
@@ -299,7 +345,9 @@ class StageOptimizer:
             name = names[i]
             piece = f"[{a}:{b}]" if self.sharded else ""
             for key, value in self.inner.state.get(master, {}).items():
-                if torch.is_tensor(value) and value.ndim > 0:
+                if torch.is_tensor(value) and value.ndim > 0 and key not in SHARED_STATE:
+                    if self.sharded:
+                        check_shardable(key)
                     out[f"{name}/{key}{piece}"] = value.detach()
                 elif a == 0 and torch.is_tensor(value):
                     out[f"{name}/{key}"] = value.detach()
@@ -324,14 +372,13 @@ class StageOptimizer:
                 tensors[f"{name}/master"] = weights[name].float()
         for (i, a, b), master in zip(self.units, self.master_params):
             name = names[i]
-            numel = self.model_params[i].numel()
 
-            def mine(value, numel=numel, a=a, b=b):
-                return value.reshape(-1)[a:b] if self.sharded and value.numel() == numel else value
+            def mine(key, value, a=a, b=b):
+                return state_piece(key, value, a, b) if self.sharded and value.ndim > 0 else value
 
             if self.separate:
                 full = tensors[f"{name}/master"] if self.mixed else weights[name]
-                master.data.copy_(mine(full).reshape(master.shape))
+                master.data.copy_(mine("master", full).reshape(master.shape))
             keys = {k.split("/", 1)[1] for k in tensors if k.split("/", 1)[0] == name} - {"master"}
             if keys:
                 state = {}
@@ -340,7 +387,7 @@ class StageOptimizer:
                     if key.endswith("#py"):
                         state[key[: -len("#py")]] = value.item()
                     else:
-                        state[key] = mine(value).to(master.device).clone()
+                        state[key] = mine(key, value).to(master.device).clone()
                 self.inner.state[master] = state
         return weights
 

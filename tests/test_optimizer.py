@@ -46,8 +46,9 @@ def test_no_weight_decay_on_biases_and_norms():
     assert not no_decay("model.layers.0.mlp.up_proj.weight", torch.zeros(4, 4))
 
 
-def make_optimizer(params, dtype, lr=1e-2, lr_scheduler="linear", **changes):
-    """A StageOptimizer of one rank with the trainer's defaults; `changes` replace OptimizerConfig fields."""
+def make_optimizer(params, dtype, lr=1e-2, lr_scheduler="linear", layout=None, **changes):
+    """A StageOptimizer of one rank (by default the only one) with the trainer's defaults; `changes` replace
+    OptimizerConfig fields."""
     cfg = OptimizerConfig(
         kind="adam",
         lr=lr,
@@ -65,7 +66,7 @@ def make_optimizer(params, dtype, lr=1e-2, lr_scheduler="linear", **changes):
         hysteresis=2,
         min_loss_scale=1.0,
     )
-    layout = Layout(0, 1, 1, 1, 0, 0, 0, torch.device("cpu"))
+    layout = layout or Layout(0, 1, 1, 1, 0, 0, 0, torch.device("cpu"))
     return StageOptimizer(params, dataclasses.replace(cfg, **changes), layout, total_optimizer_steps=10)
 
 

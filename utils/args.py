@@ -334,11 +334,6 @@ def validate_args(args):
             f"--world-size {args.world_size} must equal --pipeline-group-size x --data-group-size = {expected_world}"
         )
     _check_lora(args)
-    if args.optimizer == "8bit-adam" and args.dp_mode == "sharded":
-        raise ArgumentError(
-            "--optimizer 8bit-adam cannot be sharded yet (its block-wise quantised state does not split across "
-            "ranks); use --optimizer adamw with --dp-mode sharded, or --dp-mode allreduce with 8bit-adam"
-        )
     if args.optimizer == "8bit-adam" and args.offload_optimizer != "none":
         raise ArgumentError(
             "--offload-optimizer cpu steps torch's AdamW on the host and 8-bit Adam (bitsandbytes) runs on the GPU; "

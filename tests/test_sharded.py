@@ -183,6 +183,35 @@ def test_8bit_adam_pieces_step_like_whole_tensors_and_resume_at_another_dp(monke
     assert_as_reference()
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
+)
+def test_8bit_adam_kernels_step_block_aligned_pieces_like_the_whole(device):
+    """What sharding 8-bit Adam rests on, for bitsandbytes' CPU and CUDA kernels alike: a tensor cut at a multiple of
+    its 256-element blocks and stepped in two pieces gets the very bits of the whole tensor stepped at once."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    whole = torch.nn.Parameter(torch.randn(97, 531, device=device))
+    cut = 256 * 77  # inside row 37: pieces of a parameter are cut anywhere a block starts
+    pieces = [torch.nn.Parameter(part.clone()) for part in whole.detach().reshape(-1).split([cut, whole.numel() - cut])]
+    whole_opt = bnb.optim.AdamW8bit([whole], lr=1e-2, eps=1e-6)
+    pieces_opt = bnb.optim.AdamW8bit(pieces, lr=1e-2, eps=1e-6)
+    for _ in range(3):
+        grad = torch.randn(whole.shape, device=device)
+        whole.grad = grad
+        for piece, part in zip(pieces, grad.reshape(-1).split([cut, whole.numel() - cut])):
+            piece.grad = part.clone()
+        whole_opt.step()
+        pieces_opt.step()
+    assert torch.equal(torch.cat([p.detach() for p in pieces]), whole.detach().reshape(-1))
+    state = whole_opt.state[whole]
+    for key in ("state1", "state2", "absmax1", "absmax2"):
+        joined = torch.cat([pieces_opt.state[p][key].reshape(-1) for p in pieces])
+        assert state[key].dtype == joined.dtype == (torch.uint8 if key.startswith("state") else torch.float32)
+        assert torch.equal(joined, state[key].reshape(-1)), key
+
+
 def test_host_memory_check_before_the_model_load_is_one_line(monkeypatch, tmp_path):
     """The check counts the trained elements of this host's ranks' stages from config.json and the stage plan
     (sharded: 1/dp of them), without building the model."""

@@ -107,10 +107,9 @@ def _write_json(path, obj):
         os.fsync(f.fileno())
 
 
-def all_ranks(ok, group=None, device="cpu"):
-    """True on every rank iff `ok` on every rank of `group` (the default group when None; `device`: where its
-    backend takes tensors: the CPU for gloo, the rank's GPU for NCCL)."""
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device)
+def all_ranks(ok, group):
+    """True on every rank iff `ok` on every rank of `group` (a gloo group: the commit's or the status check's)."""
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return flag.item() == 0
 

@@ -219,9 +219,9 @@ class TrainingCheckpoint:
 
     def poll(self) -> None:
         """After each optimizer step, every rank: once every rank's background write is done, report it (its error,
-        the same on every rank, is raised here). Costs one small all-reduce per step while a write is in flight."""
-        # one all-reduce on the training thread's default group, so every rank learns the outcome after the same step
-        if self.pending is not None and all_ranks(self.pending.done(), device=self.layout.device):
+        the same on every rank, is raised here). Costs one small gloo all-reduce on the host per step while a write is
+        in flight, so every rank learns the outcome after the same step."""
+        if self.pending is not None and all_ranks(self.pending.done(), group=self.layout.status_group):
             self._finish_pending()
 
     def wait(self) -> None:

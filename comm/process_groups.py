@@ -31,6 +31,7 @@ class Layout:
     dp_group: object = None  # ProcessGroup of the ranks holding the same stage
     ends_group: object = None  # first + last stage of this pipeline (tied embeddings), when requested
     commit_group: object = None  # every rank, gloo: checkpoint commits only (a background writer's collectives)
+    status_group: object = None  # every rank, gloo: the training thread's per-step check on a background write
 
     @property
     def is_last_stage(self):
@@ -181,4 +182,7 @@ def init_distributed(cfg: DistConfig, ends_group=False):
     # Checkpoint commits run in a background thread: their collectives must never share a group (and its ordering)
     # with the training thread's. gloo takes CPU tensors whatever the training backend is.
     layout.commit_group = dist.new_group(list(range(world)), timeout=timeout, backend="gloo")
+    # The training thread asks after every step whether that write is done everywhere: on the host, through a group
+    # of its own, so the question costs no device synchronisation (an NCCL collective would).
+    layout.status_group = dist.new_group(list(range(world)), timeout=timeout, backend="gloo")
     return layout

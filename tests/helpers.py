@@ -28,25 +28,19 @@ def held_port():
 
 
 def make_model(path, model_type="gptneox", hidden=32, layers=4, heads=4, extra=()):
-    subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "tools", "make_tiny_model.py"),
-            "--output",
-            str(path),
-            "--model-type",
-            model_type,
-            "--hidden-size",
-            str(hidden),
-            "--num-layers",
-            str(layers),
-            "--num-heads",
-            str(heads),
-            *extra,
-        ],
-        check=True,
-        capture_output=True,
-    )
+    """tools/make_tiny_model.py, called in this process (a launch would cost the imports of torch and transformers
+    again); the global RNG it seeds is restored afterwards."""
+    import io
+
+    import torch
+
+    from tools.make_tiny_model import main
+
+    argv = ["--output", str(path), "--model-type", model_type, "--hidden-size", str(hidden)]
+    argv += ["--num-layers", str(layers), "--num-heads", str(heads), *extra]
+    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    assert code == 0, f"make_tiny_model {argv} exited {code}"
     return str(path)
 
 

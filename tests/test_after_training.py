@@ -67,18 +67,15 @@ def make_chain_model(path, text_chain: list[str], end: int | None = EOS, hidden=
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_chat_prompt_prints_one_reply_that_ends_at_eos(tmp_path):
+def test_chat_prompt_prints_one_reply_that_ends_at_eos(tmp_path, capsys):
+    # chat.py's main() in this process: the command line itself runs in test_demo (a launch costs ~10 s here)
     model = make_chain_model(tmp_path / "export", [" Hello world"])
-    result = subprocess.run(
-        [sys.executable, CHAT, model, "--prompt", "Hi", "--temperature", "0", "--max-new-tokens", "20", "--verbose"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "Hello world\n"
+    code = chat_tool.main([model, "--prompt", "Hi", "--temperature", "0", "--max-new-tokens", "20", "--verbose"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out == "Hello world\n"
     # " Hello", " world", EOS: three tokens of the twenty allowed, so generation ended at the EOS token.
-    assert "[3 tokens, stopped at eos]" in result.stderr
+    assert "[3 tokens, stopped at eos]" in err
 
 
 def test_chat_stops_at_the_next_human_turn_and_keeps_the_conversation(tmp_path):

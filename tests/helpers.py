@@ -162,6 +162,27 @@ def run_job(nproc, flags, env=None, timeout=300, cwd=None):
     return subprocess.CompletedProcess(procs[0].args, code, stdout, stderr)
 
 
+def run_forked(flags, env=None, timeout=120, cwd=None):
+    """One process of the entrypoint with exactly `flags` (no rank flags added) and the environment `env` (as
+    subprocess's: default os.environ), forked as run_job's ranks are; returns its CompletedProcess (never raises on
+    failure, except on the timeout)."""
+    import tempfile
+
+    full_env = dict(os.environ if env is None else env)
+    for name, value in RANK_ENV.items():
+        full_env.setdefault(name, value)
+    with tempfile.TemporaryDirectory() as logs:
+        proc = ForkedRank(flags, full_env, cwd or REPO, os.path.join(logs, "out"), os.path.join(logs, "err"))
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        stdout, stderr = proc.output()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def run_torchrun(nproc, flags, env=None, timeout=300, cwd=None, script=ENTRYPOINT):
     """Run the entrypoint (or a script that wraps it) under torchrun on CPU; returns the CompletedProcess (never
     raises on failure)."""

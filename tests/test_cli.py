@@ -17,6 +17,7 @@ from tests.helpers import (
     make_chat_data,
     make_model,
     run_forked,
+    run_job,
     run_torchrun,
 )
 
@@ -210,16 +211,17 @@ def test_num_layers_is_checked_under_interleaved_1f1b(setup, tmp_path):
         str(tmp_path / "ck"),
         **{"pipeline-group-size": 2, "pp-mode": "interleaved-1f1b", "num-layers": 3},
     )
-    result = run_torchrun(2, flags, timeout=120)
+    result = run_job(2, flags, timeout=120)
     assert result.returncode != 0
     assert "--num-layers 3" in result.stderr + result.stdout and "--num-layers 2" in result.stderr + result.stdout
 
 
 def test_error_on_one_rank_stops_all_ranks(setup, tmp_path):
-    """A 2-stage pipeline where only the last stage's data is bad still ends both ranks, non-zero."""
+    """A 2-stage pipeline where only the last stage's data is bad still ends both ranks, non-zero: one process per
+    rank, no torchrun agent to stop the other (run_job waits for both)."""
     _, model_dir, data = setup
     flags = base_flags(model_dir, data, str(tmp_path / "ck"), **{"pipeline-group-size": 2, "num-layers": 3})
-    result = run_torchrun(2, flags, timeout=120)
+    result = run_job(2, flags, timeout=120)
     assert result.returncode != 0
     assert "--num-layers 3" in result.stderr + result.stdout
 

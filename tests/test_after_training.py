@@ -2,22 +2,21 @@
 bars and a complete export. The e2e test runs the whole loop: data -> pipeline training -> checkpoint -> chat."""
 
 import contextlib
+import io
 import json
 import os
 import struct
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.helpers import REPO, TOKENIZER, base_flags, run_job
+from tests.helpers import TOKENIZER, base_flags, run_job
 from tools import chat as chat_tool
 from tools.plot_metrics import MetricsError, plot_metrics
 from utils.logging import make_logger, parse_backends
 from utils.progress import progress_enabled
 
-CHAT = os.path.join(REPO, "tools", "chat.py")
 EOS = 50256  # <|endoftext|> of the bundled GPT-2 tokenizer
 
 
@@ -238,17 +237,14 @@ def test_a_model_trained_on_questions_answers_them_through_chat(tmp_path):
     result = run_job(2, flags, timeout=500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
-    # Straight from the checkpoint folder (its `latest`), through the command line.
+    # Straight from the checkpoint folder (its `latest`), through chat.py's main() (test_demo launches the script).
     question, answer = QA[0]
-    result = subprocess.run(
-        [sys.executable, CHAT, str(ckpt), "--prompt", question, "--temperature", "0", "--verbose"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == answer
-    assert "stopped at eos" in result.stderr
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = chat_tool.main([str(ckpt), "--prompt", question, "--temperature", "0", "--verbose"])
+    assert code == 0, err.getvalue()
+    assert out.getvalue().strip() == answer
+    assert "stopped at eos" in err.getvalue()
 
     # The export: everything needed elsewhere, and every question answered.
     from tools.convert_to_hf import main as convert_main

@@ -211,10 +211,20 @@ def one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.e2e  # the command line's own output (a launch): one line, no traceback
+def test_convert_error_from_the_command_line_is_one_line(tmp_path):
+    one_line_error(
+        run_tool(
+            "convert_to_hf.py", "--checkpoint-path", tmp_path / "nope", "--output", tmp_path / "out", in_process=False
+        ),
+        "nope: checkpoint directory not found",
+    )
+
+
 def test_convert_errors(tmp_path):
     out = tmp_path / "out"
     one_line_error(
-        run_tool("convert_to_hf.py", "--checkpoint-path", tmp_path / "nope", "--output", out, in_process=False),
+        run_tool("convert_to_hf.py", "--checkpoint-path", tmp_path / "nope", "--output", out),
         "nope: checkpoint directory not found",
     )
     ckpt = tmp_path / "ckpt"

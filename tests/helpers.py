@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 
+from tests.forked_ranks import RANK_ENV, ForkedRank
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRYPOINT = os.path.join(REPO, "dist_lm_pretrain_and_finetune.py")
 TOKENIZER = os.path.join(REPO, "assets", "tokenizer")
@@ -28,25 +30,19 @@ def held_port():
 
 
 def make_model(path, model_type="gptneox", hidden=32, layers=4, heads=4, extra=()):
-    subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "tools", "make_tiny_model.py"),
-            "--output",
-            str(path),
-            "--model-type",
-            model_type,
-            "--hidden-size",
-            str(hidden),
-            "--num-layers",
-            str(layers),
-            "--num-heads",
-            str(heads),
-            *extra,
-        ],
-        check=True,
-        capture_output=True,
-    )
+    """tools/make_tiny_model.py, called in this process (a launch would cost the imports of torch and transformers
+    again); the global RNG it seeds is restored afterwards."""
+    import io
+
+    import torch
+
+    from tools.make_tiny_model import main
+
+    argv = ["--output", str(path), "--model-type", model_type, "--hidden-size", str(hidden)]
+    argv += ["--num-layers", str(layers), "--num-heads", str(heads), *extra]
+    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    assert code == 0, f"make_tiny_model {argv} exited {code}"
     return str(path)
 
 
@@ -117,26 +113,39 @@ def base_flags(model_dir, data, ckpt, **overrides):
     return out
 
 
+def _rank_env(env):
+    full_env = dict(os.environ, **RANK_ENV, **(env or {}))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(name, None)
+    return full_env
+
+
+def _start_ranks(nproc, flags, env, cwd, logs):
+    """One ForkedRank per rank (--rank/--world-size/--dist-url, as the shell scripts start them), output in `logs`."""
+    distributed = ["--world-size", str(nproc), "--dist-url", f"tcp://127.0.0.1:{free_port()}"]
+    full_env = _rank_env(env)
+    return [
+        ForkedRank(
+            [*flags, "--rank", str(rank), *distributed],
+            full_env,
+            cwd or REPO,
+            os.path.join(logs, f"{rank}.out"),
+            os.path.join(logs, f"{rank}.err"),
+        )
+        for rank in range(nproc)
+    ]
+
+
 def run_job(nproc, flags, env=None, timeout=300, cwd=None):
-    """Run the entrypoint as `nproc` processes, one per rank (--rank/--world-size/--dist-url, as the shell scripts
-    start them), and wait for all; returns a CompletedProcess whose returncode is the first non-zero one (0 when all
-    succeeded) and whose stdout/stderr are the ranks' outputs in rank order (never raises on failure). Cheaper than
-    run_torchrun by the agent process (~4 s of CPU per launch): tests of torchrun itself use run_torchrun."""
+    """Run the entrypoint as `nproc` processes, one per rank, and wait for all; returns a CompletedProcess whose
+    returncode is the first non-zero one (0 when all succeeded) and whose stdout/stderr are the ranks' outputs in
+    rank order (never raises on failure). The ranks are forks of a server that imported torch once
+    (tests/forked_ranks.py): tests of torchrun or of the launch itself use run_torchrun or a subprocess."""
     import tempfile
     import time
 
-    port = free_port()
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        full_env.pop(name, None)
-    distributed = ["--world-size", str(nproc), "--dist-url", f"tcp://127.0.0.1:{port}"]
     with tempfile.TemporaryDirectory() as logs:  # files, not pipes: a rank blocked on a full pipe would hang the job
-        procs, files = [], []
-        for rank in range(nproc):
-            out, err = open(os.path.join(logs, f"{rank}.out"), "w+"), open(os.path.join(logs, f"{rank}.err"), "w+")
-            files.append((out, err))
-            cmd = [sys.executable, ENTRYPOINT, *flags, "--rank", str(rank), *distributed]
-            procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=full_env, cwd=cwd or REPO))
+        procs = _start_ranks(nproc, flags, env, cwd, logs)
         deadline = time.time() + timeout
         try:
             for proc in procs:
@@ -146,15 +155,32 @@ def run_job(nproc, flags, env=None, timeout=300, cwd=None):
                 proc.kill()
                 proc.wait()
             raise
-        outputs = []
-        for out, err in files:
-            out.seek(0), err.seek(0)
-            outputs.append((out.read(), err.read()))
-            out.close(), err.close()
+        outputs = [proc.output() for proc in procs]
     codes = [proc.returncode for proc in procs]
     code = next((c for c in codes if c != 0), 0)
     stdout, stderr = "".join(o for o, _ in outputs), "".join(e for _, e in outputs)
     return subprocess.CompletedProcess(procs[0].args, code, stdout, stderr)
+
+
+def run_forked(flags, env=None, timeout=120, cwd=None):
+    """One process of the entrypoint with exactly `flags` (no rank flags added) and the environment `env` (as
+    subprocess's: default os.environ), forked as run_job's ranks are; returns its CompletedProcess (never raises on
+    failure, except on the timeout)."""
+    import tempfile
+
+    full_env = dict(os.environ if env is None else env)
+    for name, value in RANK_ENV.items():
+        full_env.setdefault(name, value)
+    with tempfile.TemporaryDirectory() as logs:
+        proc = ForkedRank(flags, full_env, cwd or REPO, os.path.join(logs, "out"), os.path.join(logs, "err"))
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        stdout, stderr = proc.output()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def run_torchrun(nproc, flags, env=None, timeout=300, cwd=None, script=ENTRYPOINT):
@@ -174,34 +200,17 @@ def run_torchrun(nproc, flags, env=None, timeout=300, cwd=None, script=ENTRYPOIN
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
 
 
-def run_ranks(world, flags, env=None, timeout=300, kill_rank=None):
-    """Start one process per rank with --rank/--world-size/--dist-url, as the shell scripts do."""
-    port = free_port()
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-    full_env.pop("RANK", None)
-    full_env.pop("WORLD_SIZE", None)
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                ENTRYPOINT,
-                *flags,
-                "--rank",
-                str(r),
-                "--world-size",
-                str(world),
-                "--dist-url",
-                f"tcp://127.0.0.1:{port}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=full_env,
-            cwd=REPO,
-        )
-        for r in range(world)
-    ]
-    return procs
+_logs = None  # run_ranks' output files, removed when the tests end
+
+
+def run_ranks(world, flags, env=None):
+    """Start one process per rank, as run_job does, without waiting: wait_ranks collects them."""
+    import tempfile
+
+    global _logs
+    if _logs is None:
+        _logs = tempfile.TemporaryDirectory()
+    return _start_ranks(world, flags, env, None, tempfile.mkdtemp(dir=_logs.name))
 
 
 def read_checkpoint_weights(ckpt_dir, step=None, suffix="_model.safetensors"):

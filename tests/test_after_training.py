@@ -2,22 +2,21 @@
 bars and a complete export. The e2e test runs the whole loop: data -> pipeline training -> checkpoint -> chat."""
 
 import contextlib
+import io
 import json
 import os
 import struct
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.helpers import REPO, TOKENIZER, base_flags, run_job
+from tests.helpers import TOKENIZER, base_flags, run_job
 from tools import chat as chat_tool
 from tools.plot_metrics import MetricsError, plot_metrics
 from utils.logging import make_logger, parse_backends
 from utils.progress import progress_enabled
 
-CHAT = os.path.join(REPO, "tools", "chat.py")
 EOS = 50256  # <|endoftext|> of the bundled GPT-2 tokenizer
 
 
@@ -67,18 +66,15 @@ def make_chain_model(path, text_chain: list[str], end: int | None = EOS, hidden=
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_chat_prompt_prints_one_reply_that_ends_at_eos(tmp_path):
+def test_chat_prompt_prints_one_reply_that_ends_at_eos(tmp_path, capsys):
+    # chat.py's main() in this process: the command line itself runs in test_demo (a launch costs ~10 s here)
     model = make_chain_model(tmp_path / "export", [" Hello world"])
-    result = subprocess.run(
-        [sys.executable, CHAT, model, "--prompt", "Hi", "--temperature", "0", "--max-new-tokens", "20", "--verbose"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "Hello world\n"
+    code = chat_tool.main([model, "--prompt", "Hi", "--temperature", "0", "--max-new-tokens", "20", "--verbose"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out == "Hello world\n"
     # " Hello", " world", EOS: three tokens of the twenty allowed, so generation ended at the EOS token.
-    assert "[3 tokens, stopped at eos]" in result.stderr
+    assert "[3 tokens, stopped at eos]" in err
 
 
 def test_chat_stops_at_the_next_human_turn_and_keeps_the_conversation(tmp_path):
@@ -241,17 +237,14 @@ def test_a_model_trained_on_questions_answers_them_through_chat(tmp_path):
     result = run_job(2, flags, timeout=500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
-    # Straight from the checkpoint folder (its `latest`), through the command line.
+    # Straight from the checkpoint folder (its `latest`), through chat.py's main() (test_demo launches the script).
     question, answer = QA[0]
-    result = subprocess.run(
-        [sys.executable, CHAT, str(ckpt), "--prompt", question, "--temperature", "0", "--verbose"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == answer
-    assert "stopped at eos" in result.stderr
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = chat_tool.main([str(ckpt), "--prompt", question, "--temperature", "0", "--verbose"])
+    assert code == 0, err.getvalue()
+    assert out.getvalue().strip() == answer
+    assert "stopped at eos" in err.getvalue()
 
     # The export: everything needed elsewhere, and every question answered.
     from tools.convert_to_hf import main as convert_main

@@ -8,7 +8,18 @@ import sys
 
 import pytest
 
-from tests.helpers import ENTRYPOINT, REPO, base_flags, free_port, held_port, make_chat_data, make_model, run_torchrun
+from tests.helpers import (
+    ENTRYPOINT,
+    REPO,
+    base_flags,
+    free_port,
+    held_port,
+    make_chat_data,
+    make_model,
+    run_forked,
+    run_job,
+    run_torchrun,
+)
 
 pytestmark = pytest.mark.e2e  # every test here starts the entrypoint (the flag cases: tests/test_flags.py)
 
@@ -19,10 +30,13 @@ def setup(tmp_path_factory):
     return root, make_model(root / "model", hidden=32, layers=4, heads=4), make_chat_data(root / "chat.jsonl")
 
 
-def run_single(flags, timeout=120, env=None):
-    """One process, no torchrun: pp = dp = 1 needs no --rank (a free port: the default 7033 may be taken)."""
+def run_single(flags, timeout=120, env=None, fresh=False):
+    """One process, no torchrun: pp = dp = 1 needs no --rank (a free port: the default 7033 may be taken). Forked
+    from the imports done once (run_forked), or with `fresh` a new interpreter, imports and all."""
     if "--dist-url" not in flags:
         flags = [*flags, "--dist-url", f"tcp://127.0.0.1:{free_port()}"]
+    if not fresh:
+        return run_forked(flags, env=env, timeout=timeout)
     return subprocess.run(
         [sys.executable, ENTRYPOINT, *flags], capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -38,9 +52,11 @@ def assert_one_line_error(result, *fragments):
 
 
 def test_a_bad_flag_in_a_real_process_is_one_line(setup, tmp_path):
-    """The flag cases themselves run in-process (tests/test_flags.py); this one proves the process's own output."""
+    """The flag cases themselves run in-process (tests/test_flags.py); this one proves the process's own output,
+    from a fresh interpreter (what its imports print included)."""
     _, model_dir, data = setup
-    result = run_single(base_flags(model_dir, data, str(tmp_path / "ck"), **{"batch-size": 3, "micro-batch-size": 2}))
+    flags = base_flags(model_dir, data, str(tmp_path / "ck"), **{"batch-size": 3, "micro-batch-size": 2})
+    result = run_single(flags, fresh=True)
     assert_one_line_error(result, "--batch-size 3", "--micro-batch-size 2")
 
 
@@ -195,16 +211,17 @@ def test_num_layers_is_checked_under_interleaved_1f1b(setup, tmp_path):
         str(tmp_path / "ck"),
         **{"pipeline-group-size": 2, "pp-mode": "interleaved-1f1b", "num-layers": 3},
     )
-    result = run_torchrun(2, flags, timeout=120)
+    result = run_job(2, flags, timeout=120)
     assert result.returncode != 0
     assert "--num-layers 3" in result.stderr + result.stdout and "--num-layers 2" in result.stderr + result.stdout
 
 
 def test_error_on_one_rank_stops_all_ranks(setup, tmp_path):
-    """A 2-stage pipeline where only the last stage's data is bad still ends both ranks, non-zero."""
+    """A 2-stage pipeline where only the last stage's data is bad still ends both ranks, non-zero: one process per
+    rank, no torchrun agent to stop the other (run_job waits for both)."""
     _, model_dir, data = setup
     flags = base_flags(model_dir, data, str(tmp_path / "ck"), **{"pipeline-group-size": 2, "num-layers": 3})
-    result = run_torchrun(2, flags, timeout=120)
+    result = run_job(2, flags, timeout=120)
     assert result.returncode != 0
     assert "--num-layers 3" in result.stderr + result.stdout
 

@@ -108,10 +108,15 @@ def canonical_file(cfg, directory):
     return {canonical_name(cfg, k): v for k, v in load_file(os.path.join(directory, "model.safetensors")).items()}
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_round_trip_is_bit_identical(name, tmp_path):
+# Every family through main(), and once the real command lines (e2e: two launches)
+ROUND_TRIPS = [pytest.param(name, False, id=name) for name in CONFIGS] + [
+    pytest.param("gptneox", True, marks=pytest.mark.e2e, id="gptneox-script")
+]
+
+
+@pytest.mark.parametrize("name,as_script", ROUND_TRIPS)
+def test_round_trip_is_bit_identical(name, as_script, tmp_path):
     hf = make_hf_model(name, tmp_path / "hf")
-    as_script = name == "gptneox"  # run the real command line once; the other families go through main()
     result = run_tool(
         "prepare_pretrained.py",
         "--model-name",
@@ -206,10 +211,20 @@ def one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.e2e  # the command line's own output (a launch): one line, no traceback
+def test_convert_error_from_the_command_line_is_one_line(tmp_path):
+    one_line_error(
+        run_tool(
+            "convert_to_hf.py", "--checkpoint-path", tmp_path / "nope", "--output", tmp_path / "out", in_process=False
+        ),
+        "nope: checkpoint directory not found",
+    )
+
+
 def test_convert_errors(tmp_path):
     out = tmp_path / "out"
     one_line_error(
-        run_tool("convert_to_hf.py", "--checkpoint-path", tmp_path / "nope", "--output", out, in_process=False),
+        run_tool("convert_to_hf.py", "--checkpoint-path", tmp_path / "nope", "--output", out),
         "nope: checkpoint directory not found",
     )
     ckpt = tmp_path / "ckpt"

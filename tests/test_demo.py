@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -63,6 +64,7 @@ def test_demo_runs_exports_and_runs_again_but_keeps_other_runs_checkpoints(tmp_p
 
     other = tmp_path / "other"  # another run's checkpoints where the demo would write
     os.makedirs(other / "checkpoints" / "checkpoint_5")
+    shutil.copytree(out / "tiny-gptneox", other / "tiny-gptneox")  # the demo's model is there: one launch less
     (other / "checkpoints" / "latest").write_text("5\n")
     result = demo(other, "--evaluation-steps", "0")
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]

@@ -273,14 +273,15 @@ def test_out_of_memory_in_a_pipeline_stage_is_one_line_with_the_fixes(setup, tmp
 
 def test_8bit_adam_without_bitsandbytes_says_how_to_install(setup, tmp_path):
     """bitsandbytes is hidden from this one process (installed or not) by a sitecustomize.py on its PYTHONPATH that
-    marks it missing in sys.modules, as `import` and importlib.util.find_spec then report: no switch in the product."""
+    marks it missing in sys.modules, as `import` and importlib.util.find_spec then report: no switch in the product.
+    A fresh interpreter: a fork would not run the sitecustomize."""
     hide = tmp_path / "hide"
     hide.mkdir()
     (hide / "sitecustomize.py").write_text('import sys\n\nsys.modules["bitsandbytes"] = None\n')
     path = os.pathsep.join(filter(None, [str(hide), os.environ.get("PYTHONPATH")]))
     _, model_dir, data = setup
     flags = base_flags(model_dir, data, str(tmp_path / "ck"), optimizer="8bit-adam")
-    result = run_single(flags, env=dict(os.environ, PYTHONPATH=path))
+    result = run_single(flags, env=dict(os.environ, PYTHONPATH=path), fresh=True)
     assert_one_line_error(result, "8bit-adam", "pip install bitsandbytes")
 
 

@@ -68,6 +68,7 @@ class HostBuffers:
 
     def needs(self, groups: dict) -> int:
         """Bytes a snapshot of `groups` would newly allocate (0 when the arena already fits them)."""
+        self._prepared()
         entries, size = self.plan(groups)
         return 0 if entries == self.signature else size
 
@@ -89,9 +90,7 @@ class HostBuffers:
     def copy(self, groups: dict) -> tuple[dict, CopiesInFlight]:
         """{group: {key: host copy}} of `groups`, and the copies still in flight (device tensors' copies run on a
         side stream, after the work already queued; host tensors are copied by the time this returns)."""
-        if self.preparing is not None:
-            self.preparing.join()
-            self.preparing = None
+        self._prepared()
         entries, size = self.plan(groups)
         if entries != self.signature:
             self._allocate(entries, size)
@@ -116,6 +115,12 @@ class HostBuffers:
             event = torch.cuda.Event()
             event.record(self.stream)
         return out, CopiesInFlight(event)
+
+    def _prepared(self):
+        """The arena `prepare` is allocating is there (its thread done)."""
+        if self.preparing is not None:
+            self.preparing.join()
+            self.preparing = None
 
     def _allocate(self, entries, size):
         self.release()

@@ -29,8 +29,8 @@ def test_prepared_buffers_are_the_ones_every_snapshot_reuses():
     groups = state()
     assert buffers.needs(groups) > 0
     buffers.prepare(groups)
-    host, _ = buffers.copy(groups)  # waits for the preparing thread
-    assert buffers.needs(groups) == 0
+    assert buffers.needs(groups) == 0  # waits for the preparing thread: nothing more to allocate
+    host, _ = buffers.copy(groups)
     arena = buffers.arena.data_ptr()
     again, _ = buffers.copy(state())
     assert buffers.arena.data_ptr() == arena and again["stage"]["w"].data_ptr() == host["stage"]["w"].data_ptr()

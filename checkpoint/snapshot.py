@@ -3,9 +3,9 @@
 The training thread stalls only for the snapshot. Every tensor is copied into host buffers that are allocated and
 pinned once, in a background thread after the run's first optimizer step (`prepare`: page-locking ~100 GB takes tens
 of seconds), and reused by every checkpoint, so host memory holds one checkpoint's tensors, never more. Device
-tensors are copied on a side stream while the next step's forward and backward run: the weights and optimizer state
-change only in the optimizer step, which waits for those copies first (`CopiesInFlight.wait`); host tensors are
-copied at once. A background thread then waits for the copies and runs store.py's commit (files, fsync, sha256, the
+tensors are copied on a side stream, host tensors (offloaded optimizer state, CPU runs) by a thread, while the next
+step's forward and backward run: the weights and optimizer state change only in the optimizer step, which waits for
+those copies first (`CopiesInFlight.wait`). A background thread then waits for the copies and runs store.py's commit (files, fsync, sha256, the
 cross-rank agreement through the gloo commit group, meta.json, rename, `latest`, rotation). One write is in flight at
 a time: the next snapshot first waits for it.
 
@@ -27,10 +27,13 @@ HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA co
 
 
 class CopiesInFlight:
-    """Device-to-host copies of one snapshot, running on a side stream; `wait` returns once they are complete."""
+    """The copies of one snapshot, still running: device tensors' on a side stream, host tensors' (offloaded optimizer
+    state, CPU runs) in a thread; `wait` and `join` return once all are complete."""
 
     def __init__(self, event):
-        self.event = event  # recorded after the last copy; None when every copy was made on the host
+        self.event = event  # recorded after the last device copy; None without device tensors
+        self.thread = None  # copying the host tensors, if there are any
+        self.error = None  # what the host copies raised, raised again by join
 
     def wait(self) -> float:
         """The training thread, before the optimizer step: returns the seconds it waited."""
@@ -39,8 +42,12 @@ class CopiesInFlight:
         return time.perf_counter() - started
 
     def join(self):
+        if self.thread is not None:
+            self.thread.join()
         if self.event is not None:
             self.event.synchronize()
+        if self.error is not None:
+            raise self.error
 
 
 class HostBuffers:
@@ -88,33 +95,42 @@ class HostBuffers:
         self.preparing.start()
 
     def copy(self, groups: dict) -> tuple[dict, CopiesInFlight]:
-        """{group: {key: host copy}} of `groups`, and the copies still in flight (device tensors' copies run on a
-        side stream, after the work already queued; host tensors are copied by the time this returns)."""
+        """{group: {key: host copy}} of `groups`, and the copies still in flight: device tensors' on a side stream,
+        after the work already queued; host tensors' in a thread (torch's copies release the GIL), so that neither
+        holds up the training thread."""
         self._prepared()
         entries, size = self.plan(groups)
         if entries != self.signature:
             self._allocate(entries, size)
-        out = {group: {} for group in groups}
-        on_device = [t for tensors in groups.values() for t in tensors.values() if t.is_cuda]
+        out = {group: {key: self.views[(group, key)] for key in tensors} for group, tensors in groups.items()}
+        on_device = [(out[g][k], t) for g, tensors in groups.items() for k, t in tensors.items() if t.is_cuda]
+        on_host = [
+            (out[g][k], t.detach()) for g, tensors in groups.items() for k, t in tensors.items() if not t.is_cuda
+        ]
+        event = None
         if on_device:
             if self.stream is None:
                 self.stream = torch.cuda.Stream(self.device)
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # copy the values after the update
-        for group, tensors in groups.items():
-            for key, tensor in tensors.items():
-                view = self.views[(group, key)]
-                if tensor.is_cuda:
-                    with torch.cuda.stream(self.stream):
-                        view.copy_(tensor.detach(), non_blocking=True)
+            with torch.cuda.stream(self.stream):
+                for view, tensor in on_device:
+                    view.copy_(tensor.detach(), non_blocking=True)
                     tensor.record_stream(self.stream)  # a temporary's memory is not reused before its copy ran
-                else:
-                    view.copy_(tensor.detach())
-                out[group][key] = view
-        event = None
-        if on_device:
             event = torch.cuda.Event()
             event.record(self.stream)
-        return out, CopiesInFlight(event)
+        copies = CopiesInFlight(event)
+        if on_host:
+
+            def copy_host():
+                try:
+                    for view, tensor in on_host:
+                        view.copy_(tensor)
+                except BaseException as exc:  # noqa: BLE001 - raised by join, on the thread that needs the copies
+                    copies.error = exc
+
+            copies.thread = threading.Thread(target=copy_host, name="checkpoint-host-copies", daemon=True)
+            copies.thread.start()
+        return out, copies
 
     def _prepared(self):
         """The arena `prepare` is allocating is there (its thread done)."""

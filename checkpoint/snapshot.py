@@ -5,9 +5,9 @@ pinned once, in a background thread after the run's first optimizer step (`prepa
 of seconds), and reused by every checkpoint, so host memory holds one checkpoint's tensors, never more. Device
 tensors are copied on a side stream, host tensors (offloaded optimizer state, CPU runs) by a thread, while the next
 step's forward and backward run: the weights and optimizer state change only in the optimizer step, which waits for
-those copies first (`CopiesInFlight.wait`). A background thread then waits for the copies and runs store.py's commit (files, fsync, sha256, the
-cross-rank agreement through the gloo commit group, meta.json, rename, `latest`, rotation). One write is in flight at
-a time: the next snapshot first waits for it.
+those copies first (`CopiesInFlight.wait`). A background thread then waits for the copies and runs store.py's commit
+(files, fsync, sha256, the cross-rank agreement through the gloo commit group, meta.json, rename, `latest`,
+rotation). One write is in flight at a time: the next snapshot first waits for it.
 
 A write's outcome is the same on every rank (the commit agrees through the commit group). The training thread learns
 it where every rank is at the same point: after each step (`TrainingCheckpoint.poll`), the next snapshot, or the end
@@ -103,10 +103,9 @@ class HostBuffers:
         if entries != self.signature:
             self._allocate(entries, size)
         out = {group: {key: self.views[(group, key)] for key in tensors} for group, tensors in groups.items()}
-        on_device = [(out[g][k], t) for g, tensors in groups.items() for k, t in tensors.items() if t.is_cuda]
-        on_host = [
-            (out[g][k], t.detach()) for g, tensors in groups.items() for k, t in tensors.items() if not t.is_cuda
-        ]
+        pairs = [(out[g][k], t.detach()) for g, tensors in groups.items() for k, t in tensors.items()]
+        on_device = [(view, tensor) for view, tensor in pairs if tensor.is_cuda]
+        on_host = [(view, tensor) for view, tensor in pairs if not tensor.is_cuda]
         event = None
         if on_device:
             if self.stream is None:
@@ -114,7 +113,7 @@ class HostBuffers:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # copy the values after the update
             with torch.cuda.stream(self.stream):
                 for view, tensor in on_device:
-                    view.copy_(tensor.detach(), non_blocking=True)
+                    view.copy_(tensor, non_blocking=True)
                     tensor.record_stream(self.stream)  # a temporary's memory is not reused before its copy ran
             event = torch.cuda.Event()
             event.record(self.stream)

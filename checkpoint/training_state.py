@@ -188,7 +188,7 @@ class TrainingCheckpoint:
 
         def write():
             if copies is not None:
-                copies.join()  # the device copies run while training goes on; the files need them complete
+                copies.join()  # the copies run while training goes on; the files need them complete
             self.store.commit(snap)
 
         # Inline when the snapshot did not fit: the outcome still surfaces where every rank checks.
@@ -210,8 +210,8 @@ class TrainingCheckpoint:
             self.buffers.prepare(groups)
 
     def before_update(self) -> None:
-        """Before the optimizer step changes weights and state: the last snapshot's device copies, made while this
-        step's forward and backward ran, are complete. The seconds waited count as stall (`checkpoint_copy_wait_s`)."""
+        """Before the optimizer step changes weights and state: the last snapshot's copies, made while this step's
+        forward and backward ran, are complete. The seconds waited count as stall (`checkpoint_copy_wait_s`)."""
         if self.copying is not None:
             step, copies = self.copying
             self.copying = None

@@ -91,14 +91,17 @@ def main():
     params, grads = make_params(n, device, torch.bfloat16)
     print(f"== bench_offload_step: {n:,} bf16 parameters on {device}, host cores {os.cpu_count()}", flush=True)
 
-    device_times, _ = time_steps(StageOptimizer(params, cfg, layout, 100), params, grads, args.repeats, sync)
+    device_times, _ = time_steps(
+        StageOptimizer(params, cfg, layout, 100, backwards_per_step=1), params, grads, args.repeats, sync
+    )
     reference = {"label": "device optimizer", "step_s": min(device_times), "step_s_all": device_times}
     print(f"device optimizer: {reference['step_s']:.3f} s per step", flush=True)
 
     runs = []
     offload_cfg = dataclasses.replace(cfg, offload="cpu")
     for threads in [int(t) for t in args.threads.split(",") if t] or [None]:
-        optimizer = StageOptimizer(params, offload_cfg, layout, 100)  # sets the trainer's thread count on a GPU
+        # sets the trainer's thread count on a GPU
+        optimizer = StageOptimizer(params, offload_cfg, layout, 100, backwards_per_step=1)
         if threads:
             torch.set_num_threads(threads)
         times, host = time_steps(optimizer, params, grads, args.repeats, sync)

@@ -1,7 +1,7 @@
-"""Data parallelism: allreduce.py sums each stage's gradients over its data-parallel group; sharded.py cuts the
-optimizer's share of a stage into one shard per data-parallel rank (reduce-scatter, all-gather)."""
+"""Data parallelism: reducer.py sums each stage's gradients over its data-parallel group while the backward runs
+(all-reduce, or reduce-scatter under --dp-mode sharded, and the all-gather of the updated shards); buckets.py lays
+the gradients out in buckets and cuts each bucket into one shard per data-parallel rank."""
 
-from .allreduce import allreduce_gradients
-from .sharded import FlatShards
+from .reducer import GradientReducer
 
-__all__ = ["FlatShards", "allreduce_gradients"]
+__all__ = ["GradientReducer"]

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from data_parallel import FlatShards, allreduce_gradients
+from data_parallel import GradientReducer
 from optimizer.offload import HostStep, host_threads
 from optimizer.scaler import LossScaler, NoScaler
 from utils.config import OptimizerConfig
@@ -132,7 +132,19 @@ class StageOptimizer:
     (data_parallel/sharded.py). Each unit has an fp32 master: the parameter itself (fp32), a view of it (fp32,
     sharded), or a separate fp32 copy (bf16/fp16 models, and every unit with --offload-optimizer cpu, on the host)."""
 
-    def __init__(self, named_params, cfg: OptimizerConfig, layout, total_optimizer_steps, norm_exclude=()):
+    def __init__(
+        self,
+        named_params,
+        cfg: OptimizerConfig,
+        layout,
+        total_optimizer_steps,
+        backwards_per_step,
+        norm_exclude=(),
+        late=(),
+    ):
+        """`backwards_per_step`: backward passes per optimizer step (accumulation x micro-batches); `norm_exclude`:
+        names left out of the gradient norm (tied copies); `late`: names whose gradients are summed over the
+        pipeline ends after the backward, so their data-parallel reduction waits for reduce_gradients()."""
         self.layout = layout
         self.in_norm = [name not in norm_exclude for name, _ in named_params]
         self.model_params = [p for _, p in named_params]
@@ -141,12 +153,22 @@ class StageOptimizer:
         self.offload = cfg.offload == "cpu"
         self.host = torch.device("cpu") if self.offload else layout.device
         self.separate = self.mixed or self.offload  # masters are copies, written back to the model after a step
+        self.reducer = None
+        if layout.dp_size > 1:
+            self.reducer = GradientReducer(
+                self.model_params,
+                layout.dp_group,
+                layout.dp_size,
+                layout.dp_rank,
+                self.sharded,
+                backwards_per_step,
+                bucket_bytes=int(cfg.dp_bucket_mb * 2**20),
+                align=BNB_BLOCK if self.sharded and cfg.kind == "8bit-adam" else 1,
+                late={i for i, (name, _) in enumerate(named_params) if name in late},
+            )
         if self.sharded:
-            align = BNB_BLOCK if cfg.kind == "8bit-adam" else 1
-            self.shards = FlatShards(self.model_params, layout.dp_size, layout.dp_rank, align=align)
-            self.units = self.shards.my_pieces()
+            self.units = self.reducer.my_pieces()
         else:
-            self.shards = None
             self.units = [(i, 0, p.numel()) for i, p in enumerate(self.model_params)]
         self.master_params = [self._make_master(i, a, b) for i, a, b in self.units]
         self._shard_grads = None  # this rank's summed gradient pieces, between reduce_gradients and step
@@ -197,19 +219,19 @@ class StageOptimizer:
     def zero_grad(self):
         for p in self.model_params:
             p.grad = None
+        if self.reducer is not None:
+            self.reducer.zero_grad()  # the .grad of every parameter: a zeroed view of its bucket
         self._shard_grads = None
         if self.separate or self.sharded:
             for m in self.master_params:
                 m.grad = None
 
     def reduce_gradients(self):
-        """Sum the gradients over the data-parallel group: all of them on every replica (allreduce), or each
-        rank's own shard (sharded; the full gradients are dropped)."""
-        lay = self.layout
-        if self.sharded:
-            self._shard_grads = self.shards.reduce_scatter(self.model_params, lay.dp_group)
-        else:
-            allreduce_gradients(self.model_params, lay.dp_group, lay.dp_size)
+        """Sum the gradients over the data-parallel group (most buckets were launched during the backward): all of
+        them on every replica (allreduce), or each rank's own shard (sharded)."""
+        if self.reducer is not None:
+            piece_sums = self.reducer.finish()
+            self._shard_grads = piece_sums if self.sharded else None
 
     def _unit_grads(self):
         """The (summed, still loss-scaled) gradient of every unit, in the model's dtype and device."""
@@ -276,7 +298,7 @@ class StageOptimizer:
             self._device_update(grads, 1.0 if fused else divisor)
         if self.sharded:
             self._shard_grads = None
-            self.shards.all_gather(self.model_params, self.layout.dp_group)
+            self.reducer.all_gather()
         self.scheduler.step()
         self.zero_grad()
         return grad_norm, False

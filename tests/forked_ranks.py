@@ -15,6 +15,7 @@ import os
 import runpy
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRYPOINT = os.path.join(REPO, "dist_lm_pretrain_and_finetune.py")
@@ -103,3 +104,48 @@ class ForkedRank:
     def communicate(self, timeout=None):
         self.wait(timeout)
         return self.output()
+
+
+def _run_function(target, args, rank, world, port, err_path, backend):
+    """In the fork: join a `backend` group of `world` ranks and run target(rank, world, *args); a failure's
+    traceback goes to `err_path` and the exit code is 1."""
+    import traceback
+
+    import torch.distributed as dist
+
+    code = 0
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        target(rank, world, *args)
+        dist.destroy_process_group()
+    except BaseException:
+        with open(err_path, "w") as f:
+            f.write(traceback.format_exc())
+        code = 1
+    os._exit(code)
+
+
+def run_function_ranks(world, target, args, tmp_dir, port, timeout=120, backend="gloo"):
+    """target(rank, world, *args) (a module-level function) in `world` forked processes joined in one group.
+    Returns each rank's traceback ("" when it succeeded); a rank still running after `timeout` (its peers failed) is
+    killed and reported as such."""
+    errors = [os.path.join(tmp_dir, f"rank{r}.err") for r in range(world)]
+    procs = [
+        _server().Process(target=_run_function, args=(target, args, r, world, port, errors[r], backend))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    out = []
+    for p, path in zip(procs, errors):
+        if p.exitcode is None:
+            p.kill()
+            out.append(f"killed after {timeout} s")
+        elif p.exitcode != 0:
+            out.append(open(path).read() if os.path.exists(path) else f"exit code {p.exitcode}")
+        else:
+            out.append("")
+    return out

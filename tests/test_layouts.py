@@ -130,6 +130,7 @@ def run_and_compare(setup, pp, dp, mode, batch, accum, extra=None):
             "seq-length": SEQ,
             "lr": LR,
             "seed": SEED,
+            "dp-bucket-mb": 0.002,  # many buckets: most are reduced during the backward, in a fixed order
             **(extra or {}),
         },
     )
@@ -142,10 +143,16 @@ def run_and_compare(setup, pp, dp, mode, batch, accum, extra=None):
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("pp,mode", [(1, "gpipe"), (2, "1f1b"), (2, "interleaved-1f1b")])
-def test_llama_gqa_tied_embeddings(tmp_path, pp, mode):
+@pytest.mark.parametrize(
+    "pp,dp,mode", [(1, 1, "gpipe"), (2, 1, "1f1b"), (2, 1, "interleaved-1f1b"), (2, 2, "interleaved-1f1b")]
+)
+def test_llama_gqa_tied_embeddings(tmp_path, pp, dp, mode):
     """Llama with grouped-query attention and tied embeddings: the head lives on the last stage and the embedding
-    on the first; their gradients are summed, so both copies stay equal to the reference's single matrix."""
+    on the first; their gradients are summed, so both copies stay equal to the reference's single matrix. At dp=2
+    (sharded, 2 KB gradient buckets) the tied ends' buckets are reduced after the ends' sum, the others during the
+    backward."""
+    from checkpoint.training_state import join_pieces
+
     model_dir = make_model(
         tmp_path / "llama",
         model_type="llama",
@@ -167,8 +174,12 @@ def test_llama_gqa_tied_embeddings(tmp_path, pp, mode):
         str(ckpt),
         **{"pipeline-group-size": pp, "pp-mode": mode, "total-steps": STEPS, "seq-length": SEQ, "lr": LR, "seed": SEED},
     )
-    result = run_job(pp, flags)
+    if dp > 1:
+        flags += ["--data-group-size", str(dp), "--batch-size", str(4 // dp), "--dp-mode", "sharded"]
+        flags += ["--dp-bucket-mb", "0.002"]
+    result = run_job(pp * dp, flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     got = read_checkpoint_weights(str(ckpt), suffix=("_model.safetensors", "_optimizer.safetensors"))
+    got = join_pieces(got, {k: v.shape for k, v in got.items() if "/" not in k}, str(ckpt))  # sharded: pieces
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m, name=name: f"{name}: {m}")

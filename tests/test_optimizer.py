@@ -67,7 +67,7 @@ def make_optimizer(params, dtype, lr=1e-2, lr_scheduler="linear", layout=None, *
         min_loss_scale=1.0,
     )
     layout = layout or Layout(0, 1, 1, 1, 0, 0, 0, torch.device("cpu"))
-    return StageOptimizer(params, dataclasses.replace(cfg, **changes), layout, total_optimizer_steps=10)
+    return StageOptimizer(params, dataclasses.replace(cfg, **changes), layout, 10, backwards_per_step=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

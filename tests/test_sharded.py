@@ -35,24 +35,117 @@ BOTH = ("_model.safetensors", "_optimizer.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------------- unit tests
+@pytest.mark.parametrize("bucket_bytes", [40, 1 << 20])
 @pytest.mark.parametrize("align", [1, 4])
 @pytest.mark.parametrize("dp", [1, 2, 3, 4])
-def test_shards_cover_every_element_once(dp, align):
-    """With `align`, every piece starts at a multiple of it in its parameter and ends there or at the parameter's
-    end (a block of 8-bit Adam's state is never cut between ranks)."""
-    from data_parallel import FlatShards
+def test_shards_cover_every_element_once(dp, align, bucket_bytes):
+    """Every element is in one rank's shard of one bucket. With `align`, every piece starts at a multiple of it in
+    its parameter and ends there or at the parameter's end (a block of 8-bit Adam's state is never cut between
+    ranks). Buckets hold one dtype, their parameters in backward order, the late ones last and apart."""
+    from data_parallel.buckets import plan_buckets, shard_pieces
 
-    params = [torch.zeros(5, 3), torch.zeros(7), torch.zeros(2, 2, dtype=torch.bfloat16), torch.zeros(1)]
+    params = [torch.zeros(2, 2, dtype=torch.bfloat16), torch.zeros(5, 3), torch.zeros(7), torch.zeros(1)]
+    buckets = plan_buckets(params, dp, bucket_bytes, align, late={2})
+    order = [i for b in buckets for i in b.indices]
+    assert order == [3, 1, 0, 2] and buckets[-1].indices == [2] and buckets[-1].late
+    assert all(params[i].dtype == b.dtype for b in buckets for i in b.indices)
+    assert len(buckets) == (4 if bucket_bytes == 40 else 3)  # 40-byte buckets: 3 and 1 (64 bytes) do not fit in one
     seen = [torch.zeros(p.numel(), dtype=torch.int32) for p in params]
     for rank in range(dp):
-        shards = FlatShards(params, dp, rank, align=align)
-        for i, a, b in shards.my_pieces():
+        for i, a, b in shard_pieces(buckets, rank):
             assert 0 <= a < b <= params[i].numel()
             assert a % align == 0 and (b % align == 0 or b == params[i].numel())
             seen[i][a:b] += 1
     assert all(bool((s == 1).all()) for s in seen)
-    if dp == 3:  # the 15-element parameter really is cut between two ranks (at 12 with align 4)
-        assert sum(len(FlatShards(params, dp, r, align=align).my_pieces()) for r in range(dp)) > len(params)
+    if dp == 3:  # the 15-element parameter really is cut between two ranks
+        assert sum(len(shard_pieces(buckets, r)) for r in range(dp)) > len(params)
+
+
+def reducer_ranks(rank, world, sharded, device="cpu"):
+    """One rank of test_reducer_sums_during_the_last_backward (a forked process in a gloo or NCCL group)."""
+    import copy
+
+    import torch.distributed as dist
+
+    from data_parallel import GradientReducer
+
+    torch.manual_seed(0)  # the same model on every rank
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3)
+    ).to(device)
+    reference = copy.deepcopy(model)  # plain gradients, all-reduced after the backward
+    params, ref_params = list(model.parameters()), list(reference.parameters())
+    micro_batches, late = 3, {0}  # the first weight is reduced after the backward (as a tied embedding is)
+    align = 4 if sharded else 1
+    reducer = GradientReducer(
+        params, None, world, rank, sharded, micro_batches, bucket_bytes=100, align=align, late=late
+    )
+    early = sum(not b.late for b in reducer.buckets)
+    assert early >= 3, reducer.buckets
+    torch.manual_seed(1 + rank)
+    for _ in range(2):  # two optimizer steps: counts and buckets start afresh
+        launched = []
+        for _ in range(micro_batches):
+            x = torch.randn(4, 6, device=device)
+            model(x).square().mean().backward()
+            reference(x).square().mean().backward()
+            launched.append(len(reducer.works))
+        assert launched == [0, 0, early], launched  # every bucket but the late one, during the last backward
+        piece_sums = reducer.finish()
+        assert reducer.launched_in_backward == early
+        for r in ref_params:
+            dist.all_reduce(r.grad)
+        if not sharded:
+            for p, r in zip(params, ref_params):
+                torch.testing.assert_close(p.grad, r.grad, rtol=0, atol=0 if world == 2 else 1e-7)
+        else:
+            mine = reducer.my_pieces()
+            assert len(piece_sums) == len(mine)
+            for (i, a, b), got in zip(mine, piece_sums):
+                want = ref_params[i].grad.view(-1)[a:b]
+                torch.testing.assert_close(got, want, rtol=0, atol=0 if world == 2 else 1e-7)
+            with torch.no_grad():  # each rank "updates" its pieces; the all-gather brings every piece everywhere
+                for i, a, b in mine:
+                    params[i].view(-1)[a:b] = ref_params[i].grad.view(-1)[a:b]
+            reducer.all_gather()
+            for p, r in zip(params, ref_params):
+                assert torch.equal(p, r.grad)
+            with torch.no_grad():
+                for p, r in zip(params, ref_params):
+                    p.copy_(r)
+        reducer.zero_grad()
+        reference.zero_grad()
+    # One backward more than the step expects would add to a bucket already reduced: refused.
+    for _ in range(micro_batches):
+        model(torch.randn(4, 6, device=device)).sum().backward()
+    with pytest.raises(RuntimeError, match="4 gradients in one optimizer step, 3 expected"):
+        model(torch.randn(4, 6, device=device)).sum().backward()
+
+
+@pytest.mark.parametrize("world, sharded", [(2, False), (2, True), (3, True)])
+def test_reducer_sums_during_the_last_backward(tmp_path, world, sharded):
+    """gloo, forked ranks, 3 micro-batches per step, 100-byte buckets: nothing is reduced before the last
+    micro-batch's backward, and every bucket but the late one is launched during it; the sums equal an all-reduce
+    of plain gradients after the backward (bit-identical at dp=2: a + b is one sum whatever the collective), for
+    allreduce and for each rank's shard (sharded), whose all-gather brings every rank's pieces to all; a second
+    step does the same; a gradient more than expected is refused."""
+    from tests.forked_ranks import run_function_ranks
+    from tests.helpers import free_port
+
+    errors = run_function_ranks(world, reducer_ranks, (sharded,), str(tmp_path), free_port())
+    assert errors == [""] * world, "\n".join(errors)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("sharded", [False, True])
+def test_reducer_on_cuda_with_nccl(tmp_path, sharded):
+    """The same on a GPU, one rank in an NCCL group (one GPU suffices): the backward's accumulation into the
+    buckets, the hooks and the asynchronous NCCL collectives keep their order on the streams."""
+    from tests.forked_ranks import run_function_ranks
+    from tests.helpers import free_port
+
+    errors = run_function_ranks(1, reducer_ranks, (sharded, "cuda"), str(tmp_path), free_port(), backend="nccl")
+    assert errors == [""], errors[0]
 
 
 def make_optimizer(named, dtype, **changes):
@@ -123,12 +216,13 @@ def test_8bit_adam_pieces_step_like_whole_tensors_and_resume_at_another_dp(monke
     (the e2e test below)."""
     bnb = pytest.importorskip("bitsandbytes")
     from checkpoint.training_state import join_pieces
-    from data_parallel import FlatShards
+    from data_parallel import GradientReducer
+    from data_parallel.buckets import plan_buckets, shard_pieces
     from optimizer import stage_optimizer
     from tests import test_optimizer
 
     monkeypatch.setattr(stage_optimizer.dist, "all_reduce", lambda *a, **k: None)  # one process holds every rank
-    monkeypatch.setattr(FlatShards, "all_gather", lambda *a, **k: None)
+    monkeypatch.setattr(GradientReducer, "all_gather", lambda *a, **k: None)
     named = test_optimizer.named_params(torch.bfloat16, shapes=SHAPES_8BIT)
     names = [n for n, _ in named]
     reference = [torch.nn.Parameter(p.detach().float()) for _, p in named]
@@ -152,7 +246,8 @@ def test_8bit_adam_pieces_step_like_whole_tensors_and_resume_at_another_dp(monke
         assert not different, different
 
     ranks = sharded_8bit_ranks(named, 3)
-    pieces = [FlatShards([p for _, p in named], 3, r, align=256).my_pieces() for r in range(3)]
+    buckets = plan_buckets([p for _, p in named], 3, 64 * 2**20, align=256)
+    pieces = [shard_pieces(buckets, r) for r in range(3)]
     assert [opt.units for opt in ranks] == pieces and all(a % 256 == 0 for piece in pieces for _, a, _ in piece)
     assert any(b - a < 4096 <= named[i][1].numel() for piece in pieces for i, a, b in piece)  # a small piece
     for k in range(2):

@@ -104,7 +104,20 @@ class Trainer:
         # embedding's (see _sync_tied_gradients), and it is left out of the gradient norm so it counts once.
         names = {n for n, _ in self.named_params}
         tied_copies = {n for n in self.tied if n in names and self.plan.num_stages > 1}
-        self.optimizer = StageOptimizer(self.named_params, job.optimizer, lay, self.steps_total, tied_copies)
+        if self.named_params:  # before the optimizer's gradient hooks, so that they see the fault
+            faults.arm_inf_gradient(lay.rank, self.named_params[0][1], lambda: self.step + 1)
+        # With pp > 1 both tied ends are summed over the ends group after the backward: their data-parallel
+        # reduction waits for it.
+        tied_ends = {n for pair in self.tied.items() for n in pair if n in names} if lay.ends_group else set()
+        self.optimizer = StageOptimizer(
+            self.named_params,
+            job.optimizer,
+            lay,
+            self.steps_total,
+            backwards_per_step=job.data.accumulation * job.pipeline.micro_batches,
+            norm_exclude=tied_copies,
+            late=tied_ends,
+        )
         self.loss_fn = TokenMeanLoss(recompute=job.model.activation_checkpointing != "none", compiled=job.model.compile)
         self.pipeline = Pipeline(self.stages, self.plan, lay, job.pipeline, self.loss_fn)
         clock.lap("optimizer")
@@ -263,7 +276,6 @@ class Trainer:
                 loss = self.pipeline.run(input_ids, labels, **self._document_inputs(batch))
             if loss is not None:
                 loss_sum += loss
-        faults.before_optimizer_step(self.step + 1, lay.rank, [p for _, p in self.named_params])
         self._sync_tied_gradients()
         with self.profiler.span("dp_allreduce"):
             self.optimizer.reduce_gradients()  # all-reduce, or reduce-scatter under --dp-mode sharded

@@ -204,6 +204,13 @@ def build_parser():
         help="sharded: each data-parallel rank keeps 1/dp of every stage's fp32 master weights and optimizer state "
         "(gradients reduce-scattered, weights all-gathered)",
     )
+    dist.add_argument(
+        "--dp-bucket-mb",
+        type=float,
+        default=64,
+        help="size of the gradient buckets reduced over the data-parallel group while the backward runs: smaller "
+        "starts the first reduction sooner, larger launches fewer collectives",
+    )
     dist.add_argument("--net-interface", default=None, help="sets GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME when unset")
     dist.add_argument("--dist-timeout", type=float, default=600, help="seconds before a stuck collective aborts")
 
@@ -341,6 +348,8 @@ def validate_args(args):
         )
     if args.fp16 and args.bf16:
         raise ArgumentError("--fp16 and --bf16 exclude each other; pick one")
+    if not args.dp_bucket_mb > 0:
+        raise ArgumentError(f"--dp-bucket-mb must be above 0, got {args.dp_bucket_mb}; the default is 64")
     _check_fp8(args)
     if args.loss_scale < 0:
         raise ArgumentError(f"--loss-scale must be >= 0 (0 = dynamic), got {args.loss_scale}")
@@ -599,6 +608,7 @@ def job_config(args) -> sections.JobConfig:
             hysteresis=args.hysteresis,
             min_loss_scale=args.min_loss_scale,
             dp_mode=args.dp_mode,
+            dp_bucket_mb=args.dp_bucket_mb,
             offload=args.offload_optimizer,
         ),
         checkpoint=sections.CheckpointConfig(

@@ -100,6 +100,7 @@ class OptimizerConfig:
     hysteresis: int  # [--hysteresis]
     min_loss_scale: float  # [--min-loss-scale]
     dp_mode: str = "allreduce"  # allreduce: every replica keeps all state; sharded: 1/dp of it per rank [--dp-mode]
+    dp_bucket_mb: float = 64  # gradients are reduced in buckets of this size during the backward [--dp-bucket-mb]
     offload: str = (
         "none"  # none | cpu: fp32 masters and optimizer state on the host, stepped there [--offload-optimizer]
     )

@@ -66,8 +66,16 @@ def after_checkpoint(step):
         time.sleep(float(fields[1]))
 
 
-def before_optimizer_step(step, rank, params):
-    """INJECT_INF_GRAD: make one gradient inf on the named rank and optimizer step (counted from 1)."""
+def arm_inf_gradient(rank, param, current_step):
+    """INJECT_INF_GRAD: on the named rank, a hook making `param`'s gradient inf during optimizer step STEP (counted
+    from 1; `current_step()` says which step runs). Registered before the data-parallel reducer's hook, it runs first,
+    so the inf is in the gradient before its bucket is reduced."""
     fields = _fields(INF_GRADIENT, first_attempt_only=False)
-    if fields and int(fields[0]) == step and int(fields[1]) == rank:
-        params[0].grad.view(-1)[0] = float("inf")
+    if not fields or int(fields[1]) != rank:
+        return
+
+    def poison(p):
+        if current_step() == int(fields[0]):
+            p.grad.view(-1)[0] = float("inf")
+
+    param.register_post_accumulate_grad_hook(poison)

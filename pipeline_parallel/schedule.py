@@ -1,13 +1,13 @@
 """Run this rank's stages with torch.distributed.pipelining (the plan comes from split.py).
 
-With pp=1 the micro-batches run in a plain loop: no schedule, no send/recv.
+With pp=1 the micro-batches run in a plain loop: no schedule, no send/recv, and torch.distributed.pipelining is not
+even imported (it pulls in FSDP, DTensor, sympy and dynamo: seconds of every start-up).
 
 Schedules are built with scale_grads=False: the loss function already divides by the global loss-token count of the
 optimizer step, so gradients come out identical whatever the layout.
 """
 
 import torch
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from pipeline_parallel.split import StagePlan
 from utils.config import PipelineConfig
@@ -24,6 +24,8 @@ class Pipeline:
         self.holds_last = plan.holds_last
         self.schedule = None
         if plan.num_stages > 1:
+            from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
             stages = [
                 PipelineStage(m, s, plan.num_stages, layout.device, group=layout.pp_group)
                 for m, s in zip(modules, plan.stage_ids)

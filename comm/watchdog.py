@@ -4,7 +4,10 @@ Each rank runs a daemon thread that, through the rendezvous store every process 
 - publishes a heartbeat every second;
 - watches for an "abort" record, written by a rank that raised (see `report_failure`);
 - declares a rank dead when its heartbeat is older than --dist-timeout (a SIGKILL or a lost machine leaves no record).
-On either, it prints one line and exits the process with status 1, so no rank waits forever in a collective.
+On either, it prints one line and exits the process with status 1, so no rank waits forever in a collective. When
+the store itself is gone (rank 0 or the launcher exited) it first gives this rank's main thread STORE_LOST_GRACE_S to
+report an error of its own: when every rank stops on the same error (a failed save), rank 0 may exit first, and the
+line a user reads on the others should be that error, not the lost store.
 Keys carry torchrun's restart count, so an attempt never reads the records of a failed earlier attempt.
 """
 
@@ -17,6 +20,7 @@ import torch.distributed as dist
 from utils.logging import error_line
 
 HEARTBEAT_S = 1.0
+STORE_LOST_GRACE_S = 5.0
 
 
 def _key(name):
@@ -81,6 +85,8 @@ class Watchdog:
                         f"see {'its' if len(lost) == 1 else 'their'} log"
                     )
             except Exception as exc:  # the store lives with rank 0 / torchrun: losing it means the job is gone
+                if self.stopped.wait(STORE_LOST_GRACE_S):  # a failing main thread exits the process before this
+                    return
                 self._exit(
                     f"stopping: lost the rendezvous store ({type(exc).__name__}: {exc}); rank 0 or the launcher died"
                 )

@@ -226,6 +226,46 @@ def test_error_on_one_rank_stops_all_ranks(setup, tmp_path):
     assert "--num-layers 3" in result.stderr + result.stdout
 
 
+class StoreThatDies:
+    """A rendezvous store that answers the watchdog's first heartbeat, then is gone (rank 0 exited)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def set(self, *_):
+        self.calls += 1
+        if self.calls > 1:
+            raise ConnectionResetError("Broken pipe")
+
+
+@pytest.mark.parametrize("main_thread_reports", [True, False])
+def test_lost_store_leaves_a_failing_rank_time_to_name_its_own_error(monkeypatch, main_thread_reports):
+    """When rank 0 exits first (every rank stopping on one failed save), a rank's watchdog loses the store. It waits
+    STORE_LOST_GRACE_S for the main thread, which prints its own error and exits (stop() stands for that here);
+    only a rank with nothing to say gets the lost-store line."""
+    import time
+
+    from comm import watchdog
+
+    exits = []
+    monkeypatch.setattr(watchdog, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(watchdog, "STORE_LOST_GRACE_S", 0.5)
+    monkeypatch.setattr(watchdog.dist.distributed_c10d, "_get_default_store", StoreThatDies)
+    monkeypatch.setattr(watchdog.os, "_exit", exits.append)
+    monkeypatch.setattr(watchdog, "error_line", exits.append)
+    dog = watchdog.Watchdog(rank=1, world_size=2, timeout_s=60).start()
+    time.sleep(0.3)  # the store is lost; the grace runs
+    assert exits == []
+    if main_thread_reports:
+        dog.stop()
+    time.sleep(0.6)  # the grace is over
+    dog.stop()  # (os._exit is a stand-in here: the thread would go on)
+    if main_thread_reports:
+        assert exits == []
+    else:
+        assert "lost the rendezvous store" in exits[0] and exits[1] == 1
+
+
 # Runs the real entrypoint with the last stage's forward raising what CUDA raises when the card is full.
 LAST_STAGE_OUT_OF_MEMORY = """
 import runpy, sys, torch

@@ -84,14 +84,14 @@ class GradientReducer:
     def _accumulated(self, i):
         """Hook: parameter i's gradient of one backward has been added to its view."""
         self.counts[i] += 1
-        if self.params[i].grad.data_ptr() != self.grad_views[i].data_ptr():
-            raise RuntimeError(f"parameter {i}'s gradient is not in its data-parallel bucket (.grad was replaced)")
         if self.counts[i] > self.backwards_per_step:
             raise RuntimeError(
                 f"parameter {i} received {self.counts[i]} gradients in one optimizer step, "
                 f"{self.backwards_per_step} expected: its bucket was already reduced"
             )
         if self.counts[i] == self.backwards_per_step:
+            if self.params[i].grad.data_ptr() != self.grad_views[i].data_ptr():
+                raise RuntimeError(f"parameter {i}'s gradient is not in its data-parallel bucket (.grad was replaced)")
             self.waiting[self.bucket_of[i]] -= 1
             while self._launchable(len(self.works)):
                 self._launch(len(self.works))

@@ -56,7 +56,7 @@ def no_decay(name, param):
 BITSANDBYTES_MISSING = "--optimizer 8bit-adam needs bitsandbytes: pip install bitsandbytes"
 # bitsandbytes' 8-bit state is block-wise: one absmax scale per block of this many consecutive elements of the
 # flattened tensor (`blocksize = 256` in Optimizer2State.init_state and in its update kernels, CPU and CUDA). Sharded
-# pieces of 8-bit Adam start at multiples of it (FlatShards' align), so no block is cut between ranks.
+# pieces of 8-bit Adam start at multiples of it (the gradient buckets' align), so no block is cut between ranks.
 BNB_BLOCK = 256
 
 # How each optimizer state tensor relates to its parameter's flattened elements, which decides what a sharded piece
@@ -129,7 +129,7 @@ def check_host_memory(elements_per_rank):
 class StageOptimizer:
     """The optimizer of one rank's stages. It steps *units*: whole parameters (--dp-mode allreduce), or, under
     --dp-mode sharded, the pieces `(param, start, end)` of flattened parameters this data-parallel rank owns
-    (data_parallel/sharded.py). Each unit has an fp32 master: the parameter itself (fp32), a view of it (fp32,
+    (data_parallel/buckets.py). Each unit has an fp32 master: the parameter itself (fp32), a view of it (fp32,
     sharded), or a separate fp32 copy (bf16/fp16 models, and every unit with --offload-optimizer cpu, on the host)."""
 
     def __init__(

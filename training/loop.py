@@ -278,7 +278,7 @@ class Trainer:
                 loss_sum += loss
         self._sync_tied_gradients()
         with self.profiler.span("dp_allreduce"):
-            self.optimizer.reduce_gradients()  # all-reduce, or reduce-scatter under --dp-mode sharded
+            self.optimizer.reduce_gradients()  # the buckets not yet summed during the backward, and the tied ends
         self.checkpoint.before_update()  # a snapshot's copies of the weights and state are complete
         with self.profiler.span("optimizer"):
             grad_norm, skipped = self.optimizer.step()

@@ -248,21 +248,23 @@ def test_lost_store_leaves_a_failing_rank_time_to_name_its_own_error(monkeypatch
     from comm import watchdog
 
     exits = []
-    monkeypatch.setattr(watchdog, "HEARTBEAT_S", 0.05)
-    monkeypatch.setattr(watchdog, "STORE_LOST_GRACE_S", 0.5)
+    monkeypatch.setattr(watchdog, "HEARTBEAT_S", 0.02)
+    monkeypatch.setattr(watchdog, "STORE_LOST_GRACE_S", 0.3)
     monkeypatch.setattr(watchdog.dist.distributed_c10d, "_get_default_store", StoreThatDies)
     monkeypatch.setattr(watchdog.os, "_exit", exits.append)
     monkeypatch.setattr(watchdog, "error_line", exits.append)
     dog = watchdog.Watchdog(rank=1, world_size=2, timeout_s=60).start()
-    time.sleep(0.3)  # the store is lost; the grace runs
+    time.sleep(0.15)  # the store is lost; the grace runs
     assert exits == []
     if main_thread_reports:
         dog.stop()
-    time.sleep(0.6)  # the grace is over
-    dog.stop()  # (os._exit is a stand-in here: the thread would go on)
-    if main_thread_reports:
-        assert exits == []
+        dog.thread.join(2.0)
+        assert exits == [] and not dog.thread.is_alive()
     else:
+        deadline = time.monotonic() + 5
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.02)
+        dog.stop()  # (os._exit is a stand-in here: the thread would go on)
         assert "lost the rendezvous store" in exits[0] and exits[1] == 1
 
 

@@ -122,7 +122,7 @@ def reducer_ranks(rank, world, sharded, device="cpu"):
         model(torch.randn(4, 6, device=device)).sum().backward()
 
 
-@pytest.mark.parametrize("world, sharded", [(2, False), (2, True), (3, True)])
+@pytest.mark.parametrize("world, sharded", [(2, False), (2, True), pytest.param(3, True, marks=pytest.mark.e2e)])
 def test_reducer_sums_during_the_last_backward(tmp_path, world, sharded):
     """gloo, forked ranks, 3 micro-batches per step, 100-byte buckets: nothing is reduced before the last
     micro-batch's backward, and every bucket but the late one is launched during it; the sums equal an all-reduce

@@ -102,19 +102,21 @@ def assert_adapters_equal(ckpt, expected):
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
-# (family, pp, dp, pp-mode); the global batch is 4 sequences in every layout
+# (family, pp, dp, pp-mode, dp-mode); the global batch is 4 sequences in every layout
 LAYOUTS = [
-    ("gptneox", 1, 1, "gpipe"),
-    ("gptneox", 2, 2, "1f1b"),
-    ("gptneox", 4, 1, "gpipe"),
-    ("gptneox", 2, 1, "interleaved-1f1b"),
-    ("gptj", 2, 2, "gpipe"),
-    ("llama", 2, 1, "1f1b"),
+    ("gptneox", 1, 1, "gpipe", "allreduce"),
+    ("gptneox", 2, 2, "1f1b", "sharded"),  # the adapters' optimizer state in 2 shards, 2 KB gradient buckets
+    ("gptneox", 4, 1, "gpipe", "allreduce"),
+    ("gptneox", 2, 1, "interleaved-1f1b", "allreduce"),
+    ("gptj", 2, 2, "gpipe", "allreduce"),
+    ("llama", 2, 1, "1f1b", "allreduce"),
 ]
 
 
-@pytest.mark.parametrize("family,pp,dp,mode", LAYOUTS, ids=[f"{f}-pp{p}-dp{d}-{m}" for f, p, d, m in LAYOUTS])
-def test_adapters_match_peft_in_every_layout(models, tmp_path, family, pp, dp, mode):
+@pytest.mark.parametrize(
+    "family,pp,dp,mode,dp_mode", LAYOUTS, ids=[f"{f}-pp{p}-dp{d}-{m}-{s}" for f, p, d, m, s in LAYOUTS]
+)
+def test_adapters_match_peft_in_every_layout(models, tmp_path, family, pp, dp, mode, dp_mode):
     _, data, by_family = models
     model_dir, expected = by_family[family]
     flags = lora_flags(
@@ -122,7 +124,14 @@ def test_adapters_match_peft_in_every_layout(models, tmp_path, family, pp, dp, m
         data,
         str(tmp_path / "ck"),
         FAMILIES[family]["targets"],
-        **{"pipeline-group-size": pp, "data-group-size": dp, "pp-mode": mode, "batch-size": GLOBAL_BATCH // dp},
+        **{
+            "pipeline-group-size": pp,
+            "data-group-size": dp,
+            "pp-mode": mode,
+            "batch-size": GLOBAL_BATCH // dp,
+            "dp-mode": dp_mode,
+            "dp-bucket-mb": 0.002,
+        },
     )
     result = run_job(pp * dp, flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

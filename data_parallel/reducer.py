@@ -23,6 +23,10 @@ BUCKET_BYTES = 64 * 1024 * 1024
 
 
 class GradientReducer:
+    """The gradient buckets of one rank's trained `params` and their collectives over the data-parallel `group`.
+    `backwards_per_step`: the gradients each parameter receives per optimizer step; `align`: where parameters and
+    shards may start in a bucket (8-bit Adam's blocks); `late`: indices reduced only by finish()."""
+
     def __init__(
         self,
         params,

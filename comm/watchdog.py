@@ -20,7 +20,7 @@ import torch.distributed as dist
 from utils.logging import error_line
 
 HEARTBEAT_S = 1.0
-STORE_LOST_GRACE_S = 5.0
+STORE_LOST_GRACE_S = 2.0
 
 
 def _key(name):

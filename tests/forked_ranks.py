@@ -27,7 +27,15 @@ RANK_ENV = {
     "TORCH_CPP_LOG_LEVEL": "ERROR",
     "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
 }
-PRELOAD = ["torch", "torch.distributed", "transformers", "tests.forked_ranks", "training.loop", "comm.launch"]
+PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "torch.distributed.pipelining",  # imported by pp > 1 ranks only (pipeline_parallel/schedule.py)
+    "transformers",
+    "tests.forked_ranks",
+    "training.loop",
+    "comm.launch",
+]
 
 _context = None
 

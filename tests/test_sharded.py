@@ -69,6 +69,9 @@ def reducer_ranks(rank, world, sharded, device="cpu"):
 
     from data_parallel import GradientReducer
 
+    if device == "cuda":  # one GPU per rank
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(device)
     torch.manual_seed(0)  # the same model on every rank
     model = torch.nn.Sequential(
         torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3)
@@ -139,13 +142,14 @@ def test_reducer_sums_during_the_last_backward(tmp_path, world, sharded):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("sharded", [False, True])
 def test_reducer_on_cuda_with_nccl(tmp_path, sharded):
-    """The same on a GPU, one rank in an NCCL group (one GPU suffices): the backward's accumulation into the
-    buckets, the hooks and the asynchronous NCCL collectives keep their order on the streams."""
+    """The same on GPUs, one rank per GPU (up to 2) in an NCCL group: the backward's accumulation into the buckets,
+    the hooks and the asynchronous NCCL collectives keep their order on the streams."""
     from tests.forked_ranks import run_function_ranks
     from tests.helpers import free_port
 
-    errors = run_function_ranks(1, reducer_ranks, (sharded, "cuda"), str(tmp_path), free_port(), backend="nccl")
-    assert errors == [""], errors[0]
+    world = min(2, torch.cuda.device_count())
+    errors = run_function_ranks(world, reducer_ranks, (sharded, "cuda"), str(tmp_path), free_port(), backend="nccl")
+    assert errors == [""] * world, "\n".join(errors)
 
 
 def make_optimizer(named, dtype, **changes):

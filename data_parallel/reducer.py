@@ -51,14 +51,14 @@ class GradientReducer:
             for i, offset, n in zip(bucket.indices, bucket.offsets, bucket.numels):
                 self.grad_views[i] = buffer[offset : offset + n].view(params[i].shape)
                 self.bucket_of[i] = k
-        # Sharded: this rank's summed shard of each bucket, and the pieces of my_pieces() as views of them.
+        # Sharded: this rank's summed shard of each bucket lands in place, in its own part of the bucket (no second
+        # buffer: 2/dp bytes per parameter saved), and the pieces of my_pieces() are views of it.
         self.shard_sums, self.piece_sums = [], []
         if sharded:
-            self.shard_sums = [
-                torch.empty(b.shard, dtype=b.dtype, device=buf.device) for b, buf in zip(self.buckets, self.buffers)
-            ]
-            for bucket, sums in zip(self.buckets, self.shard_sums):
+            for bucket, buffer in zip(self.buckets, self.buffers):
                 lo = dp_rank * bucket.shard
+                sums = buffer[lo : lo + bucket.shard]
+                self.shard_sums.append(sums)
                 self.piece_sums += [
                     sums[f - lo : f - lo + end - start] for _, start, end, f in bucket.shard_pieces(dp_rank)
                 ]
@@ -113,8 +113,8 @@ class GradientReducer:
 
     def finish(self):
         """Launch the buckets still waiting, in order, and wait for all. Allreduce: every .grad holds the sum over
-        the replicas. Sharded: returns the summed gradient of each of my_pieces() (views, valid until the next
-        step's backward); the full-size .grad views then hold unreduced values, not to be used."""
+        the replicas. Sharded: returns the summed gradient of each of my_pieces() (views of this rank's part of the
+        buckets, valid until all_gather()); the rest of the .grad views then holds unreduced values, not to be used."""
         self.launched_in_backward = len(self.works)
         while len(self.works) < len(self.buckets):
             self._launch(len(self.works))

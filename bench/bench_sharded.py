@@ -2,8 +2,9 @@
 
 target 1 (2 GPUs, Pythia-1.4B shape, dp=2): sharded optimizer memory per GPU <= 0.55 x allreduce's, tokens/s
          >= 0.97 x allreduce. The optimizer's share is 12 bytes per parameter under allreduce (fp32 master + two
-         moments) and 12/dp under sharded; the measured share of the sharded run is its peak minus what the
-         allreduce run holds besides its optimizer: (peak_sharded - (peak_allreduce - 12 N)) / 12 N.
+         moments; 6 with --optimizer 8bit-adam) and 1/dp of it under sharded; the measured share of the sharded run
+         is its peak minus what the allreduce run holds besides its optimizer: (peak_sharded - (peak_allreduce -
+         12 N)) / 12 N.
 target 2 (1 GPU, Pythia-6.9B shape): --offload-optimizer cpu: peak GPU allocated <= 40 GB, tokens/s >= 0.5 x the
          same run without offload; the host's peak resident memory of the offloaded run and the seconds of its host
          update per optimizer step (`optimizer_s`, of which `optimizer_wait_s` waiting for copies) are reported.
@@ -13,6 +14,7 @@ target 2 (1 GPU, Pythia-6.9B shape): --offload-optimizer cpu: peak GPU allocated
          9-minute call with a 6.9B random init each. `--gradient-accumulate-step 1` is the earlier small batch.
 
   python bench/bench_sharded.py --target 1          # 2 GPUs
+  python bench/bench_sharded.py --target 1 --optimizer 8bit-adam   # 2 GPUs, bitsandbytes carried
   python bench/bench_sharded.py --target 2          # 1 GPU, about 6 minutes
   python bench/bench_sharded.py --smoke             # CPU check (gloo): both pairs on the tiny shape
 """
@@ -50,6 +52,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
     ap.add_argument("--target", type=int, choices=(1, 2), default=1)
+    ap.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=("adamw", "8bit-adam"),
+        help="target 1's optimizer: its state is 12 bytes per parameter (fp32 master + two moments), 6 with 8-bit Adam "
+        "(fp32 master + two 8-bit moments)",
+    )
     ap.add_argument("--micro-batch-size", type=int, default=None, help="default: 4 (target 1), 1 (target 2)")
     ap.add_argument(
         "--batch-size", type=int, default=None, help="sequences per replica per iteration; default: 8 (1), 4 (2)"
@@ -82,7 +91,7 @@ def main():
         micro_batch=args.micro_batch_size,
         batch=args.batch_size,
         accum=accum,
-        optimizer="adamw",
+        optimizer=args.optimizer if args.target == 1 else "adamw",
         nproc=dp,
         dp=dp,
     )
@@ -90,16 +99,16 @@ def main():
     if args.target == 1:
         ref = s.ours(f"allreduce dp{dp}", **common)
         sharded = s.ours(f"sharded dp{dp}", extra=["--dp-mode", "sharded"], **common)
-        share = None
+        share, state_bytes = None, 12 if args.optimizer == "adamw" else 6
+        optimizer_gb = state_bytes * n / 2**30
         if ref.get("max_mem_gb") is not None and sharded.get("max_mem_gb") is not None:
-            optimizer_gb = 12 * n / 2**30
             share = (sharded["max_mem_gb"] - (ref["max_mem_gb"] - optimizer_gb)) / optimizer_gb
         s.target(
             "1: sharded optimizer memory / allreduce's",
             share,
             0.55,
             compare="<=",
-            detail=f"N={n:,}; allreduce optimizer share 12N = {12 * n / 2**30:.1f} GB",
+            detail=f"N={n:,}; {args.optimizer}; allreduce optimizer share {state_bytes}N = {optimizer_gb:.1f} GB",
             ours=sharded,
             reference=ref,
         )

@@ -2,8 +2,9 @@
 
 Unit tests (in-process): shards cover every element once (also aligned to blocks); the gradient reducer (in forked
 gloo ranks, and with NCCL on GPUs) sums during the last micro-batch's backward what an all-reduce after it would;
-offload equals the device optimizer, 8-bit Adam's sharded pieces step like bitsandbytes on the whole tensors and their joined state resumes at
-another dp, sharded checkpoint pieces join back into whole tensors, bad flag combinations are one line. End-to-end
+offload equals the device optimizer, 8-bit Adam's sharded pieces step like bitsandbytes on the whole tensors and
+their joined state resumes at another dp, sharded checkpoint pieces join back into whole tensors, bad flag
+combinations are one line. End-to-end
 (torchrun on gloo, the tiny model, 3 steps): sharded equals allreduce at pp1xdp4 and pp2xdp2 in fp32 with clipping
 active (within 1e-6: the global norm is summed shard by shard, so its last bits differ), and bit-identically at
 pp2xdp2 in fp16 with CPU offload, an overflow skip and no clipping; a sharded rank killed mid-run resumes bit-exactly;

@@ -6,6 +6,7 @@ data_parallel/ sums their gradients, tasks/ streams the data, checkpoint/ saves 
 """
 
 import math
+import sys
 import threading
 import time
 
@@ -191,9 +192,11 @@ class Trainer:
         return steps
 
     def _announce(self, message):
-        """Checkpoint news, printed by rank 0 and the logging rank (they may differ)."""
+        """Checkpoint news, printed by rank 0 and the logging rank (they may differ). One write per line: two ranks
+        sharing a console must not interleave within a line."""
         if self.layout.rank == 0 or self.layout.is_logger:
-            print(message, flush=True)
+            sys.stdout.write(message + "\n")
+            sys.stdout.flush()
 
     # ------------------------------------------------------------------ steps
     def train(self):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CPU demo: a tiny GPT-NeoX-architecture model (made locally, random weights) fine-tuned on the bundled sample chat
-# data with a 2-stage pipeline: 2 processes, gloo, no GPU. About 1.5 minutes on 2 cores (loss ~10.8 -> ~2.6).
+# data with a 2-stage pipeline: 2 processes, gloo, no GPU. About 2.5 minutes on 2 cores (loss ~10.8 -> ~2.6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/demo}

@@ -33,17 +33,15 @@ class Bucket:
     numel: int = 0  # the padded length: dp shards of `shard` elements
     shard: int = 0
 
-    def pieces(self, lo, hi):
-        """(param index, start, end, flat start) of every parameter overlapping the flat range [lo, hi)."""
+    def shard_pieces(self, dp_rank):
+        """(param index, start, end, position in the bucket) of every parameter overlapping rank dp_rank's shard."""
+        lo, hi = dp_rank * self.shard, (dp_rank + 1) * self.shard
         out = []
         for i, offset, n in zip(self.indices, self.offsets, self.numels):
             a, b = max(lo, offset), min(hi, offset + n)
             if a < b:
                 out.append((i, a - offset, b - offset, a))
         return out
-
-    def shard_pieces(self, dp_rank):
-        return self.pieces(dp_rank * self.shard, (dp_rank + 1) * self.shard)
 
 
 def plan_buckets(params, dp_size, bucket_bytes, align=1, late=frozenset()):

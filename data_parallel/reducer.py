@@ -56,12 +56,8 @@ class GradientReducer:
         self.shard_sums, self.piece_sums = [], []
         if sharded:
             for bucket, buffer in zip(self.buckets, self.buffers):
-                lo = dp_rank * bucket.shard
-                sums = buffer[lo : lo + bucket.shard]
-                self.shard_sums.append(sums)
-                self.piece_sums += [
-                    sums[f - lo : f - lo + end - start] for _, start, end, f in bucket.shard_pieces(dp_rank)
-                ]
+                self.shard_sums.append(buffer[dp_rank * bucket.shard : (dp_rank + 1) * bucket.shard])
+                self.piece_sums += [buffer[f : f + end - start] for _, start, end, f in bucket.shard_pieces(dp_rank)]
         self.launched_in_backward = 0  # how many buckets the last step launched before finish()
         self._reset()
         for i, p in enumerate(params):

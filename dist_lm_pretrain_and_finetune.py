@@ -17,31 +17,37 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 # traces around the one error line that matters; errors still show. A user's own setting wins (INFO, WARNING).
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
-from utils.args import ArgumentError, job_config, parse_args, validate_args
-from utils.errors import UserError  # noqa: E402
-from utils.logging import error_line, one_line  # noqa: E402
+from checkpoint.preflight import refuse_replacing
+from config import ArgumentError, JobConfig, load_job
+from utils.errors import UserError
+from utils.logging import error_line, one_line
 
 
-def out_of_memory_line(oom, args) -> str:
+def checked_job(argv: list[str] | None) -> JobConfig:
+    """The run's settings, refused in one line (ArgumentError) before torch loads when they cannot work."""
+    job = load_job(argv)
+    refuse_replacing(job.checkpoint)
+    return job
+
+
+def out_of_memory_line(oom: BaseException, job: JobConfig) -> str:
     """Torch's own figures (what it tried to allocate, what was free) and what lowers peak memory for these flags."""
     figures = one_line(oom).split(" Including non-PyTorch memory")[0]  # the rest is allocator tuning advice
     fixes = []
-    if args.pp_mode == "gpipe" and args.pipeline_group_size > 1:
+    if job.pipeline.mode == "gpipe" and job.dist.pipeline_size > 1:
         fixes.append("--pp-mode 1f1b (gpipe keeps every micro-batch's activations until the backward)")
-    if args.micro_batch_size > 1:
-        fixes.append(f"a --micro-batch-size below {args.micro_batch_size}")
-    if args.activation_checkpointing != "full":
-        fixes.append(
-            "--activation-checkpointing "
-            + ("full" if args.activation_checkpointing == "selective" else "selective or full")
-        )
-    if args.optimizer != "8bit-adam":
+    if job.data.micro_batch_size > 1:
+        fixes.append(f"a --micro-batch-size below {job.data.micro_batch_size}")
+    checkpointing = job.model.activation_checkpointing
+    if checkpointing != "full":
+        fixes.append("--activation-checkpointing " + ("full" if checkpointing == "selective" else "selective or full"))
+    if job.optimizer.kind != "8bit-adam":
         fixes.append("--optimizer 8bit-adam")
     fixes.append("more pipeline stages (--pipeline-group-size)")
     return f"out of GPU memory ({figures}); to lower peak memory use {', '.join(fixes)}"
 
 
-def describe_failure(exc, args) -> tuple[str, int]:
+def describe_failure(exc: BaseException, job: JobConfig) -> tuple[str, int]:
     """The error line and exit status for an exception that ended training: 2 for the user's input or a layout
     that does not fit (one line says it all), 1 for our own bugs (the traceback is printed too).
     torch.distributed.pipelining wraps whatever a stage raises in a multi-line RuntimeError, so look underneath."""
@@ -52,17 +58,16 @@ def describe_failure(exc, args) -> tuple[str, int]:
         chain.append(chain[-1].__cause__)
     for cause in chain:
         if isinstance(cause, torch.OutOfMemoryError):
-            return out_of_memory_line(cause, args), 2
+            return out_of_memory_line(cause, job), 2
     for cause in chain:
         if isinstance(cause, UserError):
             return one_line(cause), 2
     return f"{type(chain[-1]).__name__}: {one_line(chain[-1])}", 1
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
     try:
-        validate_args(args)
+        job = checked_job(argv)
     except ArgumentError as exc:
         error_line(str(exc))
         return 2
@@ -74,7 +79,7 @@ def main(argv=None):
 
     trainer = None
     try:
-        trainer = Trainer(job_config(args))
+        trainer = Trainer(job)
         trainer.train()
         trainer.close()
         return 0
@@ -82,12 +87,12 @@ def main(argv=None):
         error_line("interrupted")
         return 130
     except Exception as exc:  # one line for the user; the traceback only for our own bugs
-        rank = os.environ.get("RANK", args.rank if args.rank is not None else 0)
+        rank = os.environ.get("RANK", job.dist.rank if job.dist.rank is not None else 0)
         first_failure = failure_of_another_rank(int(rank)) if dist.is_initialized() else None
         if first_failure:
             error_line(f"[rank {rank}] stopping: {first_failure}")
             return 1
-        line, code = describe_failure(exc, args)
+        line, code = describe_failure(exc, job)
         if code == 1:
             traceback.print_exc()
         error_line(f"[rank {rank}] {line}")

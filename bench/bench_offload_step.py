@@ -72,8 +72,8 @@ def main():
     import torch
 
     from comm import Layout
+    from config import OptimizerConfig
     from optimizer import StageOptimizer
-    from utils.config import OptimizerConfig
 
     gpu = torch.cuda.is_available() and not args.smoke
     if not gpu and not args.smoke:
@@ -81,11 +81,7 @@ def main():
     n = int(4e6 if args.smoke and args.params == ap.get_default("params") else args.params)
     device = torch.device("cuda" if gpu else "cpu")
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    cfg = OptimizerConfig(
-        kind="adamw", lr=1e-5, lr_scheduler="constant", warmup_iterations=0, accumulation=1, weight_decay=0.01,
-        betas=(0.9, 0.999), eps=1e-6, max_grad_norm=1.0, fp16=False, loss_scale=0.0, initial_loss_scale=2.0**15,
-        loss_scale_window=1000, hysteresis=2, min_loss_scale=1.0,
-    )  # fmt: skip
+    cfg = OptimizerConfig(kind="adamw", lr_scheduler="constant")  # the flags' defaults otherwise
     layout = Layout(0, 1, 1, 1, 0, 0, 0, device)
     env = environment(args.smoke)
     params, grads = make_params(n, device, torch.bfloat16)

@@ -35,8 +35,8 @@ from checkpoint.names import (
 )
 from checkpoint.snapshot import BackgroundWrite, HostBuffers, snapshot_fits
 from checkpoint.store import Checkpointer, CheckpointError, Snapshot, all_ranks, files_of
+from config import CheckpointConfig, saved_job
 from optimizer.stage_optimizer import PER_BLOCK_STATE
-from utils.config import CheckpointConfig
 
 FORMAT = "checkpoint/1"
 # Model settings that may differ on resume: they change no weight and no function of the weights.
@@ -53,7 +53,7 @@ class RunInfo:
     accumulation: int  # iterations per optimizer step (meta's "iteration" counts like --total-steps)
     dtype: torch.dtype
     optimizer_kind: str
-    flags: dict
+    config: dict  # the run's settings, config.to_dict(job)
     quantize_base: str = "none"
     base_seed: int | None = None  # the seed of a randomly initialised base (--load-pretrained-model false)
 
@@ -138,7 +138,7 @@ class TrainingCheckpoint:
             },
             "iteration": step * self.run.accumulation,
             "dtype": str(self.run.dtype).replace("torch.", ""),
-            "flags": self.run.flags,
+            "config": self.run.config,
             "lora": _lora_meta(state.lora, self.run),
             "versions": {
                 "torch": torch.__version__,
@@ -378,7 +378,7 @@ class TrainingCheckpoint:
                 )
 
     def _check_same_optimizer(self, meta, folder) -> None:
-        saved = meta.get("flags", {}).get("optimizer", self.run.optimizer_kind)
+        saved = saved_job(meta).optimizer.kind
         ours = self.run.optimizer_kind
         if (saved == "8bit-adam") != (ours == "8bit-adam"):  # adam and adamw are one
             raise CheckpointError(

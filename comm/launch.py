@@ -74,7 +74,8 @@ def first_failure_line(failed):
 
 
 def main(entrypoint, argv):
-    from utils.args import ArgumentError, parse_args, validate_args
+    from checkpoint.preflight import refuse_replacing
+    from config import ArgumentError, load_job
 
     opts, flags = split_argv(argv)
     problem = _check(opts)
@@ -82,17 +83,18 @@ def main(entrypoint, argv):
         error_line(problem)
         return 2
     try:  # every worker checks them again; this way a bad flag costs no worker start and prints once
-        args = parse_args(flags)
-        if args.rank is not None:
+        job = load_job(flags)
+        dist = job.dist
+        if dist.rank is not None:
             raise ArgumentError("--rank is given by the launcher; drop it (or drop --nproc-per-node and launch ranks)")
         world = opts.nproc_per_node * opts.nnodes
-        if world != args.pipeline_group_size * args.data_group_size:
+        if world != dist.pipeline_size * dist.data_size:
             raise ArgumentError(
                 f"--nnodes {opts.nnodes} x --nproc-per-node {opts.nproc_per_node} = {world} processes, but "
-                f"--pipeline-group-size {args.pipeline_group_size} x --data-group-size {args.data_group_size} = "
-                f"{args.pipeline_group_size * args.data_group_size}; make them equal"
+                f"--pipeline-group-size {dist.pipeline_size} x --data-group-size {dist.data_size} = "
+                f"{dist.pipeline_size * dist.data_size}; make them equal"
             )
-        validate_args(args)
+        refuse_replacing(job.checkpoint)
     except ArgumentError as exc:
         error_line(str(exc))
         return 2
@@ -111,6 +113,9 @@ def main(entrypoint, argv):
     for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    # One node restarts its workers here, attempt by attempt, so that a user error (exit 2: the same flags and
+    # files fail the same way again) is not retried. Several nodes must restart together: the agents' own restarts.
+    own_restarts = opts.nnodes == 1
     config = LaunchConfig(
         min_nodes=opts.nnodes,
         max_nodes=opts.nnodes,
@@ -118,7 +123,7 @@ def main(entrypoint, argv):
         run_id=opts.rdzv_id,
         rdzv_endpoint=opts.rdzv_endpoint or "localhost:0",
         rdzv_backend="c10d",
-        max_restarts=opts.max_restarts,
+        max_restarts=0 if own_restarts else opts.max_restarts,
         monitor_interval=0.5,
         start_method="spawn",
     )
@@ -128,12 +133,19 @@ def main(entrypoint, argv):
             f"(--rdzv-id {opts.rdzv_id})",
             flush=True,
         )
+    attempts = opts.max_restarts + 1 if own_restarts else 1
     try:
-        elastic_launch(config, entrypoint=sys.executable)(entrypoint, *flags)
-    except ChildFailedError as failed:
-        line, code = first_failure_line(failed)
-        error_line(line)
-        return code if code > 0 else 1
+        for attempt in range(attempts):
+            try:
+                elastic_launch(config, entrypoint=sys.executable)(entrypoint, *flags)
+                return 0
+            except ChildFailedError as failed:
+                line, code = first_failure_line(failed)
+                if code != 2 and attempt + 1 < attempts:
+                    print(f"launcher: restart {attempt + 1} of {opts.max_restarts} after: {line}", flush=True)
+                    continue
+                error_line(line)
+                return code if code > 0 else 1
     except (KeyboardInterrupt, SignalException) as exc:  # Ctrl-C, or scancel / kill: the workers are stopped
         error_line(f"launcher: stopped by {getattr(exc, 'sigval', None) and exc.sigval.name or 'Ctrl-C'}")
         return 130
@@ -144,4 +156,4 @@ def main(entrypoint, argv):
             f"(the same HOST:PORT on every node) and that all {opts.nnodes} node(s) started"
         )
         return 1
-    return 0
+    return 0  # not reached: every attempt returns

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils.config import DistConfig
+from config import DistConfig
 from utils.errors import UserError
 from utils.logging import error_line
 

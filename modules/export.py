@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+import config
 from utils.progress import progress
 
 from .config import ModelConfig, ModelError
@@ -209,40 +210,39 @@ def write_generation_files(output_dir: str, cfg: ModelConfig) -> None:
     generation.save_pretrained(output_dir)
 
 
-# Flags a model card lists (when set), in this order: what a reader needs to judge or repeat the run.
-_CARD_FLAGS = (
-    "model_type",
-    "seq_length",
-    "batch_size",
-    "micro_batch_size",
-    "gradient_accumulate_step",
-    "pipeline_group_size",
-    "data_group_size",
-    "total_steps",
-    "nepochs",
-    "lr",
-    "lr_scheduler",
-    "warmup_steps",
-    "optimizer",
-    "weight_decay",
-    "max_grad_norm",
-    "fp16",
-    "bf16",
-    "train_on_inputs",
-    "loss_on_bot_only",
-    "seed",
-)
+# Settings a model card lists (when set), in this order: what a reader needs to judge or repeat the run.
+_CARD_SETTINGS = [
+    ("model", "model_type"),
+    ("data", "seq_length"),
+    ("data", "batch_size"),
+    ("data", "micro_batch_size"),
+    ("data", "accumulation"),
+    ("dist", "pipeline_size"),
+    ("dist", "data_size"),
+    ("data", "total_iterations"),
+    ("data", "epochs"),
+    ("optimizer", "lr"),
+    ("optimizer", "lr_scheduler"),
+    ("optimizer", "warmup_iterations"),
+    ("optimizer", "kind"),
+    ("optimizer", "weight_decay"),
+    ("optimizer", "max_grad_norm"),
+    ("model", "fp16"),
+    ("model", "bf16"),
+    ("lora", "r"),
+    ("data", "train_on_inputs"),
+    ("data", "loss_on_bot_only"),
+    ("model", "seed"),
+]
 
 
 def write_model_card(output_dir: str, meta: dict[str, Any], step: int, source: str) -> None:
-    """README.md of an export: base model, data sources, the training flags, and how to load and chat with it."""
-    flags = meta.get("flags", {})
-    data = [part for part in str(flags.get("task_name") or "").split(",") if part]
-    evaluation = [part for part in str(flags.get("evaluation_data") or "").split(",") if part]
-    base = f"`{flags.get('model_name', 'unknown')}` ({meta.get('model_type', 'unknown')})"
-    origin = (
-        f"Fine-tuned from {base}" if flags.get("load_pretrained_model", True) else f"Trained from scratch as {base}"
-    )
+    """README.md of an export: base model, data sources, the training settings, and how to load and chat with it."""
+    job = config.saved_job(meta)
+    data = [part for part in str(job.data.task_spec or "").split(",") if part]
+    evaluation = [part for part in str(job.data.evaluation_data or "").split(",") if part]
+    base = f"`{job.model.model_dir or 'unknown'}` ({meta.get('model_type', 'unknown')})"
+    origin = f"Fine-tuned from {base}" if job.model.load_pretrained else f"Trained from scratch as {base}"
     lines = [
         f"# {os.path.basename(os.path.abspath(output_dir))}",
         "",
@@ -258,9 +258,9 @@ def write_model_card(output_dir: str, meta: dict[str, Any], step: int, source: s
         "| flag | value |",
         "| --- | --- |",
         *[
-            f"| `--{name.replace('_', '-')}` | `{flags[name]}` |"
-            for name in _CARD_FLAGS
-            if flags.get(name) not in (None, False)
+            f"| `{flag}` | `{value}` |"
+            for flag, value in config.flag_values(job, _CARD_SETTINGS)
+            if value not in (None, False) and not (flag == "--lora-r" and value == 0)
         ],
         "",
         "## Use",

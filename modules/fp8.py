@@ -24,7 +24,7 @@ from .stage import Stage, family
 
 RECIPES = ("tensorwise", "rowwise")
 MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with float8 tensor cores
-TORCHAO_MISSING = "float8 training needs torchao: pip install torchao"  # utils/args.py checks it is installed
+TORCHAO_MISSING = "float8 training needs torchao: pip install torchao"  # config/rules.py checks it is installed
 GPU_NEEDED = "--fp8 needs an NVIDIA GPU with compute capability 8.9+ (H100/L4/RTX 4090)"
 
 

@@ -15,10 +15,10 @@ import math
 import torch
 import torch.distributed as dist
 
+from config import OptimizerConfig
 from data_parallel import GradientReducer
 from optimizer.offload import HostStep, host_threads
 from optimizer.scaler import LossScaler, NoScaler
-from utils.config import OptimizerConfig
 from utils.errors import UserError
 from utils.host import host_memory_available, local_ranks
 

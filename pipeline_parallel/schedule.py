@@ -9,8 +9,8 @@ optimizer step, so gradients come out identical whatever the layout.
 
 import torch
 
+from config import PipelineConfig
 from pipeline_parallel.split import StagePlan
-from utils.config import PipelineConfig
 
 
 class Pipeline:

@@ -11,10 +11,11 @@ import sys
 import pytest
 import torch
 
+from config import LogConfig, parse_backends
 from tests.helpers import TOKENIZER, base_flags, run_job
 from tools import chat as chat_tool
 from tools.plot_metrics import MetricsError, plot_metrics
-from utils.logging import make_logger, parse_backends
+from utils.logging import make_logger
 from utils.progress import progress_enabled
 
 EOS = 50256  # <|endoftext|> of the bundled GPT-2 tokenizer
@@ -169,7 +170,7 @@ def read_scalars(log_dir) -> dict[str, dict[int, float]]:
 
 
 def test_tensorboard_backend_writes_the_logged_scalars(tmp_path, capsys):
-    log = make_logger("print,tensorboard", True, "p", "0", {"lr": 1e-3}, tensorboard_dir=str(tmp_path / "tb"))
+    log = make_logger(LogConfig(backend="print,tensorboard", tensorboard_dir=str(tmp_path / "tb")), True, {"lr": 1e-3})
     for step in (1, 2, 3):
         log.metrics(step, {"loss": 4.0 / step, "lr": 1e-3 * step, "mem_gb_per_rank": [1.0, 2.0 + step]})
     log.metrics(3, {"valid.loss": 2.5, "valid.perplexity": 12.2})

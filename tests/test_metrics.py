@@ -52,16 +52,17 @@ def test_cpu_run_logs_no_mfu():
 def test_a_resumed_run_keeps_each_step_once_in_the_metrics_file(tmp_path):
     """A run killed after step 5 with its last checkpoint at step 3 wrote steps 4 and 5 (and a torn line); the
     resumed run drops them before writing steps 4 onward again."""
+    from config import LogConfig
     from utils.logging import make_logger
 
     path = tmp_path / "metrics.jsonl"
-    log = make_logger("print", True, "p", 0, {}, metrics_file=str(path))
+    log = make_logger(LogConfig(metrics_file=str(path)), True, {})
     for step in range(1, 6):
         log.metrics(step, {"loss": float(step)})
     log.close()
     with open(path, "a") as f:
         f.write('{"loss": 6.0, "st')  # killed mid-line
-    log = make_logger("print", True, "p", 0, {}, metrics_file=str(path))
+    log = make_logger(LogConfig(metrics_file=str(path)), True, {})
     log.resume_at(3)
     log.metrics(4, {"loss": 40.0})
     log.close()

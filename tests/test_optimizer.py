@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from comm import Layout
+from config import OptimizerConfig
 from optimizer import StageOptimizer, lr_multiplier, no_decay
 from optimizer.scaler import LossScaler
-from utils.config import OptimizerConfig
 
 
 def test_loss_scaler_hysteresis_window_and_floor():
@@ -49,23 +49,7 @@ def test_no_weight_decay_on_biases_and_norms():
 def make_optimizer(params, dtype, lr=1e-2, lr_scheduler="linear", layout=None, **changes):
     """A StageOptimizer of one rank (by default the only one) with the trainer's defaults; `changes` replace
     OptimizerConfig fields."""
-    cfg = OptimizerConfig(
-        kind="adam",
-        lr=lr,
-        lr_scheduler=lr_scheduler,
-        warmup_iterations=0,
-        accumulation=1,
-        weight_decay=0.01,
-        betas=(0.9, 0.999),
-        eps=1e-6,
-        max_grad_norm=1.0,
-        fp16=dtype == torch.float16,
-        loss_scale=0.0,
-        initial_loss_scale=2.0**15,
-        loss_scale_window=1000,
-        hysteresis=2,
-        min_loss_scale=1.0,
-    )
+    cfg = OptimizerConfig(lr=lr, lr_scheduler=lr_scheduler, fp16=dtype == torch.float16)  # the flags' defaults
     layout = layout or Layout(0, 1, 1, 1, 0, 0, 0, torch.device("cpu"))
     return StageOptimizer(params, dataclasses.replace(cfg, **changes), layout, 10, backwards_per_step=1)
 

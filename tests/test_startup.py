@@ -7,6 +7,7 @@ import time
 
 IMPORTED = time.time()  # pytest's interpreter started well before this module was imported
 
+from config import LogConfig  # noqa: E402
 from training.startup import StartupClock, process_start_time  # noqa: E402
 from utils.logging import make_logger  # noqa: E402
 
@@ -36,7 +37,7 @@ def test_phases_add_up_in_the_order_they_first_ended(monkeypatch):
 
 def test_startup_record_lands_in_the_metrics_file_beside_step_records(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
-    log = make_logger("print", True, "p", 0, {}, metrics_file=str(path))
+    log = make_logger(LogConfig(metrics_file=str(path)), True, {})
     clock = StartupClock()
     clock.lap("imports")
     clock.lap("first_step")

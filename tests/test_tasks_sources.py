@@ -465,13 +465,18 @@ def test_parquet_streams_in_constant_memory(tmp_path, tok):
     ],
 )
 def test_data_format_flags_are_validated(argv, needle):
-    from utils.args import ArgumentError, _check_data_format, build_parser
+    from config import ArgumentError, check_settings, parse
+    from config.rules import _check_data_format
 
-    args = build_parser().parse_args(["--model-name", "m", *argv])
+    def checked(flags):
+        job = parse(["--model-name", "m", *flags])
+        check_settings(job)
+        _check_data_format(job)
+        return job
+
     with pytest.raises(ArgumentError, match=needle):
-        _check_data_format(args)
-    ok = build_parser().parse_args(["--model-name", "m", "--data-format", "sharegpt", "--messages-field", "turns"])
-    _check_data_format(ok)
+        checked(argv)
+    ok = checked(["--data-format", "sharegpt", "--messages-field", "turns"]).data
     assert (ok.data_format, ok.text_field, ok.messages_field) == ("sharegpt", None, "turns")
 
 

@@ -10,8 +10,8 @@ from transformers import AutoTokenizer
 
 import modules
 import tasks
+from config import JobConfig, LoraRunConfig
 from optimizer import check_available, check_host_memory
-from utils.config import JobConfig, LoraRunConfig
 from utils.host import local_ranks
 from utils.logging import one_line
 

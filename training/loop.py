@@ -17,6 +17,7 @@ import modules
 from checkpoint.training_state import RunInfo, TrainingCheckpoint, TrainState
 from comm import init_distributed
 from comm.watchdog import Watchdog
+from config import JobConfig, to_dict
 from modules.compile_cache import use_compile_cache
 from optimizer import StageOptimizer
 from pipeline_parallel import Pipeline, plan_stages
@@ -26,7 +27,6 @@ from training.metrics import PendingStepLog, StepMeter
 from training.profiling import make_profiler
 from training.startup import StartupClock
 from utils import faults
-from utils.config import JobConfig
 from utils.logging import make_logger, one_line
 
 
@@ -39,10 +39,7 @@ class Trainer:
         self.tied = modules.tied_parameter_names(cfg)  # {head: embedding} when the two share weights
         self.layout = lay = init_distributed(job.dist, ends_group=bool(self.tied))
         self.watchdog = Watchdog(lay.rank, lay.world_size, job.dist.timeout_s).start()
-        log = job.log
-        self.log = make_logger(
-            log.backend, lay.is_logger, log.project, log.job_id, job.flags, log.metrics_file, log.tensorboard_dir
-        )
+        self.log = make_logger(job.log, lay.is_logger, to_dict(job))
         clock.lap("process_group")
         # Dropout (--lora-dropout) draws from torch's global generators: seeded from --seed and the rank, two runs of
         # the same flags draw the same masks (a resume restores the generator states its checkpoint saved).
@@ -130,7 +127,7 @@ class Trainer:
             job.data.accumulation,
             getattr(torch, job.model.dtype),
             job.optimizer.kind,
-            job.flags,
+            to_dict(job),
             job.lora.quantize_base,
             None if job.model.load_pretrained else job.model.seed,
         )

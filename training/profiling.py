@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from utils.config import ProfilingConfig
+from config import ProfilingConfig
 
 LANES = {"forward": 1, "backward": 2, "wait": 3, "dp_allreduce": 4, "optimizer": 5, "iteration": 6}
 

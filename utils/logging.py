@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+from config import LogConfig, parse_backends
 from utils.errors import UserError
 
 
@@ -67,53 +68,70 @@ class WandbSink:
 
 class TensorBoardSink:
     """One SummaryWriter per job: every numeric metric as a scalar under its own name (the names wandb gets); a
-    per-rank list such as mem_gb_per_rank as `name/<rank>`. The flags are stored once as text."""
+    per-rank list such as mem_gb_per_rank as `name/<rank>`. The settings are stored once as text. The writer (and
+    its folder) is made at the first record, so a start that fails leaves nothing behind; a resumed run hides the
+    events the interrupted run wrote after its last checkpoint (TensorBoard's purge_step)."""
 
     def __init__(self, log_dir, config):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise LoggingError("--train-log-backend tensorboard needs tensorboard: pip install tensorboard") from None
-        try:
-            self.writer = SummaryWriter(log_dir=log_dir)
-        except OSError as exc:
-            raise LoggingError(
-                f"--tensorboard-dir {log_dir}: cannot write there ({exc.strerror}); give a writable directory"
-            ) from None
-        self.writer.add_text("flags", "    " + json.dumps(config, indent=2, sort_keys=True).replace("\n", "\n    "))
+        self.make_writer, self.log_dir, self.config = SummaryWriter, log_dir, config
+        self.writer, self.purge_step = None, None
+
+    def resume_at(self, step):
+        self.purge_step = step + 1
+
+    def _writer(self):
+        if self.writer is None:
+            try:
+                self.writer = self.make_writer(log_dir=self.log_dir, purge_step=self.purge_step)
+            except OSError as exc:
+                raise LoggingError(
+                    f"--tensorboard-dir {self.log_dir}: cannot write there ({exc.strerror}); give a writable directory"
+                ) from None
+            text = json.dumps(self.config, indent=2, sort_keys=True).replace("\n", "\n    ")
+            self.writer.add_text("config", "    " + text)
+        return self.writer
 
     def metrics(self, step, values):
+        writer = self._writer()
         for name, value in values.items():
             if isinstance(value, (list, tuple)):
                 for rank, item in enumerate(value):
                     if _is_number(item):
-                        self.writer.add_scalar(f"{name}/{rank}", item, step)
+                        writer.add_scalar(f"{name}/{rank}", item, step)
             elif _is_number(value):
-                self.writer.add_scalar(name, value, step)
-        self.writer.flush()  # a crash loses at most the step being written
+                writer.add_scalar(name, value, step)
+        writer.flush()  # a crash loses at most the step being written
 
     def close(self):
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class JsonlSink:
-    """Appends every metrics record to a JSON-lines file (benchmarks and tools/plot_metrics.py read it)."""
+    """Appends every metrics record to a JSON-lines file (benchmarks and tools/plot_metrics.py read it). The file
+    is opened at the first record, so a start that fails leaves nothing behind."""
 
     def __init__(self, path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.file = open(path, "a")
+        self.path, self.file = path, None
 
     def metrics(self, step, values):
+        if self.file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self.file = open(self.path, "a")
         self.file.write(json.dumps(dict(values, step=step)) + "\n")
         self.file.flush()
 
     def resume_at(self, step):
         """A run resumed after `step`: drop the records of later steps, which the interrupted run wrote after its
         last checkpoint and this run writes again (and a line torn by the crash), so every step appears once."""
-        path = self.file.name
-        self.file.close()
+        if not os.path.isfile(self.path):
+            return
         kept = []
-        with open(path) as f:
+        with open(self.path) as f:
             for line in f:
                 try:
                     record = json.loads(line)
@@ -121,14 +139,14 @@ class JsonlSink:
                     continue
                 if not isinstance(record, dict) or record.get("step", 0) <= step:
                     kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = f"{path}.tmp"
+        tmp = f"{self.path}.tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)
-        os.replace(tmp, path)
-        self.file = open(path, "a")
+        os.replace(tmp, self.path)
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 class Logger:
@@ -190,37 +208,20 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-BACKENDS = ("print", "loguru", "wandb", "tensorboard")
-
-
-def parse_backends(value):
-    """`print,tensorboard` -> ["print", "tensorboard"]; ValueError naming the unknown backend."""
-    names = [name.strip() for name in str(value).split(",") if name.strip()]
-    if not names:
-        raise ValueError(f"expected one or more of {', '.join(BACKENDS)} separated by commas, got {value!r}")
-    for name in names:
-        if name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; use {', '.join(BACKENDS)} (combine with commas)")
-    return list(dict.fromkeys(names))
-
-
-def make_logger(backend, is_logger, project, job_id, config, metrics_file=None, tensorboard_dir=None):
-    """The logger of this process. `backend`: comma list of BACKENDS; text goes to loguru when listed, else to
-    stdout. `tensorboard_dir` defaults to config's tensorboard_dir (the flags: utils.args fills it in)."""
+def make_logger(log: LogConfig, is_logger: bool, config: dict):
+    """The logger of this process: a comma list of backends (text goes to loguru when listed, else to stdout) and
+    the metrics file; `config` (the run's settings) goes to wandb and TensorBoard."""
     if not is_logger:
         return Silent()
-    names = parse_backends(backend)
+    names = parse_backends(log.backend)
     text = LoguruLogger() if "loguru" in names else PrintLogger()
     sinks = []
     if "wandb" in names:
-        sinks.append(WandbSink(project, job_id, config))
+        sinks.append(WandbSink(log.project, log.job_id, config))
     if "tensorboard" in names:
-        log_dir = tensorboard_dir or config.get("tensorboard_dir")
-        if not log_dir:
-            raise LoggingError("--train-log-backend tensorboard needs --tensorboard-dir DIR")
-        sinks.append(TensorBoardSink(log_dir, config))
-    if metrics_file:
-        sinks.append(JsonlSink(metrics_file))
+        sinks.append(TensorBoardSink(log.tensorboard_dir, config))
+    if log.metrics_file:
+        sinks.append(JsonlSink(log.metrics_file))
     return Logger(text, sinks)
 
 

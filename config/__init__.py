@@ -1,0 +1,47 @@
+"""The settings of a run, each defined once (config/sections.py): the command line, the typed sections the
+components take, the rules between settings, and the settings a checkpoint saved.
+
+Reading order: settings.py (what a setting is), sections.py (every setting), rules.py (between settings),
+cli.py (the command line and saved configs).
+"""
+
+from .cli import build_parser, check_settings, flag_of, flag_values, load_job, parse, saved_job, to_dict
+from .rules import ArgumentError
+from .sections import (
+    SECTIONS,
+    CheckpointConfig,
+    DataConfig,
+    DistConfig,
+    JobConfig,
+    LogConfig,
+    LoraRunConfig,
+    ModelRunConfig,
+    OptimizerConfig,
+    PipelineConfig,
+    ProfilingConfig,
+    parse_backends,
+)
+
+__all__ = [
+    "SECTIONS",
+    "ArgumentError",
+    "CheckpointConfig",
+    "DataConfig",
+    "DistConfig",
+    "JobConfig",
+    "LogConfig",
+    "LoraRunConfig",
+    "ModelRunConfig",
+    "OptimizerConfig",
+    "PipelineConfig",
+    "ProfilingConfig",
+    "build_parser",
+    "check_settings",
+    "flag_of",
+    "flag_values",
+    "load_job",
+    "parse_backends",
+    "parse",
+    "saved_job",
+    "to_dict",
+]

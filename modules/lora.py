@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, ModelError
+from .seeding import stable_seed
 from .stage import Stage, family
 
 ALL_LINEAR = "all-linear"
@@ -202,14 +203,12 @@ def lora_state_dict(stage: nn.Module) -> dict[str, torch.Tensor]:
 def init_lora_weights(stage: nn.Module, seed: int) -> None:
     """peft's init: A kaiming-uniform(a=sqrt(5)) (nn.Linear's default), B zero, so the adapted model starts equal
     to the base. A is drawn on the CPU from a generator seeded by (seed, name): the same for any layout or device."""
-    from .weights import _stable_seed  # weights imports this module
-
     for name, param in lora_parameters(stage).items():
         if name.endswith(LORA_B):
             param.zero_()
             continue
         value = torch.empty(param.shape, dtype=torch.float32)
-        gen = torch.Generator().manual_seed(_stable_seed(seed, name))
+        gen = torch.Generator().manual_seed(stable_seed(seed, name))
         nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=gen)
         param.copy_(value)
 

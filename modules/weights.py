@@ -11,7 +11,6 @@ and the file; nothing is skipped silently except stale buffers that transformers
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from utils.progress import progress
 from .config import ModelConfig, ModelError
 from .layers import RMSNorm
 from .lora import is_lora_name
+from .seeding import stable_seed
 from .stage import Stage, build_stage, embedding_name, family, tied_parameter_names
 
 # Buffers that old checkpoints carry and no model needs: GPT-NeoX/GPT-J causal-mask buffers, rotary inv_freq.
@@ -93,11 +93,6 @@ def _from_layer_sharded(cfg: ModelConfig, stem: str, local: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _stable_seed(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 @torch.no_grad()
 def init_stage_weights(stage: Stage, cfg: ModelConfig, seed: int, threads: int | None = None) -> None:
     """transformers' scheme: normal(0, initializer_range) for Linear/Embedding weights, zero biases, unit norms.
@@ -129,7 +124,7 @@ def init_stage_weights(stage: Stage, cfg: ModelConfig, seed: int, threads: int |
 
     @torch.no_grad()  # grad mode is per thread: the pool's threads need their own
     def draw(source: str, param: torch.Tensor) -> None:
-        gen = torch.Generator().manual_seed(_stable_seed(seed, source))
+        gen = torch.Generator().manual_seed(stable_seed(seed, source))
         value = torch.empty(param.shape).normal_(0.0, std, generator=gen)
         if source == embed and cfg.pad_token_id is not None:  # llama: padding row starts at zero, as in HF
             value[cfg.pad_token_id] = 0

@@ -11,9 +11,7 @@ so a state stays small.
 from __future__ import annotations
 
 import bisect
-import gzip
 import json
-import zlib
 
 from . import sources
 from .spec import TaskError, TaskSpec
@@ -45,68 +43,6 @@ class CounterRNG:
 
     def uniform(self) -> float:
         return (self.next64() >> 11) * (1.0 / (1 << 53))
-
-
-# zlib.error: corrupt deflate data; EOFError: a .gz cut short; OSError (BadGzipFile): not gzip, bad CRC, disk errors
-_READ_ERRORS = (OSError, EOFError, zlib.error)
-
-
-def _unreadable(path: str, where: str, exc: BaseException) -> TaskError:
-    if path.endswith(".gz"):
-        fix = (
-            "the file is truncated or is not valid gzip; re-download it, or re-compress the .jsonl with gzip "
-            "(or drop the .gz suffix if it is plain text)"
-        )
-    else:
-        fix = "check that the file is complete and readable"
-    return TaskError(f"cannot read {where}: {exc} ({type(exc).__name__}); {fix}")
-
-
-class _DataFile:
-    """A data file read line by line (binary). A failed read raises a TaskError naming the file and line rather
-    than the bare EOFError / BadGzipFile gzip gives, which names neither."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.line_no = 0  # lines read so far
-        try:
-            self._fh = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb", buffering=1 << 20)
-        except _READ_ERRORS as e:
-            raise _unreadable(path, path, e) from e
-
-    def seek(self, offset: int, line_no: int):
-        """Go to byte `offset` (decompressed, for .gz), the start of line `line_no` + 1."""
-        try:
-            self._fh.seek(offset)  # decompresses everything before it for .gz
-        except _READ_ERRORS as e:
-            raise _unreadable(self.path, f"{self.path} (skipping to line {line_no + 1})", e) from e
-        self.line_no = line_no
-
-    def readline(self) -> bytes:
-        try:
-            line = self._fh.readline()
-        except _READ_ERRORS as e:
-            raise _unreadable(self.path, f"{self.path}:{self.line_no + 1}", e) from e
-        if line:
-            self.line_no += 1
-        return line
-
-    def __iter__(self):
-        while line := self.readline():
-            yield line
-
-    def close(self):
-        self._fh.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def _open(path: str) -> _DataFile:
-    return _DataFile(path)
 
 
 # A buffered record: (raw line bytes or row dict, file index, byte offset of the line or row index, 1-based line
@@ -160,7 +96,7 @@ class TaskReader:
                     else:
                         fh.seek(self.offset)
             else:
-                fh = _open(path)
+                fh = sources.open_jsonl(path)
                 if self.offset:
                     fh.seek(self.offset, self.line_no)
             self.src_state = None  # the open handle knows its own position from here on
@@ -170,7 +106,7 @@ class TaskReader:
     def _read_line(self) -> Item | None:
         while self.file_index < len(self.files):
             fh = self._handle()
-            if not isinstance(fh, _DataFile):  # a row source: one record per row, offset = row index
+            if not isinstance(fh, sources.JsonlFile):  # a row source: one record per row, offset = row index
                 row = fh.read()
                 if row is None:
                     self._next_file()
@@ -244,7 +180,7 @@ class TaskReader:
     # -- state --
     def snapshot(self) -> tuple:
         src_state = self.src_state
-        if self._fh is not None and self._fh_index == self.file_index and not isinstance(self._fh, _DataFile):
+        if self._fh is not None and self._fh_index == self.file_index and not isinstance(self._fh, sources.JsonlFile):
             src_state = self._fh.state()
         return (
             self.file_index,

@@ -1,7 +1,7 @@
 """Where records come from: jsonl lines, parquet / arrow rows, `save_to_disk` folders and `hf:` datasets.
 
 Every data file of a task is read as a sequence of records with a position that survives a restart:
-  * `.jsonl` / `.jsonl.gz`: byte offset and line number (reader.py's `_DataFile`);
+  * `.jsonl` / `.jsonl.gz`: byte offset and line number (`JsonlFile`);
   * `.parquet`: row index; a seek starts at the row group holding the row (footer metadata), so nothing before it
     is decoded; reading goes one record batch at a time (constant memory);
   * `.arrow` (Arrow IPC stream, as `datasets` writes it, or IPC file): row index; a seek in a stream file reads
@@ -13,8 +13,11 @@ A `save_to_disk` folder is its arrow files in the order `state.json` lists them.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +51,70 @@ def _pyarrow(what: str):
     except ImportError:
         raise TaskError(f"{what} needs pyarrow, which is not installed; pip install pyarrow") from None
     return pyarrow
+
+
+# ---------------------------------------------------------------------------------------------- jsonl
+# zlib.error: corrupt deflate data; EOFError: a .gz cut short; OSError (BadGzipFile): not gzip, bad CRC, disk errors
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def _unreadable(path: str, where: str, exc: BaseException) -> TaskError:
+    if path.endswith(".gz"):
+        fix = (
+            "the file is truncated or is not valid gzip; re-download it, or re-compress the .jsonl with gzip "
+            "(or drop the .gz suffix if it is plain text)"
+        )
+    else:
+        fix = "check that the file is complete and readable"
+    return TaskError(f"cannot read {where}: {exc} ({type(exc).__name__}); {fix}")
+
+
+class JsonlFile:
+    """A .jsonl / .jsonl.gz file read line by line (binary). A failed read raises a TaskError naming the file and line rather
+    than the bare EOFError / BadGzipFile gzip gives, which names neither."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.line_no = 0  # lines read so far
+        try:
+            self._fh = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb", buffering=1 << 20)
+        except _READ_ERRORS as e:
+            raise _unreadable(path, path, e) from e
+
+    def seek(self, offset: int, line_no: int) -> None:
+        """Go to byte `offset` (decompressed, for .gz), the start of line `line_no` + 1."""
+        try:
+            self._fh.seek(offset)  # decompresses everything before it for .gz
+        except _READ_ERRORS as e:
+            raise _unreadable(self.path, f"{self.path} (skipping to line {line_no + 1})", e) from e
+        self.line_no = line_no
+
+    def readline(self) -> bytes:
+        try:
+            line = self._fh.readline()
+        except _READ_ERRORS as e:
+            raise _unreadable(self.path, f"{self.path}:{self.line_no + 1}", e) from e
+        if line:
+            self.line_no += 1
+        return line
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> JsonlFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_jsonl(path: str) -> JsonlFile:
+    """A line reader (readline, seek, iteration, close) for a .jsonl or .jsonl.gz file."""
+    return JsonlFile(path)
 
 
 # ---------------------------------------------------------------------------------------------- parquet / arrow
@@ -384,11 +451,9 @@ def signature(path: str) -> list:
     return [os.path.basename(path), os.stat(path).st_size]
 
 
-def iter_records(files):
+def iter_records(files: Iterable[str]) -> Iterator[tuple[str, int, bytes | dict]]:
     """(path, line_no, payload) of every record of the files in order: raw lines for jsonl (blank lines skipped),
     dicts for rows (line_no = row index + 1)."""
-    from .reader import _open
-
     for path in files:
         if is_rows(path):
             with open_rows(path) as fh:
@@ -397,7 +462,7 @@ def iter_records(files):
                     n += 1
                     yield path, n, row
             continue
-        with _open(path) as fh:
+        with open_jsonl(path) as fh:
             for line_no, line in enumerate(fh, 1):
                 if not line.isspace():
                     yield path, line_no, line

@@ -14,7 +14,7 @@ import torch
 from config import LogConfig, parse_backends
 from tests.helpers import TOKENIZER, base_flags, run_job
 from tools import chat as chat_tool
-from tools.plot_metrics import MetricsError, plot_metrics
+from training.curves import MetricsError, plot_metrics
 from utils.logging import make_logger
 from utils.progress import progress_enabled
 
@@ -118,7 +118,7 @@ def test_chat_on_a_folder_without_a_model_says_so_in_one_line(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# tools/plot_metrics.py
+# training/curves.py (tools/plot_metrics.py is its command line)
 # ---------------------------------------------------------------------------------------------------------------
 
 

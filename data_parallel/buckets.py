@@ -14,12 +14,20 @@ of its parameter's elements: a block-wise optimizer state (8-bit Adam: one scale
 cut between two ranks. The gaps between parameters are padding: zeros.
 """
 
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+# (param index, start, end): elements [start, end) of a flattened parameter
+Piece = tuple[int, int, int]
+# a Piece and where it lies in its bucket's flat buffer
+BucketPiece = tuple[int, int, int, int]
 
-def round_up(n, multiple):
+
+def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
@@ -33,10 +41,10 @@ class Bucket:
     numel: int = 0  # the padded length: dp shards of `shard` elements
     shard: int = 0
 
-    def shard_pieces(self, dp_rank):
+    def shard_pieces(self, dp_rank: int) -> list[BucketPiece]:
         """(param index, start, end, position in the bucket) of every parameter overlapping rank dp_rank's shard."""
         lo, hi = dp_rank * self.shard, (dp_rank + 1) * self.shard
-        out = []
+        out: list[BucketPiece] = []
         for i, offset, n in zip(self.indices, self.offsets, self.numels):
             a, b = max(lo, offset), min(hi, offset + n)
             if a < b:
@@ -44,10 +52,17 @@ class Bucket:
         return out
 
 
-def plan_buckets(params, dp_size, bucket_bytes, align=1, late=frozenset()):
+def plan_buckets(
+    params: Sequence[torch.Tensor],
+    dp_size: int,
+    bucket_bytes: int,
+    align: int = 1,
+    late: Collection[int] = frozenset(),
+) -> list[Bucket]:
     """The buckets of `params` (tensors; `late`: indices reduced after the backward)."""
     order = [i for i in reversed(range(len(params))) if i not in late] + sorted(late)
-    buckets, size = [], 0
+    buckets: list[Bucket] = []
+    size = 0
     for i in order:
         p = params[i]
         nbytes = p.numel() * p.element_size()
@@ -68,6 +83,6 @@ def plan_buckets(params, dp_size, bucket_bytes, align=1, late=frozenset()):
     return buckets
 
 
-def shard_pieces(buckets, dp_rank):
+def shard_pieces(buckets: Sequence[Bucket], dp_rank: int) -> list[Piece]:
     """This rank's pieces [(param index, start, end)] over flattened parameters, bucket by bucket."""
     return [(i, a, b) for bucket in buckets for i, a, b, _ in bucket.shard_pieces(dp_rank)]

@@ -14,10 +14,14 @@ summed, not averaged: the sum is the gradient of the global mean loss. Reduce-sc
 all-reduce, element by element.
 """
 
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
 import torch
 import torch.distributed as dist
 
-from data_parallel.buckets import plan_buckets, shard_pieces
+from data_parallel.buckets import Piece, plan_buckets, shard_pieces
 
 BUCKET_BYTES = 64 * 1024 * 1024
 
@@ -29,16 +33,16 @@ class GradientReducer:
 
     def __init__(
         self,
-        params,
-        group,
-        dp_size,
-        dp_rank,
-        sharded,
-        backwards_per_step,
-        bucket_bytes=BUCKET_BYTES,
-        align=1,
-        late=frozenset(),
-    ):
+        params: Sequence[torch.Tensor],
+        group: dist.ProcessGroup | None,
+        dp_size: int,
+        dp_rank: int,
+        sharded: bool,
+        backwards_per_step: int,
+        bucket_bytes: int = BUCKET_BYTES,
+        align: int = 1,
+        late: Collection[int] = frozenset(),
+    ) -> None:
         for p in params:
             if not p.is_contiguous():
                 raise ValueError("data-parallel gradient buckets need contiguous parameters")
@@ -46,14 +50,16 @@ class GradientReducer:
         self.backwards_per_step = backwards_per_step
         self.buckets = plan_buckets(params, dp_size, bucket_bytes, align, late)
         self.buffers = [torch.zeros(b.numel, dtype=b.dtype, device=params[b.indices[0]].device) for b in self.buckets]
-        self.grad_views, self.bucket_of = {}, {}
+        self.grad_views: dict[int, torch.Tensor] = {}  # param index -> its .grad, a view into its bucket
+        self.bucket_of: dict[int, int] = {}  # param index -> bucket index
         for k, (bucket, buffer) in enumerate(zip(self.buckets, self.buffers)):
             for i, offset, n in zip(bucket.indices, bucket.offsets, bucket.numels):
                 self.grad_views[i] = buffer[offset : offset + n].view(params[i].shape)
                 self.bucket_of[i] = k
         # Sharded: this rank's summed shard of each bucket lands in place, in its own part of the bucket (no second
         # buffer: 2/dp bytes per parameter saved), and the pieces of my_pieces() are views of it.
-        self.shard_sums, self.piece_sums = [], []
+        self.shard_sums: list[torch.Tensor] = []
+        self.piece_sums: list[torch.Tensor] = []
         if sharded:
             for bucket, buffer in zip(self.buckets, self.buffers):
                 self.shard_sums.append(buffer[dp_rank * bucket.shard : (dp_rank + 1) * bucket.shard])
@@ -65,23 +71,23 @@ class GradientReducer:
                 p.register_post_accumulate_grad_hook(lambda _, i=i: self._accumulated(i))
         self.zero_grad()
 
-    def my_pieces(self):
+    def my_pieces(self) -> list[Piece]:
         """This rank's shard: [(param index, start, end)] over flattened parameters, in bucket order."""
         return shard_pieces(self.buckets, self.dp_rank)
 
-    def _reset(self):
-        self.counts = [0] * len(self.params)
-        self.waiting = [len(b.indices) for b in self.buckets]  # parameters not yet final
-        self.works = []
+    def _reset(self) -> None:
+        self.counts: list[int] = [0] * len(self.params)
+        self.waiting: list[int] = [len(b.indices) for b in self.buckets]  # parameters not yet final
+        self.works: list[dist.Work] = []
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         """Zero the buckets and point every .grad back at its view (the optimizer may have dropped some)."""
         for buffer in self.buffers:
             buffer.zero_()
         for i, p in enumerate(self.params):
             p.grad = self.grad_views[i]
 
-    def _accumulated(self, i):
+    def _accumulated(self, i: int) -> None:
         """Hook: parameter i's gradient of one backward has been added to its view."""
         self.counts[i] += 1
         if self.counts[i] > self.backwards_per_step:
@@ -96,18 +102,18 @@ class GradientReducer:
             while self._launchable(len(self.works)):
                 self._launch(len(self.works))
 
-    def _launchable(self, k):
+    def _launchable(self, k: int) -> bool:
         """Bucket k is next in the fixed order and ready (late buckets wait for finish())."""
         return k < len(self.buckets) and not self.buckets[k].late and self.waiting[k] == 0
 
-    def _launch(self, k):
+    def _launch(self, k: int) -> None:
         if self.sharded:
             work = dist.reduce_scatter_tensor(self.shard_sums[k], self.buffers[k], group=self.group, async_op=True)
         else:
             work = dist.all_reduce(self.buffers[k], group=self.group, async_op=True)
         self.works.append(work)
 
-    def finish(self):
+    def finish(self) -> list[torch.Tensor]:
         """Launch the buckets still waiting, in order, and wait for all. Allreduce: every .grad holds the sum over
         the replicas. Sharded: returns the summed gradient of each of my_pieces() (views of this rank's part of the
         buckets, valid until all_gather()); the rest of the .grad views then holds unreduced values, not to be used."""
@@ -120,7 +126,7 @@ class GradientReducer:
         return self.piece_sums
 
     @torch.no_grad()
-    def all_gather(self):
+    def all_gather(self) -> None:
         """Sharded: every rank's shard of the parameters (already updated in place by its owner) into every replica.
         The gradient buckets are the landing buffers, so the step allocates one shard per bucket, not a full copy;
         the .grad views hold parameters afterwards, until zero_grad()."""

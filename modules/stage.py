@@ -11,6 +11,9 @@ last stage before the optimizer step. `tied_parameter_names(cfg)` names the pair
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.utils.checkpoint
 from torch import nn
@@ -18,6 +21,12 @@ from torch import nn
 from . import gptj, gptneox, llama
 from .config import ModelConfig, ModelError
 from .layers import Rotary, document_mask
+
+if TYPE_CHECKING:
+    from config import ModelRunConfig
+    from pipeline_parallel import StagePlan
+
+    from .lora import LoraConfig
 
 FAMILIES = {"gptneox": gptneox, "gptj": gptj, "llama": llama}
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
@@ -146,30 +155,25 @@ def materialize_stage(stage: Stage, device: torch.device, dtype: torch.dtype) ->
 
 def build_rank_stages(
     cfg: ModelConfig,
-    bounds: list[tuple[int, int]],
-    stage_ids: list[int],
+    run: ModelRunConfig,
+    plan: StagePlan,
     device: torch.device,
-    dtype: torch.dtype,
-    activation_checkpointing: str = "none",
-    compile_blocks: bool = False,
-    weights_dir: str | None = None,
-    seed: int = 0,
-    show_progress: bool = False,
-    lora=None,
+    lora: LoraConfig | None = None,
     quantize_base: str = "none",
-    adapter_tensors=None,
-    fp8: str = "none",
-    on_phase=None,
+    adapter_tensors: dict[str, torch.Tensor] | None = None,
+    show_progress: bool = False,
+    on_phase: Callable[[str], None] | None = None,
 ) -> list[Stage]:
-    """The stages `stage_ids` of a pipeline split by `bounds`, allocated once on `device` in `dtype`, holding the
-    weights of `weights_dir` (or a random init from `seed`), each transformer block compiled if asked.
+    """This rank's stages of `plan` (plan.stage_ids of the split plan.bounds), allocated once on `device` in the run's
+    dtype, holding the weights of run.model_dir (or, without --load-pretrained-model, a random init from run.seed),
+    each transformer block compiled if run.compile.
 
-    With `lora` (a lora.LoraConfig) the blocks' target linears get adapters (initialised from `seed`, or copied
-    from `adapter_tensors`) and every base weight is frozen; `quantize_base` (nf4 | int8) then holds the base
-    linears in bitsandbytes. A quantised stage is loaded on the host and quantised onto `device` linear by linear,
-    so the device never holds the stage's full-precision weights.
+    With `lora` the blocks' target linears get adapters (initialised from run.seed, or copied from
+    `adapter_tensors`) and every base weight is frozen; `quantize_base` (nf4 | int8) then holds the base linears in
+    bitsandbytes. A quantised stage is loaded on the host and quantised onto `device` linear by linear, so the device
+    never holds the stage's full-precision weights.
 
-    `fp8` (tensorwise | rowwise) swaps the blocks' large linears for torchao's Float8Linear (same parameter names
+    run.fp8 (tensorwise | rowwise) swaps the blocks' large linears for torchao's Float8Linear (same parameter names
     and dtypes), before torch.compile so that the compiled blocks fuse the float8 casts. `on_phase(name)` is called
     as each stage is allocated ("model_build") and as its weights are in ("weights"), for the trainer's start-up
     timing."""
@@ -179,12 +183,15 @@ def build_rank_stages(
     from .weights import init_stage_weights, load_stage_weights
 
     load_device = torch.device("cpu") if quantize_base != "none" else device
+    dtype = getattr(torch, run.dtype)
+    weights_dir, seed = (run.model_dir if run.load_pretrained else None), run.seed
     on_phase = on_phase or (lambda name: None)
     stages = []
-    for s in stage_ids:
-        start, end = bounds[s]
+    for s in plan.stage_ids:
+        start, end = plan.bounds[s]
+        is_last = s == len(plan.bounds) - 1
         with torch.device("meta"):  # no full-size fp32 copy on the host first
-            stage = build_stage(cfg, start, end, s == 0, s == len(bounds) - 1, activation_checkpointing)
+            stage = build_stage(cfg, start, end, s == 0, is_last, run.activation_checkpointing)
             if lora is not None:
                 apply_lora(stage, lora, seed=None)
         stage = materialize_stage(stage, load_device, dtype)
@@ -200,9 +207,9 @@ def build_rank_stages(
             if quantize_base != "none":
                 quantize(stage, quantize_base, compute_dtype=dtype, device=device)
                 stage = stage.to(device)
-        if fp8 != "none":
-            convert_blocks_to_float8(stage, fp8)
-        if compile_blocks:
+        if run.fp8 != "none":
+            convert_blocks_to_float8(stage, run.fp8)
+        if run.compile:
             for block in getattr(getattr(stage, family(cfg).PREFIX), family(cfg).LAYERS).values():
                 block.compile()
         on_phase("weights")

@@ -8,38 +8,30 @@ yields the same number of batches. Weights in a spec are ignored.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .packing import Packer
 from .render import RecordFormat, Renderer, check_columns
 from .sources import iter_records
 from .spec import parse_task_spec
 from .tokenize import Encoder
 
+if TYPE_CHECKING:
+    from config import DataConfig
 
-def evaluation_batches(
-    paths,
-    tokenizer,
-    seq_length: int,
-    batch_size: int,
-    dp_rank: int = 0,
-    dp_size: int = 1,
-    train_on_inputs: bool = False,
-    loss_on_bot_only: bool = False,
-    chunk_docs: int = 256,
-    data_format: str = "auto",
-    text_field: str | None = None,
-    messages_field: str | None = None,
-):
-    """Yield dicts of int64 tensors [batch_size, seq_length] (input_ids, labels, position_ids, doc_ids).
 
-    paths: a --task-name style spec ("a.jsonl,dir/,hf:org/name@validation") or a list of them.
-    data_format / text_field / messages_field: as PackedStream's (--data-format, --text-field, --messages-field).
+def evaluation_batches(paths, tokenizer, data: DataConfig, dp_rank: int = 0, dp_size: int = 1, chunk_docs: int = 256):
+    """Yield dicts of int64 tensors [data.batch_size, data.seq_length] (input_ids, labels, position_ids, doc_ids).
+
+    paths: a --task-name style spec ("a.jsonl,dir/,hf:org/name@validation") or a list of them. Records are read,
+    rendered and masked as training reads them (the record layout and masking settings of `data`).
     """
     tasks = parse_task_spec(paths, flag="--evaluation-data")
-    fmt = RecordFormat(data_format, text_field, messages_field)
+    fmt = RecordFormat.of(data)
     check_columns(tasks, fmt)
-    renderer = Renderer(tokenizer, train_on_inputs, loss_on_bot_only, fmt)
+    renderer = Renderer(tokenizer, data.train_on_inputs, data.loss_on_bot_only, fmt)
     encoder = Encoder(tokenizer)
-    packer = Packer(seq_length, batch_size, dp_rank, dp_size, 0, encoder.eos)
+    packer = Packer(data.seq_length, data.batch_size, dp_rank, dp_size, 0, encoder.eos)
     files = [f for t in tasks for f in t.files]
     docs = []
     for path, line_no, line in iter_records(files):

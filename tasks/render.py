@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .spec import TaskError
+
+if TYPE_CHECKING:
+    from config import DataConfig
 
 HUMAN = "<human>:"
 BOT = "<bot>:"
@@ -62,6 +65,11 @@ class RecordFormat:
         for flag, value in (("--text-field", self.text_field), ("--messages-field", self.messages_field)):
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise TaskError(f"{flag} must name a column, got {value!r}")
+
+    @classmethod
+    def of(cls, data: DataConfig) -> RecordFormat:
+        """The record layout of the data settings (--data-format, --text-field, --messages-field)."""
+        return cls(data.data_format, data.text_field, data.messages_field)
 
     @property
     def key(self) -> str:

@@ -16,12 +16,16 @@ import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from .packing import ChunkMeta, Packer, StateRef
 from .reader import Mixture, file_signature, record_size
 from .render import RecordFormat, Renderer, check_columns
 from .spec import TaskError, parse_task_spec
 from .tokenize import Encoder
+
+if TYPE_CHECKING:
+    from config import DataConfig
 
 STATE_FORMAT = "tasks.PackedStream/1"
 _ERROR = object()
@@ -73,26 +77,22 @@ class PackedStream:
 
     def __init__(
         self,
-        task_spec,
+        data: DataConfig,
         tokenizer,
-        seq_length: int,
-        batch_size: int,
         dp_rank: int = 0,
         dp_size: int = 1,
-        seed: int = 42,
-        train_on_inputs: bool = False,
-        loss_on_bot_only: bool = False,
-        shuffle_buffer: int = 1000,
-        num_workers: int = 1,
+        show_data: bool | None = None,
+        *,
         prefetch: int = 4,
         chunk_docs: int = 256,
         chunk_bytes: int = 1 << 20,
-        show_data: bool | None = None,
         show_every: int | None = None,
-        data_format: str = "auto",
-        text_field: str | None = None,
-        messages_field: str | None = None,
     ):
+        """The stream of `data` (--task-name and the data settings) as replica `dp_rank` of `dp_size` reads it.
+        `show_data` None: print samples when SHOW_DATA is set (every SHOW_DATA_EVERY batches, or `show_every`)."""
+        task_spec, seq_length, batch_size = data.task_spec, data.seq_length, data.batch_size
+        seed, shuffle_buffer, num_workers = data.seed, data.shuffle_buffer, data.workers
+        train_on_inputs, loss_on_bot_only = data.train_on_inputs, data.loss_on_bot_only
         _positive("seq_length", seq_length)
         _positive("batch_size", batch_size)
         _positive("dp_size", dp_size)
@@ -111,7 +111,7 @@ class PackedStream:
         self.shuffle_buffer = shuffle_buffer
         self.num_workers, self.prefetch = num_workers, prefetch
         self.chunk_docs, self.chunk_bytes = chunk_docs, chunk_bytes
-        self.record_format = RecordFormat(data_format, text_field, messages_field)
+        self.record_format = RecordFormat.of(data)
         check_columns(self.tasks, self.record_format)
         self.renderer = Renderer(tokenizer, train_on_inputs, loss_on_bot_only, self.record_format)
         self.encoder = Encoder(tokenizer)

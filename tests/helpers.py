@@ -84,6 +84,35 @@ def make_chat_data(path, n=120, seed=0):
     return str(path)
 
 
+def data_config(task_spec, seq_length=2048, batch_size=4, num_workers=1, **settings):
+    """The DataConfig of a stream as the tests describe it (num_workers is --data-workers' field `workers`)."""
+    from config import DataConfig
+
+    return DataConfig(
+        task_spec=task_spec, seq_length=seq_length, batch_size=batch_size, workers=num_workers, **settings
+    )
+
+
+STREAM_OPTIONS = ("show_data", "prefetch", "chunk_docs", "chunk_bytes", "show_every")
+
+
+def packed_stream(task_spec, tokenizer, seq_length=2048, batch_size=4, dp_rank=0, dp_size=1, **settings):
+    """tasks.PackedStream from the stream's settings as keywords: the DataConfig fields, plus its own options."""
+    from tasks import PackedStream
+
+    options = {k: settings.pop(k) for k in STREAM_OPTIONS if k in settings}
+    data = data_config(task_spec, seq_length, batch_size, **settings)
+    return PackedStream(data, tokenizer, dp_rank, dp_size, **options)
+
+
+def eval_batches(paths, tokenizer, seq_length, batch_size, dp_rank=0, dp_size=1, chunk_docs=256, **settings):
+    """tasks.evaluation_batches with the data settings as keywords."""
+    from tasks import evaluation_batches
+
+    data = data_config(None, seq_length, batch_size, **settings)
+    return evaluation_batches(paths, tokenizer, data, dp_rank, dp_size, chunk_docs)
+
+
 def base_flags(model_dir, data, ckpt, **overrides):
     flags = {
         "model-name": model_dir,

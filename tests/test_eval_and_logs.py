@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import base_flags, document_logits, make_chat_data, make_model, run_job
+from tests.helpers import base_flags, document_logits, eval_batches, make_chat_data, make_model, run_job
 from training.startup import PHASES
 
 pytestmark = pytest.mark.e2e  # real multi-process runs of the entrypoint
@@ -24,15 +24,11 @@ def setup(tmp_path_factory):
 def reference_eval_loss(model_dir, eval_path, seq_length, batch_size, train_on_inputs=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import tasks
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in tasks.evaluation_batches(
-            [eval_path], tokenizer, seq_length, batch_size, 0, 1, train_on_inputs=train_on_inputs
-        ):
+        for batch in eval_batches([eval_path], tokenizer, seq_length, batch_size, train_on_inputs=train_on_inputs):
             logits = document_logits(model, batch)  # evaluation masks packed documents as training does
             total += F.cross_entropy(
                 logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum"

@@ -21,7 +21,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import modules  # noqa: E402
+from config import ModelRunConfig  # noqa: E402
 from modules import ModelError  # noqa: E402
+from pipeline_parallel import StagePlan  # noqa: E402
 
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 # hidden 64 and intermediate 1088: only the MLP's up projections ([1088, 64]) pass tensorwise's size filter
@@ -81,9 +83,8 @@ def test_conversion_takes_the_large_block_linears_and_keeps_names_and_dtypes(fam
 
 def test_build_rank_stages_converts_every_stage_of_the_rank():
     cfg = modules.model_config_from_dict(CONFIGS["gptneox"]().to_dict())
-    stages = modules.build_rank_stages(
-        cfg, [(0, 1), (1, 2)], [0, 1], torch.device("cpu"), torch.bfloat16, compile_blocks=True, fp8="tensorwise"
-    )
+    run = ModelRunConfig(model_dir="", load_pretrained=False, bf16=True, compile=True, fp8="tensorwise")
+    stages = modules.build_rank_stages(cfg, run, StagePlan(2, [(0, 1), (1, 2)], [0, 1]), torch.device("cpu"))
     converted = [n for stage in stages for n, m in stage.named_modules() if type(m).__name__ == "Float8Linear"]
     assert converted == CONVERTED["gptneox"]
 

@@ -15,6 +15,7 @@ from tests.helpers import (
     document_logits,
     make_chat_data,
     make_model,
+    packed_stream,
     read_checkpoint_weights,
     run_job,
 )
@@ -32,11 +33,10 @@ def hf_saved_name(name, model_type):
 def reference_weights(model_dir, data, steps=STEPS, documents=True):
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-    import tasks
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    stream = tasks.PackedStream(data, tokenizer, SEQ, GLOBAL_BATCH, 0, 1, seed=SEED)
+    stream = packed_stream(data, tokenizer, SEQ, GLOBAL_BATCH, seed=SEED)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     named = list(model.named_parameters())
     decay = [p for n, p in named if not (n.endswith(".bias") or p.ndim < 2)]

@@ -14,11 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import base_flags, make_chat_data, make_model, read_checkpoint_weights, run_job
+from config import ModelRunConfig
+from pipeline_parallel import StagePlan
+from tests.helpers import base_flags, make_chat_data, make_model, packed_stream, read_checkpoint_weights, run_job
 
 pytestmark = pytest.mark.e2e  # real multi-process runs of the entrypoint
 
 STEPS, SEQ, GLOBAL_BATCH, LR, SEED, R, ALPHA = 3, 32, 4, 1e-3, 7, 4, 8.0
+CPU = torch.device("cpu")
 FAMILIES = {
     "gptneox": {"targets": None, "extra": ()},
     "gptj": {"targets": None, "extra": ()},
@@ -32,9 +35,8 @@ def initial_adapters(model_dir, targets):
 
     cfg = modules.load_model_config(model_dir)
     lora = modules.make_lora_config(cfg, R, ALPHA, 0.0, targets)
-    (stage,) = modules.build_rank_stages(
-        cfg, [(0, cfg.num_layers)], [0], torch.device("cpu"), torch.float32, weights_dir=model_dir, seed=SEED, lora=lora
-    )
+    run = ModelRunConfig(model_dir=model_dir, seed=SEED)
+    (stage,) = modules.build_rank_stages(cfg, run, StagePlan(1, [(0, cfg.num_layers)], [0]), CPU, lora=lora)
     return lora, {k: v.clone() for k, v in modules.lora_state_dict(stage).items()}
 
 
@@ -43,11 +45,10 @@ def peft_reference(model_dir, data, targets, steps=STEPS):
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-    import tasks
 
     lora, start = initial_adapters(model_dir, targets)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    stream = tasks.PackedStream(data, tokenizer, SEQ, GLOBAL_BATCH, 0, 1, seed=SEED)
+    stream = packed_stream(data, tokenizer, SEQ, GLOBAL_BATCH, seed=SEED)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(lora.target_modules))
     model = peft.get_peft_model(base, config)
@@ -173,15 +174,9 @@ def test_resume_under_another_layout_and_export_to_peft_and_merged(models, tmp_p
     cfg = modules.load_model_config(model_dir)
     lora = modules.make_lora_config(cfg, R, ALPHA)
     adapters = read_checkpoint_weights(str(ckpt))
+    plan = StagePlan(1, [(0, cfg.num_layers)], [0])
     (ours,) = modules.build_rank_stages(
-        cfg,
-        [(0, cfg.num_layers)],
-        [0],
-        torch.device("cpu"),
-        torch.float32,
-        weights_dir=model_dir,
-        lora=lora,
-        adapter_tensors=adapters,
+        cfg, ModelRunConfig(model_dir=model_dir), plan, CPU, lora=lora, adapter_tensors=adapters
     )
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

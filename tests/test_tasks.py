@@ -14,8 +14,9 @@ import re
 import pytest
 import torch
 
-from tasks import PackedStream, TaskError, count_tokens, evaluation_batches, parse_task_spec
+from tasks import TaskError, count_tokens, parse_task_spec
 from tasks.reader import Mixture
+from tests.helpers import eval_batches, packed_stream
 
 EOS = 50256
 WORDS = (
@@ -137,7 +138,7 @@ def test_parse_spec_errors(tmp_path, entry, needle):
 def test_malformed_line_names_file_and_line(tmp_path, tok, line, needle):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"text": "fine"}) + "\n\n" + line + "\n")
-    s = PackedStream(str(p), tok, 16, 1, num_workers=1)
+    s = packed_stream(str(p), tok, 16, 1, num_workers=1)
     with pytest.raises(TaskError) as e:
         take(s, 5)
     assert f"{p}:3" in str(e.value) and needle in str(e.value)
@@ -151,7 +152,7 @@ def test_task_without_records_is_an_error(tmp_path, tok):
     d.mkdir()
     (d / "empty.jsonl").write_text("\n  \n")
     a = write_jsonl(tmp_path / "a.jsonl", text_records(3))
-    s = PackedStream(f"{a},{d}", tok, 16, 1, num_workers=0)
+    s = packed_stream(f"{a},{d}", tok, 16, 1, num_workers=0)
     with pytest.raises(TaskError, match="has no records"):
         take(s, 50)
 
@@ -159,7 +160,7 @@ def test_task_without_records_is_an_error(tmp_path, tok):
 # ------------------------------------------------------------------ rendering and masks
 def ordered(path, tok, S=32, **kw):
     """The whole file in order, packed (evaluation path, same rendering/masking as training)."""
-    return list(evaluation_batches(path, tok, S, 2, **kw))
+    return list(eval_batches(path, tok, S, 2, **kw))
 
 
 def test_text_records_train_everything_and_eos_once(tmp_path, tok):
@@ -270,14 +271,14 @@ def test_tokenizer_added_specials(tmp_path, tok):
 def test_train_on_inputs_conflicts_with_bot_only(tmp_path, tok):
     p = write_jsonl(tmp_path / "t.jsonl", text_records(2))
     with pytest.raises(TaskError):
-        PackedStream(p, tok, 16, 1, train_on_inputs=True, loss_on_bot_only=True)
+        packed_stream(p, tok, 16, 1, train_on_inputs=True, loss_on_bot_only=True)
 
 
 # ------------------------------------------------------------------ packing windows
 def test_windows_overlap_and_positions(tmp_path, tok):
     p = write_jsonl(tmp_path / "t.jsonl", text_records(60))
     S, B = 24, 3
-    s = PackedStream(p, tok, S, B, num_workers=0)
+    s = packed_stream(p, tok, S, B, num_workers=0)
     batches = take(s, 8)
     rows = [
         (b["input_ids"][i], b["labels"][i], b["position_ids"][i], b["doc_ids"][i]) for b in batches for i in range(B)
@@ -308,19 +309,19 @@ def mixed_data(tmp_path_factory):
 
 def test_same_global_batches_across_dp_layouts_and_workers(mixed_data, tok):
     kw = dict(seq_length=32, seed=7, shuffle_buffer=8, chunk_docs=16)
-    ref = take(PackedStream(mixed_data, tok, batch_size=4, num_workers=0, **kw), 25)
+    ref = take(packed_stream(mixed_data, tok, batch_size=4, num_workers=0, **kw), 25)
     for workers in (1, 2):
-        s = PackedStream(mixed_data, tok, batch_size=4, num_workers=workers, **kw)
+        s = packed_stream(mixed_data, tok, batch_size=4, num_workers=workers, **kw)
         same(ref, take(s, 25))
         s.close()
-    r0 = PackedStream(mixed_data, tok, batch_size=2, dp_rank=0, dp_size=2, num_workers=2, **kw)
-    r1 = PackedStream(mixed_data, tok, batch_size=2, dp_rank=1, dp_size=2, num_workers=1, **kw)
+    r0 = packed_stream(mixed_data, tok, batch_size=2, dp_rank=0, dp_size=2, num_workers=2, **kw)
+    r1 = packed_stream(mixed_data, tok, batch_size=2, dp_rank=1, dp_size=2, num_workers=1, **kw)
     for b, x, y in zip(ref, take(r0, 25), take(r1, 25)):
         for k in b:
             assert torch.equal(b[k], torch.cat([x[k], y[k]])), k
     assert r0.state_dict() == r1.state_dict()
     r0.close(), r1.close()
-    other_seed = take(PackedStream(mixed_data, tok, batch_size=4, num_workers=0, **{**kw, "seed": 8}), 3)
+    other_seed = take(packed_stream(mixed_data, tok, batch_size=4, num_workers=0, **{**kw, "seed": 8}), 3)
     assert not torch.equal(other_seed[0]["input_ids"], ref[0]["input_ids"])
 
 
@@ -329,7 +330,7 @@ def test_same_global_batches_across_dp_layouts_and_workers(mixed_data, tok):
 def test_exact_resume(mixed_data, tok, workers):
     kw = dict(seq_length=32, batch_size=3, seed=3, shuffle_buffer=8, chunk_docs=16, num_workers=workers, prefetch=3)
     points = (0, 1, 7, 23, 41, 90)
-    full = PackedStream(mixed_data, tok, **kw)
+    full = packed_stream(mixed_data, tok, **kw)
     ref, states = [], {}
     for k in range(102):  # several epochs of the small task files
         if k in points:  # taken while the loader thread has prefetched ahead
@@ -339,7 +340,7 @@ def test_exact_resume(mixed_data, tok, workers):
     assert all(e >= 1 for e in epochs.values()), epochs
     full.close()
     for k, state in states.items():
-        r = PackedStream(mixed_data, tok, **kw)
+        r = packed_stream(mixed_data, tok, **kw)
         r.load_state_dict(state)
         same(ref[k : k + 12], take(r, 12))
         if k == 23:  # resuming twice from the same state in one object
@@ -351,7 +352,7 @@ def test_exact_resume(mixed_data, tok, workers):
 def test_resume_state_is_small_and_mid_buffer(tmp_path, tok):
     p = write_jsonl(tmp_path / "t.jsonl", text_records(50, seed=5))
     kw = dict(seq_length=16, batch_size=2, shuffle_buffer=20, num_workers=0, chunk_docs=3)
-    s = PackedStream(p, tok, **kw)
+    s = packed_stream(p, tok, **kw)
     ref, states = [], {}
     for k in range(127):
         if k in (9, 33, 70, 101):
@@ -361,16 +362,16 @@ def test_resume_state_is_small_and_mid_buffer(tmp_path, tok):
     for k, st in states.items():
         sizes.append(len(st["position"]["source"]["tasks"][0]["buffer"]))
         assert len(json.dumps(st)) < 4000
-        r = PackedStream(p, tok, **kw)
+        r = packed_stream(p, tok, **kw)
         r.load_state_dict(st)
         same(ref[k : k + 25], take(r, 25))
     assert max(sizes) <= 20 and any(0 < n < 20 for n in sizes), sizes  # includes a partly full shuffle buffer
     # chained resumes (state taken from a resumed stream, inside the document it resumed in)
-    s = PackedStream(p, tok, **kw)
+    s = packed_stream(p, tok, **kw)
     at = 0
     for step in (5, 1, 1, 7, 30):
         st = json.loads(json.dumps(s.state_dict()))
-        s = PackedStream(p, tok, **kw)
+        s = packed_stream(p, tok, **kw)
         s.load_state_dict(st)
         same(ref[at : at + step], take(s, step))
         at += step
@@ -380,17 +381,17 @@ def test_resume_into_other_dp_layout_and_unclosed_stream_is_collected(mixed_data
     import threading
 
     kw = dict(seq_length=32, seed=7, shuffle_buffer=8, chunk_docs=16)
-    s = PackedStream(mixed_data, tok, batch_size=4, num_workers=1, **kw)
+    s = packed_stream(mixed_data, tok, batch_size=4, num_workers=1, **kw)
     ref = take(s, 12)
     s.close()
-    s = PackedStream(mixed_data, tok, batch_size=4, num_workers=1, **kw)
+    s = packed_stream(mixed_data, tok, batch_size=4, num_workers=1, **kw)
     take(s, 5)
     st = json.loads(json.dumps(s.state_dict()))
     del s  # not closed: collecting it stops its loader thread
     gc.collect()
     ranks = []
     for r in range(2):
-        x = PackedStream(mixed_data, tok, batch_size=2, dp_rank=r, dp_size=2, num_workers=1, **kw)
+        x = packed_stream(mixed_data, tok, batch_size=2, dp_rank=r, dp_size=2, num_workers=1, **kw)
         x.load_state_dict(st)
         ranks.append(take(x, 7))
         del x
@@ -408,19 +409,19 @@ def test_resume_into_other_dp_layout_and_unclosed_stream_is_collected(mixed_data
 
 
 def test_resume_rejects_changed_setup(mixed_data, tok):
-    s = PackedStream(mixed_data, tok, 16, 2, num_workers=0)
+    s = packed_stream(mixed_data, tok, 16, 2, num_workers=0)
     take(s, 2)
     st = s.state_dict()
-    other = PackedStream(mixed_data, tok, 16, 2, seed=1, num_workers=0)
+    other = packed_stream(mixed_data, tok, 16, 2, seed=1, num_workers=0)
     with pytest.raises(TaskError, match="--seed"):
         other.load_state_dict(st)
     with pytest.raises(TaskError, match="format"):
         other.load_state_dict({"x": 1})
-    reread = PackedStream(mixed_data, tok, 16, 2, num_workers=0, data_format="text")
+    reread = packed_stream(mixed_data, tok, 16, 2, num_workers=0, data_format="text")
     with pytest.raises(TaskError, match="--data-format 'auto' → 'text'.*--resume-data restart"):
         reread.load_state_dict(st)
     older = {k: v for k, v in st.items() if k != "record_format"}  # a state written before it was recorded
-    PackedStream(mixed_data, tok, 16, 2, num_workers=0).load_state_dict(older)
+    packed_stream(mixed_data, tok, 16, 2, num_workers=0).load_state_dict(older)
 
 
 # ------------------------------------------------------------------ sampling, memory, gz
@@ -438,7 +439,7 @@ def test_weighted_sampling_proportions(tmp_path, tok):
 def test_constant_memory_streaming(tmp_path, tok):
     psutil = pytest.importorskip("psutil")
     p = write_jsonl(tmp_path / "big.jsonl", text_records(6000, seed=9))  # ~2 MB, >> shuffle buffer
-    s = PackedStream(p, tok, 256, 8, shuffle_buffer=200, num_workers=1)
+    s = packed_stream(p, tok, 256, 8, shuffle_buffer=200, num_workers=1)
     proc = psutil.Process()
     take(s, 150)  # warm up (~1/2 pass)
     gc.collect()
@@ -457,11 +458,11 @@ def test_gz_same_as_plain(tmp_path, tok):
     plain = write_jsonl(tmp_path / "x.jsonl", recs)
     gz = write_jsonl(tmp_path / "x.jsonl.gz", recs, gz=True)
     kw = dict(seq_length=16, batch_size=2, shuffle_buffer=5, num_workers=0)
-    ref = take(PackedStream(plain, tok, **kw), 30)
-    s = PackedStream(gz, tok, **kw)
+    ref = take(packed_stream(plain, tok, **kw), 30)
+    s = packed_stream(gz, tok, **kw)
     same(ref[:11], take(s, 11))
     st = json.loads(json.dumps(s.state_dict()))
-    r = PackedStream(gz, tok, **kw)
+    r = packed_stream(gz, tok, **kw)
     r.load_state_dict(st)
     same(ref[11:], take(r, 19))
 
@@ -480,8 +481,8 @@ def broken_gz(path, how):
 def test_corrupt_gz_names_file_and_fix(tmp_path, tok, how):
     p = broken_gz(tmp_path / "x.jsonl.gz", how)
     readers = {
-        "training": lambda: take(PackedStream(p, tok, 16, 2, shuffle_buffer=5, num_workers=1), 500),
-        "evaluation": lambda: list(evaluation_batches(p, tok, 16, 2)),
+        "training": lambda: take(packed_stream(p, tok, 16, 2, shuffle_buffer=5, num_workers=1), 500),
+        "evaluation": lambda: list(eval_batches(p, tok, 16, 2)),
         "token count": lambda: count_tokens(p, tok, use_cache=False),
     }
     for what, read in readers.items():
@@ -497,11 +498,11 @@ def test_gz_truncated_after_checkpoint_fails_on_resume(tmp_path, tok):
     path = tmp_path / "x.jsonl.gz"
     p = write_jsonl(path, text_records(200, seed=2), gz=True)
     kw = dict(seq_length=16, batch_size=2, shuffle_buffer=5, num_workers=0, chunk_docs=3)
-    s = PackedStream(p, tok, **kw)
+    s = packed_stream(p, tok, **kw)
     take(s, 20)
     st = json.loads(json.dumps(s.state_dict()))
     path.write_bytes(path.read_bytes()[:30])  # now ends well before the saved position
-    r = PackedStream(p, tok, **kw)
+    r = packed_stream(p, tok, **kw)
     r.load_state_dict(st, strict=False)  # --resume-data continue: seeks to the saved offset
     line = st["position"]["source"]["tasks"][0]["line"]
     assert line > 0
@@ -526,7 +527,7 @@ def test_count_tokens_cached(tmp_path, tok, monkeypatch):
     assert count_tokens(f"{p}:2,{m}", tok) == expect + n[m]
     assert len(calls) == 2  # cache hit: nothing re-tokenised
     # the count agrees with the packed evaluation stream (non-padding tokens)
-    toks = sum(int((b["labels"] != -100).sum()) for b in evaluation_batches(p, tok, 32, 2))
+    toks = sum(int((b["labels"] != -100).sum()) for b in eval_batches(p, tok, 32, 2))
     assert toks == expect - 1  # every token but the first is a label
     # a changed file is recounted
     write_jsonl(tmp_path / "c.jsonl", recs[:10])
@@ -549,12 +550,25 @@ def test_count_tokens_unwritable_dir_falls_back(tmp_path, tok, monkeypatch):
     assert count_tokens(p, tok) == n and len(calls) == 1
 
 
+def test_count_tokens_draws_a_bar_only_when_asked(tmp_path, tok, monkeypatch, capsys):
+    """SHOW_PROGRESS=1: a bar over the records of each file counted, on stderr; SHOW_PROGRESS=0: nothing printed."""
+    pytest.importorskip("tqdm")
+    p = write_jsonl(tmp_path / "c.jsonl", text_records(5))
+    monkeypatch.setenv("SHOW_PROGRESS", "1")
+    n = count_tokens(p, tok, use_cache=False)
+    err = capsys.readouterr().err
+    assert "counting tokens of c.jsonl (file 1/1)" in err and "record" in err, err
+    monkeypatch.setenv("SHOW_PROGRESS", "0")
+    assert count_tokens(p, tok, use_cache=False) == n
+    assert capsys.readouterr() == ("", "")
+
+
 # ------------------------------------------------------------------ evaluation
 def test_evaluation_reads_each_record_once_padded(tmp_path, tok):
     recs = text_records(23, seed=8)
     p = write_jsonl(tmp_path / "e.jsonl", recs)
     S, B = 32, 2
-    per_rank = [list(evaluation_batches(p, tok, S, B, dp_rank=r, dp_size=2)) for r in range(2)]
+    per_rank = [list(eval_batches(p, tok, S, B, dp_rank=r, dp_size=2)) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) > 0
     rows = []
     for b0, b1 in zip(*per_rank):
@@ -567,7 +581,7 @@ def test_evaluation_reads_each_record_once_padded(tmp_path, tok):
     labels = [t for _, lab in rows for t in lab.tolist() if t != -100]
     assert labels == expect[1:]  # each record exactly once, in order
     assert rows[-1][1].eq(-100).all()  # padding window at the end (23 records don't fill the last batch)
-    again = list(evaluation_batches(p, tok, S, B, dp_rank=0, dp_size=2))
+    again = list(eval_batches(p, tok, S, B, dp_rank=0, dp_size=2))
     same(per_rank[0], again)
 
 
@@ -577,7 +591,7 @@ def test_show_data(tmp_path, tok, monkeypatch, capsys):
     p = write_jsonl(tmp_path / "m.jsonl", [rec] * 5)
     monkeypatch.setenv("SHOW_DATA", "1")
     monkeypatch.setenv("SHOW_DATA_EVERY", "2")
-    s = PackedStream(p, tok, 32, 1, num_workers=0)
+    s = packed_stream(p, tok, 32, 1, num_workers=0)
     take(s, 3)
     err = capsys.readouterr().err
     assert err.count("SHOW_DATA batch") == 2 and "[[ hello.<|endoftext|>]]" in err
@@ -589,5 +603,5 @@ def test_show_data_every_must_be_positive_integer(tmp_path, tok, monkeypatch, va
     monkeypatch.setenv("SHOW_DATA", "1")
     monkeypatch.setenv("SHOW_DATA_EVERY", value)
     with pytest.raises(TaskError) as e:
-        PackedStream(p, tok, 16, 1, num_workers=0)
+        packed_stream(p, tok, 16, 1, num_workers=0)
     assert f"SHOW_DATA_EVERY={value!r}" in str(e.value) and ">= 1" in str(e.value)

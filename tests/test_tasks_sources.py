@@ -16,8 +16,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 
-from tasks import PackedStream, TaskError, count_tokens, evaluation_batches, parse_task_spec
-from tests.helpers import TOKENIZER
+from tasks import TaskError, count_tokens, parse_task_spec
+from tests.helpers import TOKENIZER, eval_batches, packed_stream
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -151,10 +151,10 @@ def test_all_sources_give_identical_batches(tmp_path, tok, hf_cache):
         "save_to_disk": write_saved(tmp_path / "saved", recs),
         "hub cache": hf_cache("testorg/chat", {"train": recs}),
     }
-    ref = take(PackedStream(paths["jsonl"], tok, num_workers=0, **KW), 30)  # > one pass: crosses an epoch
+    ref = take(packed_stream(paths["jsonl"], tok, num_workers=0, **KW), 30)  # > one pass: crosses an epoch
     assert len({int(b["labels"][r][c]) for b in ref for r in range(3) for c in range(32)}) > 30
     for kind, p in paths.items():
-        with PackedStream(p, tok, num_workers=1, **KW) as s:
+        with packed_stream(p, tok, num_workers=1, **KW) as s:
             got = take(s, 30)
             assert s.epochs[s.tasks[0].name] >= 1, kind
         same(ref, got)
@@ -163,13 +163,13 @@ def test_all_sources_give_identical_batches(tmp_path, tok, hf_cache):
     d.mkdir()
     write_parquet(d / "a.parquet", recs[:20])
     write_parquet(d / "b.parquet", recs[20:])
-    same(ref[:10], take(PackedStream(str(d), tok, num_workers=0, **KW), 10))
+    same(ref[:10], take(packed_stream(str(d), tok, num_workers=0, **KW), 10))
     # evaluation and token counts agree across sources too
-    ev = list(evaluation_batches(paths["jsonl"], tok, 32, 2))
-    same(ev, list(evaluation_batches(paths["parquet"], tok, 32, 2)))
-    same(ev, list(evaluation_batches([paths["hub cache"]], tok, 32, 2)))
+    ev = list(eval_batches(paths["jsonl"], tok, 32, 2))
+    same(ev, list(eval_batches(paths["parquet"], tok, 32, 2)))
+    same(ev, list(eval_batches([paths["hub cache"]], tok, 32, 2)))
     n = count_tokens(paths["jsonl"], tok, use_cache=False)
-    every = evaluation_batches(paths["jsonl"], tok, 32, 2, train_on_inputs=True)
+    every = eval_batches(paths["jsonl"], tok, 32, 2, train_on_inputs=True)
     assert n == 1 + sum(int((b["labels"] != -100).sum()) for b in every)  # every token but the first is a label
     for kind in ("parquet", "save_to_disk", "hub cache"):
         assert count_tokens(paths[kind], tok) == n, kind
@@ -230,16 +230,16 @@ def test_messages_sharegpt_alpaca_same_tokens_and_masks(tmp_path, tok, chat_tok,
             if name == "mixed"
             else write_jsonl(tmp_path / f"{name}.jsonl", recs)
         )
-        out[name] = list(evaluation_batches(p, t, 64, 1))
+        out[name] = list(eval_batches(p, t, 64, 1))
     same(out["messages"], out["sharegpt"])
     same(out["messages"], out["mixed"])
     labels = out["messages"][0]["labels"][0]
     assert 0 < int((labels != -100).sum()) < 40  # loss on the assistant turns only
     # forced formats read the same records; --train-on-inputs trains the user turns of every layout
     p = write_jsonl(tmp_path / "only_share.jsonl", forms["sharegpt"])
-    same(out["sharegpt"], list(evaluation_batches(p, t, 64, 1, data_format="sharegpt")))
-    a = list(evaluation_batches(p, t, 64, 1, train_on_inputs=True))
-    b = list(evaluation_batches(str(tmp_path / "messages.jsonl"), t, 64, 1, train_on_inputs=True))
+    same(out["sharegpt"], list(eval_batches(p, t, 64, 1, data_format="sharegpt")))
+    a = list(eval_batches(p, t, 64, 1, train_on_inputs=True))
+    b = list(eval_batches(str(tmp_path / "messages.jsonl"), t, 64, 1, train_on_inputs=True))
     same(a, b)
 
 
@@ -255,13 +255,11 @@ def test_field_overrides(tmp_path, tok):
     share_ref = write_jsonl(
         tmp_path / "s2.jsonl", [{"conversations": r["conversations"]} for r in base if "conversations" in r]
     )
-    same(list(evaluation_batches(text, tok, 16, 1)), list(evaluation_batches(body, tok, 16, 1, text_field="body")))
+    same(list(eval_batches(text, tok, 16, 1)), list(eval_batches(body, tok, 16, 1, text_field="body")))
+    same(list(eval_batches(msgs, tok, 16, 1)), list(eval_batches(chat, tok, 16, 1, messages_field="dialog")))
     same(
-        list(evaluation_batches(msgs, tok, 16, 1)), list(evaluation_batches(chat, tok, 16, 1, messages_field="dialog"))
-    )
-    same(
-        list(evaluation_batches(share_ref, tok, 16, 1)),
-        list(evaluation_batches(share, tok, 16, 1, data_format="sharegpt", messages_field="turns")),
+        list(eval_batches(share_ref, tok, 16, 1)),
+        list(eval_batches(share, tok, 16, 1, data_format="sharegpt", messages_field="turns")),
     )
 
 
@@ -278,20 +276,20 @@ def one_line(exc_info, *needles):
 def test_unknown_column(tmp_path, tok):
     p = write_parquet(tmp_path / "d.parquet", [{"text": "hi"}])
     with pytest.raises(TaskError) as e:
-        PackedStream(p, tok, 16, 1, text_field="body")
+        packed_stream(p, tok, 16, 1, text_field="body")
     one_line(e, p, "no column 'body'", "columns: text", "--text-field")
     with pytest.raises(TaskError) as e:
         count_tokens(p, tok, data_format="sharegpt")
     one_line(e, "no column 'conversations'", "--messages-field")
     j = write_jsonl(tmp_path / "d.jsonl", [{"text": "hi"}])  # jsonl has no schema: the record says it
     with pytest.raises(TaskError) as e:
-        list(evaluation_batches(j, tok, 16, 1, data_format="text", text_field="body"))
+        list(eval_batches(j, tok, 16, 1, data_format="text", text_field="body"))
     one_line(e, f"{j}:1", "no 'body'", "--text-field")
 
 
 def test_record_of_no_known_format(tmp_path, tok):
     p = write_parquet(tmp_path / "d.parquet", [{"text": "fine"}, {"question": "q", "answer": "a"}])
-    s = PackedStream(p, tok, 16, 1, num_workers=1)
+    s = packed_stream(p, tok, 16, 1, num_workers=1)
     with pytest.raises(TaskError) as e:
         take(s, 5)
     one_line(e, f"{p}[row 1]", "neither 'text' nor 'messages'", "keys: answer, question", "--text-field")
@@ -309,7 +307,7 @@ def test_record_of_no_known_format(tmp_path, tok):
 def test_bad_sharegpt_and_alpaca_records(tmp_path, tok, record, needle):
     p = write_jsonl(tmp_path / "d.jsonl", [{"text": "fine"}, record])
     with pytest.raises(TaskError) as e:
-        list(evaluation_batches(p, tok, 16, 1))
+        list(eval_batches(p, tok, 16, 1))
     one_line(e, f"{p}:2", needle)
 
 
@@ -385,7 +383,7 @@ def test_exact_resume_parquet_in_weighted_mixture(tmp_path, tok, hf_cache, worke
     spec = f"{pq_path}:0.7,{other}:0.3"
     kw = dict(KW, num_workers=workers, prefetch=3)
     points = (0, 17, 71)
-    full = PackedStream(spec, tok, **kw)
+    full = packed_stream(spec, tok, **kw)
     ref, states = [], {}
     for k in range(86):
         if k in points:
@@ -393,13 +391,13 @@ def test_exact_resume_parquet_in_weighted_mixture(tmp_path, tok, hf_cache, worke
         ref.append(next(full))
     assert all(e >= 1 for e in full.epochs.values()), full.epochs
     full.close()
-    with PackedStream(spec, tok, **kw) as r:
+    with packed_stream(spec, tok, **kw) as r:
         for k, state in states.items():  # load_state_dict restarts the same object at each point
             r.load_state_dict(state)
             same(ref[k : k + 12], take(r, 12))
             if k == 17:
                 chained = json.loads(json.dumps(r.state_dict()))  # resume of a resumed stream
-    with PackedStream(spec, tok, **kw) as r2:
+    with packed_stream(spec, tok, **kw) as r2:
         r2.load_state_dict(chained)
         same(ref[29:33], take(r2, 4))
     # a saved buffer of parquet rows is positions, not records: the state stays small
@@ -414,23 +412,23 @@ def test_exact_resume_other_sources(tmp_path, tok, kind):
         if kind == "arrow file"
         else write_saved(tmp_path / "s", recs)
     )
-    ref = take(PackedStream(p, tok, num_workers=0, **KW), 30)
-    s = PackedStream(p, tok, num_workers=0, **KW)
+    ref = take(packed_stream(p, tok, num_workers=0, **KW), 30)
+    s = packed_stream(p, tok, num_workers=0, **KW)
     take(s, 11)
     state = json.loads(json.dumps(s.state_dict()))
-    r = PackedStream(p, tok, num_workers=0, **KW)
+    r = packed_stream(p, tok, num_workers=0, **KW)
     r.load_state_dict(state)
     same(ref[11:30], take(r, 19))
 
 
 def test_resume_refuses_changed_parquet(tmp_path, tok):
     p = write_parquet(tmp_path / "a.parquet", mixed_records(30))
-    s = PackedStream(p, tok, num_workers=0, **KW)
+    s = packed_stream(p, tok, num_workers=0, **KW)
     take(s, 4)
     state = s.state_dict()
     write_parquet(p, mixed_records(31))
     with pytest.raises(TaskError) as e:
-        PackedStream(p, tok, num_workers=0, **KW).load_state_dict(state)
+        packed_stream(p, tok, num_workers=0, **KW).load_state_dict(state)
     one_line(e, "changed since the checkpoint", "--resume-data")
 
 
@@ -441,7 +439,7 @@ def test_parquet_streams_in_constant_memory(tmp_path, tok):
     recs = [{"text": f"<human>: {sentence(rng, 10, 30)}?\n<bot>: {sentence(rng, 20, 60)}."} for _ in range(5000)]
     p = write_parquet(tmp_path / "big.parquet", recs, row_group=500)  # ~1.5 MB of text, >> the shuffle buffer
     del recs
-    s = PackedStream(p, tok, 256, 8, shuffle_buffer=200, num_workers=1)
+    s = packed_stream(p, tok, 256, 8, shuffle_buffer=200, num_workers=1)
     proc = psutil.Process()
     take(s, 60)
     gc.collect()
@@ -485,9 +483,9 @@ READER = """
 import hashlib, json, os, sys
 sys.path.insert(0, {root!r})
 from transformers import AutoTokenizer
-from tasks import PackedStream
+from tests.helpers import packed_stream
 spec, state_path, out_path, total = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-s = PackedStream(spec, AutoTokenizer.from_pretrained({tok!r}), **json.loads(sys.argv[5]))
+s = packed_stream(spec, AutoTokenizer.from_pretrained({tok!r}), **json.loads(sys.argv[5]))
 served = 0
 if os.path.exists(state_path):
     saved = json.load(open(state_path))
@@ -520,7 +518,7 @@ def test_sigkill_and_relaunch_is_exact(tmp_path, tok):
     )
     kw = dict(seq_length=64, batch_size=4, seed=9, shuffle_buffer=32, num_workers=2)
     total = 120
-    with PackedStream(spec, tok, **kw) as s:
+    with packed_stream(spec, tok, **kw) as s:
         ref = [
             hashlib.sha256(b["input_ids"].numpy().tobytes() + b["labels"].numpy().tobytes()).hexdigest()
             for b in take(s, total)

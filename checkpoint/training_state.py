@@ -1,7 +1,7 @@
 """What a training checkpoint holds and how a run is restored from it.
 
-The trainer hands over its stateful parts (`TrainState`: the stages, the optimizer, the data stream) and this room
-decides the rest: the metadata, which files a rank needs, the architecture check, the tied-head and master-weight
+The trainer hands over its stages and its stateful parts (`TrainState`; each part gives and takes its own state,
+checkpoint/parts.py) and this room decides the rest: the metadata, which files a rank needs, the architecture check, the tied-head and master-weight
 reconciliation between layouts and precisions, and the RNG. The bytes on disk (atomic saves, sha256 checks,
 rotation, reading any layout's files) are store.py's job.
 """
@@ -33,6 +33,7 @@ from checkpoint.names import (
     stage_optimizer_shard_file,
     stage_state_file,
 )
+from checkpoint.parts import Stateful
 from checkpoint.snapshot import BackgroundWrite, HostBuffers, snapshot_fits
 from checkpoint.store import Checkpointer, CheckpointError, Snapshot, all_ranks, files_of
 from config import CheckpointConfig, saved_job
@@ -60,16 +61,21 @@ class RunInfo:
 
 @dataclass
 class TrainState:
-    """The stateful parts of one rank's run."""
+    """One rank's run as a checkpoint sees it: the stages (their tensors) and the parts that keep their own state
+    (checkpoint/parts.py: "optimizer", "rng", "metrics", and "data" on ranks that read the data stream)."""
 
     model_cfg: modules.ModelConfig
     layout: object  # comm.Layout
     plan: object  # pipeline_parallel.StagePlan
     stages: list[torch.nn.Module]
-    optimizer: object  # optimizer.StageOptimizer
-    stream: object | None  # tasks.PackedStream on ranks that read data
+    parts: dict[str, Stateful]
     tied: dict[str, str]  # {head: embedding} when the model ties them
     lora: object | None = None  # modules.LoraConfig of a LoRA run: only the adapters train and are saved
+
+    @property
+    def optimizer(self):
+        """The optimizer.StageOptimizer: a part, and the owner of the trained tensors' state."""
+        return self.parts["optimizer"]
 
     @property
     def param_names(self) -> list[str]:
@@ -159,9 +165,9 @@ class TrainingCheckpoint:
             step,
             state.stage_tensors(),
             state.optimizer.state_tensors(state.param_names),
-            _rng_states(self.layout.device),
+            state.parts["rng"].state_dict(),
             copy.deepcopy(dict(state.optimizer.state_dict(), step=step)),
-            copy.deepcopy(state.stream.state_dict()) if self.layout.rank == 0 else None,
+            copy.deepcopy(state.parts["data"].state_dict()) if self.layout.rank == 0 else None,
             self.metadata(state, step),
             self.run.tokenizer_dir,
             optimizer_shard=self.layout.dp_rank if state.optimizer.sharded else None,
@@ -300,17 +306,14 @@ class TrainingCheckpoint:
                 v.copy_(weights[k])
         with open(os.path.join(folder, stage_state_file(0))) as f:
             saved = json.load(f)
-        if not saved.get("scaler"):  # the checkpoint had no loss scaler (fp32/bf16): keep this run's initial one
-            saved["scaler"] = state.optimizer.scaler.state_dict()
         state.optimizer.load_state_dict(saved)
-        if state.stream is not None and self.cfg.resume_data != "restart":
+        data = state.parts.get("data")
+        if data is not None and self.cfg.resume_data != "restart":
             with open(os.path.join(folder, DATA_STATE)) as f:
-                state.stream.load_state_dict(json.load(f), strict=self.cfg.resume_data == "exact")
-        if self._same_layout(meta, state):
-            rng = store.read_rng(step, lay.rank)
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and lay.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], lay.device)
+                data.load_state_dict(json.load(f), strict=self.cfg.resume_data == "exact")
+        if self._same_layout(meta, state):  # another layout draws other numbers anyway
+            state.parts["rng"].load_state_dict(store.read_rng(step, lay.rank))
+        state.parts["metrics"].load_state_dict({"step": saved["step"]})
         layout = meta["layout"]
         restart = "; data read from the start (--resume-data restart)" if self.cfg.resume_data == "restart" else ""
         self.log(
@@ -386,14 +389,6 @@ class TrainingCheckpoint:
                 f"--optimizer {ours}; resume with --optimizer {saved}, "
                 f"or export it with tools/convert_to_hf.py and start a new run from that model"
             )
-
-
-def _rng_states(device) -> dict:
-    """This rank's torch RNG states now (new CPU tensors: nothing to copy)."""
-    rng = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    return rng
 
 
 PIECE = re.compile(r"^(.+)\[(\d+):(\d+)\]$")

@@ -143,9 +143,11 @@ class StageOptimizer:
         late=(),
     ):
         """`backwards_per_step`: backward passes per optimizer step (accumulation x micro-batches); `norm_exclude`:
-        names left out of the gradient norm (tied copies); `late`: names whose gradients are summed over the
-        pipeline ends after the backward, so their data-parallel reduction waits for reduce_gradients()."""
+        names left out of the gradient norm (tied copies); `late`: the tied embedding ends held by this rank when
+        they are split over the pipeline (layout.ends_group): reduce_gradients() first sums their gradients over
+        the ends, so that both take the same update, and their data-parallel reduction waits for that."""
         self.layout = layout
+        self.tied_ends = [p for name, p in named_params if name in late]
         self.in_norm = [name not in norm_exclude for name, _ in named_params]
         self.model_params = [p for _, p in named_params]
         self.mixed = any(p.dtype != torch.float32 for p in self.model_params)
@@ -228,7 +230,11 @@ class StageOptimizer:
 
     def reduce_gradients(self):
         """Sum the gradients over the data-parallel group (most buckets were launched during the backward): all of
-        them on every replica (allreduce), or each rank's own shard (sharded)."""
+        them on every replica (allreduce), or each rank's own shard (sharded). Tied ends first take their sum."""
+        for param in self.tied_ends:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, group=self.layout.ends_group)
         if self.reducer is not None:
             piece_sums = self.reducer.finish()
             self._shard_grads = piece_sums if self.sharded else None
@@ -427,4 +433,5 @@ class StageOptimizer:
         self.scheduler._last_lr = lrs
         for group, lr in zip(self.inner.param_groups, lrs):
             group["lr"] = lr
-        self.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler"):  # a checkpoint without a loss scaler (fp32/bf16): keep this run's initial one
+            self.scaler.load_state_dict(state["scaler"])

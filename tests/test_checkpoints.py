@@ -111,7 +111,9 @@ def test_layout_and_metadata(setup):
     meta = json.load(open(os.path.join(folder, "meta.json")))
     assert meta["step"] == STEPS and meta["model_type"] == "gptneox"
     assert meta["model_config"]["hidden_size"] == 32 and meta["layout"]["pp"] == 2 and meta["layout"]["dp"] == 1
-    assert meta["flags"]["total_steps"] == STEPS and {"torch", "transformers", "safetensors"} <= set(meta["versions"])
+    assert meta["config"]["data"]["total_iterations"] == STEPS and {"torch", "transformers", "safetensors"} <= set(
+        meta["versions"]
+    )
     for name in (
         "prank_0_model.safetensors",
         "prank_1_model.safetensors",
@@ -305,6 +307,7 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
     case("modified", damage=("prank_0_model.safetensors", "flip"))
     case("missing", damage=("data_state.json", "remove"))
     case("no-latest", latest_step=None)
+    case("latest-names-a-missing-step", latest_step=EVERY)
     case(
         "model-type",
         **{
@@ -345,7 +348,7 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
     case("optimizer")  # saved by an 8-bit Adam run (bitsandbytes' state), resumed with AdamW
     meta_path = os.path.join(cases["optimizer"][0], f"checkpoint_{STEPS}", "meta.json")
     meta = json.load(open(meta_path))
-    meta["flags"]["optimizer"] = "8bit-adam"
+    meta["config"]["optimizer"]["kind"] = "8bit-adam"
     json.dump(meta, open(meta_path, "w"))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -362,6 +365,12 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
         **{"pipeline-group-size": 2, "load-checkpoint": "false"},
     )
 
+    def listing(folder):
+        """Every file below `folder` with its size."""
+        paths = [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files]
+        return sorted((os.path.relpath(p, folder), os.path.getsize(p)) for p in paths)
+
+    before = {name: listing(ckpt) for name, (ckpt, *_) in cases.items()}
     procs = {name: run_ranks(world, flags, env=env) for name, (_, flags, world, env) in cases.items()}
     results = {name: wait_ranks(p, 240) for name, p in procs.items()}
     out = {name: (r[0][0], "".join(x[1] for x in r), "".join(x[2] for x in r)) for name, r in results.items()}
@@ -377,11 +386,13 @@ def test_unusable_checkpoints_and_failed_saves_stop_with_one_line(setup, tmp_pat
         "bad-latest": "not a step number",
         "residual": f"it was trained with use_parallel_residual={residual!r}, the model of --model-name",
         "optimizer": "holds 8bit-adam state and this run has --optimizer adam; resume with --optimizer 8bit-adam",
+        "latest-names-a-missing-step": f"checkpoint_{EVERY}",
     }
     for name, text in expected.items():
         rc, stdout, stderr = out[name]
         assert rc != 0, (name, stdout[-2000:], stderr[-2000:])  # 2; 1 when the rank's own watchdog exits first
         assert_user_error(stderr, text)
+        assert listing(cases[name][0]) == before[name], name  # a start that fails creates nothing (metrics.jsonl)
         if name not in ("not-a-directory", "bad-latest", "optimizer", "residual"):
             assert "cannot resume" in stderr or "no `latest`" in stderr, stderr[-2000:]
             assert "--resume-fallback" in stderr and "--load-checkpoint false" in stderr
@@ -500,3 +511,21 @@ def test_rotation_keeps_this_runs_newest_even_beside_a_later_leftover(tmp_path):
     (tmp_path / ".tmp_crashed_save").mkdir()
     Checkpointer(str(tmp_path), None, keep=2)._clean(newest=6)
     assert checkpoint_entries(tmp_path) == ["checkpoint_10", "checkpoint_4", "checkpoint_6"]
+
+
+def test_progress_bars_for_checkpoint_read_and_save_only_when_asked(setup, tmp_path):
+    """SHOW_PROGRESS=1: the logging rank draws a bar in MiB while it reads the checkpoint it resumes from and while it
+    saves one (a synchronous save: a background write draws none); SHOW_PROGRESS=0: no bar is printed."""
+    flags = {"pipeline-group-size": 1, "async-checkpoint": "false", "dist-timeout": 120}
+    procs = {}
+    for show in ("1", "0"):
+        ckpt = copy_checkpoints(setup["ref"], tmp_path / f"show{show}", [STEPS - EVERY], STEPS - EVERY)
+        procs[show] = run_ranks(1, flags_for(setup, ckpt, **flags), env={"SHOW_PROGRESS": show})
+    ((rc, _, shown),) = wait_ranks(procs["1"])
+    assert rc == 0, shown[-3000:]
+    for bar in (f"reading checkpoint {STEPS - EVERY} model", f"reading checkpoint {STEPS - EVERY} optimizer"):
+        assert bar in shown, shown[-3000:]
+    assert f"saving checkpoint {STEPS}" in shown and "MiB" in shown, shown[-3000:]
+    ((rc, _, quiet),) = wait_ranks(procs["0"])
+    assert rc == 0, quiet[-3000:]
+    assert not any(bar in quiet for bar in ("reading checkpoint", "saving checkpoint", "MiB", "\r")), quiet[-3000:]

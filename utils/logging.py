@@ -168,6 +168,14 @@ class Logger:
             if hasattr(sink, "resume_at"):
                 sink.resume_at(step)
 
+    # A part of the run's checkpoint (checkpoint/parts.py): its records are its own files; a resumed run cuts them
+    # back to the checkpoint's step.
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        self.resume_at(state["step"])
+
     def record(self, step, values, message):
         """A record that is not a step's metrics (the start-up phases): `message` for the text log, `values` for
         the sinks (a nested dict: the metrics file keeps it whole, wandb flattens it, TensorBoard skips it)."""
@@ -189,6 +197,12 @@ class Silent:
         pass
 
     def resume_at(self, step):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
         pass
 
     def record(self, step, values, message):

@@ -1,16 +1,18 @@
 """Start-up checks of a run's inputs, before the model load (minutes for 20B), so that a typo costs seconds: model
 settings, the GPU for --fp8, data specs, the tokenizer, the optimizer's and the quantiser's libraries, the LoRA
-settings and adapters, the host memory of an offloaded optimizer."""
+settings and adapters, the host memory of an offloaded optimizer; and the run's length in optimizer steps."""
 
+import math
 import os
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from transformers import AutoTokenizer
 
 import modules
 import tasks
-from config import JobConfig, LoraRunConfig
+from config import DataConfig, JobConfig, LoraRunConfig
 from optimizer import check_available, check_host_memory
 from utils.host import local_ranks
 from utils.logging import one_line
@@ -96,3 +98,20 @@ def check_offload_memory(job: JobConfig, cfg: modules.ModelConfig, layout, plan_
     plans = [plan_of(r % layout.pp_size) for r in range(first, first + local_ranks())]
     sharded = job.optimizer.dp_mode == "sharded" and layout.dp_size > 1
     check_host_memory(offloaded_elements(cfg, plans, layout.dp_size, sharded, lora))
+
+
+def total_optimizer_steps(data: DataConfig, tokenizer, layout, log: Callable[[str], None]) -> int:
+    """--total-steps in optimizer steps, or the steps of --nepochs passes over the data's tokens (counted once, by
+    rank 0, and cached beside the data for later runs)."""
+    if data.total_iterations is not None:
+        return data.total_iterations // data.accumulation
+    counted = [None]
+    if layout.rank == 0:
+        fmt = {"data_format": data.data_format, "text_field": data.text_field, "messages_field": data.messages_field}
+        counted[0] = tasks.count_tokens(data.task_spec, tokenizer, **fmt)
+    dist.broadcast_object_list(counted, src=0)
+    windows = counted[0] // data.seq_length
+    iterations = math.ceil(data.epochs * windows / (data.batch_size * layout.dp_size))
+    steps = max(1, math.ceil(iterations / data.accumulation))
+    log(f"--nepochs {data.epochs}: {counted[0]} tokens -> {steps} optimizer steps")
+    return steps

@@ -1,8 +1,12 @@
-"""The training loss: token cross-entropy summed and scaled by the loss tokens of the whole optimizer step."""
+"""The training loss: token cross-entropy summed and scaled by the loss tokens of the whole optimizer step; the
+first step's check that there is a token to learn."""
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from config import DataConfig
+from tasks import TaskError
 
 
 def _summed_cross_entropy(logits, labels):
@@ -31,3 +35,21 @@ class TokenMeanLoss:
         else:
             loss = self.cross_entropy(logits, labels)
         return loss * self.factor
+
+
+def check_loss_tokens(count: int, data: DataConfig, dp_size: int) -> None:
+    """A first step without one label to learn means the data or the masking settings are wrong; training on would
+    log loss 0 and change nothing."""
+    if count:
+        return
+    fix = (
+        ", or drop --loss-on-bot-only"
+        if data.loss_on_bot_only
+        else ", or pass --train-on-inputs to learn the user turns too"
+        if not data.train_on_inputs
+        else ""
+    )
+    raise TaskError(
+        f"the first step's {data.batch_size * dp_size} sequences of --task-name hold no token to learn: every label "
+        f"is masked (no assistant / <bot> turns?); check the data{fix}"
+    )

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from utils.faults import ATTEMPT
 from utils.logging import error_line
 
 LAUNCHER_FLAGS = ("--nproc-per-node", "--nnodes", "--rdzv-endpoint", "--rdzv-id", "--max-restarts")
@@ -136,6 +137,7 @@ def main(entrypoint, argv):
     attempts = opts.max_restarts + 1 if own_restarts else 1
     try:
         for attempt in range(attempts):
+            os.environ[ATTEMPT] = str(attempt)  # the workers inherit it (test fault hooks fire on the first only)
             try:
                 elastic_launch(config, entrypoint=sys.executable)(entrypoint, *flags)
                 return 0

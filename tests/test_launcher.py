@@ -57,10 +57,12 @@ def test_bad_flag_in_launcher_mode_is_one_line_before_any_worker_starts(setup, t
 
 @pytest.mark.e2e
 def test_bad_data_in_launcher_mode_ends_with_the_failing_ranks_line(setup, tmp_path):
+    """A user error is not retried (the same data fails the same way): --max-restarts does not start it again."""
     flags = base_flags(setup["model"], setup["bad"], str(tmp_path / "ckpt"), **{"pipeline-group-size": 2})
-    result, screen = launch([sys.executable, ENTRYPOINT, "--nproc-per-node", "2", *flags])
+    result, screen = launch([sys.executable, ENTRYPOINT, "--nproc-per-node", "2", "--max-restarts", "2", *flags])
     assert_last_line(result, screen, "bad.jsonl:2: not valid JSON")
     assert len(screen) <= 8, screen
+    assert not [line for line in screen if "restart" in line], screen
 
 
 @pytest.mark.e2e

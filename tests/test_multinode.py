@@ -293,6 +293,22 @@ def test_max_restarts_restarts_both_nodes_after_a_worker_dies_and_finishes_bit_e
     assert_bit_identical(ckpt, setup["ref"])
 
 
+def test_one_node_launcher_restarts_its_workers_after_one_dies_and_finishes_bit_exact(setup, tmp_path):
+    """Launcher mode on one node restarts the workers itself (so that it can leave user errors alone)."""
+    ckpt = str(tmp_path / "ckpt")
+    command = [sys.executable, ENTRYPOINT, "--nproc-per-node", "4", "--max-restarts", "1", *train_flags(setup, ckpt)]
+    node = _popen(command, {"CKPT_HOLD_AFTER_SAVE": f"{EVERY}:120"})
+    wait_for(lambda: latest(ckpt) == EVERY, 180, [node])
+    time.sleep(1.0)
+    ranks = worker_ranks(node.pid)
+    assert sorted(ranks) == [0, 1, 2, 3], ranks
+    _kill(ranks[3])
+    ((rc, out),) = wait_nodes([node], 300)
+    assert rc == 0 and "launcher: restart 1 of 1 after:" in out, out[-3000:]
+    assert latest(ckpt) == STEPS
+    assert_bit_identical(ckpt, setup["ref"])
+
+
 def test_one_process_per_rank_with_net_interface_lo(setup, tmp_path):
     """The way finetune_GPT-NeoXT-Chat-Base-20B.sh launches: 4 processes started separately with --rank."""
     ckpt = str(tmp_path / "ckpt")

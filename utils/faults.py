@@ -21,12 +21,16 @@ SAVE_OSERROR = "CKPT_FAULT_OSERROR"
 HOLD_AFTER_SAVE = "CKPT_HOLD_AFTER_SAVE"
 SLOW_WRITE = "CKPT_SLOW_WRITE"
 INF_GRADIENT = "INJECT_INF_GRAD"
+# The launcher mode restarts a single node's workers itself (comm/launch.py): each attempt's elastic agent counts
+# from 0, so the attempt is passed down here.
+ATTEMPT = "LAUNCHER_ATTEMPT"
 
 
 def _fields(name, first_attempt_only=True):
     """The ":"-separated fields of hook `name`, or None when unset (or, for checkpoint hooks, on a restart)."""
     spec = os.environ.get(name)
-    if not spec or (first_attempt_only and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or os.environ.get(ATTEMPT, "0") != "0"
+    if not spec or (first_attempt_only and restarted):
         return None
     return spec.split(":")
 

@@ -116,10 +116,12 @@ def main():
             from transformers import AutoTokenizer
 
             import tasks
+            from config import DataConfig
 
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model_dir)
             batch = args.micro_batch_size * args.accum
-            stream = tasks.PackedStream(args.data, tokenizer, args.seq_length, batch, 0, 1, seed=args.data_seed)
+            data = DataConfig(task_spec=args.data, seq_length=args.seq_length, batch_size=batch, seed=args.data_seed)
+            stream = tasks.PackedStream(data, tokenizer)
         for step in range(1, args.steps + 1):
             t0 = time.perf_counter()
             if stream is None:

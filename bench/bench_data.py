@@ -144,6 +144,7 @@ def main():
     import transformers
     from transformers import AutoTokenizer
 
+    from config import DataConfig
     from tasks import PackedStream
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -171,9 +172,14 @@ def main():
             file=sys.stderr,
         )
 
-    stream = PackedStream(
-        path, tok, args.seq_length, args.batch_size, num_workers=args.num_workers, shuffle_buffer=args.shuffle_buffer
+    data = DataConfig(
+        task_spec=path,
+        seq_length=args.seq_length,
+        batch_size=args.batch_size,
+        workers=args.num_workers,
+        shuffle_buffer=args.shuffle_buffer,
     )
+    stream = PackedStream(data, tok)
     tokens_per_batch = args.seq_length * args.batch_size
     next(stream)  # warm-up: thread start, first chunks
     rss_warm = rss_mb()

@@ -245,6 +245,7 @@ class PackedStream:
                 "text_field": self.record_format.text_field,
                 "messages_field": self.record_format.messages_field,
             },
+            "loss_masking": {"train_on_inputs": self.train_on_inputs, "loss_on_bot_only": self.loss_on_bot_only},
             "tasks": [
                 {"name": t.name, "weight": t.raw_weight, "files": [file_signature(f) for f in t.files]}
                 for t in self.tasks
@@ -311,6 +312,17 @@ class PackedStream:
             raise TaskError(
                 f"cannot resume the data stream: how records are read changed since the checkpoint ({changed}); "
                 f"restore the flags, or pass --resume-data restart to read the data from the start"
+            )
+        saved_masking = state.get("loss_masking")  # absent in states written before it was recorded
+        if strict and saved_masking is not None and saved_masking != mine["loss_masking"]:
+            changed = ", ".join(
+                f"--{k.replace('_', '-')} {saved_masking.get(k)} → {v}"
+                for k, v in mine["loss_masking"].items()
+                if saved_masking.get(k) != v
+            )
+            raise TaskError(
+                f"cannot resume the data stream exactly: which tokens take loss changed since the checkpoint "
+                f"({changed}); restore the flags, or pass --resume-data continue to go on with the new setting"
             )
         old, new = state["tasks"], mine["tasks"]
         if [(t["name"], t["weight"]) for t in old] != [(t["name"], t["weight"]) for t in new]:

@@ -420,7 +420,11 @@ def test_resume_rejects_changed_setup(mixed_data, tok):
     reread = packed_stream(mixed_data, tok, 16, 2, num_workers=0, data_format="text")
     with pytest.raises(TaskError, match="--data-format 'auto' → 'text'.*--resume-data restart"):
         reread.load_state_dict(st)
-    older = {k: v for k, v in st.items() if k != "record_format"}  # a state written before it was recorded
+    masked = packed_stream(mixed_data, tok, 16, 2, num_workers=0, train_on_inputs=True)
+    with pytest.raises(TaskError, match="--train-on-inputs False → True.*--resume-data continue"):
+        masked.load_state_dict(st)
+    masked.load_state_dict(st, strict=False)  # --resume-data continue: on with the new setting
+    older = {k: v for k, v in st.items() if k not in ("record_format", "loss_masking")}  # written before either
     packed_stream(mixed_data, tok, 16, 2, num_workers=0).load_state_dict(older)
 
 

@@ -464,13 +464,37 @@ def test_prepare_cli_errors(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["gptneox_parallel", "llama_tied", "gptj"])
+def training_step_matmul_flops(stage, x) -> int:
+    """FLOPs of the matmuls in one forward and backward of `stage` on `x`, as torch's FlopCounterMode counts them
+    from the shapes of every mm/addmm/bmm that runs. SDPA is held to its math path: its fused CPU kernel is not
+    counted, and the math path computes the full S x S scores (then masks them), which is the non-causal count."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        stage(x).float().square().mean().backward()  # the loss adds no matmul
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", ["gptneox_parallel", "llama_tied", "gptj", "llama_gqa"])
 def test_count_parameters_and_flops(name, tmp_path):
+    """flops_per_token against the matmuls of a real training step of the whole model, at two sequence lengths (so
+    the attention term is checked apart from the weights). The conventions it checks: forward + backward (input and
+    weight gradients) of every matmul, attention scores and values over the full S x S (non-causal), no
+    recomputation (activation checkpointing off), the embedding lookup not counted. One convention differs: the
+    formula counts 6 FLOPs for every non-embedding parameter, biases and norm scales too (the 1-D parameters),
+    which take part in no matmul; their count is added to the measurement, so the comparison stays exact."""
     hf = make_hf_model(name, tmp_path)
     cfg = modules.load_model_config(str(tmp_path))
     assert modules.count_parameters(cfg) == sum(p.numel() for p in hf.parameters())
-    n = modules.count_parameters(cfg) - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-    assert modules.flops_per_token(cfg, 128) == 6 * n + 12 * cfg.num_layers * cfg.hidden_size * 128
+    stage = modules.build_stage(cfg, 0, cfg.num_layers, True, True)
+    modules.load_stage_weights(stage, str(tmp_path))
+    outside_matmuls = sum(p.numel() for p in stage.parameters() if p.dim() == 1)
+    assert 0 < 6 * outside_matmuls < 0.05 * modules.flops_per_token(cfg, SEQ)  # a small correction, not the count
+    for batch, seq in ((BATCH, SEQ), (1, 3 * SEQ)):
+        tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+        measured = training_step_matmul_flops(stage, tokens)
+        assert measured + 6 * outside_matmuls * batch * seq == modules.flops_per_token(cfg, seq) * batch * seq
 
 
 # --------------------------------------------------------------------------------------------------------------

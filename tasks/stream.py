@@ -52,6 +52,23 @@ def _show_every_from_env() -> int:
     return every
 
 
+# The flags behind the data settings a state records, for the messages that name a change.
+_FLAGS = {
+    "data_format": "--data-format",
+    "text_field": "--text-field",
+    "messages_field": "--messages-field",
+    "train_on_inputs": "--train-on-inputs",
+    "loss_on_bot_only": "--loss-on-bot-only",
+}
+
+
+def _changes(saved: dict | None, mine: dict) -> str:
+    """ "--flag old → new, ..." for the settings that differ; "" when none do or the state predates them (None)."""
+    if saved is None:
+        return ""
+    return ", ".join(f"{_FLAGS[k]} {saved.get(k)!r} → {v!r}" for k, v in mine.items() if saved.get(k) != v)
+
+
 def format_sample(batch, tokenizer, row: int = 0) -> str:
     """Decode one row; spans that take loss (as labels) are wrapped in [[ ]]."""
     ids = batch["input_ids"][row].tolist()
@@ -301,25 +318,14 @@ class PackedStream:
                     f"({state[key]!r} → {mine[key]!r}); restore it, or pass --resume-data restart to read "
                     f"the data from the start"
                 )
-        saved_format = state.get("record_format")  # absent in states written before it was recorded
-        if saved_format is not None and saved_format != mine["record_format"]:
-            flags = {"data_format": "--data-format", "text_field": "--text-field", "messages_field": "--messages-field"}
-            changed = ", ".join(
-                f"{flags[k]} {saved_format.get(k)!r} → {v!r}"
-                for k, v in mine["record_format"].items()
-                if saved_format.get(k) != v
-            )
+        changed = _changes(state.get("record_format"), mine["record_format"])
+        if changed:
             raise TaskError(
                 f"cannot resume the data stream: how records are read changed since the checkpoint ({changed}); "
                 f"restore the flags, or pass --resume-data restart to read the data from the start"
             )
-        saved_masking = state.get("loss_masking")  # absent in states written before it was recorded
-        if strict and saved_masking is not None and saved_masking != mine["loss_masking"]:
-            changed = ", ".join(
-                f"--{k.replace('_', '-')} {saved_masking.get(k)} → {v}"
-                for k, v in mine["loss_masking"].items()
-                if saved_masking.get(k) != v
-            )
+        changed = _changes(state.get("loss_masking"), mine["loss_masking"])
+        if strict and changed:
             raise TaskError(
                 f"cannot resume the data stream exactly: which tokens take loss changed since the checkpoint "
                 f"({changed}); restore the flags, or pass --resume-data continue to go on with the new setting"

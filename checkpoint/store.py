@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,9 @@ from checkpoint.names import (
 from utils import faults
 from utils.errors import UserError
 from utils.logging import one_line
+from utils.progress import progress, progress_enabled
+
+MIB = 1 << 20
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -127,6 +131,36 @@ def _contiguous_cpu(tensors):
     return out
 
 
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _tensor_bytes(path: str) -> dict[str, int]:
+    """{tensor name: bytes} of a safetensors file, from its header (an 8-byte length, then JSON with each tensor's
+    data_offsets): the size of a read is known before the read."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    header.pop("__metadata__", None)
+    return {key: info["data_offsets"][1] - info["data_offsets"][0] for key, info in header.items()}
+
+
+def _drain(work: Iterable[int], total_bytes: int, desc: str, show: bool) -> None:
+    """Run `work`, a generator doing its job piece by piece and yielding each piece's bytes once done, under a bar
+    in MiB when `show` and utils.progress allow one (a terminal, or SHOW_PROGRESS=1). progress() counts items, so
+    the bar is fed one tick per MiB finished."""
+
+    def ticks() -> Iterator[None]:
+        done = shown = 0
+        for nbytes in work:
+            done += nbytes
+            while shown < -(-done // MIB):
+                shown += 1
+                yield
+
+    for _ in progress(ticks(), desc, -(-total_bytes // MIB), "MiB", show):
+        pass  # the loop drives the work, bar or not
+
+
 def read_latest(root):
     path = os.path.join(root, LATEST)
     if not os.path.exists(path):
@@ -182,7 +216,7 @@ class Checkpointer:
         return os.path.join(self.root, step_dir_name(step))
 
     # ---------------------------------------------------------------- save
-    def commit(self, snap):
+    def commit(self, snap: Snapshot) -> None:
         """Write `snap` into `.tmp_checkpoint_<step>`, agree across ranks, rename, move `latest`, rotate. Its
         collectives go through the layout's commit group only, so a background thread may run it while the training
         thread runs its own. Raises CheckpointError on every rank if any rank failed."""
@@ -208,7 +242,8 @@ class Checkpointer:
         files, sizes, keys = {}, {}, {}  # keys: safetensors file -> tensor names (readers open only what they need)
         written = []
 
-        def write(name, writer, tensors=None):
+        def write(name: str, writer: Callable[[str], None], tensors: dict[str, torch.Tensor] | None = None) -> int:
+            """Write, fsync and hash one file (or folder) of the checkpoint; returns its tensor bytes (for the bar)."""
             path = os.path.join(tmp, name)
             faults.before_checkpoint_file(step, lay.rank, path)
             writer(path)
@@ -221,30 +256,34 @@ class Checkpointer:
                 keys[name] = sorted(tensors)
             written.append(name)
             faults.after_checkpoint_files(step, lay.rank, len(written))
+            return 0 if tensors is None else _nbytes(tensors)
 
-        def tensors_file(tensors):
+        def tensors_file(tensors: dict[str, torch.Tensor]) -> Callable[[str], None]:
             # a snapshot is already contiguous host memory; live tensors are copied one file at a time
             return lambda path: save_file(tensors if snap.on_host else _contiguous_cpu(tensors), path)
 
+        # This rank's files, in order: (name, writer, tensors it holds)
+        plan: list[tuple[str, Callable[[str], None], dict[str, torch.Tensor] | None]] = []
+        if lay.dp_rank == 0:
+            p = lay.pp_rank
+            plan.append((stage_model_file(p), tensors_file(snap.stage_tensors), snap.stage_tensors))
+            if snap.optimizer_shard is None:
+                plan.append((stage_optimizer_file(p), tensors_file(snap.optimizer_tensors), snap.optimizer_tensors))
+            plan.append((stage_state_file(p), lambda path: _write_json(path, snap.stage_state), None))
+        if snap.optimizer_shard is not None:
+            shard_file = stage_optimizer_shard_file(lay.pp_rank, snap.optimizer_shard)
+            plan.append((shard_file, tensors_file(snap.optimizer_tensors), snap.optimizer_tensors))
+        plan.append((rng_file(lay.rank), lambda path: save_file(snap.rng, path), None))
+        if lay.rank == 0:
+            plan.append((DATA_STATE, lambda path: _write_json(path, snap.data_state), None))
+            if snap.tokenizer_dir:
+                plan.append((TOKENIZER_DIR, lambda path: _copy_tokenizer(snap.tokenizer_dir, path), None))
+        total = sum(_nbytes(tensors) for _, _, tensors in plan if tensors is not None)
+        # A background write draws no bar: the training thread's step lines own the console meanwhile.
+        show = lay.is_logger and not snap.on_host
         try:
             faults.before_checkpoint_files(step)
-            if lay.dp_rank == 0:
-                p = lay.pp_rank
-                write(stage_model_file(p), tensors_file(snap.stage_tensors), snap.stage_tensors)
-                if snap.optimizer_shard is None:
-                    write(stage_optimizer_file(p), tensors_file(snap.optimizer_tensors), snap.optimizer_tensors)
-                write(stage_state_file(p), lambda path: _write_json(path, snap.stage_state))
-            if snap.optimizer_shard is not None:
-                write(
-                    stage_optimizer_shard_file(lay.pp_rank, snap.optimizer_shard),
-                    tensors_file(snap.optimizer_tensors),
-                    snap.optimizer_tensors,
-                )
-            write(rng_file(lay.rank), lambda path: save_file(snap.rng, path))
-            if lay.rank == 0:
-                write(DATA_STATE, lambda path: _write_json(path, snap.data_state))
-                if snap.tokenizer_dir:
-                    write(TOKENIZER_DIR, lambda path: _copy_tokenizer(snap.tokenizer_dir, path))
+            _drain((write(*entry) for entry in plan), total, f"saving checkpoint {step}", show)
         except Exception as exc:  # noqa: BLE001 - OSError, or safetensors' error for the same I/O failures
             where = exc.filename if isinstance(exc, OSError) and exc.filename else os.path.join(tmp, "")
             error = f"rank {lay.rank} could not write {where}: {_describe(exc)}"
@@ -426,18 +465,33 @@ class Checkpointer:
             )
         raise CheckpointError(f"cannot resume from checkpoint {latest}: {first[1]}. Fix it, or {fix}")
 
-    def read_tensors(self, step, meta, suffix, owners):
+    def read_tensors(self, step: int, meta: dict, suffix: str, owners: Collection[str]) -> dict[str, torch.Tensor]:
         """Tensors of files `*suffix` of checkpoint `step` whose name (before any "/") is in `owners`: a stage's
-        weights, or its optimizer state ("<param>/<state>"), whatever layout wrote them."""
+        weights, or its optimizer state ("<param>/<state>"), whatever layout wrote them. The logging rank draws a
+        bar in MiB (utils.progress)."""
         folder = self.step_dir(step)
-        out = {}
+        wanted: dict[str, list[str]] = {}  # file -> the keys to read from it
         for name, keys in sorted(meta["tensors"].items()):
-            wanted = [k for k in keys if k.split("/", 1)[0] in owners]
-            if not name.endswith(suffix) or not wanted:
-                continue
-            with safe_open(os.path.join(folder, name), framework="pt") as f:
-                for key in wanted:
-                    out[key] = f.get_tensor(key)
+            mine = [k for k in keys if k.split("/", 1)[0] in owners]
+            if name.endswith(suffix) and mine:
+                wanted[name] = mine
+        show = self.layout.is_logger
+        total = 0
+        if progress_enabled(show):  # the headers are read only for a bar's total
+            for name, keys in wanted.items():
+                sizes = _tensor_bytes(os.path.join(folder, name))
+                total += sum(sizes[key] for key in keys)
+        out: dict[str, torch.Tensor] = {}
+
+        def read() -> Iterator[int]:
+            for name, keys in wanted.items():
+                with safe_open(os.path.join(folder, name), framework="pt") as f:
+                    for key in keys:
+                        out[key] = f.get_tensor(key)
+                        yield out[key].numel() * out[key].element_size()
+
+        kind = suffix.removeprefix("_").split(".")[0]  # "model" or "optimizer"
+        _drain(read(), total, f"reading checkpoint {step} {kind}", show)
         return out
 
     def read_rng(self, step, rank):

@@ -13,11 +13,17 @@ import hashlib
 import json
 import os
 import tempfile
+from typing import TYPE_CHECKING
+
+from utils.progress import progress
 
 from . import sources
 from .render import RecordFormat, Renderer, check_columns
 from .spec import parse_task_spec
 from .tokenize import Encoder
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CACHE_FORMAT = 1
 _MAX_ENTRIES = 8
@@ -95,11 +101,20 @@ def _write_cache(path: str, fingerprint: str, entry: dict) -> str | None:
     return None
 
 
-def count_file(path: str, encoder: Encoder, renderer: Renderer, batch_docs: int = 1024) -> dict:
-    """Tokenise one file: {"tokens": packed tokens incl. one EOS per record, "records": n}."""
+def count_file(
+    path: str,
+    encoder: Encoder,
+    renderer: Renderer,
+    batch_docs: int = 1024,
+    desc: str | None = None,
+    show_progress: bool = False,
+) -> dict:
+    """Tokenise one file: {"tokens": packed tokens incl. one EOS per record, "records": n}. `show_progress`: a bar
+    counting its records, labelled `desc` (utils.progress: when stderr is a terminal, or SHOW_PROGRESS=1)."""
     tokens = records = 0
     docs = []
-    for p, line_no, line in sources.iter_records([path]):
+    label = desc or f"counting tokens of {os.path.basename(path)}"
+    for p, line_no, line in progress(sources.iter_records([path]), label, None, "record", show_progress):
         docs.append(renderer.render_text_only(line, p, line_no))
         if len(docs) >= batch_docs:
             tokens += sum(encoder.lengths(docs))
@@ -112,19 +127,21 @@ def count_file(path: str, encoder: Encoder, renderer: Renderer, batch_docs: int 
 
 
 def count_tokens(
-    task_spec,
-    tokenizer,
+    task_spec: str | list[str] | tuple[str, ...],
+    tokenizer: PreTrainedTokenizerBase,
     per_task: bool = False,
     use_cache: bool = True,
     data_format: str = "auto",
     text_field: str | None = None,
     messages_field: str | None = None,
-):
+    show_progress: bool = True,
+) -> int | dict[str, int]:
     """Packed tokens of one pass over every task (each record's tokens + one EOS).
 
     Returns the total (int), or {task name: tokens} with per_task=True. One epoch of the mixture in optimizer steps
     is about total / (seq_length * batch_size * dp_size). data_format / text_field / messages_field: as
-    PackedStream's (they change what is counted, so they are part of the cache key).
+    PackedStream's (they change what is counted, so they are part of the cache key). `show_progress`: this process
+    may draw a bar over the records of each file it counts (cached counts draw none); pass the rank's is_logger.
     """
     tasks = parse_task_spec(task_spec)
     fmt = RecordFormat(data_format, text_field, messages_field)
@@ -132,20 +149,21 @@ def count_tokens(
     encoder = Encoder(tokenizer)
     renderer = Renderer(tokenizer, record_format=fmt)
     fp = encoder.fingerprint + (f"+{hashlib.sha1(fmt.key.encode()).hexdigest()[:8]}" if fmt.key else "")
-    counts: dict[str, int] = {}
+    # Cached counts first, so the bars can say how many files are left to count.
     done: dict[str, int] = {}
-    for t in tasks:
-        total = 0
-        for f in t.files:
-            if f not in done:
-                stamp = _stamp(f) if use_cache else None
-                entry = _read_cache(f, fp, *stamp) if stamp else None
-                if entry is None:
-                    entry = count_file(f, encoder, renderer)
-                    if stamp:
-                        entry.update(size=stamp[0], mtime_ns=stamp[1])
-                        _write_cache(f, fp, entry)
-                done[f] = int(entry["tokens"])
-            total += done[f]
-        counts[t.name] = total
+    stamps: dict[str, tuple[int, int] | None] = {}
+    for f in dict.fromkeys(f for t in tasks for f in t.files):
+        stamps[f] = _stamp(f) if use_cache else None
+        entry = _read_cache(f, fp, *stamps[f]) if stamps[f] else None
+        if entry is not None:
+            done[f] = int(entry["tokens"])
+    missing = [f for f in stamps if f not in done]
+    for k, f in enumerate(missing, 1):
+        desc = f"counting tokens of {os.path.basename(f)} (file {k}/{len(missing)})"
+        entry = count_file(f, encoder, renderer, desc=desc, show_progress=show_progress)
+        if stamps[f]:
+            entry.update(size=stamps[f][0], mtime_ns=stamps[f][1])
+            _write_cache(f, fp, entry)
+        done[f] = int(entry["tokens"])
+    counts = {t.name: sum(done[f] for f in t.files) for t in tasks}
     return counts if per_task else sum(counts.values())

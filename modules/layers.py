@@ -1,4 +1,5 @@
-"""Pieces shared by the three families: rotary embedding, causal attention, RMSNorm, activations.
+"""Pieces shared by the families: rotary embedding, causal attention (document masks, sliding windows, soft-capped
+logits), RMSNorm (Llama's and Gemma's), activations.
 
 Rotary follows Hugging Face exactly: cos/sin are computed in float32 from float32 inverse frequencies, then cast to
 the activation dtype (as transformers does), once per stage forward and reused by every block of the stage.
@@ -17,11 +18,12 @@ from torch import nn
 from .config import ModelConfig
 
 
-def rotary_inv_freq(cfg: ModelConfig, device: torch.device | str | None = "cpu") -> torch.Tensor:
-    """float32 inverse frequencies [rotary_dim // 2], with linear or llama3 scaling as transformers computes them."""
+def rotary_inv_freq(cfg: ModelConfig, device: torch.device | str | None = "cpu", local: bool = False) -> torch.Tensor:
+    """float32 inverse frequencies [rotary_dim // 2], with linear or llama3 scaling as transformers computes them;
+    `local`: the sliding layers' rotary of a model that gives them their own (Gemma 3)."""
     dim = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
-    scaling = cfg.rope_scaling
+    theta, scaling = (cfg.local_rope_theta, cfg.local_rope_scaling) if local else (cfg.rope_theta, cfg.rope_scaling)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     if scaling is None:
         return inv_freq
     if scaling["rope_type"] == "linear":
@@ -41,18 +43,18 @@ def rotary_inv_freq(cfg: ModelConfig, device: torch.device | str | None = "cpu")
 class Rotary(nn.Module):
     """Produces (cos, sin) [1 or B, 1, S, rotary_dim] for a stage; `interleaved` is GPT-J's every-two layout."""
 
-    def __init__(self, cfg: ModelConfig, interleaved: bool):
+    def __init__(self, cfg: ModelConfig, interleaved: bool, local: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.interleaved = interleaved
-        self.register_buffer("inv_freq", rotary_inv_freq(cfg, "cpu"), persistent=False)
+        self.interleaved, self.local = interleaved, local
+        self.register_buffer("inv_freq", rotary_inv_freq(cfg, "cpu", local), persistent=False)
 
     def _apply(self, fn, recurse=True):
         # `.to(bf16)`, `.to_empty()` or meta init would cast or wipe inv_freq: recompute it in float32 on the new
         # device.
         super()._apply(fn, recurse)
         if self.inv_freq.device.type != "meta":
-            self.inv_freq = rotary_inv_freq(self.cfg, self.inv_freq.device)
+            self.inv_freq = rotary_inv_freq(self.cfg, self.inv_freq.device, self.local)
         return self
 
     def forward(self, seq_len: int, dtype: torch.dtype, position_ids: torch.Tensor | None = None):
@@ -106,26 +108,92 @@ def attention_backend(name: str) -> contextlib.AbstractContextManager:
     return sdpa_kernel([first, *order.values()], set_priority=True)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask=None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """Attention on [B, H, S, D] (k/v may have fewer heads: GQA); returns [B, S, H*D]. `mask` None: causal over
-    the whole window; otherwise a `document_mask` (causal within each document)."""
-    if isinstance(mask, DocumentBlockMask):
-        out = _flex_attention()(q, k, v, block_mask=mask.block_mask, enable_gqa=k.shape[1] != q.shape[1])
+    the whole window; a boolean [B|1, 1, S, S] (True: visible; CPU) or a FlexMask (GPU) from `attention_masks`.
+    `scale` multiplies the scores (default D ** -0.5); `softcap` squashes them to cap * tanh(score / cap) before
+    the mask (Gemma 2): FlexAttention's score_mod on GPUs, the scores written out elsewhere."""
+    if isinstance(mask, FlexMask):
+        score_mod = _softcap_mod(softcap) if softcap else None
+        out = _flex_attention()(
+            q, k, v, score_mod=score_mod, block_mask=mask.block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        )
     else:
         if k.shape[1] != q.shape[1]:
             # Expand rather than enable_gqa: every SDPA backend (flash, efficient, cuDNN) takes equal head counts.
             rep = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if softcap:
+            out = _softcapped_attention(q, k, v, mask, scale, softcap)
+        elif mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     b, h, s, d = out.shape
     return out.transpose(1, 2).reshape(b, s, h * d)
 
 
-class DocumentBlockMask:
+def _softcapped_attention(q, k, v, mask, scale, softcap):
+    """The scores written out (SDPA cannot soft-cap them), as transformers' eager attention computes them."""
+    seq = q.shape[-2]
+    if mask is None:
+        mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _softcap_mod(cap: float):
+    def softcap(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+
+    return softcap
+
+
+class FlexMask:
+    """A FlexAttention block mask, built once per stage forward and shared by the stage's blocks of one kind."""
+
+    block_mask: object
+
+
+class WindowBlockMask(FlexMask):
+    """Causal within a sliding window of `window` positions (a token sees itself and the window - 1 before it),
+    and within its document when `doc_ids` are given; blocks outside the band are skipped."""
+
+    def __init__(self, doc_ids: torch.Tensor | None, batch: int, seq: int, window: int, device: torch.device):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def in_window(b, h, q_idx, kv_idx):
+            visible = (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+            return visible & (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) if doc_ids is not None else visible
+
+        self.block_mask = create_block_mask(
+            in_window, batch if doc_ids is not None else None, None, seq, seq, device=device, _compile=True
+        )
+
+
+class CausalBlockMask(FlexMask):
+    """Plain causal attention through FlexAttention: for soft-capped scores, which SDPA cannot apply."""
+
+    def __init__(self, seq: int, device: torch.device):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def causal(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+
+        self.block_mask = create_block_mask(causal, None, None, seq, seq, device=device, _compile=True)
+
+
+class DocumentBlockMask(FlexMask):
     """A FlexAttention block mask (GPU): tokens see earlier tokens of their own document. Blocks of the score
     matrix that cross documents are skipped, so short documents cost less than a causal window.
 
@@ -191,18 +259,44 @@ def document_mask(doc_ids: torch.Tensor):
     return (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
 
 
-class RMSNorm(nn.Module):
-    """Llama's RMSNorm: normalise in float32, cast back, then scale (same op order as transformers)."""
+def attention_masks(cfg: ModelConfig, x: torch.Tensor, doc_ids: torch.Tensor | None) -> dict[str, object]:
+    """{layer type: the mask its blocks take} for a stage's input `x` [B, S, ...]: the document mask (or None:
+    plain causal) for full layers, the window (within documents) for sliding ones. A window as long as the
+    sequence is no window; soft-capped scores on a GPU go through FlexAttention, so they get a block mask there."""
+    batch, seq, device = x.shape[0], x.shape[1], x.device
+    full = document_mask(doc_ids) if doc_ids is not None else None
+    if full is None and cfg.attn_softcap and device.type == "cuda":
+        full = CausalBlockMask(seq, device)
+    masks = {"full": full}
+    window = cfg.sliding_window
+    if "sliding" not in cfg.layer_types:
+        return masks
+    if window >= seq:
+        masks["sliding"] = full
+    elif device.type == "cuda":
+        masks["sliding"] = WindowBlockMask(doc_ids, batch, seq, window, device)
+    else:
+        positions = torch.arange(seq, device=device)
+        band = (positions[:, None] >= positions[None, :]) & (positions[:, None] - positions[None, :] < window)
+        masks["sliding"] = band if full is None else full & band
+    return masks
 
-    def __init__(self, hidden_size: int, eps: float):
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalise in float32, cast back, then scale (same op order as transformers). With `offset`,
+    Gemma's: scale by (1 + weight) in float32, then cast back (its weight starts at zero)."""
+
+    def __init__(self, hidden_size: int, eps: float, offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if offset else torch.ones(hidden_size))
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (1.0 + self.weight.float())).to(dtype)
         return self.weight * h.to(dtype)
 
 

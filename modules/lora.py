@@ -44,6 +44,12 @@ DEFAULT_TARGET_MODULES = {
     "gptneox": ("query_key_value",),
     "gptj": ("q_proj", "v_proj"),
     "llama": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "gemma2": ("q_proj", "v_proj"),
+    "gemma3": ("q_proj", "v_proj"),
+    "phi3": ("qkv_proj",),  # peft has no default for Phi-3: its fused attention projection
 }
 
 

@@ -18,9 +18,9 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from . import gptj, gptneox, llama
+from . import gemma2, gemma3, gptj, gptneox, llama, mistral, phi3, qwen2, qwen3
 from .config import ModelConfig, ModelError
-from .layers import Rotary, document_mask
+from .layers import Rotary, attention_masks
 
 if TYPE_CHECKING:
     from config import ModelRunConfig
@@ -28,7 +28,17 @@ if TYPE_CHECKING:
 
     from .lora import LoraConfig
 
-FAMILIES = {"gptneox": gptneox, "gptj": gptj, "llama": llama}
+FAMILIES = {
+    "gptneox": gptneox,
+    "gptj": gptj,
+    "llama": llama,
+    "qwen2": qwen2,
+    "qwen3": qwen3,
+    "mistral": mistral,
+    "gemma2": gemma2,
+    "gemma3": gemma3,
+    "phi3": phi3,
+}
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 
@@ -91,6 +101,9 @@ class Stage(nn.Module):
                 head.weight = getattr(body, fam.EMBED).weight
             self.add_module(fam.HEAD, head)
         self.rotary = Rotary(cfg, fam.INTERLEAVED_ROTARY)  # holds only the non-persistent inv_freq buffer
+        if cfg.local_rope_theta is not None:  # the sliding layers' own rotary (Gemma 3)
+            self.rotary_local = Rotary(cfg, fam.INTERLEAVED_ROTARY, local=True)
+        self.layer_types = [cfg.layer_type(i) for i in range(layer_start, layer_end)]
 
     def _checkpointed(self, local_index: int) -> bool:
         if self.activation_checkpointing == "full":
@@ -102,21 +115,34 @@ class Stage(nn.Module):
     ) -> torch.Tensor:
         """x: input_ids [B, S] (first stage) or hidden [B, S, H]; returns logits [B, S, V] (last) or hidden.
         `position_ids` [B, S] (default 0..S-1) place the rotary embedding; with `doc_ids` [B, S] a token attends
-        only to earlier tokens of its own document (packed documents), else to every earlier token."""
-        fam = family(self.cfg)
+        only to earlier tokens of its own document (packed documents), else to every earlier token (a sliding
+        layer: of its window)."""
+        cfg, fam = self.cfg, family(self.cfg)
         body = getattr(self, fam.PREFIX)
         h = getattr(body, fam.EMBED)(x) if self.is_first else x
+        if self.is_first and cfg.embed_scale:  # Gemma: sqrt(hidden) rounded to the model dtype, as transformers does
+            h = h * torch.tensor(cfg.hidden_size**0.5, dtype=h.dtype)
         blocks = getattr(body, fam.LAYERS)
         if len(blocks):
-            cos, sin = self.rotary(h.shape[1], h.dtype, position_ids)  # once per stage, shared by all blocks
-            mask = document_mask(doc_ids) if doc_ids is not None else None
+            # Once per stage, shared by its blocks: rotary and mask per layer type
+            rotary = {"full": self.rotary(h.shape[1], h.dtype, position_ids)}
+            rotary["sliding"] = (
+                self.rotary_local(h.shape[1], h.dtype, position_ids)
+                if hasattr(self, "rotary_local")
+                else rotary["full"]
+            )
+            masks = attention_masks(cfg, h, doc_ids)
             for i, block in enumerate(blocks.values()):
+                kind = self.layer_types[i]
+                (cos, sin), mask = rotary[kind], masks[kind]
                 if self._checkpointed(i) and torch.is_grad_enabled():
                     h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, use_reentrant=False)
                 else:
                     h = block(h, cos, sin, mask)
         if self.is_last:
             h = getattr(self, fam.HEAD)(getattr(body, fam.FINAL_NORM)(h))
+            if cfg.final_softcap:
+                h = cfg.final_softcap * torch.tanh(h / cfg.final_softcap)
         return h
 
     def extra_repr(self) -> str:

@@ -115,8 +115,8 @@ def init_stage_weights(stage: Stage, cfg: ModelConfig, seed: int, threads: int |
             continue
         module = stage.get_submodule(name.rsplit(".", 1)[0])
         leaf = name.rsplit(".", 1)[1]
-        if isinstance(module, (nn.LayerNorm, RMSNorm)):
-            param.fill_(1.0 if leaf == "weight" else 0.0)
+        if isinstance(module, (nn.LayerNorm, RMSNorm)):  # Gemma's (1 + weight) norms start at zero, as in HF
+            param.fill_(1.0 if leaf == "weight" and not getattr(module, "offset", False) else 0.0)
         elif leaf == "bias":
             param.zero_()
         else:

@@ -13,7 +13,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TOKENIZER = os.path.join(REPO, "assets", "tokenizer")
 
 
-def build_config(model_type, hidden, layers, heads, vocab, max_positions, kv_heads=None, tied=False):
+MODEL_TYPES = ("gptneox", "gptj", "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
+
+
+def build_config(model_type, hidden, layers, heads, vocab, max_positions, kv_heads=None, tied=False, window=None):
+    """A transformers config of `model_type`; `window`: the sliding window of the families that have one (Qwen2
+    slides on its upper half of layers, Gemma alternates, Mistral and Phi-3 slide everywhere)."""
+    import transformers
     from transformers import GPTJConfig, GPTNeoXConfig, LlamaConfig
 
     if model_type == "gptneox":
@@ -51,18 +57,44 @@ def build_config(model_type, hidden, layers, heads, vocab, max_positions, kv_hea
             max_position_embeddings=max_positions,
             tie_word_embeddings=tied,
         )
-    raise SystemExit(f"error: --model-type must be gptneox, gptj or llama, got {model_type!r}")
+    if model_type not in MODEL_TYPES:
+        raise SystemExit(f"error: --model-type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        intermediate_size=int(8 * hidden / 3) // 8 * 8,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tied,
+    )
+    if model_type == "qwen2":
+        slide = dict(use_sliding_window=True, sliding_window=window, max_window_layers=layers // 2) if window else {}
+        return transformers.Qwen2Config(**common, **slide)
+    if model_type == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=2 * hidden // heads)  # head_dim apart from hidden/heads
+    if model_type == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=window)
+    if model_type == "phi3":
+        return transformers.Phi3Config(**common, sliding_window=window, pad_token_id=None)
+    gemma = dict(head_dim=hidden // heads, query_pre_attn_scalar=hidden // heads, sliding_window=window or 4096)
+    if model_type == "gemma2":
+        return transformers.Gemma2Config(**common, **gemma)
+    layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
+    return transformers.Gemma3TextConfig(**common, **gemma, layer_types=layer_types)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True)
-    parser.add_argument("--model-type", default="gptneox")
+    parser.add_argument("--model-type", default="gptneox", help=", ".join(MODEL_TYPES))
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--num-kv-heads", type=int, default=None, help="llama: grouped-query attention")
-    parser.add_argument("--tie-word-embeddings", action="store_true", help="llama: share embedding and head")
+    parser.add_argument("--tie-word-embeddings", action="store_true", help="share embedding and head (not GPT-NeoX/J)")
+    parser.add_argument("--sliding-window", type=int, default=None, help="the families with sliding-window layers")
     parser.add_argument("--max-positions", type=int, default=2048)
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     parser.add_argument("--vocab-size", type=int, default=None, help="default: tokenizer size rounded up to 128")
@@ -86,6 +118,7 @@ def main(argv=None):
         args.max_positions,
         args.num_kv_heads,
         args.tie_word_embeddings,
+        args.sliding_window,
     )
     config.eos_token_id = config.bos_token_id = tokenizer.eos_token_id
     torch.manual_seed(args.seed)

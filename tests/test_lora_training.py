@@ -26,7 +26,15 @@ FAMILIES = {
     "gptneox": {"targets": None, "extra": ()},
     "gptj": {"targets": None, "extra": ()},
     "llama": {"targets": "all-linear", "extra": ("--num-kv-heads", "2")},
+    # the newer families, each with peft's default targets and its features on (windows shorter than SEQ)
+    "qwen2": {"targets": None, "extra": ("--sliding-window", "8", "--num-kv-heads", "2")},
+    "qwen3": {"targets": None, "extra": ("--tie-word-embeddings",)},
+    "mistral": {"targets": None, "extra": ("--sliding-window", "8", "--num-kv-heads", "1")},
+    "gemma2": {"targets": None, "extra": ("--sliding-window", "8", "--tie-word-embeddings")},
+    "gemma3": {"targets": None, "extra": ("--sliding-window", "8", "--tie-word-embeddings")},
+    "phi3": {"targets": None, "extra": ("--sliding-window", "8")},
 }
+NEWER_FAMILIES = ["qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3"]
 
 
 def initial_adapters(model_dir, targets):
@@ -44,7 +52,6 @@ def peft_reference(model_dir, data, targets, steps=STEPS):
     """{our adapter name: tensor} after `steps` optimizer steps of transformers + peft + torch AdamW."""
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
-
 
     lora, start = initial_adapters(model_dir, targets)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -199,6 +206,44 @@ def test_resume_under_another_layout_and_export_to_peft_and_merged(models, tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     for name, value in read_checkpoint_weights(str(tmp_path / "ck2")).items():
         assert torch.equal(value, adapters[name]), name  # lr 0: the adapters stay what was loaded
+
+
+@pytest.mark.parametrize("family", NEWER_FAMILIES)
+def test_family_adapters_match_peft_and_their_exports_load(models, tmp_path, family):
+    """Each newer family's default targets at pp=2 (a tied head on the last stage) equal transformers + peft; the
+    peft export loads in peft and the merged export in transformers, both with our logits."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    import modules
+    from tools.convert_to_hf import main as convert
+
+    _, data, by_family = models
+    model_dir, expected = by_family[family]
+    ckpt = tmp_path / "ck"
+    flags = lora_flags(model_dir, data, str(ckpt), None, **{"pipeline-group-size": 2, "pp-mode": "1f1b"})
+    result = run_job(2, flags)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_adapters_equal(ckpt, expected)
+    assert convert(["--checkpoint-path", str(ckpt), "--output", str(tmp_path / "adapter")]) == 0
+    assert convert(["--checkpoint-path", str(ckpt), "--output", str(tmp_path / "merged"), "--merge-lora"]) == 0
+    cfg = modules.load_model_config(model_dir)
+    plan = StagePlan(1, [(0, cfg.num_layers)], [0])
+    lora = modules.make_lora_config(cfg, R, ALPHA)
+    adapters = read_checkpoint_weights(str(ckpt))
+    (ours,) = modules.build_rank_stages(
+        cfg, ModelRunConfig(model_dir=model_dir), plan, CPU, lora, adapter_tensors=adapters
+    )
+    ids = torch.randint(0, cfg.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ours(ids)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+        with_adapter = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+        torch.testing.assert_close(with_adapter(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+        merged = AutoModelForCausalLM.from_pretrained(
+            str(tmp_path / "merged"), dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=0, atol=1e-5)
 
 
 def test_lora_and_dense_checkpoints_do_not_mix(models, tmp_path):

@@ -228,6 +228,50 @@ def test_messages_chat_template_masks(tmp_path, chat_tok):
     assert everything.startswith("|im_start|>user\nhi?")
 
 
+# The turn formats of the families' chat templates (Qwen's is CHATML above), each ending a turn its own way.
+FAMILY_TEMPLATES = {
+    "gemma": (
+        "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+        "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+        ["<start_of_turn>", "<end_of_turn>"],
+        "hello.<end_of_turn>\ngoodbye.<end_of_turn>\n",
+    ),
+    "phi3": (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+        ["<|user|>", "<|assistant|>", "<|end|>"],
+        "hello.<|end|>\ngoodbye.<|end|>\n",
+    ),
+    "llama3": (
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+        "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+        ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "hello.<|eot_id|>goodbye.<|eot_id|>",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TEMPLATES))
+def test_family_chat_templates_train_exactly_the_assistant_turns(tmp_path, tok, family):
+    """Loss on each assistant reply and the marker that ends its turn, token by token; nothing of the user's turns
+    or of the header that opens the reply."""
+    template, specials, trained = FAMILY_TEMPLATES[family]
+    t = copy.deepcopy(tok)
+    t.add_special_tokens({"additional_special_tokens": specials})
+    t.chat_template = template
+    rec = {
+        "messages": [
+            {"role": "user", "content": "hi?"},
+            {"role": "assistant", "content": "hello."},
+            {"role": "user", "content": "bye?"},
+            {"role": "assistant", "content": "goodbye."},
+        ]
+    }
+    batches = ordered(write_jsonl(tmp_path / "m.jsonl", [rec]), t, S=64)
+    labels = [x for b in batches for row in b["labels"] for x in row.tolist() if x != -100]
+    assert labels == t.encode(trained, add_special_tokens=False) + [EOS]
+
+
 def test_chat_template_fallback_when_prefix_renders_differ(tmp_path, chat_tok):
     t = copy.deepcopy(chat_tok)  # a template that marks the last message: prefixes are not prefixes of the whole
     t.chat_template = (

@@ -17,8 +17,9 @@ from tests.helpers import (
     make_chat_data,
     make_model,
     run_forked,
-    run_job,
+    run_ranks,
     run_torchrun,
+    wait_ranks,
 )
 
 pytestmark = pytest.mark.e2e  # every test here starts the entrypoint (the flag cases: tests/test_flags.py)
@@ -49,6 +50,27 @@ def assert_one_line_error(result, *fragments):
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+
+
+def assert_ranks_stop_on_user_error(ranks, *fragments):
+    """Per rank (wait_ranks' results), one process per rank as the shell scripts start them: a rank that found the
+    user error exits 2 with it, one line; a rank stopped because another failed first exits 1 and names that
+    failure. Ranks that check the same input may both find it, or one may stop on the other's report first."""
+    found = 0
+    for rank, (code, _, stderr) in enumerate(ranks):
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert "Traceback" not in stderr, stderr[-2000:]
+        stopped = [line for line in errors if line.startswith(f"error: [rank {rank}] stopping: rank ")]
+        if stopped:
+            assert code == 1, (rank, code, stderr[-2000:])
+            line = stopped[0]
+        else:
+            assert code == 2 and len(errors) == 1, (rank, code, stderr[-2000:])
+            line = errors[0]
+            found += 1
+        for fragment in fragments:
+            assert fragment in line, line
+    assert found, [stderr[-2000:] for _, _, stderr in ranks]
 
 
 def test_a_bad_flag_in_a_real_process_is_one_line(setup, tmp_path):
@@ -211,19 +233,26 @@ def test_num_layers_is_checked_under_interleaved_1f1b(setup, tmp_path):
         str(tmp_path / "ck"),
         **{"pipeline-group-size": 2, "pp-mode": "interleaved-1f1b", "num-layers": 3},
     )
-    result = run_job(2, flags, timeout=120)
-    assert result.returncode != 0
-    assert "--num-layers 3" in result.stderr + result.stdout and "--num-layers 2" in result.stderr + result.stdout
+    assert_ranks_stop_on_user_error(wait_ranks(run_ranks(2, flags), timeout=120), "--num-layers 3", "--num-layers 2")
 
 
 def test_error_on_one_rank_stops_all_ranks(setup, tmp_path):
-    """A 2-stage pipeline where only the last stage's data is bad still ends both ranks, non-zero: one process per
-    rank, no torchrun agent to stop the other (run_job waits for both)."""
-    _, model_dir, data = setup
-    flags = base_flags(model_dir, data, str(tmp_path / "ck"), **{"pipeline-group-size": 2, "num-layers": 3})
-    result = run_job(2, flags, timeout=120)
-    assert result.returncode != 0
-    assert "--num-layers 3" in result.stderr + result.stdout
+    """A 2-stage pipeline where only the last stage finds the data bad (it counts the loss tokens: chat records with
+    no assistant turn leave none) still ends both ranks: one process per rank, no torchrun agent to stop the other.
+    The last stage exits 2 with the user error; the first stage, stopped because of it, exits 1 and names it."""
+    _, model_dir, _ = setup
+    data = tmp_path / "users-only.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"question {i} about rivers"}]}) + "\n"
+            for i in range(40)
+        )
+    )
+    flags = base_flags(model_dir, str(data), str(tmp_path / "ck"), **{"pipeline-group-size": 2})
+    ranks = wait_ranks(run_ranks(2, flags), timeout=120)
+    assert_ranks_stop_on_user_error(ranks, "hold no token to learn")
+    assert [code for code, _, _ in ranks] == [1, 2], [stderr[-2000:] for _, _, stderr in ranks]
+    assert "error: [rank 0] stopping: rank 1 failed:" in ranks[0][2], ranks[0][2][-2000:]
 
 
 class StoreThatDies:
@@ -295,7 +324,11 @@ def test_out_of_memory_in_a_pipeline_stage_is_one_line_with_the_fixes(setup, tmp
     flags = base_flags(model_dir, data, str(tmp_path / "ck"), **{"pipeline-group-size": 2, "pp-mode": "gpipe"})
     result = run_torchrun(2, flags, timeout=120, script=str(script))
     output = result.stdout + result.stderr
-    assert result.returncode != 0
+    # torchrun's agent exits 1 whatever its workers' codes; its report gives each rank's own: out of memory is the
+    # layout not fitting (2) on the rank that ran out, the rank stopped because of it exits 1
+    assert result.returncode == 1, output[-3000:]
+    codes = dict(re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s+exitcode\s*: (-?\d+)", output))
+    assert codes == {"1": "2", "0": "1"}, output[-3000:]
     failing = re.findall(r"error: \[rank 1\] (.*)", output)
     assert len(failing) == 1, output[-3000:]
     for fragment in [

@@ -23,13 +23,20 @@ def count_parameters(cfg: ModelConfig, include_embedding: bool = True) -> int:
     return sum(math.prod(shape) for shape in shapes.values())
 
 
+def attention_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
+    """12·L·(heads·head_dim)·S: the score and value matmuls, forward and backward, over the whole window (non-causal,
+    as the MFU convention counts them; sliding-window layers too). heads·head_dim is the hidden size except where a
+    family sets head_dim apart (Qwen3, Gemma)."""
+    return 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_length
+
+
 def flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
     """Training FLOPs per token: 6·N (forward + backward of every matmul) + 12·L·d·S (attention scores).
 
     N excludes the input embedding table (a lookup, no matmul) but includes the LM head, as torchtitan does.
     """
     n = count_parameters(cfg, include_embedding=False)
-    return 6 * n + 12 * cfg.num_layers * cfg.hidden_size * seq_length
+    return 6 * n + attention_flops_per_token(cfg, seq_length)
 
 
 def head_cost_in_layers(cfg: ModelConfig, seq_length: int) -> float:
@@ -37,7 +44,7 @@ def head_cost_in_layers(cfg: ModelConfig, seq_length: int) -> float:
     flops_per_token), to balance pipeline stages: the last stage runs the head on top of its layers."""
     head = cfg.vocab_size * cfg.hidden_size
     layer_params = (count_parameters(cfg, include_embedding=False) - head) / cfg.num_layers
-    return 6 * head / (6 * layer_params + 12 * cfg.hidden_size * seq_length)
+    return 6 * head / (6 * layer_params + attention_flops_per_token(cfg, seq_length) / cfg.num_layers)
 
 
 def count_lora_parameters(cfg: ModelConfig, lora_cfg: LoraConfig) -> int:
@@ -50,4 +57,4 @@ def lora_flops_per_token(cfg: ModelConfig, lora_cfg: LoraConfig, seq_length: int
     no weight gradients), the adapters all three (6·N_lora), attention scores as in `flops_per_token`.
     Recomputation under activation checkpointing is not counted (as in the issue's "LoRA MFU")."""
     n = count_parameters(cfg, include_embedding=False)
-    return 4 * n + 6 * count_lora_parameters(cfg, lora_cfg) + 12 * cfg.num_layers * cfg.hidden_size * seq_length
+    return 4 * n + 6 * count_lora_parameters(cfg, lora_cfg) + attention_flops_per_token(cfg, seq_length)

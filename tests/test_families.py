@@ -210,3 +210,18 @@ def test_make_tiny_model_writes_each_family(name, tmp_path):
     directory = make_model(tmp_path / name, model_type=name, hidden=32, layers=2, heads=4)
     cfg = modules.load_model_config(directory)
     assert cfg.model_type == name and cfg.num_layers == 2
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma2", "phi3"])
+def test_flops_per_token_counts_the_matmuls_of_a_training_step(name, tmp_path):
+    """As tests/test_models.py checks the older families: heads x head_dim (not the hidden size) sets the attention
+    term where a family sets head_dim apart; the 1-D parameters (norms, biases) are in the formula, not in a matmul."""
+    from tests.test_models import training_step_matmul_flops
+
+    hf_model(name, tmp_path)
+    cfg, (stage,) = ours(tmp_path)
+    outside_matmuls = sum(p.numel() for p in stage.parameters() if p.dim() == 1)
+    for batch, seq in ((BATCH, SEQ), (1, 2 * SEQ)):
+        tokens = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(0))
+        measured = training_step_matmul_flops(stage, tokens)
+        assert measured + 6 * outside_matmuls * batch * seq == modules.flops_per_token(cfg, seq) * batch * seq

@@ -135,3 +135,30 @@ def test_lora_recipe_trains_adapters_with_its_environment_overrides(setup, tmp_p
     )
     assert export.returncode == 0, export.stderr
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_qwen3_lora_recipe_trains_every_linear_of_a_qwen3(setup, tmp_path):
+    """finetune_Qwen3-8B-lora.sh on a tiny Qwen3 (a pipeline of two on CPU): all-linear adapters, the base frozen."""
+    root, _, data, _ = setup
+    model = make_model(
+        root / "qwen3", model_type="qwen3", hidden=32, layers=2, heads=4, extra=("--tie-word-embeddings",)
+    )
+    ckpt = tmp_path / "qwen3 run"
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        NUM_GPUS="2",
+        MASTER_PORT=str(free_port()),
+        BASE_MODEL=model,
+        DATASETS=data,
+        CHECKPOINT_PATH=str(ckpt),
+        FINETUNE_TOTAL_STEPS="2",
+        CHECKPOINT_STEPS="2",
+        EXTRA_ARGS="--use-cuda false --seq-length 32 --batch-size 2 --micro-batch-size 1 --dist-timeout 60",
+    )
+    recipe = os.path.join(REPO, "finetune_Qwen3-8B-lora.sh")
+    result = subprocess.run(["bash", recipe], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    weights = read_checkpoint_weights(str(ckpt))
+    adapted = {k.split(".")[-3] for k in weights if ".lora_B." in k}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, adapted

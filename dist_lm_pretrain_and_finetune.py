@@ -1,4 +1,4 @@
-"""Pipeline x data-parallel fine-tuning of causal LMs (GPT-NeoX, GPT-J, Llama).
+"""Pipeline x data-parallel fine-tuning of causal LMs (Qwen, Llama, Mistral, Gemma, Phi, GPT-NeoX, GPT-J).
 
 Launch one process per rank (`--rank R --world-size W --dist-url tcp://HOST:PORT --cuda-id G`), or under torchrun,
 which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, or with `--nproc-per-node N` (launcher mode,

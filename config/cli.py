@@ -48,25 +48,29 @@ def _value_type(section_type: type, field: dataclasses.Field) -> type:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog=PROG, description="Pipeline x data-parallel fine-tuning of GPT-NeoX / GPT-J / Llama causal LMs."
+        prog=PROG,
+        description="Pipeline x data-parallel fine-tuning of causal LMs (Qwen, Llama, Mistral, Gemma, Phi, GPT-NeoX, GPT-J).",
     )
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
-    for section_type in SECTIONS.values():
-        for field, flag in flags_of(section_type):
-            options: dict[str, Any] = {"dest": flag.dest, "default": field.default, "help": flag.help}
-            if flag.switch:
-                options["action"] = "store_true"
-            else:
-                value_type = _value_type(section_type, field)
-                if value_type is bool:
-                    options["type"] = str_to_bool  # `--use-cuda false`: OpenChatKit's scripts pass a value
-                elif value_type in (int, float):
-                    options["type"] = value_type
-                if flag.choices:
-                    options["choices"] = flag.choices
-                if flag.required:
-                    options["required"] = True
-            groups[flag.group].add_argument(*flag.names, **options)
+    settings = [
+        (section_type, field, flag) for section_type in SECTIONS.values() for field, flag in flags_of(section_type)
+    ]
+    order = list(GROUPS)
+    for section_type, field, flag in sorted(settings, key=lambda s: order.index(s[2].group)):  # usage: by --help group
+        options: dict[str, Any] = {"dest": flag.dest, "default": field.default, "help": flag.help}
+        if flag.switch:
+            options["action"] = "store_true"
+        else:
+            value_type = _value_type(section_type, field)
+            if value_type is bool:
+                options["type"] = str_to_bool  # `--use-cuda false`: OpenChatKit's scripts pass a value
+            elif value_type in (int, float):
+                options["type"] = value_type
+            if flag.choices:
+                options["choices"] = flag.choices
+            if flag.required:
+                options["required"] = True
+        groups[flag.group].add_argument(*flag.names, **options)
     return parser
 
 

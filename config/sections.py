@@ -83,7 +83,11 @@ class ModelRunConfig:
         "--tokenizer-name", None, "tokenizer directory (default: --model-name)", group="model"
     )
     model_type: str | None = setting(
-        "--model-type", None, "gptneox | gptj | llama (default: config.json's model_type)", group="model"
+        "--model-type",
+        None,
+        "gptneox, gptj, llama, qwen2, qwen3, mistral, gemma2, gemma3 or phi3; checked against config.json's model_type "
+        "(default: that one)",
+        group="model",
     )
     layers_per_stage: int | None = setting(
         "--num-layers",

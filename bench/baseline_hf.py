@@ -1,7 +1,7 @@
 """BASELINE for every benchmark: a plain transformers training loop on one device.
 
-GPTNeoXForCausalLM built from the model directory's config.json (random init, directly on the device), fp32
-parameters, bf16 autocast, attn_implementation="sdpa", torch.optim.AdamW(fused=True), `--accum` micro-batches of
+AutoModelForCausalLM (GPT-NeoX or Qwen3 shapes) built from the model directory's config.json (random init, directly on
+the device), fp32 parameters, bf16 autocast, attn_implementation="sdpa", torch.optim.AdamW(fused=True), `--accum` micro-batches of
 `--micro-batch-size` random-token sequences per optimizer step (loss = transformers' own shifted cross-entropy).
 This is GUIDE §6's measured configuration (Pythia-1.4B shape, micro-batch 4: 40,970 tok/s on one H100).
 No gradient clipping, no data loader. On CPU (--device cpu, the --smoke runs): fp32, no autocast, unfused AdamW.
@@ -74,7 +74,7 @@ def main():
 
     import torch
     import torch.nn.functional as F
-    from transformers import AutoConfig, GPTNeoXForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     cuda = args.device == "cuda"
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -88,11 +88,11 @@ def main():
         if args.quantize != "none":
             model = build_quantized(args, config, device, summary)
         elif args.load_weights:
-            model = GPTNeoXForCausalLM.from_pretrained(args.model_dir, attn_implementation="sdpa", dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(args.model_dir, attn_implementation="sdpa", dtype=dtype)
             model = model.to(device)
         else:
             with torch.device(device):  # init on the GPU: building a 1-7B model on the CPU takes minutes
-                model = GPTNeoXForCausalLM._from_config(config, attn_implementation="sdpa", dtype=dtype)
+                model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = list(model.parameters())

@@ -15,6 +15,9 @@ unless said otherwise. All runs: r=16, alpha 32, seq 2048, 20 steps of which the
           Targets: our peak allocated <= 24 GB, our tokens/s >= peft's. Our trainer quantises a stage after building
           it on the host, so a random 20B base is drawn on the CPU first (see the run's launch_to_first_step_s);
           --p3-layers N runs both sides with N of the 44 layers (say so when reporting: it is in the labels).
+  part 6: Qwen3-8B shape (issue 27), all linear layers, 8 sequences per step: peft eager and + torch.compile at
+          their micro-batches vs ours. Targets: best ours >= 1.4 x peft's best eager, >= 1.15 x peft's best compiled,
+          at no more peak memory than peft.
   part 5: loss curves, Pythia-410M shape, --p5-steps (200) steps on assets/data/sample_chat.jsonl, r=16 on
           query_key_value: one random bf16 base written once as safetensors and loaded by both sides, the same
           initial adapters (peft starts from our seeded init, modules.init_lora_weights), the same batches
@@ -51,8 +54,13 @@ SEED = 42
 
 def trainer_has_attention_mask() -> bool:
     """Whether the trainer takes --attention-mask (document | causal); older trees have causal attention only."""
-    with open(os.path.join(REPO, "utils", "args.py")) as f:
-        return '"--attention-mask"' in f.read()
+    for where in (("config", "sections.py"), ("utils", "args.py")):  # where the flags are defined, now and before
+        path = os.path.join(REPO, *where)
+        if os.path.isfile(path):
+            with open(path) as f:
+                if '"--attention-mask"' in f.read():
+                    return True
+    return False
 
 
 def parse_variant(text: str, default_mb: int) -> dict:
@@ -433,6 +441,66 @@ def part5(s: Session, args) -> dict:
     return {"shape": shape, "seq_length": seq, "batch_per_step": batch, "steps": steps, "curve": curve}
 
 
+def part6(s: Session, args) -> dict:
+    """Qwen3-8B shape, LoRA all-linear: each side at the micro-batches given, the best of each kind compared."""
+    shape = "qwen3-tiny" if args.smoke else "qwen3-8b"
+    model = s.model_dir(shape)
+    lora = Lora(args, "all-linear")
+    fpt = lora.flops(model, args.seq_length)
+    batch = 4 if args.smoke else 8
+    data = s.data_file(args.steps * batch * args.seq_length)
+    peft_runs = [
+        s.baseline(
+            f"p6 peft {v['label']}",
+            model_dir=model,
+            micro_batch=v["mb"],
+            accum=batch // v["mb"],
+            extra=lora.peft(s.gpu) + (["--gradient-checkpointing"] if v["gc"] else []),
+            flops=fpt,
+            compile=v["compile"],
+            describe=peft_describe(s, v),
+        )
+        for v in variants(args.p6_peft, 2, args.smoke, batch)
+    ]
+    ours_runs = [
+        s.ours(
+            f"p6 ours {v['label']}",
+            model_dir=model,
+            data=data,
+            nproc=1,
+            micro_batch=v["mb"],
+            batch=batch,
+            compile=v["compile"],
+            activation_checkpointing=v["ac"],
+            extra=lora.ours(mask=v["mask"]),
+            flops=fpt,
+        )
+        for v in variants(args.p6_ours, 2, args.smoke, batch)
+    ]
+    eager = best([r for r in peft_runs if not r["compile"]])
+    compiled = best([r for r in peft_runs if r["compile"]])
+    top = best(ours_runs)
+    set_ratios(peft_runs + ours_runs, eager)
+    shown = f"best: {top['label']}" if top else "no run of ours finished"
+    s.target(
+        "27.1a: Qwen3-8B LoRA all-linear, best ours / peft's best eager",
+        ratio(top and top["tokens_per_s"], eager and eager.get("tokens_per_s")),
+        1.4,
+        detail=shown,
+        ours=top,
+        reference=eager,
+    )
+    s.target(
+        "27.1b: Qwen3-8B LoRA all-linear, best ours / peft's best + torch.compile",
+        ratio(top and top["tokens_per_s"], compiled and compiled.get("tokens_per_s")),
+        1.15,
+        detail=shown,
+        ours=top,
+        reference=compiled,
+    )
+    return {"peft": peft_runs, "ours": ours_runs}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
@@ -455,6 +523,9 @@ def main():
         help="write the 20B as bf16 safetensors (41 GB) first; ours loads it (launch -> first step target), "
         "peft's QLoRA loads it through from_pretrained(quantization_config=...)",
     )
+    g = ap.add_argument_group("part 6 (Qwen3-8B shape, all-linear)")
+    g.add_argument("--p6-peft", default="mb1,mb2,mb2+compile")
+    g.add_argument("--p6-ours", default="mb2,mb2+compile")
     g = ap.add_argument_group("part 5 (loss curves, Pythia-410M, bundled chat data)")
     g.add_argument("--p5-steps", type=int, default=200)
     g.add_argument("--p5-seq", type=int, default=512)
@@ -479,14 +550,15 @@ def main():
         if args.part == ap.get_default("part"):
             parts = ["1", "2", "3", "5"]
         args.lora_r, args.p2_batch = min(args.lora_r, 4), min(args.p2_batch, 2)
-        for name, value in (("p1_peft", "mb2"), ("p1_ours", "mb2"), ("p2_peft", "mb1+gc"), ("p2_ours", "ac-selective")):
+        smoke_variants = (("p1_peft", "mb2"), ("p1_ours", "mb2"), ("p2_peft", "mb1+gc"), ("p2_ours", "ac-selective"))
+        for name, value in (*smoke_variants, ("p6_peft", "mb2"), ("p6_ours", "mb2")):
             if getattr(args, name) == ap.get_default(name):  # one run per side: the smoke run stays near 2 minutes
                 setattr(args, name, value)
         args.p5_seq, args.p5_batch, args.p5_micro_batch = 64, 4, 2
         if args.p5_steps == ap.get_default("p5_steps"):
             args.p5_steps = 6
-    if any(p not in ("1", "2", "3", "5") for p in parts):
-        sys.exit(f"bench_lora: --part {args.part!r}: parts are 1, 2, 3 and 5 (4 needs several GPUs)")
+    if any(p not in ("1", "2", "3", "5", "6") for p in parts):
+        sys.exit(f"bench_lora: --part {args.part!r}: parts are 1, 2, 3, 5 and 6 (4 needs several GPUs)")
     if importlib.util.find_spec("peft") is None:
         sys.exit("bench_lora: the reference needs peft (pip install peft, or carry its wheel)")
 
@@ -495,7 +567,7 @@ def main():
     for part in parts:
         t0 = time.perf_counter()
         s.note(f"== part {part}, {s.remaining():.0f}s of the time budget left")
-        extra[f"part{part}"] = {"1": part1, "2": part2, "3": part3, "5": part5}[part](s, args)
+        extra[f"part{part}"] = {"1": part1, "2": part2, "3": part3, "5": part5, "6": part6}[part](s, args)
         extra[f"part{part}"]["seconds"] = round(time.perf_counter() - t0, 1)
         s.note(f"== part {part} done in {time.perf_counter() - t0:.0f}s")
     s.finish(extra=extra)

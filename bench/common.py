@@ -50,6 +50,27 @@ SHAPES = {
     "pythia-6.9b": dict(hidden_size=4096, num_layers=32, num_heads=32, vocab_size=50432),
     "neox-20b": dict(hidden_size=6144, num_layers=44, num_heads=64, vocab_size=50432),
     "tiny": dict(hidden_size=64, num_layers=4, num_heads=4, vocab_size=50304),  # --smoke
+    # Qwen3 shapes (GQA, head_dim 128 apart from hidden/heads, q/k norms, SwiGLU, untied head)
+    "qwen3-8b": dict(
+        family="qwen3",
+        hidden_size=4096,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=12288,
+        vocab_size=151936,
+    ),
+    "qwen3-tiny": dict(  # --smoke
+        family="qwen3",
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        intermediate_size=128,
+        vocab_size=50304,
+    ),
 }
 
 # NVLink multicast stays off on the lent machines (KINDS.md); set for every process we start.
@@ -179,9 +200,24 @@ def environment(smoke: bool) -> dict:
 
 
 def hf_config(shape: str, num_layers: int | None = None, max_positions: int = 2048):
-    from transformers import GPTNeoXConfig
+    from transformers import GPTNeoXConfig, Qwen3Config
 
     s = SHAPES[shape]
+    if s.get("family") == "qwen3":
+        return Qwen3Config(
+            vocab_size=s["vocab_size"],
+            hidden_size=s["hidden_size"],
+            num_hidden_layers=num_layers or s["num_layers"],
+            num_attention_heads=s["num_heads"],
+            num_key_value_heads=s["num_kv_heads"],
+            head_dim=s["head_dim"],
+            intermediate_size=s["intermediate_size"],
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            max_position_embeddings=max(2048, max_positions),
+            tie_word_embeddings=False,
+            bos_token_id=EOS_ID,
+            eos_token_id=EOS_ID,
+        )
     return GPTNeoXConfig(
         vocab_size=s["vocab_size"],
         hidden_size=s["hidden_size"],

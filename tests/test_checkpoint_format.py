@@ -1,4 +1,6 @@
-"""Checkpoints written by an earlier version still resume, bit-exactly (tests/fixtures/make_format_v1.py wrote them)."""
+"""Checkpoints written by earlier versions still resume, bit-exactly (tests/fixtures/make_format_v*.py wrote them):
+format_v1, the first format (pp=2); format_v2, the flat `flags` metadata of 2026-11-29 with the optimizer state
+sharded over two data-parallel ranks and packed documents masked."""
 
 import hashlib
 import json
@@ -11,14 +13,19 @@ from safetensors.torch import load_file, save_file
 
 from tests.helpers import REPO, base_flags, run_job
 
-FIXTURE = os.path.join("tests", "fixtures", "format_v1")
+FIXTURES = os.path.join("tests", "fixtures")
+V1 = os.path.join(FIXTURES, "format_v1")  # its model and data serve both fixtures
+# Each fixture's run (make_format_v*.py) in today's flags: (ranks, flags)
+RUNS = {
+    # the attention of the version that wrote it: the whole window
+    "format_v1": (2, {"pipeline-group-size": 2, "attention-mask": "causal"}),
+    "format_v2": (2, {"data-group-size": 2, "dp-mode": "sharded", "dp-bucket-mb": 0.002}),
+}
 
 
-def v1_flags(ckpt, **overrides):
-    """The fixture's run (make_format_v1.py), read with today's flags."""
-    model, data = os.path.join(FIXTURE, "model"), os.path.join(FIXTURE, "data.jsonl")
-    settings = {"seq-length": 16, "batch-size": 2, "total-steps": 3, "pipeline-group-size": 2}
-    settings["attention-mask"] = "causal"  # the attention of the version that wrote it
+def fixture_flags(fixture, ckpt, **overrides):
+    settings = {"seq-length": 16, "batch-size": 2, "total-steps": 3, **RUNS[fixture][1]}
+    model, data = os.path.join(V1, "model"), os.path.join(V1, "data.jsonl")
     return base_flags(model, data, str(ckpt), **{**settings, **overrides})
 
 
@@ -46,39 +53,40 @@ def transplant(folder, source):
 
 
 @pytest.mark.e2e
-def test_format_v1_checkpoint_resumes_bit_exact(tmp_path):
+@pytest.mark.parametrize("fixture", list(RUNS))
+def test_old_checkpoint_resumes_bit_exact(tmp_path, fixture):
     """The fixture's step-2 checkpoint resumes and trains step 3 exactly as the same state does in today's format,
     both computed here (floating-point results depend on the machine's CPU kernels, so no stored step-3 weights).
     Today's checkpoint of that state: a run of 2 steps writes the format, its LR schedule step and data position
     those of step 2 on any machine (a resumed run shapes the schedule by its own --total-steps), then the fixture's
     weights and optimizer state replace its own. Wrong weights, optimizer moments or steps, LR schedule step or data
     position read from the old files change step 3."""
-    step2 = os.path.join(REPO, FIXTURE, "checkpoints", "checkpoint_2")
-    old = tmp_path / "v1"
+    ranks = RUNS[fixture][0]
+    step2 = os.path.join(REPO, FIXTURES, fixture, "checkpoints", "checkpoint_2")
+    old = tmp_path / "old"
     shutil.copytree(os.path.dirname(step2), old)
-    result = run_job(2, v1_flags(old, **{"load-checkpoint": "true"}))
+    result = run_job(ranks, fixture_flags(fixture, old, **{"load-checkpoint": "true"}))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from" in result.stdout and "(step 2;" in result.stdout
 
     ref = tmp_path / "today"
-    result = run_job(2, v1_flags(ref, **{"total-steps": 2}))
+    result = run_job(ranks, fixture_flags(fixture, ref, **{"total-steps": 2}))
     assert result.returncode == 0, result.stdout + result.stderr
     transplant(str(ref / "checkpoint_2"), step2)
-    result = run_job(2, v1_flags(ref, **{"load-checkpoint": "true"}))
+    result = run_job(ranks, fixture_flags(fixture, ref, **{"load-checkpoint": "true"}))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from" in result.stdout and "(step 2;" in result.stdout
 
-    for stage in (0, 1):
-        for kind in ("model", "optimizer"):
-            name = f"prank_{stage}_{kind}.safetensors"
-            got, want = load_file(str(old / "checkpoint_3" / name)), load_file(str(ref / "checkpoint_3" / name))
-            assert set(got) == set(want) and want, name
-            for key, value in want.items():
-                assert torch.equal(got[key], value), (name, key)
-            if kind == "model":  # step 3 moved every weight: the comparison is not of two copies of step 2
-                before = load_file(os.path.join(step2, name))
-                assert all(not torch.equal(before[key], value) for key, value in want.items()), name
-    for name in ("data_state.json", "prank_0_state.json", "prank_1_state.json"):
+    names = sorted(n for n in os.listdir(step2) if n.startswith("prank_") and n.endswith(".safetensors"))
+    for name in names:
+        got, want = load_file(str(old / "checkpoint_3" / name)), load_file(str(ref / "checkpoint_3" / name))
+        assert set(got) == set(want) and want, name
+        for key, value in want.items():
+            assert torch.equal(got[key], value), (name, key)
+        if name.endswith("_model.safetensors"):  # step 3 moved every weight: not two copies of step 2 compared
+            before = load_file(os.path.join(step2, name))
+            assert all(not torch.equal(before[key], value) for key, value in want.items()), name
+    for name in sorted(n for n in os.listdir(step2) if n.endswith(".json") and n != "meta.json"):
         with open(old / "checkpoint_3" / name) as f, open(ref / "checkpoint_3" / name) as g:
             assert json.load(f) == json.load(g), name
 

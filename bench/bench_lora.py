@@ -170,42 +170,48 @@ def write_weights(s: Session, shape: str, layers: int, name: str) -> tuple[str, 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def part1(s: Session, args) -> dict:
-    shape = "tiny" if args.smoke else "pythia-1.4b"
+def all_linear_runs(s: Session, args, part: str, shape: str, peft_variants: str, ours_variants: str, mb: int):
+    """Parts 1 and 6: each side's variants, all-linear adapters, 8 sequences per step (4 in --smoke); the runs of
+    each side and the LoRA FLOPs per token."""
     model = s.model_dir(shape)
     lora = Lora(args, "all-linear")
     fpt = lora.flops(model, args.seq_length)
     batch = 4 if args.smoke else 8
     data = s.data_file(args.steps * batch * args.seq_length)
-    peft_runs, ours_runs = [], []
-    for v in variants(args.p1_peft, 4, args.smoke, batch):
-        peft_runs.append(
-            s.baseline(
-                f"p1 peft {v['label']}",
-                model_dir=model,
-                micro_batch=v["mb"],
-                accum=batch // v["mb"],
-                extra=lora.peft(s.gpu) + (["--gradient-checkpointing"] if v["gc"] else []),
-                flops=fpt,
-                compile=v["compile"],
-                describe=peft_describe(s, v),
-            )
+    peft_runs = [
+        s.baseline(
+            f"{part} peft {v['label']}",
+            model_dir=model,
+            micro_batch=v["mb"],
+            accum=batch // v["mb"],
+            extra=lora.peft(s.gpu) + (["--gradient-checkpointing"] if v["gc"] else []),
+            flops=fpt,
+            compile=v["compile"],
+            describe=peft_describe(s, v),
         )
-    for v in variants(args.p1_ours, 4, args.smoke, batch):
-        ours_runs.append(
-            s.ours(
-                f"p1 ours {v['label']}",
-                model_dir=model,
-                data=data,
-                nproc=1,
-                micro_batch=v["mb"],
-                batch=batch,
-                compile=v["compile"],
-                activation_checkpointing=v["ac"],
-                extra=lora.ours(mask=v["mask"]),
-                flops=fpt,
-            )
+        for v in variants(peft_variants, mb, args.smoke, batch)
+    ]
+    ours_runs = [
+        s.ours(
+            f"{part} ours {v['label']}",
+            model_dir=model,
+            data=data,
+            nproc=1,
+            micro_batch=v["mb"],
+            batch=batch,
+            compile=v["compile"],
+            activation_checkpointing=v["ac"],
+            extra=lora.ours(mask=v["mask"]),
+            flops=fpt,
         )
+        for v in variants(ours_variants, mb, args.smoke, batch)
+    ]
+    return peft_runs, ours_runs, fpt
+
+
+def part1(s: Session, args) -> dict:
+    shape = "tiny" if args.smoke else "pythia-1.4b"
+    peft_runs, ours_runs, fpt = all_linear_runs(s, args, "p1", shape, args.p1_peft, args.p1_ours, 4)
     eager = next((r for r in peft_runs if not r["compile"]), None)
     compiled = next((r for r in peft_runs if r["compile"]), None)
     top = best(ours_runs)
@@ -227,7 +233,7 @@ def part1(s: Session, args) -> dict:
         ours=top,
         reference=compiled,
     )
-    return {"shape": shape, "batch_per_step": batch, "lora_flops_per_token": fpt}
+    return {"shape": shape, "batch_per_step": 4 if args.smoke else 8, "lora_flops_per_token": fpt}
 
 
 def modules_layers(model_dir: str) -> int:
@@ -444,39 +450,7 @@ def part5(s: Session, args) -> dict:
 def part6(s: Session, args) -> dict:
     """Qwen3-8B shape, LoRA all-linear: each side at the micro-batches given, the best of each kind compared."""
     shape = "qwen3-tiny" if args.smoke else "qwen3-8b"
-    model = s.model_dir(shape)
-    lora = Lora(args, "all-linear")
-    fpt = lora.flops(model, args.seq_length)
-    batch = 4 if args.smoke else 8
-    data = s.data_file(args.steps * batch * args.seq_length)
-    peft_runs = [
-        s.baseline(
-            f"p6 peft {v['label']}",
-            model_dir=model,
-            micro_batch=v["mb"],
-            accum=batch // v["mb"],
-            extra=lora.peft(s.gpu) + (["--gradient-checkpointing"] if v["gc"] else []),
-            flops=fpt,
-            compile=v["compile"],
-            describe=peft_describe(s, v),
-        )
-        for v in variants(args.p6_peft, 2, args.smoke, batch)
-    ]
-    ours_runs = [
-        s.ours(
-            f"p6 ours {v['label']}",
-            model_dir=model,
-            data=data,
-            nproc=1,
-            micro_batch=v["mb"],
-            batch=batch,
-            compile=v["compile"],
-            activation_checkpointing=v["ac"],
-            extra=lora.ours(mask=v["mask"]),
-            flops=fpt,
-        )
-        for v in variants(args.p6_ours, 2, args.smoke, batch)
-    ]
+    peft_runs, ours_runs, _ = all_linear_runs(s, args, "p6", shape, args.p6_peft, args.p6_ours, 2)
     eager = best([r for r in peft_runs if not r["compile"]])
     compiled = best([r for r in peft_runs if r["compile"]])
     top = best(ours_runs)

@@ -33,7 +33,6 @@ def hf_saved_name(name, model_type):
 def reference_weights(model_dir, data, steps=STEPS, documents=True):
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     stream = packed_stream(data, tokenizer, SEQ, GLOBAL_BATCH, seed=SEED)

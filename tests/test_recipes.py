@@ -97,10 +97,8 @@ def test_recipe_exits_with_the_ranks_code_on_a_bad_flag(setup):
     assert "--micro-batch-size" in result.stderr
 
 
-def test_lora_recipe_trains_adapters_with_its_environment_overrides(setup, tmp_path):
-    """The one-GPU LoRA recipe (a pipeline of two here, on CPU): it trains adapters only, and exports to peft."""
-    root, model, data, _ = setup
-    ckpt = tmp_path / "lora run"
+def run_lora_recipe(recipe, model, data, ckpt, extra=""):
+    """A one-GPU LoRA recipe with its environment overrides: the tiny model, a pipeline of two on CPU, 2 steps."""
     env = dict(
         os.environ,
         OMP_NUM_THREADS="1",
@@ -111,10 +109,17 @@ def test_lora_recipe_trains_adapters_with_its_environment_overrides(setup, tmp_p
         CHECKPOINT_PATH=str(ckpt),
         FINETUNE_TOTAL_STEPS="2",
         CHECKPOINT_STEPS="2",
-        EXTRA_ARGS="--use-cuda false --seq-length 32 --batch-size 2 --dist-timeout 60",
+        EXTRA_ARGS=f"--use-cuda false --seq-length 32 --batch-size 2 --dist-timeout 60 {extra}".strip(),
     )
-    recipe = os.path.join(REPO, "finetune_GPT-NeoXT-Chat-Base-20B-lora.sh")
-    result = subprocess.run(["bash", recipe], env=env, capture_output=True, text=True, timeout=300)
+    command = ["bash", os.path.join(REPO, recipe)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_lora_recipe_trains_adapters_with_its_environment_overrides(setup, tmp_path):
+    """The one-GPU LoRA recipe (a pipeline of two here, on CPU): it trains adapters only, and exports to peft."""
+    root, model, data, _ = setup
+    ckpt = tmp_path / "lora run"
+    result = run_lora_recipe("finetune_GPT-NeoXT-Chat-Base-20B-lora.sh", model, data, ckpt)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     weights = read_checkpoint_weights(str(ckpt))
     assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
@@ -144,20 +149,7 @@ def test_qwen3_lora_recipe_trains_every_linear_of_a_qwen3(setup, tmp_path):
         root / "qwen3", model_type="qwen3", hidden=32, layers=2, heads=4, extra=("--tie-word-embeddings",)
     )
     ckpt = tmp_path / "qwen3 run"
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        NUM_GPUS="2",
-        MASTER_PORT=str(free_port()),
-        BASE_MODEL=model,
-        DATASETS=data,
-        CHECKPOINT_PATH=str(ckpt),
-        FINETUNE_TOTAL_STEPS="2",
-        CHECKPOINT_STEPS="2",
-        EXTRA_ARGS="--use-cuda false --seq-length 32 --batch-size 2 --micro-batch-size 1 --dist-timeout 60",
-    )
-    recipe = os.path.join(REPO, "finetune_Qwen3-8B-lora.sh")
-    result = subprocess.run(["bash", recipe], env=env, capture_output=True, text=True, timeout=300)
+    result = run_lora_recipe("finetune_Qwen3-8B-lora.sh", model, data, ckpt, "--micro-batch-size 1")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     weights = read_checkpoint_weights(str(ckpt))
     adapted = {k.split(".")[-3] for k in weights if ".lora_B." in k}

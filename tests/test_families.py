@@ -79,10 +79,14 @@ CONFIGS = {
 }
 
 
-def hf_model(name: str, directory) -> transformers.PreTrainedModel:
+def hf_model(name: str, directory, head_dim: int | None = None) -> transformers.PreTrainedModel:
     """A random transformers model of config `name` with every norm weight moved off its init (Gemma's start at 0,
-    so (1 + w) and w would agree), saved into `directory`; eager attention (the soft-cap's reference)."""
+    so (1 + w) and w would agree), saved into `directory`; eager attention (the soft-cap's reference). `head_dim`
+    widens every head (and the hidden size with it)."""
     config = CONFIGS[name]()
+    if head_dim:
+        config.head_dim = head_dim
+        config.hidden_size = head_dim * config.num_attention_heads
     config.bos_token_id = config.eos_token_id = 1
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
@@ -231,9 +235,10 @@ def test_flops_per_token_counts_the_matmuls_of_a_training_step(name, tmp_path):
 @pytest.mark.parametrize("name", ["qwen2", "mistral", "gemma2", "gemma3", "phi3"])
 def test_gpu_block_masks_and_softcaps_match_transformers(name, tmp_path):
     """On a GPU the windows, document masks and soft-caps go through FlexAttention block masks: fp32 logits and
-    gradients over several 128-token blocks, packed and not, equal transformers' eager attention."""
+    gradients over several 128-token blocks, packed and not, equal transformers' eager attention. Heads of 16: the
+    compiled FlexAttention kernel takes no fewer."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    hf = hf_model(name, tmp_path).cuda()
+    hf = hf_model(name, tmp_path, head_dim=16).cuda()
     cfg, (stage,) = ours(tmp_path)
     stage = stage.cuda()
     seq = 320

@@ -33,6 +33,8 @@ Memory = torch.cuda.max_memory_allocated over the steps (peft: counted from afte
 
     python bench/bench_lora.py --part 1,2            # one H200 call, ~8-9 min (estimate; bench/README.md)
     python bench/bench_lora.py --part 5,3            # the next call; part 3 needs the bitsandbytes wheel
+    python bench/bench_lora.py --part 6 --p6-ours ''  # Qwen3-8B: peft's side (its compile alone takes ~4 min)
+    python bench/bench_lora.py --part 6 --p6-peft ''  # the next call on the same machine: ours
     python bench/bench_lora.py --smoke               # CPU check, tiny shapes, every part
 """
 

@@ -23,6 +23,7 @@ GROUPS = {
     "model": "model",
     "adapters": "adapters (LoRA / QLoRA)",
     "data": "data",
+    "objective": "objective (SFT or preference tuning)",
     "schedule": "schedule",
     "optimizer": "optimizer",
     "precision": "precision",

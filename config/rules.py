@@ -14,7 +14,7 @@ import socket
 
 from utils.errors import UserError
 
-from .sections import JobConfig, parse_backends
+from .sections import JobConfig, ObjectiveConfig, parse_backends
 
 # One of these must be in --tokenizer-name: transformers 5 otherwise builds an empty tokenizer without a word.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
@@ -57,6 +57,7 @@ def check(job: JobConfig) -> None:
     _check_schedule(job)
     _check_precision(job)
     _check_lora(job)
+    _check_objective(job)
     _check_data_format(job)
     _check_dist(job)
     _check_inputs_exist(job)
@@ -162,6 +163,46 @@ def _check_lora(job: JobConfig) -> None:
             f"--lora-init {lora.init_dir}: no adapter_config.json there; give a peft adapter directory "
             f"(what PeftModel.save_pretrained or tools/convert_to_hf.py writes)"
         )
+
+
+# The settings each objective reads; given to another one they would be ignored, so they are refused.
+_OBJECTIVE_FLAGS = {
+    "dpo_beta": ("--dpo-beta", ("dpo",)),
+    "dpo_label_smoothing": ("--dpo-label-smoothing", ("dpo",)),
+    "dpo_reference": ("--dpo-reference", ("dpo",)),
+    "simpo_beta": ("--simpo-beta", ("simpo",)),
+    "simpo_gamma": ("--simpo-gamma", ("simpo",)),
+    "orpo_lambda": ("--orpo-lambda", ("orpo",)),
+}
+
+
+def _check_objective(job: JobConfig) -> None:
+    objective, defaults = job.objective, ObjectiveConfig()
+    for field, (flag, readers) in _OBJECTIVE_FLAGS.items():
+        if objective.kind not in readers and getattr(objective, field) != getattr(defaults, field):
+            raise ArgumentError(
+                f"{flag} is a setting of --objective {' / '.join(readers)}, not of --objective {objective.kind}; "
+                f"drop it or change --objective"
+            )
+    if objective.dpo_label_smoothing >= 0.5:
+        raise ArgumentError(
+            f"--dpo-label-smoothing {objective.dpo_label_smoothing}: must be below 0.5 (at 0.5 chosen and rejected "
+            f"are taken as equally likely and nothing is learned)"
+        )
+    if objective.dpo_reference == "adapters" and not job.lora.enabled:
+        raise ArgumentError(
+            "--dpo-reference adapters needs LoRA adapters to switch off: add --lora-r R, or use --dpo-reference copy"
+        )
+    if objective.preference:
+        for flag, given in (
+            ("--train-on-inputs", job.data.train_on_inputs),
+            ("--loss-on-bot-only", job.data.loss_on_bot_only),
+        ):
+            if given:
+                raise ArgumentError(
+                    f"{flag} does not apply to --objective {objective.kind}: its loss is on the chosen and rejected "
+                    f"completions; drop {flag}"
+                )
 
 
 def _check_data_format(job: JobConfig) -> None:

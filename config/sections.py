@@ -18,6 +18,9 @@ QUANTIZE_MODES = ("none", "nf4", "int8")
 FP8_RECIPES = ("tensorwise", "rowwise")  # modules/fp8.py RECIPES
 DATA_FORMATS = ("auto", "text", "messages", "sharegpt", "alpaca")
 LOG_BACKENDS = ("print", "loguru", "wandb", "tensorboard")
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo")
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo")  # trained on prompt/chosen/rejected pairs
+REFERENCES = ("auto", "adapters", "copy")
 
 
 def parse_backends(value: str) -> list[str]:
@@ -208,10 +211,14 @@ class DataConfig:
     )
     seq_length: int = setting("--seq-length", 2048, "tokens per packed window", group="data", check=at_least(1))
     batch_size: int = setting(
-        "--batch-size", 4, "sequences per data-parallel replica per iteration", group="data", check=at_least(1)
+        "--batch-size",
+        4,
+        "sequences (pairs under preference objectives) per data-parallel replica per iteration",
+        group="data",
+        check=at_least(1),
     )
     micro_batch_size: int = setting(
-        "--micro-batch-size", 1, "sequences per pipeline micro-batch", group="data", check=at_least(1)
+        "--micro-batch-size", 1, "sequences (pairs) per pipeline micro-batch", group="data", check=at_least(1)
     )
     accumulation: int = setting(
         "--gradient-accumulate-step", 1, "iterations per optimizer step", group="data", check=at_least(1)
@@ -263,6 +270,60 @@ class DataConfig:
         "--nepochs", None, "derive --total-steps from the token count", group="schedule", check=at_least(1)
     )
     seed: int = derived(42)  # --seed: the shuffle and the mixture's choices
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What the loss learns: training.loss (sft) or training.preference (pairs), and DPO's reference model."""
+
+    kind: str = setting(
+        "--objective",
+        "sft",
+        "sft: next-token loss on the data's loss spans; dpo, simpo, orpo: preference tuning on prompt / chosen / "
+        "rejected records (--batch-size and --micro-batch-size then count pairs)",
+        group="objective",
+        choices=OBJECTIVES,
+    )
+    dpo_beta: float = setting(
+        "--dpo-beta",
+        0.1,
+        "DPO: beta, how far the policy may move from the reference",
+        group="objective",
+        check=above(0),
+    )
+    dpo_label_smoothing: float = setting(
+        "--dpo-label-smoothing",
+        0.0,
+        "DPO: the share of pairs assumed mislabelled (conservative DPO), below 0.5",
+        group="objective",
+        check=at_least(0),
+    )
+    dpo_reference: str = setting(
+        "--dpo-reference",
+        "auto",
+        "DPO's reference model: adapters (the base with the LoRA adapters off: no memory), copy (a frozen copy of "
+        "the starting weights), auto (adapters under --lora-r, else copy)",
+        group="objective",
+        choices=REFERENCES,
+    )
+    simpo_beta: float = setting(
+        "--simpo-beta", 2.0, "SimPO: beta, the scale of the length-normalised reward", group="objective", check=above(0)
+    )
+    simpo_gamma: float = setting(
+        "--simpo-gamma", 0.5, "SimPO: the target reward margin gamma", group="objective", check=at_least(0)
+    )
+    orpo_lambda: float = setting(
+        "--orpo-lambda",
+        0.1,
+        "ORPO: weight of the odds-ratio term beside the chosen SFT loss",
+        group="objective",
+        check=above(0),
+    )
+
+    @property
+    def preference(self) -> bool:
+        """Trained on pairs (every objective but sft)."""
+        return self.kind in PREFERENCE_OBJECTIVES
 
 
 @dataclass(frozen=True)
@@ -446,6 +507,7 @@ class JobConfig:
     lora: LoraRunConfig = LoraRunConfig()
     pipeline: PipelineConfig = PipelineConfig()
     data: DataConfig = DataConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
@@ -459,6 +521,7 @@ SECTIONS: dict[str, type] = {
     "lora": LoraRunConfig,
     "pipeline": PipelineConfig,
     "data": DataConfig,
+    "objective": ObjectiveConfig,
     "optimizer": OptimizerConfig,
     "checkpoint": CheckpointConfig,
     "log": LogConfig,

@@ -160,6 +160,11 @@ def _detect(obj: dict, fmt: RecordFormat) -> tuple[str, str]:
     if "text" in obj:
         return "text", "text"
     keys = ", ".join(sorted(obj)[:8]) or "none"
+    if "chosen" in obj or "rejected" in obj:  # TRL's preference layout: another objective, not an SFT layout
+        raise TaskError(
+            f"record is a preference pair (keys: {keys}), not SFT data; prompt / chosen / rejected records train "
+            f"with --objective dpo (or simpo / orpo)"
+        )
     named = "".join(
         f" nor {flag} '{v}'"
         for flag, v in (("--text-field", fmt.text_field), ("--messages-field", fmt.messages_field))
@@ -172,7 +177,7 @@ def _detect(obj: dict, fmt: RecordFormat) -> tuple[str, str]:
     )
 
 
-def _messages(turns, field: str, where: str) -> list[dict[str, str]]:
+def messages_of(turns, field: str, where: str) -> list[dict[str, str]]:
     if not isinstance(turns, list) or not turns:
         raise TaskError(f'{where}: \'{field}\' must be a non-empty list of {{"role": ..., "content": ...}} objects')
     out = []
@@ -242,7 +247,7 @@ def to_record(obj: dict, where: str, fmt: RecordFormat) -> dict[str, Any]:
             raise TaskError(f"{where}: '{field}' must be a string, got {type(obj[field]).__name__}")
         return {"text": obj[field]}
     if kind == "messages":
-        return {"messages": _messages(obj[field], field, where)}
+        return {"messages": messages_of(obj[field], field, where)}
     if kind == "sharegpt":
         return {"messages": _sharegpt(obj[field], field, where)}
     return {"messages": _alpaca(obj, where)}

@@ -28,15 +28,15 @@ if TYPE_CHECKING:
     from config import DataConfig
 
 STATE_FORMAT = "tasks.PackedStream/1"
-_ERROR = object()
+LOADER_ERROR = object()
 
 
-def _positive(name, value, minimum=1):
+def check_positive(name, value, minimum=1):
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise TaskError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _show_every_from_env() -> int:
+def show_every_from_env() -> int:
     raw = os.environ.get("SHOW_DATA_EVERY", "").strip()
     if not raw:
         return 100
@@ -110,13 +110,13 @@ class PackedStream:
         task_spec, seq_length, batch_size = data.task_spec, data.seq_length, data.batch_size
         seed, shuffle_buffer, num_workers = data.seed, data.shuffle_buffer, data.workers
         train_on_inputs, loss_on_bot_only = data.train_on_inputs, data.loss_on_bot_only
-        _positive("seq_length", seq_length)
-        _positive("batch_size", batch_size)
-        _positive("dp_size", dp_size)
-        _positive("shuffle_buffer", shuffle_buffer)
-        _positive("num_workers", num_workers, 0)
-        _positive("prefetch", prefetch)
-        _positive("chunk_docs", chunk_docs)
+        check_positive("seq_length", seq_length)
+        check_positive("batch_size", batch_size)
+        check_positive("dp_size", dp_size)
+        check_positive("shuffle_buffer", shuffle_buffer)
+        check_positive("num_workers", num_workers, 0)
+        check_positive("prefetch", prefetch)
+        check_positive("chunk_docs", chunk_docs)
         if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
             raise TaskError(f"dp_rank must be in [0, {dp_size}), got {dp_rank!r}")
         self.tasks = parse_task_spec(task_spec)
@@ -138,8 +138,8 @@ class PackedStream:
             show_data = os.environ.get("SHOW_DATA", "").strip().lower() not in ("", "0", "false", "no")
         self.show_data = show_data and dp_rank == 0
         if show_every is None:
-            show_every = _show_every_from_env()
-        _positive("show_every", show_every)
+            show_every = show_every_from_env()
+        check_positive("show_every", show_every)
         self.show_every = show_every
         self._resume: dict | None = None  # JSON state to start from
         self._consumed: StateRef | dict | None = None  # position after the last batch handed out
@@ -177,7 +177,7 @@ class PackedStream:
                             raise RuntimeError(
                                 "tasks: the data loader thread died without reporting an error"
                             ) from None
-                if item[0] is _ERROR:
+                if item[0] is LOADER_ERROR:
                     raise item[1]
                 batch, ref = item
         except StopIteration:
@@ -204,7 +204,10 @@ class PackedStream:
         self._stop = threading.Event()
         # the thread holds the pipeline, not self, so an unclosed stream can still be collected (and __del__ stops it)
         self._thread = threading.Thread(
-            target=_run, args=(self._pipe, self._resume, self._queue, self._stop), name="tasks-loader", daemon=True
+            target=run_loader,
+            args=(self._pipe, self._resume, self._queue, self._stop),
+            name="tasks-loader",
+            daemon=True,
         )
         self._thread.start()
 
@@ -273,10 +276,10 @@ class PackedStream:
         """JSON-serialisable position after the last batch handed out (identical on every dp replica)."""
         ref = self._consumed
         if isinstance(ref, dict):
-            return _copy_json(ref)
+            return copy_json(ref)
         if ref is None:
             if self._resume is not None:
-                return _copy_json(self._resume)
+                return copy_json(self._resume)
             source = Mixture(self.tasks, self.seed, self.shuffle_buffer)
             position = {"source": source.snapshot_to_json(source.snapshot()), "skip_docs": 0, "skip_tokens": 0}
             windows = 0
@@ -355,7 +358,7 @@ class PackedStream:
         self._shutdown()
         self._error = None
         self._closed = False
-        self._resume = _copy_json(state)
+        self._resume = copy_json(state)
         self._consumed = self._resume
         self._served = 0
 
@@ -427,7 +430,7 @@ class _Pipeline:
             mix.close()
 
 
-def _run(pipe: _Pipeline, resume, q: queue.Queue, stop: threading.Event):
+def run_loader(pipe: _Pipeline, resume, q: queue.Queue, stop: threading.Event):
     gen = pipe.batches(resume, stop)
 
     def put(item):
@@ -444,12 +447,12 @@ def _run(pipe: _Pipeline, resume, q: queue.Queue, stop: threading.Event):
             if not put(item):
                 break
     except BaseException as e:  # handed to the consumer, raised from next()
-        put((_ERROR, e))
+        put((LOADER_ERROR, e))
     finally:
         gen.close()
 
 
-def _copy_json(d):
+def copy_json(d):
     import json
 
     return json.loads(json.dumps(d))

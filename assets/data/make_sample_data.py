@@ -1,15 +1,18 @@
 """Generate the demo's sample data (deterministic): 20 simple facts (10 capitals, 10 about numbers, colours, planets
 and nature) asked and answered in chat form, few enough for the CPU demo's tiny model to learn them by heart.
 
-    python assets/data/make_sample_data.py            # writes sample_chat.jsonl, sample_messages.jsonl, sample_eval.jsonl
+    python assets/data/make_sample_data.py            # writes the five files below
     python assets/data/make_sample_data.py --out DIR
 
 Every fact has one answer, always worded the same; a capital is asked in one of four wordings.
 
-sample_chat.jsonl      400 {"text": "<human>: ...\n<bot>: ..."} records, one exchange each
-sample_messages.jsonl  100 {"messages": [{"role": ..., "content": ...}, ...]} records of 1-3 exchanges (some with a
-                       system message)
-sample_eval.jsonl       50 text records: the same facts in another order (different seed)
+sample_chat.jsonl              400 {"text": "<human>: ...\n<bot>: ..."} records, one exchange each
+sample_messages.jsonl          100 {"messages": [{"role": ..., "content": ...}, ...]} records of 1-3 exchanges (some
+                                   with a system message)
+sample_eval.jsonl               50 text records: the same facts in another order (different seed)
+sample_preferences.jsonl        40 preference pairs in TRL's conversational format (--objective dpo / simpo / orpo):
+                                   each fact twice, chosen = its answer, rejected = a plausible wrong one
+sample_preferences_eval.jsonl    8 such pairs for evaluation (another seed)
 
 Why the text records hold one exchange: the demo trains with --loss-on-bot-only, which trains a text record's bot
 turn up to the next `<human>:`, so an answer followed by another exchange would teach the newline before it but never
@@ -57,6 +60,33 @@ FACTS = [
     ("How many sides does a hexagon have?", "A hexagon has six sides."),
 ]
 
+# A plausible wrong answer per fact: what a preference pair rejects.
+WRONG_CAPITALS = {
+    "France": "Lyon",
+    "Germany": "Munich",
+    "Italy": "Milan",
+    "Spain": "Barcelona",
+    "Portugal": "Porto",
+    "Japan": "Osaka",
+    "China": "Shanghai",
+    "India": "Mumbai",
+    "Canada": "Toronto",
+    "Mexico": "Guadalajara",
+}
+
+WRONG_FACTS = {
+    "How many days are in a week?": "There are five days in a week.",
+    "How many legs does a spider have?": "A spider has six legs.",
+    "What color do you get by mixing blue and yellow?": "Mixing blue and yellow gives purple.",
+    "Which planet is closest to the Sun?": "Venus is the planet closest to the Sun.",
+    "What is the largest planet in our solar system?": "Saturn is the largest planet in our solar system.",
+    "What is the opposite of hot?": "The opposite of hot is warm.",
+    "At what temperature does water boil at sea level?": "At sea level water boils at 50 degrees Celsius.",
+    "What do bees make?": "Bees make silk and paper.",
+    "How many continents are there?": "There are nine continents.",
+    "How many sides does a hexagon have?": "A hexagon has eight sides.",
+}
+
 SYSTEMS = [
     "You are a helpful assistant.",
     "You are a friendly tutor. Answer briefly and clearly.",
@@ -89,6 +119,26 @@ def messages_record(rng):
     return {"messages": msgs}
 
 
+def preference_records(rng, rounds):
+    """Each of the 20 facts `rounds` times, shuffled: {"prompt": [user], "chosen": [right], "rejected": [wrong]}."""
+    items = []
+    for _ in range(rounds):
+        for country, city in CAPITALS:
+            q = rng.choice(CAPITAL_QUESTIONS).format(c=country)
+            right = f"The capital of {country} is {city}."
+            items.append((q, right, f"The capital of {country} is {WRONG_CAPITALS[country]}."))
+        items += [(q, a, WRONG_FACTS[q]) for q, a in FACTS]
+    rng.shuffle(items)
+    return [
+        {
+            "prompt": [{"role": "user", "content": q}],
+            "chosen": [{"role": "assistant", "content": right}],
+            "rejected": [{"role": "assistant", "content": wrong}],
+        }
+        for q, right, wrong in items
+    ]
+
+
 def write(path, records):
     with open(path, "w") as fh:
         for r in records:
@@ -104,6 +154,8 @@ def main():
     write(os.path.join(args.out, "sample_messages.jsonl"), [messages_record(rng) for _ in range(100)])
     rng = random.Random(7)
     write(os.path.join(args.out, "sample_eval.jsonl"), [text_record(rng) for _ in range(50)])
+    write(os.path.join(args.out, "sample_preferences.jsonl"), preference_records(random.Random(11), 2))
+    write(os.path.join(args.out, "sample_preferences_eval.jsonl"), preference_records(random.Random(12), 1)[:8])
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from .layers import attention_backend
 from .lora import (
     LoraConfig,
     LoraLinear,
+    adapters_off,
     apply_lora,
     init_lora_weights,
     load_lora_tensors,
@@ -43,6 +44,7 @@ from .weights import Checkpoint, expected_names, expected_shapes, init_stage_wei
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "attention_backend",
+    "adapters_off",
     "apply_lora",
     "Checkpoint",
     "ModelConfig",

@@ -15,6 +15,7 @@ B zero. Only peft's plain LoRA is supported (no rslora, DoRA, bias training, mod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -147,9 +148,12 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.scale = r, scale
         self.base_layer: nn.Module | None = None  # a bitsandbytes layer once `quantize_base` replaced weight/bias
+        self.enabled = True  # off: the base alone (DPO's reference model, `adapters_off`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
+        if not self.enabled:
+            return out
         # Same op order as peft (result + lora_B(lora_A(dropout(x))) * scaling), so fp32 results agree closely;
         # adapters may be kept in another dtype than the base (fp32 adapters on a bf16 base).
         a = self.lora_A.weight
@@ -189,6 +193,20 @@ def apply_lora(stage: Stage, lora_cfg: LoraConfig, seed: int | None = 0) -> Stag
     if seed is not None and not any(p.is_meta for p in lora_parameters(stage).values()):
         init_lora_weights(stage, seed)
     return stage
+
+
+@contextlib.contextmanager
+def adapters_off(stages: Sequence[nn.Module]) -> Iterator[None]:
+    """The stages compute their frozen base alone while inside: the reference model of preference tuning, without
+    a second copy of the weights."""
+    layers = [m for stage in stages for m in stage.modules() if isinstance(m, LoraLinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def is_lora_name(name: str) -> bool:

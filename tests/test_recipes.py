@@ -154,3 +154,17 @@ def test_qwen3_lora_recipe_trains_every_linear_of_a_qwen3(setup, tmp_path):
     weights = read_checkpoint_weights(str(ckpt))
     adapted = {k.split(".")[-3] for k in weights if ".lora_B." in k}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, adapted
+
+
+def test_dpo_recipe_tunes_adapters_on_preference_pairs(setup, tmp_path):
+    """finetune_Qwen3-8B-dpo.sh on a tiny Qwen3 and the bundled pairs (a pipeline of two on CPU): adapters train
+    against the base with them off, and the log carries TRL's statistics."""
+    root, _, _, _ = setup
+    model = make_model(root / "qwen3-dpo", model_type="qwen3", hidden=32, layers=2, heads=4)
+    pairs = os.path.join(REPO, "assets", "data", "sample_preferences.jsonl")
+    ckpt = tmp_path / "dpo run"
+    result = run_lora_recipe("finetune_Qwen3-8B-dpo.sh", model, pairs, ckpt, "--micro-batch-size 1")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    weights = read_checkpoint_weights(str(ckpt))
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
+    assert "rewards/accuracies=" in result.stdout and "logps/chosen=" in result.stdout, result.stdout[-2000:]

@@ -3,6 +3,7 @@ loss counts the tokens training learns (the same masking settings), summed over 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -37,3 +38,11 @@ def evaluate(
         return None
     mean = (total[0] / total[1]).item()
     return {"valid.loss": mean, "valid.perplexity": math.exp(min(mean, 50))}
+
+
+def pair_batches(data: DataConfig, tokenizer, layout: Layout):
+    """The held-out preference pairs of --evaluation-data, this replica's share, at most --evaluation-num-batch
+    batches."""
+    paths = [p for p in data.evaluation_data.split(",") if p]
+    batches = tasks.preference_evaluation_batches(paths, tokenizer, data, layout.dp_rank, layout.dp_size)
+    return itertools.islice(batches, data.evaluation_batches)

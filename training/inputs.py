@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 import modules
 import tasks
-from config import DataConfig, JobConfig, LoraRunConfig
+from config import DataConfig, JobConfig, LoraRunConfig, ObjectiveConfig
 from optimizer import check_available, check_host_memory
 from utils.host import local_ranks
 from utils.logging import one_line
@@ -100,18 +100,28 @@ def check_offload_memory(job: JobConfig, cfg: modules.ModelConfig, layout, plan_
     check_host_memory(offloaded_elements(cfg, plans, layout.dp_size, sharded, lora))
 
 
-def total_optimizer_steps(data: DataConfig, tokenizer, layout, log: Callable[[str], None]) -> int:
+def total_optimizer_steps(
+    data: DataConfig, objective: ObjectiveConfig, tokenizer, layout, log: Callable[[str], None]
+) -> int:
     """--total-steps in optimizer steps, or the steps of --nepochs passes over the data's tokens (counted once, by
-    rank 0, and cached beside the data for later runs)."""
+    rank 0, and cached beside the data for later runs), or over its pairs under a preference objective."""
     if data.total_iterations is not None:
         return data.total_iterations // data.accumulation
     counted = [None]
     if layout.rank == 0:
-        fmt = {"data_format": data.data_format, "text_field": data.text_field, "messages_field": data.messages_field}
-        counted[0] = tasks.count_tokens(data.task_spec, tokenizer, **fmt)
+        if objective.preference:
+            counted[0] = tasks.count_pairs(data.task_spec)
+        else:
+            fmt = {
+                "data_format": data.data_format,
+                "text_field": data.text_field,
+                "messages_field": data.messages_field,
+            }
+            counted[0] = tasks.count_tokens(data.task_spec, tokenizer, **fmt)
     dist.broadcast_object_list(counted, src=0)
-    windows = counted[0] // data.seq_length
-    iterations = math.ceil(data.epochs * windows / (data.batch_size * layout.dp_size))
+    unit = "pairs" if objective.preference else "tokens"
+    per_pass = counted[0] if objective.preference else counted[0] // data.seq_length  # pairs, or windows
+    iterations = math.ceil(data.epochs * per_pass / (data.batch_size * layout.dp_size))
     steps = max(1, math.ceil(iterations / data.accumulation))
-    log(f"--nepochs {data.epochs}: {counted[0]} tokens -> {steps} optimizer steps")
+    log(f"--nepochs {data.epochs}: {counted[0]} {unit} -> {steps} optimizer steps")
     return steps

@@ -23,10 +23,12 @@ from config import JobConfig, to_dict
 from modules.compile_cache import use_compile_cache
 from optimizer import StageOptimizer
 from pipeline_parallel import Pipeline, StagePlan, plan_stages
-from training.evaluation import evaluate
+from training.evaluation import evaluate, pair_batches
 from training.inputs import adapters_of, check_inputs, check_offload_memory, total_optimizer_steps
-from training.loss import TokenMeanLoss, check_loss_tokens
+from training.loss import TokenMeanLoss
 from training.metrics import StepMeter
+from training.pairs import PairTraining
+from training.preference import PreferenceLoss
 from training.profiling import make_profiler
 from training.startup import StartupClock
 from training.step_log import StepLog
@@ -52,12 +54,12 @@ class Trainer:
     stream: tasks.PackedStream | None
     steps_total: int
     optimizer: StageOptimizer
-    loss_fn: TokenMeanLoss
+    loss_fn: TokenMeanLoss | PreferenceLoss
     pipeline: Pipeline
+    pairs: PairTraining | None  # --objective dpo / simpo / orpo
     state: TrainState
     checkpoint: TrainingCheckpoint
     step: int
-    loss_tokens_seen: bool  # the first step's labels were checked
     step_log: StepLog
     profiler: object
 
@@ -136,8 +138,9 @@ class Trainer:
         self.documents = job.model.attention_mask == "document"
         reads = self.plan.reads_data or self.documents
         show = None if lay.rank == 0 else False  # SHOW_DATA samples printed by one rank only
-        self.stream = tasks.PackedStream(job.data, self.tokenizer, lay.dp_rank, lay.dp_size, show) if reads else None
-        self.steps_total = total_optimizer_steps(job.data, self.tokenizer, lay, self.log.info)
+        stream_type = tasks.PreferenceStream if job.objective.preference else tasks.PackedStream
+        self.stream = stream_type(job.data, self.tokenizer, lay.dp_rank, lay.dp_size, show) if reads else None
+        self.steps_total = total_optimizer_steps(job.data, job.objective, self.tokenizer, lay, self.log.info)
 
     def _setup_optimizer(self):
         job, lay = self.job, self.layout
@@ -157,7 +160,13 @@ class Trainer:
             norm_exclude=tied_copies,
             late=tied_ends,
         )
-        self.loss_fn = TokenMeanLoss(recompute=job.model.activation_checkpointing != "none", compiled=job.model.compile)
+        recompute, compiled = job.model.activation_checkpointing != "none", job.model.compile
+        self.pairs = None
+        if job.objective.preference:  # its loss function, and DPO's reference model
+            self.pairs = PairTraining(job, self.cfg, lay, self.plan, self.stages, recompute, compiled)
+            self.loss_fn = self.pairs.loss_fn
+        else:
+            self.loss_fn = TokenMeanLoss(recompute, compiled)
         self.pipeline = Pipeline(self.stages, self.plan, lay, job.pipeline, self.loss_fn)
 
     def _setup_resume(self):
@@ -179,7 +188,6 @@ class Trainer:
         )
         self.checkpoint = TrainingCheckpoint(job.checkpoint, lay, run, self._announce)
         self.step = self.checkpoint.resume(self.state) or 0
-        self.loss_tokens_seen = False
         flops = (
             modules.lora_flops_per_token(self.cfg, self.lora, job.data.seq_length)
             if self.lora
@@ -199,7 +207,8 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def train(self):
         data, lay, meter = self.job.data, self.layout, self.step_log.meter
-        tokens_per_step = data.batch_size * lay.dp_size * data.accumulation * data.seq_length
+        rows = data.batch_size * (2 if self.pairs else 1)  # a pair is two sequences
+        tokens_per_step = rows * lay.dp_size * data.accumulation * data.seq_length
         self.log.info(
             f"training {self.steps_total} optimizer steps from step {self.step}; {tokens_per_step} tokens per step; "
             f"peak {meter.peak_label}"
@@ -256,12 +265,10 @@ class Trainer:
         batches = [next(self.stream) if self.stream else None for _ in range(self.job.data.accumulation)]
         loss_sum = torch.zeros((), device=lay.device)
         scale = self.optimizer.loss_scale  # the step below may change it (fp16)
-        if self.plan.holds_last:
-            tokens = self._global_loss_tokens(batches)
-            if not self.loss_tokens_seen:  # one host sync, on the run's first step only
-                check_loss_tokens(int(tokens.item()), self.job.data, lay.dp_size)
-                self.loss_tokens_seen = True
-            self.loss_fn.factor = scale / tokens.clamp(min=1)
+        if self.pairs:
+            self.pairs.start_step(batches, scale)
+        elif self.plan.holds_last:
+            self.loss_fn.start_step(batches, scale, self.job.data, lay)
         for batch in batches:
             with self.profiler.span("iteration"):
                 loss = self._run_batch(batch)
@@ -278,8 +285,12 @@ class Trainer:
         """One batch through the pipeline (this rank's stages); the summed loss on the last stage's ranks."""
         device = self.layout.device
         input_ids = batch["input_ids"].to(device, non_blocking=True) if batch else None
-        labels = batch["labels"].to(device, non_blocking=True) if batch else None
-        return self.pipeline.run(input_ids, labels, train=train, **self._document_inputs(batch))
+        stage_kwargs = self._document_inputs(batch)
+        if self.pairs:  # the labels and the reference's log-probabilities (its pass runs now)
+            target = self.pairs.target(batch, self.pipeline, stage_kwargs)
+        else:
+            target = batch["labels"].to(device, non_blocking=True) if batch else None
+        return self.pipeline.run(input_ids, target, train=train, **stage_kwargs)
 
     def _document_inputs(self, batch: dict | None) -> dict:
         """The stages' position and document ids of a batch under --attention-mask document; none (plain causal
@@ -294,13 +305,6 @@ class Trainer:
             "position_ids": batch["position_ids"].to(device, non_blocking=True),
             "doc_ids": doc_ids.to(device, non_blocking=True),
         }
-
-    def _global_loss_tokens(self, batches: list[dict]) -> torch.Tensor:
-        """Loss tokens of the whole optimizer step, summed over replicas (only the last stage needs it)."""
-        count = sum((b["labels"] != -100).sum() for b in batches).to(self.layout.device, torch.float32)
-        if self.layout.dp_size > 1:
-            dist.all_reduce(count, group=self.layout.dp_group)
-        return count
 
     def _reduce_loss(self, loss_sum: torch.Tensor) -> torch.Tensor | None:
         """Global mean token loss of the step on the last-stage ranks, still on the device (None elsewhere)."""
@@ -321,12 +325,18 @@ class Trainer:
             values["optimizer_s"], values["optimizer_wait_s"] = self.optimizer.host_seconds
         if self.stream is not None:
             values["epochs"] = max(self.stream.epochs.values(), default=0)
+        if self.pairs:
+            values.update(self.pairs.log_values(self.stream))
         return values
 
     def evaluate(self):
         """Every rank runs the same evaluation batches (every stage must take part in each)."""
-        self.loss_fn.factor = 1.0
-        scores = evaluate(self.job.data, self.tokenizer, self.layout, lambda batch: self._run_batch(batch, False))
+        run_batch = lambda batch: self._run_batch(batch, False)  # noqa: E731
+        if self.pairs:
+            scores = self.pairs.evaluate(pair_batches(self.job.data, self.tokenizer, self.layout), run_batch)
+        else:
+            self.loss_fn.factor = 1.0
+            scores = evaluate(self.job.data, self.tokenizer, self.layout, run_batch)
         if scores is not None:
             self.log.metrics(self.step, scores)
 

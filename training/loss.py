@@ -2,6 +2,7 @@
 first step's check that there is a token to learn."""
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
@@ -26,6 +27,7 @@ class TokenMeanLoss:
 
     def __init__(self, recompute=False, compiled=False):
         self.factor = 1.0
+        self.checked = False  # the first step's labels hold a token to learn
         self.cross_entropy = torch.compile(_summed_cross_entropy) if compiled else _summed_cross_entropy
         self.recompute = recompute and not compiled
 
@@ -35,6 +37,17 @@ class TokenMeanLoss:
         else:
             loss = self.cross_entropy(logits, labels)
         return loss * self.factor
+
+    def start_step(self, batches: list[dict], scale: float, data: DataConfig, layout) -> None:
+        """`factor` for the optimizer step of `batches`: loss scale / loss tokens of the step summed over replicas
+        (on the last stage's ranks); the run's first step also checks that there is a token to learn."""
+        count = sum((b["labels"] != -100).sum() for b in batches).to(layout.device, torch.float32)
+        if layout.dp_size > 1:
+            dist.all_reduce(count, group=layout.dp_group)
+        if not self.checked:  # one host sync, on the run's first step only
+            check_loss_tokens(int(count.item()), data, layout.dp_size)
+            self.checked = True
+        self.factor = scale / count.clamp(min=1)
 
 
 def check_loss_tokens(count: int, data: DataConfig, dp_size: int) -> None:

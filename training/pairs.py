@@ -1,0 +1,138 @@
+"""Preference tuning in the trainer (--objective dpo / simpo / orpo): the loss function of the last stage, the
+reference model's pass before each batch, the step's normalisation and the logged statistics.
+
+DPO's reference is the policy's own stages with the LoRA adapters off (`adapters`: no memory), or a frozen copy of
+the starting weights with a pipeline of its own (`copy`). Either runs forward only, once per batch, before the
+policy's forward and backward, and its row log-probabilities reach the policy's loss inside the target
+(training/preference.py). SimPO and ORPO need no reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+import modules
+from comm import Layout
+from config import JobConfig
+from pipeline_parallel import Pipeline, StagePlan
+from training.preference import STATS_SIZE, PreferenceLoss, stat_means, with_reference
+
+
+def reference_kind(job: JobConfig) -> str | None:
+    """ "adapters", "copy" or None (no reference: SimPO, ORPO)."""
+    if job.objective.kind != "dpo":
+        return None
+    if job.objective.dpo_reference == "auto":
+        return "adapters" if job.lora.enabled else "copy"
+    return job.objective.dpo_reference
+
+
+class PairTraining:
+    """What --objective dpo / simpo / orpo changes in a run: its loss function (`loss_fn`, for the policy's
+    pipeline), DPO's reference model, the step's normalisation, the reference pass before each batch, the logged
+    statistics and the evaluation on held-out pairs."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        cfg: modules.ModelConfig,
+        layout: Layout,
+        plan: StagePlan,
+        stages: list[modules.Stage],
+        recompute: bool,
+        compiled: bool,
+    ):
+        self.job, self.layout, self.stages, self.holds_last = job, layout, stages, plan.holds_last
+        self.loss_fn = PreferenceLoss(job.objective, recompute, compiled)
+        self.reference = reference_kind(job)
+        self.reference_pipeline = self.reference_loss = None
+        if self.reference == "copy":  # the starting weights again, frozen, with a pipeline of their own
+            frozen = modules.build_rank_stages(cfg, job.model, plan, layout.device)
+            for param in (p for stage in frozen for p in stage.parameters()):
+                param.requires_grad_(False)
+            self.reference_loss = PreferenceLoss(job.objective, compiled=compiled)
+            self.reference_pipeline = Pipeline(frozen, plan, layout, job.pipeline, self.reference_loss)
+
+    def start_step(self, batches: list[dict], scale: float) -> None:
+        """The step's normalisation on the last stage: loss scale / pairs of the step (every replica's), and for
+        ORPO's SFT term loss scale / chosen completion tokens of the step."""
+        if not self.holds_last:
+            return
+        data, lay = self.job.data, self.layout
+        self.loss_fn.factor = scale / (data.batch_size * data.accumulation * lay.dp_size)
+        if self.job.objective.kind == "orpo":
+            tokens = sum((b["labels"][0::2] != -100).sum() for b in batches).to(lay.device, torch.float32)
+            if lay.dp_size > 1:
+                dist.all_reduce(tokens, group=lay.dp_group)
+            self.loss_fn.nll_factor = scale / tokens.clamp(min=1)
+
+    def target(self, batch: dict | None, policy: Pipeline, stage_kwargs: dict) -> torch.Tensor | None:
+        """The last stage's loss target of `batch`: its labels and the reference's row log-probabilities (the
+        reference pass runs here, on every rank of the pipeline); None on the other ranks."""
+        device = self.layout.device
+        input_ids = batch["input_ids"].to(device, non_blocking=True) if batch else None
+        labels = batch["labels"].to(device, non_blocking=True) if batch else None
+        reference = None
+        if self.reference is not None:
+            pipeline, loss_fn = policy, self.loss_fn
+            off = modules.adapters_off(self.stages) if self.reference == "adapters" else contextlib.nullcontext()
+            if self.reference == "copy":
+                pipeline, loss_fn = self.reference_pipeline, self.reference_loss
+            rows: list[torch.Tensor] = []
+            loss_fn.recording = rows
+            try:
+                with off:
+                    pipeline.run(input_ids, _target(labels, None), train=False, **stage_kwargs)
+            finally:
+                loss_fn.recording = None
+            reference = torch.cat(rows) if rows else None
+        return _target(labels, reference)
+
+    def log_values(self, stream) -> dict[str, float]:
+        """TRL's statistics, averaged over the pairs since the last call and every replica (last-stage ranks), and
+        the pairs cut to --seq-length so far (`stream`: this rank's tasks.PreferenceStream, or None)."""
+        sums = self.loss_fn.take_stats()
+        if not self.holds_last or sums is None:
+            return {}
+        if self.layout.dp_size > 1:
+            dist.all_reduce(sums, group=self.layout.dp_group)
+        values = stat_means(sums, orpo=self.job.objective.kind == "orpo")
+        if stream is not None:
+            values["truncated_pairs"] = stream.truncated_pairs
+        return values
+
+    def evaluate(self, batches, run_batch: Callable[[dict], torch.Tensor | None]) -> dict[str, float] | None:
+        """The held-out pairs: loss and TRL's statistics under `valid.` names, on the logging rank."""
+        saved = self.loss_fn.take_stats()  # training's statistics since the last log wait outside
+        factor, nll_factor = self.loss_fn.factor, self.loss_fn.nll_factor
+        self.loss_fn.factor, self.loss_fn.nll_factor = 1.0, 0.0
+        pair_losses = torch.zeros((), device=self.layout.device, dtype=torch.float64)
+        try:
+            for batch in batches:
+                loss = run_batch(batch)
+                if loss is not None:
+                    pair_losses += loss.double()
+            sums = self.loss_fn.take_stats()
+        finally:
+            self.loss_fn.factor, self.loss_fn.nll_factor = factor, nll_factor
+            self.loss_fn.stats = saved
+        if not self.holds_last:
+            return None
+        if sums is None:
+            sums = torch.zeros(STATS_SIZE, device=self.layout.device, dtype=torch.float64)
+        sums = torch.cat([sums, pair_losses[None]])
+        if self.layout.dp_size > 1:
+            dist.all_reduce(sums, group=self.layout.dp_group)
+        if not self.layout.is_logger or sums[0] == 0:
+            return None
+        means = stat_means(sums[:-1], orpo=self.job.objective.kind == "orpo")
+        loss = sums[-1].item() / sums[0].item() + means.get("nll_loss", 0.0)
+        return {"valid.loss": loss, **{f"valid.{k}": v for k, v in means.items()}}
+
+
+def _target(labels: torch.Tensor | None, reference: torch.Tensor | None) -> torch.Tensor | None:
+    return None if labels is None else with_reference(labels, reference)

@@ -1,0 +1,167 @@
+"""Preference objectives on chosen / rejected pairs: DPO, SimPO and ORPO, as their papers define them and TRL 1.x
+computes them, normalised so that any layout trains like one process.
+
+A batch holds pairs in adjacent rows (2i chosen, 2i+1 rejected; tasks.PreferenceStream); a sequence's log-probability
+is the sum of its label tokens' log-probabilities (the completion, EOS included). The last stage's loss function
+receives the labels with one more column: the reference model's log-probability of the row, its float64 bits stored
+in the int64 target (`with_reference`), because a pipeline schedule hands its loss function one target tensor, split
+by micro-batch like the inputs.
+
+The loss of a step is the mean over all its pairs (every micro-batch, accumulation step and replica): each pair's
+loss is multiplied by `factor` = loss scale / pairs of the step. ORPO's SFT term is the mean over the step's chosen
+completion tokens (`nll_factor` = loss scale / those tokens), as TRL's cross-entropy over one batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from config import ObjectiveConfig
+
+# The statistics summed over a step's pairs, logged as their means under TRL's names.
+STAT_NAMES = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+STATS_SIZE = 1 + len(STAT_NAMES) + 2  # pairs, the statistics, ORPO's NLL sum and chosen tokens
+
+
+def with_reference(labels: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+    """The loss target: `labels` [R, S] and the reference log-probabilities [R] (zeros if none) as one int64 tensor
+    [R, S + 1] whose last column holds the float64 bits of each row's reference."""
+    if reference is None:
+        reference = torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device)
+    bits = reference.to(labels.device, torch.float64).contiguous().view(torch.int64)
+    return torch.cat([labels, bits[:, None]], 1)
+
+
+def split_target(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels [R, S], reference log-probabilities [R] float64) of a `with_reference` target."""
+    return target[:, :-1], target[:, -1].contiguous().view(torch.float64)
+
+
+def _token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each label token [R, S] (0 where the label is -100), in fp32 (or the logits' wider type)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    return -nll.view(labels.shape)
+
+
+def dpo_losses(chosen, rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0):
+    """Per-pair DPO loss (sigmoid, with conservative-DPO label smoothing) and the implicit rewards."""
+    logits = (chosen - rejected) - (ref_chosen - ref_rejected)
+    losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    return losses, beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
+
+
+def simpo_losses(chosen_mean, rejected_mean, beta: float, gamma: float):
+    """Per-pair SimPO loss on length-normalised log-probabilities, margin gamma; no reference."""
+    losses = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - gamma)
+    return losses, beta * chosen_mean.detach(), beta * rejected_mean.detach()
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (near 0 through expm1, far below through log1p)."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_losses(chosen_mean, rejected_mean, lam: float):
+    """Per-pair ORPO odds-ratio term (to be added to the chosen SFT loss) on length-normalised log-probabilities."""
+    log_odds = (chosen_mean - rejected_mean) - (_log1mexp(chosen_mean) - _log1mexp(rejected_mean))
+    losses = -lam * F.logsigmoid(log_odds)
+    return losses, lam * chosen_mean.detach(), lam * rejected_mean.detach()
+
+
+class PreferenceLoss:
+    """The loss function of the last stage under --objective dpo / simpo / orpo: `loss_fn(logits, target)`.
+
+    `recording` (a list) turns it into the reference pass: each micro-batch's row log-probabilities are appended and
+    no loss is formed. `stats` sums the logged statistics of the pairs seen since `take_stats`.
+    """
+
+    def __init__(self, objective: ObjectiveConfig, recompute: bool = False, compiled: bool = False):
+        self.objective = objective
+        self.factor = 1.0  # loss scale / pairs of the optimizer step
+        self.nll_factor = 0.0  # ORPO: loss scale / chosen completion tokens of the optimizer step
+        self.recording: list[torch.Tensor] | None = None
+        self.stats: torch.Tensor | None = None  # [pairs, *STAT_NAMES sums, nll sum, chosen tokens]
+        self.token_logps = torch.compile(_token_logps) if compiled else _token_logps
+        self.recompute = recompute and not compiled
+
+    def _rows(self, logits, labels):
+        if self.recompute and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.token_logps, logits, labels, use_reentrant=False)
+        return self.token_logps(logits, labels)
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labels, reference = split_target(target)
+        token_logps = self._rows(logits, labels)
+        logps, counts = token_logps.sum(1), (labels != -100).sum(1)
+        if self.recording is not None:
+            self.recording.append(logps.detach().double())
+            return logps.sum().detach() * 0
+        real = counts[0::2] > 0  # padding pairs (evaluation's last batch) have no label
+        chosen, rejected = logps[0::2], logps[1::2]
+        kind = self.objective.kind
+        nll = torch.zeros((), device=logits.device)
+        if kind == "dpo":
+            losses, reward_c, reward_r = dpo_losses(
+                chosen,
+                rejected,
+                reference[0::2].to(chosen.dtype),
+                reference[1::2].to(chosen.dtype),
+                self.objective.dpo_beta,
+                self.objective.dpo_label_smoothing,
+            )
+        else:
+            chosen = chosen / counts[0::2].clamp(min=1)
+            rejected = rejected / counts[1::2].clamp(min=1)
+            if kind == "simpo":
+                losses, reward_c, reward_r = simpo_losses(
+                    chosen, rejected, self.objective.simpo_beta, self.objective.simpo_gamma
+                )
+            else:
+                losses, reward_c, reward_r = orpo_losses(chosen, rejected, self.objective.orpo_lambda)
+                nll = -token_logps[0::2].sum()
+        losses = torch.where(real, losses, 0.0)
+        self._count(real, reward_c, reward_r, chosen, rejected, nll, counts[0::2].sum())
+        return losses.sum() * self.factor + nll * self.nll_factor
+
+    def _count(self, real, reward_c, reward_r, chosen, rejected, nll, chosen_tokens):
+        rows = torch.stack(
+            [
+                torch.ones_like(reward_c),
+                reward_c,
+                reward_r,
+                (reward_c > reward_r).to(reward_c.dtype),
+                reward_c - reward_r,
+                chosen.detach(),
+                rejected.detach(),
+            ]
+        )
+        extra = torch.stack([nll.detach().double(), chosen_tokens.double()])
+        sums = torch.cat([torch.where(real, rows, 0.0).sum(1).double(), extra])
+        self.stats = sums if self.stats is None else self.stats + sums
+
+    def take_stats(self) -> torch.Tensor | None:
+        """The sums since the last call ([pairs, *STAT_NAMES, nll, chosen tokens]), on the device; None if no pair
+        was seen."""
+        stats, self.stats = self.stats, None
+        return stats
+
+
+def stat_means(sums: torch.Tensor, orpo: bool = False) -> dict[str, float]:
+    """TRL's metric names and their means over the pairs of `sums` (all replicas' sums, from take_stats); with
+    `orpo` also its SFT term, `nll_loss`, per chosen token."""
+    values = sums.tolist()
+    pairs = max(values[0], 1.0)
+    out = {name: value / pairs for name, value in zip(STAT_NAMES, values[1:])}
+    if orpo:
+        out["nll_loss"] = values[-2] / max(values[-1], 1.0)
+    return out

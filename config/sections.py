@@ -20,7 +20,7 @@ DATA_FORMATS = ("auto", "text", "messages", "sharegpt", "alpaca")
 LOG_BACKENDS = ("print", "loguru", "wandb", "tensorboard")
 OBJECTIVES = ("sft", "dpo", "simpo", "orpo")
 PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo")  # trained on prompt/chosen/rejected pairs
-REFERENCES = ("auto", "adapters", "copy")
+REFERENCES = ("auto", "adapters", "stored", "copy")
 
 
 def parse_backends(value: str) -> list[str]:
@@ -301,8 +301,9 @@ class ObjectiveConfig:
     dpo_reference: str = setting(
         "--dpo-reference",
         "auto",
-        "DPO's reference model: adapters (the base with the LoRA adapters off: no memory), copy (a frozen copy of "
-        "the starting weights), auto (adapters under --lora-r, else copy)",
+        "DPO's reference model: adapters (the base with the LoRA adapters off: no memory), stored (log-probabilities "
+        "of the starting weights, computed before step 1 and kept beside the checkpoints), copy (a frozen copy of "
+        "the starting weights), auto (adapters under --lora-r, else stored)",
         group="objective",
         choices=REFERENCES,
     )

@@ -73,6 +73,12 @@ FLAG_ERRORS = [
     ({"lora-r": 4, "lora-dropout": 1.5}, ["--lora-dropout must be in [0, 1)"]),
     ({"lora-r": 4, "lora-alpha": 0}, ["--lora-alpha must be > 0"]),
     ({"lora-r": 4, "lora-init": "/nonexistent"}, ["--lora-init /nonexistent", "adapter_config.json"]),
+    ({"dpo-beta": 0.2}, ["--dpo-beta is a setting of --objective dpo", "not of --objective sft"]),
+    ({"objective": "simpo", "orpo-lambda": 0.5}, ["--orpo-lambda is a setting of --objective orpo"]),
+    ({"objective": "dpo", "dpo-label-smoothing": 0.5}, ["--dpo-label-smoothing 0.5", "below 0.5"]),
+    ({"objective": "dpo", "dpo-reference": "adapters"}, ["--dpo-reference adapters needs LoRA", "--lora-r"]),
+    ({"objective": "orpo", "train-on-inputs": True}, ["--train-on-inputs does not apply to --objective orpo"]),
+    ({"objective": "kto"}, ["--objective", "kto"]),
     # --fp8 on this CPU machine: the GPU refusal comes first, whether or not torchao is installed.
     (
         {"fp8": "tensorwise", "bf16": True},

@@ -1,6 +1,7 @@
 """Preference tuning trains exactly like a plain transformers (+ peft) + AdamW loop computing the objective from the
-paper's formula, in every kind of layout: DPO with a frozen copy as reference (full fine-tuning) and with the
-adapters off (LoRA), SimPO and ORPO; and a stopped run resumes bit-exactly.
+paper's formula, in every kind of layout: DPO with the reference's log-probabilities stored before step 1 and with a
+frozen copy (full fine-tuning), and with the adapters off (LoRA), SimPO and ORPO; and a run killed mid-way resumes
+bit-exactly without computing the stored reference again.
 
 Reference: the transformers model, the same global batches of pairs (tasks.PreferenceStream at dp=1), per-row
 log-probabilities of the completion tokens, the step's loss the mean over its pairs (ORPO: plus the chosen tokens'
@@ -151,12 +152,16 @@ def assert_trained_like(ckpt, expected, lora):
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
-# (objective, LoRA, [(pp, dp, pp-mode)]): every objective in several layouts, the four launched at once
+# (objective, LoRA, [(pp, dp, pp-mode, --dpo-reference)]): every objective in several layouts, launched at once
 CASES = [
-    ("dpo", False, [(1, 1, "gpipe"), (2, 1, "1f1b"), (4, 1, "gpipe"), (2, 2, "1f1b")]),
-    ("dpo", True, [(1, 1, "gpipe"), (2, 1, "gpipe"), (4, 1, "1f1b"), (2, 2, "gpipe")]),
-    ("simpo", False, [(1, 1, "gpipe"), (2, 1, "1f1b"), (2, 2, "gpipe")]),
-    ("orpo", True, [(1, 1, "gpipe"), (2, 1, "interleaved-1f1b"), (2, 2, "1f1b")]),
+    (
+        "dpo",
+        False,
+        [(1, 1, "gpipe", "auto"), (2, 1, "1f1b", "copy"), (4, 1, "gpipe", "stored"), (2, 2, "1f1b", "auto")],
+    ),
+    ("dpo", True, [(1, 1, "gpipe", "auto"), (2, 1, "gpipe", "auto"), (4, 1, "1f1b", "auto"), (2, 2, "gpipe", "auto")]),
+    ("simpo", False, [(1, 1, "gpipe", "auto"), (2, 1, "1f1b", "auto"), (2, 2, "gpipe", "auto")]),
+    ("orpo", True, [(1, 1, "gpipe", "auto"), (2, 1, "interleaved-1f1b", "auto"), (2, 2, "1f1b", "auto")]),
 ]
 
 
@@ -165,9 +170,11 @@ def test_objective_trains_like_the_formula_in_every_layout(setup, kind, lora, la
     root, model_dir, data = setup
     expected = reference_run(model_dir, data, kind, lora)
     runs = {}
-    for pp, dp, mode in layouts:
-        ckpt = tmp_path / f"pp{pp}-dp{dp}-{mode}"
+    for pp, dp, mode, reference in layouts:
+        ckpt = tmp_path / f"pp{pp}-dp{dp}-{mode}-{reference}"
         extra = {"dp-mode": "sharded"} if (dp > 1 and not lora) else {}
+        if reference != "auto":
+            extra["dpo-reference"] = reference
         flags = flags_of(model_dir, data, ckpt, kind, pp, dp, mode, lora, **extra)
         runs[(pp, dp, mode)] = (ckpt, run_ranks(pp * dp, flags))
     for layout, (ckpt, procs) in runs.items():
@@ -179,23 +186,35 @@ def test_objective_trains_like_the_formula_in_every_layout(setup, kind, lora, la
     assert len(steps) == STEPS and all("rewards/accuracies" in m and "truncated_pairs" in m for m in steps)
 
 
-def test_dpo_resumes_bit_exactly(setup, tmp_path):
-    """A pp2 DPO run (the copy reference) killed inside its final save resumes from step 2 and ends bit-identical
-    to the run that never stopped: weights, optimizer state and every logged loss."""
-    _, model_dir, data = setup
+def test_dpo_resumes_bit_exactly_without_computing_its_stored_reference_again(setup, tmp_path):
+    """A pp2 DPO run (full fine-tuning: the reference's log-probabilities stored before step 1, held-out pairs too)
+    killed inside its final save resumes from step 2, reads the stored reference instead of computing it, and ends
+    bit-identical to the run that never stopped: weights, optimizer state, every logged loss and validation."""
+    root, model_dir, data = setup
+    held_out = make_pairs(root / "held_out.jsonl", n=6, seed=1)
     whole, part = tmp_path / "whole", tmp_path / "part"
-    steps = {"total-steps": 4, "checkpoint-steps": 2}
+    steps = {"total-steps": 4, "checkpoint-steps": 2, "evaluation-data": held_out, "evaluation-steps": 2}
     result = run_job(2, flags_of(model_dir, data, whole, "dpo", pp=2, **steps))
     assert result.returncode == 0, result.stderr[-2000:]
     crashed = run_job(2, flags_of(model_dir, data, part, "dpo", pp=2, **steps), env={"CKPT_FAULT_AFTER_FILES": "3:4:0"})
     assert crashed.returncode != 0 and open(part / "latest").read().strip() == "2"
+    assert "DPO reference: log-probabilities of 6 batches computed" in crashed.stdout, crashed.stdout[-2000:]
     resumed = run_job(2, flags_of(model_dir, data, part, "dpo", pp=2, **steps, **{"load-checkpoint": "true"}))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "log-probabilities read from" in resumed.stdout and "computed" not in resumed.stdout, resumed.stdout[-2000:]
     suffix = ("_model.safetensors", "_optimizer.safetensors")
     want, got = read_checkpoint_weights(str(whole), suffix=suffix), read_checkpoint_weights(str(part), suffix=suffix)
     assert set(got) == set(want)
     for name in want:
         assert torch.equal(got[name], want[name]), name
-    losses = {m["step"]: m["loss"] for m in map(json.loads, open(whole / "metrics.jsonl")) if "loss" in m}
-    again = {m["step"]: m["loss"] for m in map(json.loads, open(part / "metrics.jsonl")) if "loss" in m}
-    assert losses == again and sorted(losses) == [1, 2, 3, 4]
+
+    def logged(folder):
+        return {(m["step"], k): v for m in map(json.loads, open(folder / "metrics.jsonl")) for k, v in m.items()}
+
+    keys = [k for k in logged(whole) if k[1] in ("loss", "valid.loss", "valid.rewards/margins")]
+    assert len(keys) == 8 and {k: logged(part)[k] for k in keys} == {k: logged(whole)[k] for k in keys}
+
+    # another --total-steps on resume: the stored rows no longer fit, and the starting weights are gone
+    other = flags_of(model_dir, data, part, "dpo", pp=2, **{**steps, "total-steps": 6, "load-checkpoint": "true"})
+    refused = run_job(2, other)
+    assert refused.returncode != 0 and "--dpo-reference stored" in refused.stderr, refused.stderr[-2000:]

@@ -161,12 +161,11 @@ class Trainer:
             late=tied_ends,
         )
         recompute, compiled = job.model.activation_checkpointing != "none", job.model.compile
-        self.pairs = None
-        if job.objective.preference:  # its loss function, and DPO's reference model
-            self.pairs = PairTraining(job, self.cfg, lay, self.plan, self.stages, recompute, compiled)
+        self.loss_fn, self.pairs = TokenMeanLoss(recompute, compiled), None
+        if job.objective.preference:  # its own loss function, and DPO's reference model
+            run = (self.stream, self.tokenizer, self.steps_total, self.log.info)
+            self.pairs = PairTraining(job, self.cfg, lay, self.plan, self.stages, recompute, compiled, *run)
             self.loss_fn = self.pairs.loss_fn
-        else:
-            self.loss_fn = TokenMeanLoss(recompute, compiled)
         self.pipeline = Pipeline(self.stages, self.plan, lay, job.pipeline, self.loss_fn)
 
     def _setup_resume(self):
@@ -266,7 +265,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=lay.device)
         scale = self.optimizer.loss_scale  # the step below may change it (fp16)
         if self.pairs:
-            self.pairs.start_step(batches, scale)
+            self.pairs.start_step(batches, scale, self.step, self.pipeline)
         elif self.plan.holds_last:
             self.loss_fn.start_step(batches, scale, self.job.data, lay)
         for batch in batches:

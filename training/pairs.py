@@ -1,33 +1,38 @@
 """Preference tuning in the trainer (--objective dpo / simpo / orpo): the loss function of the last stage, the
-reference model's pass before each batch, the step's normalisation and the logged statistics.
+reference model's log-probabilities of each batch, the step's normalisation and the logged statistics.
 
-DPO's reference is the policy's own stages with the LoRA adapters off (`adapters`: no memory), or a frozen copy of
-the starting weights with a pipeline of its own (`copy`). Either runs forward only, once per batch, before the
-policy's forward and backward, and its row log-probabilities reach the policy's loss inside the target
-(training/preference.py). SimPO and ORPO need no reference.
+DPO's reference is the policy's own stages with the LoRA adapters off (`adapters`: no memory), the log-probabilities
+of the starting weights computed before the first step and stored beside the checkpoints (`stored`,
+training/reference_store.py), or a frozen copy of the starting weights with a pipeline of its own (`copy`).
+`adapters` and `copy` run forward only, once per batch, before the policy's forward and backward. The rows reach the
+policy's loss inside the target (training/preference.py). SimPO and ORPO need no reference.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 import modules
+import tasks
 from comm import Layout
 from config import JobConfig
 from pipeline_parallel import Pipeline, StagePlan
+from training.evaluation import pair_batches
 from training.preference import STATS_SIZE, PreferenceLoss, stat_means, with_reference
+from training.reference_store import StoredReference
 
 
 def reference_kind(job: JobConfig) -> str | None:
-    """ "adapters", "copy" or None (no reference: SimPO, ORPO)."""
+    """ "adapters", "stored", "copy" or None (no reference: SimPO, ORPO)."""
     if job.objective.kind != "dpo":
         return None
     if job.objective.dpo_reference == "auto":
-        return "adapters" if job.lora.enabled else "copy"
+        return "adapters" if job.lora.enabled else "stored"
     return job.objective.dpo_reference
 
 
@@ -45,11 +50,20 @@ class PairTraining:
         stages: list[modules.Stage],
         recompute: bool,
         compiled: bool,
+        stream,
+        tokenizer,
+        steps_total: int,
+        log: Callable[[str], None],
     ):
+        """`stream`: this rank's tasks.PreferenceStream (None on ranks that read no data)."""
         self.job, self.layout, self.stages, self.holds_last = job, layout, stages, plan.holds_last
+        self.stream, self.tokenizer, self.log = stream, tokenizer, log
         self.loss_fn = PreferenceLoss(job.objective, recompute, compiled)
         self.reference = reference_kind(job)
         self.reference_pipeline = self.reference_loss = None
+        self.stored = StoredReference(job, layout, steps_total, plan.holds_last) if self.reference == "stored" else None
+        self.stored_ready = False
+        self.evaluating = False
         if self.reference == "copy":  # the starting weights again, frozen, with a pipeline of their own
             frozen = modules.build_rank_stages(cfg, job.model, plan, layout.device)
             for param in (p for stage in frozen for p in stage.parameters()):
@@ -57,12 +71,17 @@ class PairTraining:
             self.reference_loss = PreferenceLoss(job.objective, compiled=compiled)
             self.reference_pipeline = Pipeline(frozen, plan, layout, job.pipeline, self.reference_loss)
 
-    def start_step(self, batches: list[dict], scale: float) -> None:
-        """The step's normalisation on the last stage: loss scale / pairs of the step (every replica's), and for
-        ORPO's SFT term loss scale / chosen completion tokens of the step."""
+    def start_step(self, batches: list[dict], scale: float, step: int, policy: Pipeline) -> None:
+        """Before optimizer step `step` + 1 (on every rank): the stored reference ready, and on the last stage the
+        step's normalisation: loss scale / pairs of the step (every replica's), and for ORPO's SFT term loss scale /
+        chosen completion tokens of the step."""
+        data, lay = self.job.data, self.layout
+        if self.stored is not None:
+            if not self.stored_ready:
+                self._prepare_stored(step, policy, batches)
+            self.stored.cursor["train"] = step * data.accumulation
         if not self.holds_last:
             return
-        data, lay = self.job.data, self.layout
         self.loss_fn.factor = scale / (data.batch_size * data.accumulation * lay.dp_size)
         if self.job.objective.kind == "orpo":
             tokens = sum((b["labels"][0::2] != -100).sum() for b in batches).to(lay.device, torch.float32)
@@ -73,28 +92,66 @@ class PairTraining:
     def target(self, batch: dict | None, policy: Pipeline, stage_kwargs: dict) -> torch.Tensor | None:
         """The last stage's loss target of `batch`: its labels and the reference's row log-probabilities (the
         reference pass runs here, on every rank of the pipeline); None on the other ranks."""
+        self._commit()  # the previous batch's statistics
         device = self.layout.device
         input_ids = batch["input_ids"].to(device, non_blocking=True) if batch else None
         labels = batch["labels"].to(device, non_blocking=True) if batch else None
-        reference = None
-        if self.reference is not None:
-            pipeline, loss_fn = policy, self.loss_fn
-            off = modules.adapters_off(self.stages) if self.reference == "adapters" else contextlib.nullcontext()
-            if self.reference == "copy":
-                pipeline, loss_fn = self.reference_pipeline, self.reference_loss
-            rows: list[torch.Tensor] = []
-            loss_fn.recording = rows
-            try:
-                with off:
-                    pipeline.run(input_ids, _target(labels, None), train=False, **stage_kwargs)
-            finally:
-                loss_fn.recording = None
-            reference = torch.cat(rows) if rows else None
+        if self.reference == "stored":
+            reference = self.stored.next_rows("eval" if self.evaluating else "train")
+        elif self.reference is not None:
+            reference = self._reference_pass(input_ids, labels, policy, stage_kwargs)
+        else:
+            reference = None
         return _target(labels, reference)
+
+    def _reference_pass(self, input_ids, labels, policy: Pipeline, stage_kwargs: dict) -> torch.Tensor | None:
+        """The reference's row log-probabilities of one batch (forward only; on the last stage, else None): the
+        policy's pipeline with the adapters off, the frozen copy's, or (stored, before step 1) the policy's own."""
+        pipeline, loss_fn = policy, self.loss_fn
+        off = modules.adapters_off(self.stages) if self.reference == "adapters" else contextlib.nullcontext()
+        if self.reference == "copy":
+            pipeline, loss_fn = self.reference_pipeline, self.reference_loss
+        rows: list[torch.Tensor] = []
+        loss_fn.recording = rows
+        try:
+            with off:
+                pipeline.run(input_ids, _target(labels, None), train=False, **stage_kwargs)
+        finally:
+            loss_fn.recording = None
+        return torch.cat(rows) if rows else None
+
+    def _prepare_stored(self, step: int, policy: Pipeline, batches: list) -> None:
+        """Read the stored rows, or (a run at step 0) compute them from the weights as they are now: this step's
+        `batches` and those of every step to come, from a copy of the data stream, and the held-out batches."""
+        self.stored_ready = True
+        if self.stored.load(resuming=step > 0):
+            self.log(f"DPO reference: log-probabilities read from {self.stored.folder}")
+            return
+        job, lay = self.job, self.layout
+        count = (self.stored.identity["steps"] - step - 1) * job.data.accumulation
+        stream = None
+        if self.stream is not None:  # continues after this step's batches, which the trainer already took
+            stream = tasks.PreferenceStream(job.data, self.tokenizer, lay.dp_rank, lay.dp_size, show_data=False)
+            stream.load_state_dict(self.stream.state_dict())
+        train = itertools.chain(batches, (next(stream) if stream else None for _ in range(count)))
+        held_out = pair_batches(job.data, self.tokenizer, lay) if job.data.evaluation_every else []
+
+        def run(batch: dict | None) -> torch.Tensor | None:
+            device = lay.device
+            input_ids = batch["input_ids"].to(device) if batch else None
+            labels = batch["labels"].to(device) if batch else None
+            return self._reference_pass(input_ids, labels, policy, {})
+
+        try:
+            self.stored.compute(train, held_out, run, self.log)
+        finally:
+            if stream is not None:
+                stream.close()
 
     def log_values(self, stream) -> dict[str, float]:
         """TRL's statistics, averaged over the pairs since the last call and every replica (last-stage ranks), and
         the pairs cut to --seq-length so far (`stream`: this rank's tasks.PreferenceStream, or None)."""
+        self._commit()
         sums = self.loss_fn.take_stats()
         if not self.holds_last or sums is None:
             return {}
@@ -107,19 +164,25 @@ class PairTraining:
 
     def evaluate(self, batches, run_batch: Callable[[dict], torch.Tensor | None]) -> dict[str, float] | None:
         """The held-out pairs: loss and TRL's statistics under `valid.` names, on the logging rank."""
+        self._commit()
         saved = self.loss_fn.take_stats()  # training's statistics since the last log wait outside
         factor, nll_factor = self.loss_fn.factor, self.loss_fn.nll_factor
         self.loss_fn.factor, self.loss_fn.nll_factor = 1.0, 0.0
+        self.evaluating = True
+        if self.stored is not None:
+            self.stored.cursor["eval"] = 0
         pair_losses = torch.zeros((), device=self.layout.device, dtype=torch.float64)
         try:
             for batch in batches:
                 loss = run_batch(batch)
                 if loss is not None:
                     pair_losses += loss.double()
+            self._commit()
             sums = self.loss_fn.take_stats()
         finally:
             self.loss_fn.factor, self.loss_fn.nll_factor = factor, nll_factor
             self.loss_fn.stats = saved
+            self.evaluating = False
         if not self.holds_last:
             return None
         if sums is None:
@@ -132,6 +195,10 @@ class PairTraining:
         means = stat_means(sums[:-1], orpo=self.job.objective.kind == "orpo")
         loss = sums[-1].item() / sums[0].item() + means.get("nll_loss", 0.0)
         return {"valid.loss": loss, **{f"valid.{k}": v for k, v in means.items()}}
+
+    def _commit(self) -> None:
+        """The statistics of the batch that ran last: one loss call per micro-batch (see PreferenceLoss)."""
+        self.loss_fn.commit(self.job.pipeline.micro_batches)
 
 
 def _target(labels: torch.Tensor | None, reference: torch.Tensor | None) -> torch.Tensor | None:

@@ -82,7 +82,9 @@ class PreferenceLoss:
     """The loss function of the last stage under --objective dpo / simpo / orpo: `loss_fn(logits, target)`.
 
     `recording` (a list) turns it into the reference pass: each micro-batch's row log-probabilities are appended and
-    no loss is formed. `stats` sums the logged statistics of the pairs seen since `take_stats`.
+    no loss is formed. `stats` sums the logged statistics of the pairs seen since `take_stats`: each call's sums wait
+    in `pending` until `commit(n)` keeps the last n, because a pipeline schedule's first training step also calls the
+    loss function once on placeholder outputs (torch.distributed.pipelining infers the backward's shapes so).
     """
 
     def __init__(self, objective: ObjectiveConfig, recompute: bool = False, compiled: bool = False):
@@ -91,6 +93,7 @@ class PreferenceLoss:
         self.nll_factor = 0.0  # ORPO: loss scale / chosen completion tokens of the optimizer step
         self.recording: list[torch.Tensor] | None = None
         self.stats: torch.Tensor | None = None  # [pairs, *STAT_NAMES sums, nll sum, chosen tokens]
+        self.pending: list[torch.Tensor] = []
         self.token_logps = torch.compile(_token_logps) if compiled else _token_logps
         self.recompute = recompute and not compiled
 
@@ -146,8 +149,13 @@ class PreferenceLoss:
             ]
         )
         extra = torch.stack([nll.detach().double(), chosen_tokens.double()])
-        sums = torch.cat([torch.where(real, rows, 0.0).sum(1).double(), extra])
-        self.stats = sums if self.stats is None else self.stats + sums
+        self.pending.append(torch.cat([torch.where(real, rows, 0.0).sum(1).double(), extra]))
+
+    def commit(self, calls: int) -> None:
+        """Count the statistics of the last `calls` calls (a batch's micro-batches) and forget the others."""
+        for sums in self.pending[len(self.pending) - calls :] if calls else []:
+            self.stats = sums if self.stats is None else self.stats + sums
+        self.pending = []
 
     def take_stats(self) -> torch.Tensor | None:
         """The sums since the last call ([pairs, *STAT_NAMES, nll, chosen tokens]), on the device; None if no pair

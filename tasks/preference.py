@@ -20,8 +20,6 @@ errors are the same on all of them, and the state is identical).
 from __future__ import annotations
 
 import os
-import queue
-import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,12 +28,13 @@ import numpy as np
 import torch
 
 from . import sources
+from .loader import LoaderStream
 from .packing import IGNORE
 from .reader import Mixture, file_signature
 from .render import Renderer, decode, messages_of
 from .spec import TaskError, parse_task_spec
-from .stream import LOADER_ERROR, check_positive, copy_json, format_sample, run_loader, show_every_from_env
 from .stream import STATE_FORMAT as PACKED_STATE_FORMAT
+from .stream import check_positive, copy_json, format_sample, show_every_from_env
 from .tokenize import Encoder
 
 if TYPE_CHECKING:
@@ -239,13 +238,15 @@ class _Position:
     epochs: list[int]
 
 
-class PreferenceStream:
+class PreferenceStream(LoaderStream):
     """Infinite iterator of batches of pairs: dicts of int64 tensors [2 * batch_size, seq_length] with input_ids,
     labels (already shifted, -100 = no loss), position_ids and doc_ids; rows 2i / 2i+1 are pair i's chosen / rejected.
 
     With data.workers >= 1 one background thread reads, renders and tokenises (the tokenizer's batch encoding uses the
     cores itself) into a queue of `prefetch` batches; with 0 it all runs in next().
     """
+
+    thread_name = "tasks-pairs"
 
     def __init__(
         self,
@@ -283,65 +284,9 @@ class PreferenceStream:
         self.show_every = show_every_from_env() if show_every is None else show_every
         check_positive("show_every", self.show_every)
         self._resume: dict | None = None  # JSON state to start from
-        self._consumed: _Position | dict | None = None  # position after the last batch handed out
-        self._served = 0
-        self._gen = None
-        self._thread: threading.Thread | None = None
-        self._queue: queue.Queue | None = None
-        self._stop: threading.Event | None = None
-        self._error: BaseException | None = None
-        self._closed = False
+        self._init_loader()  # self._consumed: the _Position (or JSON state) after the last batch handed out
 
-    # -- iteration --
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self._error is not None:
-            raise self._error
-        if self._closed:
-            raise StopIteration
-        try:
-            if self.num_workers == 0:
-                if self._gen is None:
-                    self._gen = self._pipe.batches(self._resume, None)
-                batch, position = next(self._gen)
-            else:
-                batch, position = self._take()
-        except Exception as e:  # the stream is dead: raise the same error from every later next()
-            self._error = e
-            self._shutdown()
-            raise
-        self._consumed = position
-        if self.show_data and self._served % self.show_every == 0:
-            self._show(batch)
-        self._served += 1
-        return batch
-
-    def _take(self):
-        if self._thread is None:
-            self._queue = queue.Queue(maxsize=self.prefetch)
-            self._stop = threading.Event()
-            # the thread holds the pipeline, not self, so an unclosed stream can still be collected
-            self._thread = threading.Thread(
-                target=run_loader,
-                args=(self._pipe, self._resume, self._queue, self._stop),
-                name="tasks-pairs",
-                daemon=True,
-            )
-            self._thread.start()
-        while True:
-            try:
-                item = self._queue.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    raise RuntimeError("tasks: the preference loader thread died without reporting an error") from None
-        if item[0] is LOADER_ERROR:
-            raise item[1]
-        return item
-
-    def _show(self, batch: dict[str, torch.Tensor]) -> None:
+    def _show(self, batch: dict[str, torch.Tensor]) -> str:
         parts = []
         for row, name in ((0, "chosen"), (1, "rejected")):
             labels = batch["labels"][row]
@@ -349,43 +294,11 @@ class PreferenceStream:
             end = int(trained[-1]) + 1 if len(trained) else self.seq_length  # drop the padding
             sample = {"input_ids": batch["input_ids"][row : row + 1, :end], "labels": labels[None, :end]}
             parts.append(f"[tasks] {name} ({len(trained)} labels):\n{format_sample(sample, self.tokenizer)}")
-        print(
+        return (
             f"[tasks] SHOW_DATA batch {self._served} pair 0 (loss on [[...]] spans)\n"
             + "\n".join(parts)
-            + "\n[tasks] end of sample",
-            file=sys.stderr,
-            flush=True,
+            + "\n[tasks] end of sample"
         )
-
-    def _shutdown(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            try:
-                while True:
-                    self._queue.get_nowait()
-            except queue.Empty:
-                pass
-            self._thread.join(timeout=10)
-            self._thread = None
-        if self._gen is not None:
-            self._gen.close()
-            self._gen = None
-
-    def close(self) -> None:
-        self._shutdown()
-        self._closed = True
-
-    def __enter__(self) -> PreferenceStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self._shutdown()
-        except Exception:
-            pass
 
     # -- counts and state --
     @property

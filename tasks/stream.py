@@ -11,14 +11,13 @@ out, so state_dict() describes exactly what training consumed, never what was pr
 from __future__ import annotations
 
 import os
-import queue
-import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from .packing import ChunkMeta, Packer, StateRef
+from .loader import LoaderStream
+from .packing import ChunkMeta, Packer
 from .reader import Mixture, file_signature, record_size
 from .render import RecordFormat, Renderer, check_columns
 from .spec import TaskError, parse_task_spec
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
     from config import DataConfig
 
 STATE_FORMAT = "tasks.PackedStream/1"
-LOADER_ERROR = object()
 
 
 def check_positive(name, value, minimum=1):
@@ -88,7 +86,7 @@ def format_sample(batch, tokenizer, row: int = 0) -> str:
     return "".join(parts)
 
 
-class PackedStream:
+class PackedStream(LoaderStream):
     """Infinite iterator of batches: dicts of int64 tensors [batch_size, seq_length] with input_ids, labels
     (already shifted, -100 = no loss), position_ids (restart per document) and doc_ids."""
 
@@ -142,104 +140,14 @@ class PackedStream:
         check_positive("show_every", show_every)
         self.show_every = show_every
         self._resume: dict | None = None  # JSON state to start from
-        self._consumed: StateRef | dict | None = None  # position after the last batch handed out
-        self._served = 0
-        self._gen = None
-        self._thread = None
-        self._queue = None
-        self._stop = None
-        self._error: BaseException | None = None
-        self._closed = False
+        self._init_loader()  # self._consumed: the StateRef (or JSON state) after the last batch handed out
 
-    # ------------------------------------------------------------------ iteration
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self._error is not None:
-            raise self._error
-        if self._closed:
-            raise StopIteration
-        try:
-            if self.num_workers == 0:
-                if self._gen is None:
-                    self._gen = self._pipe.batches(self._resume, None)
-                batch, ref = next(self._gen)
-            else:
-                if self._thread is None:
-                    self._start()
-                while True:
-                    try:
-                        item = self._queue.get(timeout=1.0)
-                        break
-                    except queue.Empty:
-                        if not self._thread.is_alive():
-                            raise RuntimeError(
-                                "tasks: the data loader thread died without reporting an error"
-                            ) from None
-                if item[0] is LOADER_ERROR:
-                    raise item[1]
-                batch, ref = item
-        except StopIteration:
-            raise RuntimeError("tasks: the training stream ended, which it never should") from None
-        except Exception as e:  # the stream is dead: raise the same error from every later next()
-            self._error = e
-            self._shutdown()
-            raise
-        self._consumed = ref
-        if self.show_data and self._served % self.show_every == 0:
-            print(
-                f"[tasks] SHOW_DATA batch {self._served} row 0 (loss on [[...]] spans, "
-                f"{int((batch['labels'][0] != -100).sum())}/{self.seq_length} labels):\n"
-                f"{format_sample(batch, self.tokenizer)}\n[tasks] end of sample",
-                file=sys.stderr,
-                flush=True,
-            )
-        self._served += 1
-        return batch
-
-    # ------------------------------------------------------------------ background thread
-    def _start(self):
-        self._queue = queue.Queue(maxsize=self.prefetch)
-        self._stop = threading.Event()
-        # the thread holds the pipeline, not self, so an unclosed stream can still be collected (and __del__ stops it)
-        self._thread = threading.Thread(
-            target=run_loader,
-            args=(self._pipe, self._resume, self._queue, self._stop),
-            name="tasks-loader",
-            daemon=True,
+    def _show(self, batch) -> str:
+        return (
+            f"[tasks] SHOW_DATA batch {self._served} row 0 (loss on [[...]] spans, "
+            f"{int((batch['labels'][0] != -100).sum())}/{self.seq_length} labels):\n"
+            f"{format_sample(batch, self.tokenizer)}\n[tasks] end of sample"
         )
-        self._thread.start()
-
-    def _shutdown(self):
-        if self._thread is not None:
-            self._stop.set()
-            try:
-                while True:
-                    self._queue.get_nowait()
-            except queue.Empty:
-                pass
-            self._thread.join(timeout=10)
-            self._thread = None
-        if self._gen is not None:
-            self._gen.close()
-            self._gen = None
-
-    def close(self):
-        self._shutdown()
-        self._closed = True
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self._shutdown()
-        except Exception:
-            pass
 
     # ------------------------------------------------------------------ state
     @property
@@ -428,28 +336,6 @@ class _Pipeline:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
             mix.close()
-
-
-def run_loader(pipe: _Pipeline, resume, q: queue.Queue, stop: threading.Event):
-    gen = pipe.batches(resume, stop)
-
-    def put(item):
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    try:
-        for item in gen:
-            if not put(item):
-                break
-    except BaseException as e:  # handed to the consumer, raised from next()
-        put((LOADER_ERROR, e))
-    finally:
-        gen.close()
 
 
 def copy_json(d):

@@ -7,9 +7,12 @@ from next(), and from every later next().
 
 from __future__ import annotations
 
+import json
 import queue
 import sys
 import threading
+
+from .spec import TaskError
 
 LOADER_ERROR = object()  # marks an exception handed from the loader thread to next()
 
@@ -99,6 +102,15 @@ class LoaderStream:
             self._gen.close()
             self._gen = None
 
+    def _restart_at(self, state: dict) -> None:
+        """Drop what was prefetched and continue after the batch a saved `state` was taken at."""
+        self._shutdown()
+        self._error = None
+        self._closed = False
+        self._resume = copy_json(state)
+        self._consumed = self._resume
+        self._served = 0
+
     def close(self) -> None:
         self._shutdown()
         self._closed = True
@@ -137,3 +149,39 @@ def run_loader(pipe, resume, q: queue.Queue, stop: threading.Event) -> None:
         put((LOADER_ERROR, e))
     finally:
         gen.close()
+
+
+def copy_json(d):
+    return json.loads(json.dumps(d))
+
+
+def check_same_sources(saved: dict, mine: dict, strict: bool, shuffle_flag: str = "--shuffle-buffer") -> None:
+    """Refuse to resume from a saved stream state whose seed, shuffle buffer, tokenizer, tasks or files differ from
+    this stream's identity (`mine`), in one line naming the change and the --resume-data way out. strict=False
+    accepts files that only changed size: the saved position still names a file and an offset."""
+    for key, what in (
+        ("seed", "--seed"),
+        ("shuffle_buffer", shuffle_flag),
+        ("tokenizer", "the tokenizer (vocab/merges/chat template)"),
+    ):
+        if saved[key] != mine[key]:
+            raise TaskError(
+                f"cannot resume the data stream: {what} changed since the checkpoint ({saved[key]!r} → "
+                f"{mine[key]!r}); restore it, or pass --resume-data restart to read the data from the start"
+            )
+    old, new = saved["tasks"], mine["tasks"]
+    if [(t["name"], t["weight"]) for t in old] != [(t["name"], t["weight"]) for t in new]:
+        raise TaskError(
+            "cannot resume the data stream: --task-name changed since the checkpoint "
+            f"({','.join(t['name'] + ':' + str(t['weight']) for t in old)}); restore it, or pass "
+            f"--resume-data restart to read the data from the start"
+        )
+    for t_old, t_new in zip(old, new):
+        resized_only = [f[0] for f in t_old["files"]] == [f[0] for f in t_new["files"]]
+        if not resized_only or (strict and t_old["files"] != t_new["files"]):
+            go_on = "--resume-data continue to go on at the saved position (not exact) or " if resized_only else ""
+            raise TaskError(
+                f"cannot resume the data stream: the files of task '{t_new['name']}' changed since the checkpoint "
+                f"(was {t_old['files']}, now {t_new['files']}); restore them, or pass {go_on}--resume-data restart "
+                f"to read the data from the start"
+            )

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from . import sources
-from .loader import LoaderStream
+from .loader import LoaderStream, check_same_sources, copy_json
 from .packing import IGNORE
 from .reader import Mixture, file_signature
 from .render import Renderer, decode, messages_of
 from .spec import TaskError, parse_task_spec
 from .stream import STATE_FORMAT as PACKED_STATE_FORMAT
-from .stream import check_positive, copy_json, format_sample, show_every_from_env
+from .stream import check_positive, format_sample, show_every_from_env
 from .tokenize import Encoder
 
 if TYPE_CHECKING:
@@ -374,44 +374,14 @@ class PreferenceStream(LoaderStream):
                 f"tasks.PreferenceStream.state_dict()?"
             )
         mine = self._identity()
-        for key, what in (
-            ("seed", "--seed"),
-            ("shuffle_buffer", "--shuffle-buffer"),
-            ("tokenizer", "the tokenizer (vocab/merges/chat template)"),
-        ):
-            if state[key] != mine[key]:
-                raise TaskError(
-                    f"cannot resume the data stream: {what} changed since the checkpoint ({state[key]!r} → "
-                    f"{mine[key]!r}); restore it, or pass --resume-data restart to read the data from the start"
-                )
+        check_same_sources(state, mine, strict)
         if strict and state["seq_length"] != mine["seq_length"]:
             raise TaskError(
                 f"cannot resume the data stream exactly: --seq-length changed since the checkpoint "
                 f"({state['seq_length']} → {mine['seq_length']}), which changes how pairs are truncated; restore it, "
                 f"or pass --resume-data continue to go on at the same pair"
             )
-        old, new = state["tasks"], mine["tasks"]
-        if [(t["name"], t["weight"]) for t in old] != [(t["name"], t["weight"]) for t in new]:
-            raise TaskError(
-                "cannot resume the data stream: --task-name changed since the checkpoint "
-                f"({','.join(t['name'] + ':' + str(t['weight']) for t in old)}); restore it, or pass "
-                f"--resume-data restart to read the data from the start"
-            )
-        for t_old, t_new in zip(old, new):
-            same_names = [f[0] for f in t_old["files"]] == [f[0] for f in t_new["files"]]
-            if not same_names or (strict and t_old["files"] != t_new["files"]):
-                cont = "--resume-data continue to go on at the saved position (not exact) or " if same_names else ""
-                raise TaskError(
-                    f"cannot resume the data stream: the files of task '{t_new['name']}' changed since the "
-                    f"checkpoint (was {t_old['files']}, now {t_new['files']}); restore them, or pass {cont}"
-                    f"--resume-data restart to read the data from the start"
-                )
-        self._shutdown()
-        self._error = None
-        self._closed = False
-        self._resume = copy_json(state)
-        self._consumed = self._resume
-        self._served = 0
+        self._restart_at(state)
 
 
 class _Pipeline:

@@ -16,7 +16,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from .loader import LoaderStream
+from .loader import LoaderStream, check_same_sources, copy_json
 from .packing import ChunkMeta, Packer
 from .reader import Mixture, file_signature, record_size
 from .render import RecordFormat, Renderer, check_columns
@@ -218,17 +218,6 @@ class PackedStream(LoaderStream):
                 f"tasks.PackedStream.state_dict()?"
             )
         mine = self._identity()
-        for key, what in (
-            ("seed", "--seed"),
-            ("shuffle_buffer", "the shuffle buffer size"),
-            ("tokenizer", "the tokenizer (vocab/merges/chat template)"),
-        ):
-            if state[key] != mine[key]:
-                raise TaskError(
-                    f"cannot resume the data stream: {what} changed since the checkpoint "
-                    f"({state[key]!r} → {mine[key]!r}); restore it, or pass --resume-data restart to read "
-                    f"the data from the start"
-                )
         changed = _changes(state.get("record_format"), mine["record_format"])
         if changed:
             raise TaskError(
@@ -241,34 +230,8 @@ class PackedStream(LoaderStream):
                 f"cannot resume the data stream exactly: which tokens take loss changed since the checkpoint "
                 f"({changed}); restore the flags, or pass --resume-data continue to go on with the new setting"
             )
-        old, new = state["tasks"], mine["tasks"]
-        if [(t["name"], t["weight"]) for t in old] != [(t["name"], t["weight"]) for t in new]:
-            raise TaskError(
-                "cannot resume the data stream: --task-name changed since the checkpoint "
-                f"({','.join(t['name'] + ':' + str(t['weight']) for t in old)}); restore it, or pass "
-                f"--resume-data restart to read the data from the start"
-            )
-        for t_old, t_new in zip(old, new):
-            names_old = [f[0] for f in t_old["files"]]
-            names_new = [f[0] for f in t_new["files"]]
-            if names_old != names_new or (strict and t_old["files"] != t_new["files"]):
-                resized_only = names_old == names_new  # the saved position still names a file and an offset
-                raise TaskError(
-                    f"cannot resume the data stream: the files of task '{t_new['name']}' changed since "
-                    f"the checkpoint (was {t_old['files']}, now {t_new['files']}); restore them, or pass "
-                    + (
-                        "--resume-data continue to go on at the saved position (not an exact resume) or "
-                        if resized_only
-                        else ""
-                    )
-                    + "--resume-data restart to read the data from the start"
-                )
-        self._shutdown()
-        self._error = None
-        self._closed = False
-        self._resume = copy_json(state)
-        self._consumed = self._resume
-        self._served = 0
+        check_same_sources(state, mine, strict, shuffle_flag="the shuffle buffer size")
+        self._restart_at(state)
 
 
 class _Pipeline:
@@ -336,9 +299,3 @@ class _Pipeline:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
             mix.close()
-
-
-def copy_json(d):
-    import json
-
-    return json.loads(json.dumps(d))

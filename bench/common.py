@@ -600,11 +600,13 @@ class Session:
         extra: list[str] | None = None,
         flops: float | None = None,
         stop_when=None,
+        tokens_per_step: int | None = None,
     ) -> dict:
         """One launch of the real entrypoint under torchrun; `batch` is per data-parallel replica per iteration,
         `accum` iterations per optimizer step (--gradient-accumulate-step).
         `flops`: FLOPs per token for MFU when not the dense 6·N + 12·L·d·S (LoRA: `lora_flops_per_token`).
-        `stop_when(metrics records)`: stop the run once it holds (instead of after the last step)."""
+        `stop_when(metrics records)`: stop the run once it holds (instead of after the last step).
+        `tokens_per_step`: when a step trains other than batch x dp x accum x seq tokens (preference pairs: 2 rows)."""
         a = self.args
         run = {
             "label": label,
@@ -615,7 +617,7 @@ class Session:
             "n_micro": batch // micro_batch,
             "batch_per_replica": batch,
             "accumulation": accum,
-            "tokens_per_step": batch * dp * accum * a.seq_length,
+            "tokens_per_step": tokens_per_step or batch * dp * accum * a.seq_length,
             "compile": compile,
             "activation_checkpointing": activation_checkpointing,
             "precision": "fp16" if fp16 else ("bf16" if self.gpu else "fp32"),
@@ -722,11 +724,14 @@ class Session:
         flops: float | None = None,
         compile: bool | None = None,
         describe: dict | None = None,
+        script: str | None = None,
+        tokens_per_step: int | None = None,
     ) -> dict:
         """transformers GPTNeoXForCausalLM on one device (bench/baseline_hf.py), `micro_batch` x `accum` sequences
         per optimizer step. `extra`: more baseline_hf.py flags (LoRA, quantisation, data); `flops`: FLOPs per token
         for MFU (default dense); `compile`: overrides --baseline-compile; `describe`: run fields to override
-        (precision, optimizer, activation_checkpointing) for the table and JSON."""
+        (precision, optimizer, activation_checkpointing) for the table and JSON. `script`: another baseline taking
+        baseline_hf.py's flags and writing its files (bench/baseline_dpo_trl.py); `tokens_per_step`: as in `ours`."""
         a = self.args
         compile = a.baseline_compile if compile is None else compile
         run = {
@@ -737,7 +742,7 @@ class Session:
             "micro_batch": micro_batch,
             "n_micro": accum,
             "batch_per_replica": micro_batch * accum,
-            "tokens_per_step": micro_batch * accum * a.seq_length,
+            "tokens_per_step": tokens_per_step or micro_batch * accum * a.seq_length,
             "compile": compile,
             "activation_checkpointing": "none",
             "precision": "bf16 autocast" if self.gpu else "fp32",
@@ -753,7 +758,7 @@ class Session:
         remove_stale(result_file, result_file + "l")
         cmd = [
             sys.executable,
-            BASELINE,
+            script or BASELINE,
             "--model-dir",
             model_dir,
             "--seq-length",
@@ -775,7 +780,8 @@ class Session:
             cmd.append("--compile")
         cmd += extra or []
         env = dict(os.environ, **SAFE_ENV)
-        self.note(f"{label}: baseline (transformers), mb={micro_batch} x{accum}")
+        who = os.path.basename(script) if script else "transformers"
+        self.note(f"{label}: baseline ({who}), mb={micro_batch} x{accum}")
         run.update(self._run(label, cmd, env, result_file + "l"))
         records = read_jsonl(result_file + "l")
         extra = json.load(open(result_file)) if os.path.exists(result_file) else {}
@@ -783,7 +789,7 @@ class Session:
         fpt = flops or flops_per_token(model_dir, a.seq_length)
         run["flops_per_token"] = fpt
         run.update(summarize(records, a.warmup, run["tokens_per_step"], 1, fpt, self.peak))
-        for key in ("device_name", "peak_mem_gb", "error", "quantized_by", "trainable_params", "adapter_dtype"):
+        for key in ("device_name", "peak_mem_gb", "error", "quantized_by", "trainable_params", "adapter_dtype", "info"):
             if key in extra:
                 run[key] = extra[key]
         if "peak_mem_gb" in extra:

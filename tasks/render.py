@@ -315,6 +315,26 @@ class Renderer:
         text = self._render_oig(msgs)[0]
         return (f"{text}\n{BOT}" if text else BOT), True
 
+    def end_of_turn_ids(self) -> list[int]:
+        """The token that closes an assistant turn under the chat template (ChatML's <|im_end|>, Gemma's
+        <end_of_turn>, Phi-3's <|end|>, Llama 3's <|eot_id|>, or the EOS itself): the first token the template
+        writes after a reply's text, where that is a special token. Empty without a template: OIG turns end where
+        the next "<human>:" begins, which is text, not a token."""
+        if not self.chat_template:
+            return []
+        probe = "REPLYTEXTPROBE"
+        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}]
+        try:
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False)
+        except Exception:  # a template that refuses this conversation shape: generation ends at EOS alone
+            return []
+        if not isinstance(text, str) or probe not in text:
+            return []
+        after = self.tokenizer(text[text.rindex(probe) + len(probe) :], add_special_tokens=False)["input_ids"]
+        special = set(self.tokenizer.all_special_ids)
+        special |= {i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
+        return after[:1] if after and after[0] in special else []
+
     # -- OIG rendering of messages: "<human>: ...\n<bot>: ..." (system content as a plain first line) --
     def _render_oig(self, msgs) -> Rendered:
         parts: list[str] = []

@@ -26,17 +26,17 @@ def walsh(k: int, dim: int) -> torch.Tensor:
     return torch.tensor([(-1.0) ** bin(i & k).count("1") for i in range(dim)])
 
 
-def make_chain_model(path, text_chain: list[str], end: int | None = EOS, hidden=32):
+def make_chain_model(path, text_chain: list[str], end: int | None = EOS, hidden=32, tokenizer=None, start=">:"):
     """A tiny GPT-NeoX whose next token depends only on the current one: every block's output projections are
     zero, so the last hidden state is LayerNorm(embedding). Embeddings and head rows are orthogonal Walsh rows, so
-    greedy decoding after a prompt ending in `>:` (the end of `<bot>:`) emits the tokens of `text_chain`, then
-    `end`. Saved with the bundled tokenizer as a Hugging Face folder: what an export is."""
+    greedy decoding after a prompt ending in the token `start` (`>:`, the end of `<bot>:`) emits the tokens of
+    `text_chain`, then `end`. Saved with `tokenizer` (the bundled one) as a Hugging Face folder: what an export is."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tools.make_tiny_model import build_config
 
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
-    chain = [tokenizer.convert_tokens_to_ids(">:")]
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(TOKENIZER)
+    chain = [tokenizer.convert_tokens_to_ids(start)]
     for piece in text_chain:
         chain += tokenizer(piece)["input_ids"]
     if end is not None:
@@ -92,6 +92,28 @@ def test_chat_stops_at_the_next_human_turn_and_keeps_the_conversation(tmp_path):
         chat.reply("And again?")
         prompt, _ = chat.renderer.render_prompt(chat.messages[:-1])
         assert prompt == "<human>: Hi\n<bot>: Hello world\n<human>: And again?\n<bot>:"
+
+
+def test_chat_stops_at_the_chat_templates_end_of_turn(tmp_path):
+    # A ChatML model goes on past its reply's <|im_end|> (the next user turn, then more): the reply must end there,
+    # although the model's EOS is another token and its generation_config names only that one.
+    from transformers import AutoTokenizer
+
+    from tests.conftest import CHATML
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    path = make_chain_model(
+        tmp_path / "export", [" Hello world", "<|im_end|>", "<|im_start|> user more"], tokenizer=tokenizer, start="Ċ"
+    )
+    with contextlib.ExitStack() as stack:
+        model, tokenizer = chat_tool.load_model(path, "cpu", stack)
+        chat = chat_tool.Chat(model, tokenizer, max_new_tokens=40, temperature=0)
+        assert chat.stop_ids == [EOS, im_end]
+        reply = chat.reply("Hi")
+    assert (reply.text, reply.stop, reply.tokens) == ("Hello world", "end of turn", 3)
 
 
 def test_chat_loads_a_peft_adapter_on_its_base(tmp_path):

@@ -14,8 +14,9 @@ import re
 import pytest
 import torch
 
-from tasks import TaskError, count_tokens, parse_task_spec
+from tasks import Renderer, TaskError, count_tokens, parse_task_spec
 from tasks.reader import Mixture
+from tests.conftest import CHATML
 from tests.helpers import eval_batches, packed_stream
 
 EOS = 50256
@@ -228,7 +229,7 @@ def test_messages_chat_template_masks(tmp_path, chat_tok):
     assert everything.startswith("|im_start|>user\nhi?")
 
 
-# The turn formats of the families' chat templates (Qwen's is CHATML above), each ending a turn its own way.
+# The turn formats of the families' chat templates (Qwen's is CHATML, tests/conftest.py), each ending a turn its own way.
 FAMILY_TEMPLATES = {
     "gemma": (
         "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
@@ -270,6 +271,19 @@ def test_family_chat_templates_train_exactly_the_assistant_turns(tmp_path, tok, 
     batches = ordered(write_jsonl(tmp_path / "m.jsonl", [rec]), t, S=64)
     labels = [x for b in batches for row in b["labels"] for x in row.tolist() if x != -100]
     assert labels == t.encode(trained, add_special_tokens=False) + [EOS]
+
+
+@pytest.mark.parametrize("family", ["chatml", *FAMILY_TEMPLATES])
+def test_the_token_that_ends_a_turn_is_read_from_each_template(tok, family):
+    """What tools/chat.py stops generation at: the special token each template writes right after a reply."""
+    template, specials, _ = FAMILY_TEMPLATES.get(family, (CHATML, ["<|im_start|>", "<|im_end|>"], ""))
+    t = copy.deepcopy(tok)
+    t.chat_template = template
+    # Without the markers as special tokens, what follows a reply is plain text: no token to stop at.
+    assert Renderer(t).end_of_turn_ids() == []
+    t.add_special_tokens({"additional_special_tokens": specials})
+    assert Renderer(t).end_of_turn_ids() == [t.convert_tokens_to_ids(specials[-1])]
+    assert Renderer(tok).end_of_turn_ids() == []  # OIG turns end at "<human>:", text
 
 
 def test_chat_template_fallback_when_prefix_renders_differ(tmp_path, chat_tok):

@@ -181,7 +181,8 @@ class ReplyText:
 class Reply:
     text: str
     tokens: int
-    stop: str  # "eos", "human" (the model began the next <human>: turn) or "max-new-tokens"
+    stop: str  # "eos", "end of turn" (the chat template's), "human" (the model began the next <human>: turn) or
+    # "max-new-tokens"
 
 
 class Chat:
@@ -198,10 +199,16 @@ class Chat:
         if temperature:
             sampling.update(top_p=top_p, top_k=top_k)
         eos = tokenizer.eos_token_id
+        # A reply ends at EOS, at the ids the model's generation_config names (Qwen, Gemma and Phi list several) and
+        # at the token that closes a turn under the chat template, which base models' configs often leave out.
+        self.end_of_turn = [i for i in self.renderer.end_of_turn_ids() if i != eos]
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        configured = configured if isinstance(configured, list) else [configured]
+        self.stop_ids = list(dict.fromkeys(i for i in [eos, *configured, *self.end_of_turn] if i is not None))
         self.generate_kwargs = dict(
             sampling,
             max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
+            eos_token_id=self.stop_ids,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
         )
         if self.stop_text:
@@ -244,7 +251,9 @@ class Chat:
         new_ids = result["ids"][0, inputs["input_ids"].shape[1] :].tolist()
         if text.stopped:
             stop = "human"
-        elif new_ids and new_ids[-1] == self.generate_kwargs["eos_token_id"]:
+        elif new_ids and new_ids[-1] in self.end_of_turn:
+            stop = "end of turn"
+        elif new_ids and new_ids[-1] in self.stop_ids:
             stop = "eos"
         else:
             stop = "max-new-tokens"

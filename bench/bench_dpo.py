@@ -29,8 +29,8 @@ Memory = torch.cuda.max_memory_allocated over the steps (TRL: counted from on_tr
 Variants (comma lists, words joined by '+'): mbN micro-batch (pairs), compile (ours: --compile; TRL:
 DPOConfig(torch_compile=True), the whole model), rcompile (TRL: accelerate's regional, per-block compile), gc (TRL:
 gradient checkpointing, which DPOConfig turns on by default: off unless asked), ac-none / ac-selective / ac-full
-(ours). `--runs-from FILE` adds an earlier call's runs of the part (its JSON) to the table and the targets, for a
-part split over two calls.
+and chunk-on / chunk-off (ours: --chunked-loss; its default is auto). `--runs-from FILE` adds an earlier call's
+runs of the part (its JSON) to the table and the targets, for a part split over two calls.
 
 The GPU image lacks trl, datasets and their needs: carry them as wheels (`.whl/`, git-ignored), written here by
 `python bench/bench_dpo.py --download-wheels` (pip download for CPython 3.12 / manylinux x86_64 from the registry, then
@@ -111,6 +111,7 @@ WHEEL_PLATFORMS = [
 
 def parse_variant(text: str, default_mb: int) -> dict:
     v = {"label": text, "mb": default_mb, "compile": False, "rcompile": False, "gc": False, "ac": "none"}
+    v["chunked_loss"] = None  # ours: --chunked-loss (None: its default, auto)
     for word in text.split("+"):
         if word.startswith("mb") and word[2:].isdigit():
             v["mb"] = int(word[2:])
@@ -122,8 +123,12 @@ def parse_variant(text: str, default_mb: int) -> dict:
             v["gc"] = True
         elif word.startswith("ac-") and word[3:] in ("none", "full", "selective"):
             v["ac"] = word[3:]
+        elif word in ("chunk-on", "chunk-off"):
+            v["chunked_loss"] = word[6:]
         elif word not in ("eager", "bf16"):
-            sys.exit(f"bench_dpo: unknown variant word {word!r} in {text!r} (mbN, compile, rcompile, gc, ac-*)")
+            sys.exit(
+                f"bench_dpo: unknown variant word {word!r} in {text!r} (mbN, compile, rcompile, gc, ac-*, chunk-*)"
+            )
     return v
 
 
@@ -265,7 +270,7 @@ def run_part(s: Session, args, part: str) -> dict:
             batch=batch,
             compile=v["compile"],
             activation_checkpointing=v["ac"],
-            extra=ours_flags,
+            extra=ours_flags + (["--chunked-loss", v["chunked_loss"]] if v["chunked_loss"] else []),
             flops=fpt,
             tokens_per_step=tokens_per_step,
         )

@@ -118,6 +118,14 @@ class ModelRunConfig:
     compile: bool = setting(
         "--compile", False, "torch.compile each transformer block and the loss (GPU speed)", group="model", switch=True
     )
+    chunked_loss: str = setting(
+        "--chunked-loss",
+        "auto",
+        "compute the LM head and the loss a few thousand tokens at a time, so the logits of the whole micro-batch "
+        "never exist (recomputed in backward): on, off, auto (on where one micro-batch's fp32 logits exceed 1 GiB)",
+        group="model",
+        choices=("auto", "on", "off"),
+    )
     attention_backend: str = setting(
         "--attention-backend",
         "auto",

@@ -104,6 +104,13 @@ class Stage(nn.Module):
         if cfg.local_rope_theta is not None:  # the sliding layers' own rotary (Gemma 3)
             self.rotary_local = Rotary(cfg, fam.INTERLEAVED_ROTARY, local=True)
         self.layer_types = [cfg.layer_type(i) for i in range(layer_start, layer_end)]
+        # --chunked-loss: the last stage returns its final-normed hidden states and the loss applies the head
+        self.head_in_loss = False
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        """The last stage's LM head (a plain Linear: LoRA, QLoRA and FP8 leave it be)."""
+        return getattr(self, family(self.cfg).HEAD)
 
     def _checkpointed(self, local_index: int) -> bool:
         if self.activation_checkpointing == "full":
@@ -113,7 +120,8 @@ class Stage(nn.Module):
     def forward(
         self, x: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x: input_ids [B, S] (first stage) or hidden [B, S, H]; returns logits [B, S, V] (last) or hidden.
+        """x: input_ids [B, S] (first stage) or hidden [B, S, H]; returns logits [B, S, V] (last; with `head_in_loss`
+        the final-normed hidden states, which the loss takes through the head) or hidden.
         `position_ids` [B, S] (default 0..S-1) place the rotary embedding; with `doc_ids` [B, S] a token attends
         only to earlier tokens of its own document (packed documents), else to every earlier token (a sliding
         layer: of its window)."""
@@ -139,6 +147,8 @@ class Stage(nn.Module):
                     h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, use_reentrant=False)
                 else:
                     h = block(h, cos, sin, mask)
+        if self.is_last and self.head_in_loss:
+            return getattr(body, fam.FINAL_NORM)(h)
         if self.is_last:
             h = getattr(self, fam.HEAD)(getattr(body, fam.FINAL_NORM)(h))
             if cfg.final_softcap:

@@ -175,6 +175,8 @@ def test_objective_trains_like_the_formula_in_every_layout(setup, kind, lora, la
         extra = {"dp-mode": "sharded"} if (dp > 1 and not lora) else {}
         if reference != "auto":
             extra["dpo-reference"] = reference
+        if pp == 2:  # the head inside the loss (the frozen copy's too)
+            extra["chunked-loss"] = "on"
         flags = flags_of(model_dir, data, ckpt, kind, pp, dp, mode, lora, **extra)
         runs[(pp, dp, mode)] = (ckpt, run_ranks(pp * dp, flags))
     for layout, (ckpt, procs) in runs.items():

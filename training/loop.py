@@ -23,6 +23,7 @@ from config import JobConfig, to_dict
 from modules.compile_cache import use_compile_cache
 from optimizer import StageOptimizer
 from pipeline_parallel import Pipeline, StagePlan, plan_stages
+from training.chunked_logps import attach_chunked_head
 from training.evaluation import evaluate, pair_batches
 from training.inputs import adapters_of, check_inputs, check_offload_memory, total_optimizer_steps
 from training.loss import TokenMeanLoss
@@ -161,10 +162,11 @@ class Trainer:
             late=tied_ends,
         )
         recompute, compiled = job.model.activation_checkpointing != "none", job.model.compile
-        self.loss_fn, self.pairs = TokenMeanLoss(recompute, compiled), None
+        head = attach_chunked_head(self.stages, job)
+        self.loss_fn, self.pairs = TokenMeanLoss(recompute, compiled, head), None
         if job.objective.preference:  # its own loss function, and DPO's reference model
             run = (self.stream, self.tokenizer, self.steps_total, self.log.info)
-            self.pairs = PairTraining(job, self.cfg, lay, self.plan, self.stages, recompute, compiled, *run)
+            self.pairs = PairTraining(job, self.cfg, lay, self.plan, self.stages, recompute, compiled, head, *run)
             self.loss_fn = self.pairs.loss_fn
         self.pipeline = Pipeline(self.stages, self.plan, lay, job.pipeline, self.loss_fn)
 

@@ -8,6 +8,7 @@ import torch.utils.checkpoint
 
 from config import DataConfig
 from tasks import TaskError
+from training.chunked_logps import ChunkedHead
 
 
 def _summed_cross_entropy(logits, labels):
@@ -22,16 +23,20 @@ class TokenMeanLoss:
     keeps them for backward. `compiled` fuses the fp32 cast, log-softmax and gather into one kernel that keeps only
     the logits (already held, in the model dtype) and a row max and sum for backward. Otherwise `recompute` drops
     the log-probabilities after forward and recomputes them in backward: a GPipe last stage would hold them for
-    every micro-batch in flight.
+    every micro-batch in flight. With `head` (--chunked-loss) the stage's output is its hidden states and no logits
+    of the whole micro-batch are ever held (training/chunked_logps.py).
     """
 
-    def __init__(self, recompute=False, compiled=False):
+    def __init__(self, recompute=False, compiled=False, head: ChunkedHead | None = None):
         self.factor = 1.0
         self.checked = False  # the first step's labels hold a token to learn
         self.cross_entropy = torch.compile(_summed_cross_entropy) if compiled else _summed_cross_entropy
         self.recompute = recompute and not compiled
+        self.head = head  # --chunked-loss: the stage hands over hidden states, the head runs here in chunks
 
     def __call__(self, logits, labels):
+        if self.head is not None:
+            return -self.head.token_logps(logits, labels).sum() * self.factor
         if self.recompute and torch.is_grad_enabled():
             loss = torch.utils.checkpoint.checkpoint(self.cross_entropy, logits, labels, use_reentrant=False)
         else:

@@ -22,6 +22,7 @@ import tasks
 from comm import Layout
 from config import JobConfig
 from pipeline_parallel import Pipeline, StagePlan
+from training.chunked_logps import ChunkedHead, attach_chunked_head
 from training.evaluation import pair_batches
 from training.preference import STATS_SIZE, PreferenceLoss, stat_means, with_reference
 from training.reference_store import StoredReference
@@ -50,15 +51,17 @@ class PairTraining:
         stages: list[modules.Stage],
         recompute: bool,
         compiled: bool,
+        head: ChunkedHead | None,
         stream,
         tokenizer,
         steps_total: int,
         log: Callable[[str], None],
     ):
-        """`stream`: this rank's tasks.PreferenceStream (None on ranks that read no data)."""
+        """`stream`: this rank's tasks.PreferenceStream (None on ranks that read no data); `head`: the policy's
+        last stage's head under --chunked-loss (training/chunked_logps.py), else None."""
         self.job, self.layout, self.stages, self.holds_last = job, layout, stages, plan.holds_last
         self.stream, self.tokenizer, self.log = stream, tokenizer, log
-        self.loss_fn = PreferenceLoss(job.objective, recompute, compiled)
+        self.loss_fn = PreferenceLoss(job.objective, recompute, compiled, head)
         self.reference = reference_kind(job)
         self.reference_pipeline = self.reference_loss = None
         self.stored = StoredReference(job, layout, steps_total, plan.holds_last) if self.reference == "stored" else None
@@ -68,7 +71,8 @@ class PairTraining:
             frozen = modules.build_rank_stages(cfg, job.model, plan, layout.device)
             for param in (p for stage in frozen for p in stage.parameters()):
                 param.requires_grad_(False)
-            self.reference_loss = PreferenceLoss(job.objective, compiled=compiled)
+            frozen_head = attach_chunked_head(frozen, job)  # chunked exactly where the policy's head is
+            self.reference_loss = PreferenceLoss(job.objective, compiled=compiled, head=frozen_head)
             self.reference_pipeline = Pipeline(frozen, plan, layout, job.pipeline, self.reference_loss)
 
     def start_step(self, batches: list[dict], scale: float, step: int, policy: Pipeline) -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from config import ObjectiveConfig
+from training.chunked_logps import ChunkedHead
 
 # The statistics summed over a step's pairs, logged as their means under TRL's names.
 STAT_NAMES = (
@@ -87,7 +88,13 @@ class PreferenceLoss:
     loss function once on placeholder outputs (torch.distributed.pipelining infers the backward's shapes so).
     """
 
-    def __init__(self, objective: ObjectiveConfig, recompute: bool = False, compiled: bool = False):
+    def __init__(
+        self,
+        objective: ObjectiveConfig,
+        recompute: bool = False,
+        compiled: bool = False,
+        head: ChunkedHead | None = None,
+    ):
         self.objective = objective
         self.factor = 1.0  # loss scale / pairs of the optimizer step
         self.nll_factor = 0.0  # ORPO: loss scale / chosen completion tokens of the optimizer step
@@ -96,8 +103,11 @@ class PreferenceLoss:
         self.pending: list[torch.Tensor] = []
         self.token_logps = torch.compile(_token_logps) if compiled else _token_logps
         self.recompute = recompute and not compiled
+        self.head = head
 
     def _rows(self, logits, labels):
+        if self.head is not None:  # --chunked-loss: `logits` are the last stage's hidden states
+            return self.head.token_logps(logits, labels)
         if self.recompute and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(self.token_logps, logits, labels, use_reentrant=False)
         return self.token_logps(logits, labels)

@@ -1,0 +1,131 @@
+"""--chunked-loss: the LM head's matmul, log-softmax and the labels' log-probabilities, a few tokens at a time.
+
+The last stage then hands the loss its final hidden states [R, S, H] instead of logits [R, S, V], and the logits of
+the whole window never exist: at a 128k vocabulary, 16k tokens of fp32 logits are 8 GB (plus as much again for the
+softmax in the backward), where one chunk is a fixed budget (CHUNK_ELEMENTS logits). Each chunk's logits are computed
+again in the backward from the saved hidden states, one more head matmul per token for the memory.
+
+Both losses read the same thing from it, the log-probability of each label token: cross-entropy is minus their
+sum, and the preference objectives sum them per sequence. Gemma's final soft-cap (cap · tanh(logit / cap)) is
+applied per chunk, in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from config import JobConfig
+
+CHUNK_ELEMENTS = 1 << 26  # fp32 logits of one chunk: 256 MB, whatever the vocabulary
+IGNORE = -100
+
+
+def chunk_tokens_for(vocab_size: int) -> int:
+    """Tokens per chunk: CHUNK_ELEMENTS logits, at least 64 tokens, a multiple of 64 (matmul-friendly)."""
+    return max(64, CHUNK_ELEMENTS // vocab_size // 64 * 64)
+
+
+def _wide_logits(hidden, weight, bias):
+    logits = F.linear(hidden, weight, bias)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _chunk_forward(hidden, weight, bias, labels, softcap: float | None):
+    """(log-probabilities of `labels` [T] (0 where ignored), logsumexp [T]) of one chunk, in fp32 (or wider)."""
+    logits = _wide_logits(hidden, weight, bias)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    lse = torch.logsumexp(logits, -1)
+    picked = logits.gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    return torch.where(labels == IGNORE, 0.0, picked - lse), lse
+
+
+def _chunk_logit_grad(hidden, weight, bias, labels, lse, grad, softcap: float | None):
+    """d(sum grad · logp)/d(head output) of one chunk [T, V], in fp32: grad · (one-hot(label) - softmax), through
+    the soft-cap's derivative 1 - tanh² where there is one."""
+    logits = _wide_logits(hidden, weight, bias)
+    if softcap:
+        squashed = torch.tanh(logits / softcap)
+        logits = softcap * squashed
+    grad = torch.where(labels == IGNORE, 0.0, grad.to(logits.dtype))
+    out = torch.exp(logits - lse[:, None]) * -grad[:, None]
+    out.scatter_add_(1, labels.clamp(min=0)[:, None], grad[:, None])
+    if softcap:
+        out = out * (1 - squashed * squashed)
+    return out
+
+
+class ChunkedTokenLogps(torch.autograd.Function):
+    """log p(label) per token [N] from hidden states [N, H] and the head's weight [V, H] (and bias [V]), `chunk`
+    tokens at a time; gradients flow to the hidden states, the weight and the bias as through the plain head."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, softcap, chunk, kernels):
+        forward_chunk = kernels[0]
+        logps, lses = [], []
+        with torch.no_grad():
+            for start in range(0, hidden.shape[0], chunk):
+                logp, lse = forward_chunk(
+                    hidden[start : start + chunk], weight, bias, labels[start : start + chunk], softcap
+                )
+                logps.append(logp)
+                lses.append(lse)
+        ctx.save_for_backward(hidden, weight, bias, labels, torch.cat(lses))
+        ctx.softcap, ctx.chunk, ctx.kernels = softcap, chunk, kernels
+        return torch.cat(logps)
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        grad_chunk, chunk = ctx.kernels[1], ctx.chunk
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.zeros_like(weight) if need_w else None
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        grad_bias = torch.zeros(weight.shape[0], dtype=wide, device=weight.device) if need_b else None
+        for start in range(0, hidden.shape[0], chunk):
+            part = slice(start, start + chunk)
+            logit_grad = grad_chunk(hidden[part], weight, bias, labels[part], lse[part], grad_logps[part], ctx.softcap)
+            if need_b:
+                grad_bias += logit_grad.sum(0)
+            logit_grad = logit_grad.to(weight.dtype)
+            if need_h:
+                torch.matmul(logit_grad, weight, out=grad_hidden[part])
+            if need_w:  # accumulated in the weight's dtype, each chunk's product summed in fp32 by the matmul
+                grad_weight.addmm_(logit_grad.t(), hidden[part])
+        return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if need_b else None, None, None, None, None
+
+
+class ChunkedHead:
+    """The LM head applied inside the loss: `token_logps(hidden [R, S, H], labels [R, S])` -> [R, S] fp32."""
+
+    def __init__(self, head: torch.nn.Linear, softcap: float | None, chunk: int | None = None, compiled=False):
+        self.head, self.softcap = head, softcap or None
+        self.chunk = chunk or chunk_tokens_for(head.weight.shape[0])
+        kernels = (_chunk_forward, _chunk_logit_grad)
+        self.kernels = tuple(torch.compile(k, dynamic=True) for k in kernels) if compiled else kernels
+
+    def token_logps(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        logps = ChunkedTokenLogps.apply(
+            flat, self.head.weight, self.head.bias, labels.reshape(-1), self.softcap, self.chunk, self.kernels
+        )
+        return logps.view(labels.shape)
+
+
+AUTO_BYTES = 1 << 30  # --chunked-loss auto: on once one micro-batch's fp32 logits would exceed this
+
+
+def attach_chunked_head(stages, job: JobConfig) -> ChunkedHead | None:
+    """--chunked-loss for this rank's stages: where one of them is the last, make it return hidden states and give
+    the loss its head (None where the loss takes logits)."""
+    last = next((stage for stage in stages if stage.is_last), None)
+    setting = job.model.chunked_loss
+    if last is None or setting == "off":
+        return None
+    rows = job.data.micro_batch_size * (2 if job.objective.preference else 1)  # a pair is two rows
+    if setting == "auto" and rows * job.data.seq_length * last.cfg.vocab_size * 4 <= AUTO_BYTES:
+        return None
+    last.head_in_loss = True
+    return ChunkedHead(last.output_layer, last.cfg.final_softcap, compiled=job.model.compile)

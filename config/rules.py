@@ -115,6 +115,11 @@ def _check_precision(job: JobConfig) -> None:
     model, opt = job.model, job.optimizer
     if model.fp16 and model.bf16:
         raise ArgumentError("--fp16 and --bf16 exclude each other; pick one")
+    if model.activation_offload != "none" and model.activation_checkpointing == "none":
+        raise ArgumentError(
+            "--activation-offload cpu moves the block inputs that activation checkpointing keeps, and this run "
+            "checkpoints none; add --activation-checkpointing full (or selective)"
+        )
     if opt.kind == "8bit-adam" and opt.offload != "none":
         raise ArgumentError(
             "--offload-optimizer cpu steps torch's AdamW on the host and 8-bit Adam (bitsandbytes) runs on the GPU; "

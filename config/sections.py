@@ -118,6 +118,14 @@ class ModelRunConfig:
     compile: bool = setting(
         "--compile", False, "torch.compile each transformer block and the loss (GPU speed)", group="model", switch=True
     )
+    activation_offload: str = setting(
+        "--activation-offload",
+        "none",
+        "cpu: keep the block inputs that activation checkpointing saves in pinned host memory, copied on a side "
+        "stream (needs --activation-checkpointing)",
+        group="model",
+        choices=("none", "cpu"),
+    )
     chunked_loss: str = setting(
         "--chunked-loss",
         "auto",

@@ -11,6 +11,7 @@ last stage before the optimizer step. `tied_parameter_names(cfg)` names the pair
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import gemma2, gemma3, gptj, gptneox, llama, mistral, phi3, qwen2, qwen3
+from .activation_offload import ActivationOffload
 from .config import ModelConfig, ModelError
 from .layers import Rotary, attention_masks
 
@@ -106,6 +108,7 @@ class Stage(nn.Module):
         self.layer_types = [cfg.layer_type(i) for i in range(layer_start, layer_end)]
         # --chunked-loss: the last stage returns its final-normed hidden states and the loss applies the head
         self.head_in_loss = False
+        self.activation_offload: ActivationOffload | None = None  # --activation-offload cpu
 
     @property
     def output_layer(self) -> nn.Linear:
@@ -140,11 +143,14 @@ class Stage(nn.Module):
                 else rotary["full"]
             )
             masks = attention_masks(cfg, h, doc_ids)
+            offload = self.activation_offload if torch.is_grad_enabled() else None
+            offloaded = offload.new_pass() if offload is not None else None
             for i, block in enumerate(blocks.values()):
                 kind = self.layer_types[i]
                 (cos, sin), mask = rotary[kind], masks[kind]
                 if self._checkpointed(i) and torch.is_grad_enabled():
-                    h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, use_reentrant=False)
+                    with offload.hooks(offloaded) if offload is not None else contextlib.nullcontext():
+                        h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, use_reentrant=False)
                 else:
                     h = block(h, cos, sin, mask)
         if self.is_last and self.head_in_loss:
@@ -212,7 +218,7 @@ def build_rank_stages(
     run.fp8 (tensorwise | rowwise) swaps the blocks' large linears for torchao's Float8Linear (same parameter names
     and dtypes), before torch.compile so that the compiled blocks fuse the float8 casts. `on_phase(name)` is called
     as each stage is allocated ("model_build") and as its weights are in ("weights"), for the trainer's start-up
-    timing."""
+    timing. run.activation_offload (cpu) moves the checkpointed blocks' saved inputs to host memory."""
     from .fp8 import convert_blocks_to_float8
     from .lora import apply_lora, init_lora_weights, load_lora_tensors
     from .lora import quantize_base as quantize
@@ -248,6 +254,8 @@ def build_rank_stages(
         if run.compile:
             for block in getattr(getattr(stage, family(cfg).PREFIX), family(cfg).LAYERS).values():
                 block.compile()
+        if run.activation_offload == "cpu":
+            stage.activation_offload = ActivationOffload(device)
         on_phase("weights")
         stages.append(stage)
     return stages

@@ -85,6 +85,7 @@ FLAG_ERRORS = [
         ["--fp8 needs an NVIDIA GPU with compute capability 8.9+", "--use-cuda false"],
     ),
     ({"fp8": "rowwise", "use-cuda": "true"}, ["--fp8 rowwise trains a bf16 model", "add --bf16"]),
+    ({"activation-offload": "cpu"}, ["--activation-offload cpu", "add --activation-checkpointing full"]),
     ({"fp8": "tensorwise", "use-cuda": "true", "fp16": True}, ["--fp8 tensorwise", "replace --fp16 with --bf16"]),
     ({"fp8": "tensorwise", "use-cuda": "true", "bf16": True, "lora-r": 8}, ["--fp8 tensorwise and LoRA adapters"]),
     (

@@ -27,6 +27,7 @@ from training.chunked_logps import attach_chunked_head
 from training.evaluation import evaluate, pair_batches
 from training.inputs import adapters_of, check_inputs, check_offload_memory, total_optimizer_steps
 from training.loss import TokenMeanLoss
+from training.memory_plan import check_memory_plan
 from training.metrics import StepMeter
 from training.pairs import PairTraining
 from training.preference import PreferenceLoss
@@ -105,6 +106,7 @@ class Trainer:
 
         self.plan = plan_of(lay.pp_rank)
         check_offload_memory(job, cfg, lay, plan_of, self.lora)
+        check_memory_plan(job, cfg, self.plan, lay, self.lora, self.log.info)
 
     def _setup_model(self):
         job, lay = self.job, self.layout
@@ -189,11 +191,8 @@ class Trainer:
         )
         self.checkpoint = TrainingCheckpoint(job.checkpoint, lay, run, self._announce)
         self.step = self.checkpoint.resume(self.state) or 0
-        flops = (
-            modules.lora_flops_per_token(self.cfg, self.lora, job.data.seq_length)
-            if self.lora
-            else modules.flops_per_token(self.cfg, job.data.seq_length)
-        )
+        cfg, seq = self.cfg, job.data.seq_length
+        flops = modules.lora_flops_per_token(cfg, self.lora, seq) if self.lora else modules.flops_per_token(cfg, seq)
         meter = StepMeter(lay.device, flops, lay.world_size, self.steps_total, self.step)
         self.step_log = StepLog(job.log, self.log, lay, meter, self.clock)
         self.profiler = make_profiler(job.profiling, lay, self.stages)

@@ -175,6 +175,9 @@ def environment(smoke: bool) -> dict:
     import torch
     import transformers
 
+    if not smoke and not os.environ.get("BENCH_COMMIT"):
+        # A copy of the tree on a lent machine may carry a stale or no git history: the JSON must name the code run.
+        sys.exit("bench: set BENCH_COMMIT=<the commit of the code measured> (the JSON records it); --smoke needs none")
     gpus = [] if smoke else gpu_inventory()
     card = gpus[0]["name"] if gpus else "cpu"
     peak, peak_label = peak_flops(card) if gpus else (None, "cpu: MFU not computed")

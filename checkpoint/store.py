@@ -264,7 +264,7 @@ class Checkpointer:
 
         # This rank's files, in order: (name, writer, tensors it holds)
         plan: list[tuple[str, Callable[[str], None], dict[str, torch.Tensor] | None]] = []
-        if lay.dp_rank == 0:
+        if lay.grad_rank == 0:  # one replica writes the stage (the cp ranks of a replica hold the same weights)
             p = lay.pp_rank
             plan.append((stage_model_file(p), tensors_file(snap.stage_tensors), snap.stage_tensors))
             if snap.optimizer_shard is None:

@@ -36,7 +36,7 @@ from checkpoint.names import (
 from checkpoint.parts import Stateful
 from checkpoint.snapshot import BackgroundWrite, HostBuffers, snapshot_fits
 from checkpoint.store import Checkpointer, CheckpointError, Snapshot, all_ranks, files_of
-from config import CheckpointConfig, saved_job
+from config import CheckpointConfig, JobConfig, saved_job, to_dict
 from optimizer.stage_optimizer import PER_BLOCK_STATE
 
 FORMAT = "checkpoint/1"
@@ -57,6 +57,21 @@ class RunInfo:
     config: dict  # the run's settings, config.to_dict(job)
     quantize_base: str = "none"
     base_seed: int | None = None  # the seed of a randomly initialised base (--load-pretrained-model false)
+
+    @classmethod
+    def of(cls, job: JobConfig) -> RunInfo:
+        model = job.model
+        return cls(
+            model.model_dir,
+            model.tokenizer_dir,
+            job.pipeline.mode,
+            job.data.accumulation,
+            getattr(torch, model.dtype),
+            job.optimizer.kind,
+            to_dict(job),
+            job.lora.quantize_base,
+            None if model.load_pretrained else model.seed,
+        )
 
 
 @dataclass
@@ -130,6 +145,7 @@ class TrainingCheckpoint:
             "layout": {
                 "pp": lay.pp_size,
                 "dp": lay.dp_size,
+                "cp": lay.cp_size,
                 "num_stages": plan.num_stages,
                 "stage_layers": plan.bounds,
                 "pp_mode": self.run.pp_mode,
@@ -137,7 +153,7 @@ class TrainingCheckpoint:
             },
             # Which files hold each stage's optimizer state: one per stage, or one per data-parallel rank (sharded)
             "optimizer_files": {
-                str(p): [stage_optimizer_shard_file(p, r) for r in range(lay.dp_size)]
+                str(p): [stage_optimizer_shard_file(p, r) for r in range(lay.grad_size)]
                 if state.optimizer.sharded
                 else [stage_optimizer_file(p)]
                 for p in range(lay.pp_size)
@@ -170,7 +186,7 @@ class TrainingCheckpoint:
             copy.deepcopy(state.parts["data"].state_dict()) if self.layout.rank == 0 else None,
             self.metadata(state, step),
             self.run.tokenizer_dir,
-            optimizer_shard=self.layout.dp_rank if state.optimizer.sharded else None,
+            optimizer_shard=self.layout.grad_rank if state.optimizer.sharded else None,
         )
         if not self.cfg.async_write:
             self.store.commit(snap)
@@ -353,9 +369,10 @@ class TrainingCheckpoint:
     def _same_layout(self, meta, state: TrainState) -> bool:
         layout = meta.get("layout", {})
         lay = self.layout
-        return (layout.get("pp"), layout.get("dp"), layout.get("num_stages")) == (
+        return (layout.get("pp"), layout.get("dp"), layout.get("cp", 1), layout.get("num_stages")) == (
             lay.pp_size,
             lay.dp_size,
+            lay.cp_size,
             state.plan.num_stages,
         )
 

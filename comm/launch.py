@@ -89,11 +89,13 @@ def main(entrypoint, argv):
         if dist.rank is not None:
             raise ArgumentError("--rank is given by the launcher; drop it (or drop --nproc-per-node and launch ranks)")
         world = opts.nproc_per_node * opts.nnodes
-        if world != dist.pipeline_size * dist.data_size:
+        groups = dist.pipeline_size * dist.data_size * dist.context_size
+        if world != groups:
+            cp = f" x --context-parallel-size {dist.context_size}" if dist.context_size > 1 else ""
             raise ArgumentError(
                 f"--nnodes {opts.nnodes} x --nproc-per-node {opts.nproc_per_node} = {world} processes, but "
-                f"--pipeline-group-size {dist.pipeline_size} x --data-group-size {dist.data_size} = "
-                f"{dist.pipeline_size * dist.data_size}; make them equal"
+                f"--pipeline-group-size {dist.pipeline_size} x --data-group-size {dist.data_size}{cp} = "
+                f"{groups}; make them equal"
             )
         refuse_replacing(job.checkpoint)
     except ArgumentError as exc:

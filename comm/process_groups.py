@@ -1,4 +1,7 @@
-"""Process groups: one world of pp x dp ranks, pipelines on contiguous ranks, data-parallel groups strided."""
+"""Process groups: one world of pp x dp x cp ranks, pipelines on contiguous ranks, data-parallel groups strided.
+
+A pipeline replica g = dp_rank x cp + cp_rank runs on ranks [g x pp, (g + 1) x pp): the cp replicas of one
+data-parallel replica read the same batches and split each sequence between them (context_parallel/)."""
 
 import datetime
 import os
@@ -32,6 +35,23 @@ class Layout:
     ends_group: object = None  # first + last stage of this pipeline (tied embeddings), when requested
     commit_group: object = None  # every rank, gloo: checkpoint commits only (a background writer's collectives)
     status_group: object = None  # every rank, gloo: the training thread's per-step check on a background write
+    cp_size: int = 1
+    cp_rank: int = 0
+    cp_group: object = None  # the ranks splitting this rank's sequences between them (--context-parallel-size)
+    replica_group: object = None  # cp > 1: every rank holding this stage, dp x cp of them
+
+    @property
+    def grad_size(self) -> int:
+        """Ranks whose gradients of this stage are summed (and whose optimizer state --dp-mode sharded splits)."""
+        return self.dp_size * self.cp_size
+
+    @property
+    def grad_rank(self) -> int:
+        return self.dp_rank * self.cp_size + self.cp_rank
+
+    @property
+    def grad_group(self):
+        return self.replica_group if self.cp_size > 1 else self.dp_group
 
     @property
     def is_last_stage(self):
@@ -40,11 +60,11 @@ class Layout:
     @property
     def is_logger(self):
         """The one rank that logs: the last stage of replica 0 (it sees the loss)."""
-        return self.dp_rank == 0 and self.is_last_stage
+        return self.grad_rank == 0 and self.is_last_stage
 
 
 def rank_to_coords(rank, pp_size):
-    """OpenChatKit's mapping: pipelines are contiguous ranks."""
+    """OpenChatKit's mapping: pipelines are contiguous ranks. (pp_rank, pipeline replica)."""
     return rank % pp_size, rank // pp_size
 
 
@@ -57,10 +77,10 @@ def _launch_env(cfg: DistConfig):
             raise LaunchError(f"--rank {cfg.rank} disagrees with torchrun's RANK={rank}; drop --rank under torchrun")
         return rank, world, local_rank, "env://"
     if cfg.rank is None:
-        if cfg.pipeline_size * cfg.data_size != 1:
+        if cfg.pipeline_size * cfg.data_size * cfg.context_size != 1:
             raise LaunchError("not under torchrun: pass --rank R (and --world-size, --dist-url) to each process")
         return 0, 1, 0, cfg.dist_url
-    world = cfg.world_size or cfg.pipeline_size * cfg.data_size
+    world = cfg.world_size or cfg.pipeline_size * cfg.data_size * cfg.context_size
     return cfg.rank, world, cfg.cuda_id if cfg.cuda_id is not None else 0, cfg.dist_url
 
 
@@ -99,12 +119,10 @@ def init_distributed(cfg: DistConfig, ends_group=False):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", cfg.net_interface)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", cfg.net_interface)
     rank, world, local_rank, init_method = _launch_env(cfg)
-    pp, dp = cfg.pipeline_size, cfg.data_size
-    if world != pp * dp:
-        raise LaunchError(
-            f"world size {world} != --pipeline-group-size {pp} x --data-group-size {dp}; "
-            f"launch {pp * dp} processes or change the group sizes"
-        )
+    pp, dp, cp = cfg.pipeline_size, cfg.data_size, cfg.context_size
+    if world != pp * dp * cp:
+        sizes = f"--pipeline-group-size {pp} x --data-group-size {dp}" + (f" x --context-parallel-size {cp}" * (cp > 1))
+        raise LaunchError(f"world size {world} != {sizes}; launch {pp * dp * cp} processes or change the group sizes")
     if not 0 <= rank < world:
         raise LaunchError(f"--rank {rank} is outside 0..{world - 1}")
 
@@ -163,21 +181,31 @@ def init_distributed(cfg: DistConfig, ends_group=False):
         kwargs["device_id"] = device  # eager NCCL init: errors surface at start, not at the first collective
     dist.init_process_group(**kwargs)
 
-    pp_rank, dp_rank = rank_to_coords(rank, pp)
-    layout = Layout(rank, world, pp, dp, pp_rank, dp_rank, local_rank, device)
+    pp_rank, replica = rank_to_coords(rank, pp)
+    layout = Layout(rank, world, pp, dp, pp_rank, replica // cp, local_rank, device, cp_size=cp, cp_rank=replica % cp)
     # Every rank must create every group, in the same order.
-    for replica in range(dp):
-        group = dist.new_group([replica * pp + s for s in range(pp)], timeout=timeout)
-        if replica == dp_rank:
+    for g in range(dp * cp):
+        group = dist.new_group([g * pp + s for s in range(pp)], timeout=timeout)
+        if g == replica:
             layout.pp_group = group
     for stage in range(pp):
-        group = dist.new_group([r * pp + stage for r in range(dp)], timeout=timeout)
-        if stage == pp_rank:
-            layout.dp_group = group
+        for c in range(cp):
+            group = dist.new_group([(d * cp + c) * pp + stage for d in range(dp)], timeout=timeout)
+            if (stage, c) == (pp_rank, layout.cp_rank):
+                layout.dp_group = group
+    if cp > 1:
+        for stage in range(pp):
+            for d in range(dp):
+                group = dist.new_group([(d * cp + c) * pp + stage for c in range(cp)], timeout=timeout)
+                if (stage, d) == (pp_rank, layout.dp_rank):
+                    layout.cp_group = group
+            group = dist.new_group([g * pp + stage for g in range(dp * cp)], timeout=timeout)
+            if stage == pp_rank:
+                layout.replica_group = group
     if ends_group and pp > 1:
-        for replica in range(dp):
-            group = dist.new_group([replica * pp, replica * pp + pp - 1], timeout=timeout)
-            if replica == dp_rank and pp_rank in (0, pp - 1):
+        for g in range(dp * cp):
+            group = dist.new_group([g * pp, g * pp + pp - 1], timeout=timeout)
+            if g == replica and pp_rank in (0, pp - 1):
                 layout.ends_group = group
     # Checkpoint commits run in a background thread: their collectives must never share a group (and its ordering)
     # with the training thread's. gloo takes CPU tensors whatever the training backend is.

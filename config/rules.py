@@ -86,10 +86,20 @@ def _check_layout(job: JobConfig) -> None:
             f"--pp-mode 1f1b needs at least --pipeline-group-size ({pp}) micro-batches per "
             f"iteration, got {n_micro}; raise --batch-size or lower --micro-batch-size"
         )
-    expected_world = pp * dist.data_size
+    cp = dist.context_size
+    expected_world = pp * dist.data_size * cp
     if dist.world_size is not None and dist.world_size != expected_world:
+        sizes = "--pipeline-group-size x --data-group-size" + (" x --context-parallel-size" if cp > 1 else "")
+        raise ArgumentError(f"--world-size {dist.world_size} must equal {sizes} = {expected_world}")
+    if cp > 1 and data.seq_length % (2 * cp):
         raise ArgumentError(
-            f"--world-size {dist.world_size} must equal --pipeline-group-size x --data-group-size = {expected_world}"
+            f"--context-parallel-size {cp} cuts each sequence into {2 * cp} equal chunks (two per rank): "
+            f"--seq-length {data.seq_length} must be a multiple of {2 * cp}"
+        )
+    if cp > 1 and job.objective.preference:
+        raise ArgumentError(
+            f"--context-parallel-size {cp} splits sequences for --objective sft only; a preference pair's "
+            f"log-probabilities need whole sequences: drop --context-parallel-size"
         )
 
 

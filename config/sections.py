@@ -48,6 +48,13 @@ class DistConfig:
 
     pipeline_size: int = setting("--pipeline-group-size", 1, "ranks per pipeline", group="distributed")
     data_size: int = setting("--data-group-size", 1, "pipeline replicas (data parallelism)", group="distributed")
+    context_size: int = setting(
+        "--context-parallel-size",
+        1,
+        "ranks that split every sequence between them (context parallelism; world = pp x dp x cp)",
+        group="distributed",
+        check=at_least(1),
+    )
     dist_url: str = setting(
         "--dist-url", "tcp://127.0.0.1:7033", "rendezvous of rank 0 (without torchrun)", group="distributed"
     )

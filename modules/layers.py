@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from context_parallel import ContextMask, gather_sequence
+
 from .config import ModelConfig
 
 
@@ -119,7 +121,10 @@ def causal_attention(
     """Attention on [B, H, S, D] (k/v may have fewer heads: GQA); returns [B, S, H*D]. `mask` None: causal over
     the whole window; a boolean [B|1, 1, S, S] (True: visible; CPU) or a FlexMask (GPU) from `attention_masks`.
     `scale` multiplies the scores (default D ** -0.5); `softcap` squashes them to cap * tanh(score / cap) before
-    the mask (Gemma 2): FlexAttention's score_mod on GPUs, the scores written out elsewhere."""
+    the mask (Gemma 2): FlexAttention's score_mod on GPUs, the scores written out elsewhere. A ContextMask
+    (context parallelism) gathers the keys and values of the whole sequence first."""
+    if isinstance(mask, ContextMask):
+        k, v, mask = gather_sequence(k, mask.context), gather_sequence(v, mask.context), mask.mask
     if isinstance(mask, FlexMask):
         score_mod = _softcap_mod(softcap) if softcap else None
         out = _flex_attention()(

@@ -19,6 +19,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from context_parallel import ContextSplit, context_masks
+
 from . import gemma2, gemma3, gptj, gptneox, llama, mistral, phi3, qwen2, qwen3
 from .activation_offload import ActivationOffload
 from .config import ModelConfig, ModelError
@@ -109,6 +111,7 @@ class Stage(nn.Module):
         # --chunked-loss: the last stage returns its final-normed hidden states and the loss applies the head
         self.head_in_loss = False
         self.activation_offload: ActivationOffload | None = None  # --activation-offload cpu
+        self.context: ContextSplit | None = None  # --context-parallel-size > 1: the rank's share of each sequence
 
     @property
     def output_layer(self) -> nn.Linear:
@@ -124,7 +127,9 @@ class Stage(nn.Module):
         self, x: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x: input_ids [B, S] (first stage) or hidden [B, S, H]; returns logits [B, S, V] (last; with `head_in_loss`
-        the final-normed hidden states, which the loss takes through the head) or hidden.
+        the final-normed hidden states, which the loss takes through the head) or hidden. Under context parallelism
+        x holds this rank's tokens only (ContextSplit.split) while `position_ids` and `doc_ids` describe the whole
+        sequences.
         `position_ids` [B, S] (default 0..S-1) place the rotary embedding; with `doc_ids` [B, S] a token attends
         only to earlier tokens of its own document (packed documents), else to every earlier token (a sliding
         layer: of its window)."""
@@ -135,6 +140,13 @@ class Stage(nn.Module):
             h = h * torch.tensor(cfg.hidden_size**0.5, dtype=h.dtype)
         blocks = getattr(body, fam.LAYERS)
         if len(blocks):
+            if self.context is not None:  # this rank's tokens of sequences split over its cp group
+                seq = h.shape[1] * self.context.size
+                mine = self.context.local_index(seq, h.device)
+                position_ids = position_ids[:, mine] if position_ids is not None else mine[None]
+                masks = context_masks(cfg, self.context, seq, doc_ids, h.device)
+            else:
+                masks = attention_masks(cfg, h, doc_ids)
             # Once per stage, shared by its blocks: rotary and mask per layer type
             rotary = {"full": self.rotary(h.shape[1], h.dtype, position_ids)}
             rotary["sliding"] = (
@@ -142,7 +154,6 @@ class Stage(nn.Module):
                 if hasattr(self, "rotary_local")
                 else rotary["full"]
             )
-            masks = attention_masks(cfg, h, doc_ids)
             offload = self.activation_offload if torch.is_grad_enabled() else None
             offloaded = offload.new_pass() if offload is not None else None
             for i, block in enumerate(blocks.values()):

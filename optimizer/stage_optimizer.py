@@ -151,17 +151,18 @@ class StageOptimizer:
         self.in_norm = [name not in norm_exclude for name, _ in named_params]
         self.model_params = [p for _, p in named_params]
         self.mixed = any(p.dtype != torch.float32 for p in self.model_params)
-        self.sharded = cfg.dp_mode == "sharded" and layout.dp_size > 1  # dp=1: nothing to shard
+        # Every rank holding this stage (dp x cp of them) sums its gradients; one alone has nothing to shard.
+        self.sharded = cfg.dp_mode == "sharded" and layout.grad_size > 1
         self.offload = cfg.offload == "cpu"
         self.host = torch.device("cpu") if self.offload else layout.device
         self.separate = self.mixed or self.offload  # masters are copies, written back to the model after a step
         self.reducer = None
-        if layout.dp_size > 1:
+        if layout.grad_size > 1:
             self.reducer = GradientReducer(
                 self.model_params,
-                layout.dp_group,
-                layout.dp_size,
-                layout.dp_rank,
+                layout.grad_group,
+                layout.grad_size,
+                layout.grad_rank,
                 self.sharded,
                 backwards_per_step,
                 bucket_bytes=int(cfg.dp_bucket_mb * 2**20),
@@ -259,7 +260,7 @@ class StageOptimizer:
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # a few kernels, not one per tensor
             sumsq = torch.stack(norms).square().sum()
         if self.sharded:
-            dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=self.layout.dp_group)
+            dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=self.layout.grad_group)
         if self.layout.pp_size > 1:
             dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=self.layout.pp_group)
         return sumsq.sqrt()

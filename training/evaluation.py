@@ -32,6 +32,10 @@ def evaluate(
         if loss is not None:
             total[0] += loss.double()
             total[1] += (batch["labels"] != -100).sum()
+    if layout.cp_size > 1:  # each cp rank scored its own tokens of the same batches
+        loss = total[:1].clone()
+        dist.all_reduce(loss, group=layout.cp_group)
+        total[0] = loss[0]
     if layout.dp_size > 1:
         dist.all_reduce(total, group=layout.dp_group)
     if not layout.is_logger or total[1] == 0:

@@ -20,6 +20,7 @@ from checkpoint.training_state import RunInfo, TrainingCheckpoint, TrainState
 from comm import Layout, init_distributed
 from comm.watchdog import Watchdog
 from config import JobConfig, to_dict
+from context_parallel import ContextSplit, attach_context
 from modules.compile_cache import use_compile_cache
 from optimizer import StageOptimizer
 from pipeline_parallel import Pipeline, StagePlan, plan_stages
@@ -51,6 +52,7 @@ class Trainer:
     adapter_tensors: dict | None  # --lora-init's
     plan: StagePlan
     stages: list[modules.Stage]
+    context: ContextSplit | None
     named_params: list[tuple[str, torch.nn.Parameter]]  # what trains: every weight, or the adapters only
     documents: bool  # --attention-mask document: every stage needs the batch's document ids
     stream: tasks.PackedStream | None
@@ -125,6 +127,7 @@ class Trainer:
             show_progress=lay.is_logger,
             on_phase=self.clock.lap,
         )
+        self.context = attach_context(self.stages, lay)  # --context-parallel-size: each rank's share of a sequence
         if job.model.fp8 != "none":
             self.log.info(modules.float8_summary(self.stages, job.model.fp8))
         # The frozen base of a LoRA run gets no gradient, master copy or optimizer state.
@@ -178,18 +181,7 @@ class Trainer:
         if self.stream is not None:
             parts["data"] = self.stream
         self.state = TrainState(self.cfg, lay, self.plan, self.stages, parts, self.tied, self.lora)
-        run = RunInfo(
-            job.model.model_dir,
-            job.model.tokenizer_dir,
-            job.pipeline.mode,
-            job.data.accumulation,
-            getattr(torch, job.model.dtype),
-            job.optimizer.kind,
-            to_dict(job),
-            job.lora.quantize_base,
-            None if job.model.load_pretrained else job.model.seed,
-        )
-        self.checkpoint = TrainingCheckpoint(job.checkpoint, lay, run, self._announce)
+        self.checkpoint = TrainingCheckpoint(job.checkpoint, lay, RunInfo.of(job), self._announce)
         self.step = self.checkpoint.resume(self.state) or 0
         cfg, seq = self.cfg, job.data.seq_length
         flops = modules.lora_flops_per_token(cfg, self.lora, seq) if self.lora else modules.flops_per_token(cfg, seq)
@@ -290,6 +282,8 @@ class Trainer:
             target = self.pairs.target(batch, self.pipeline, stage_kwargs)
         else:
             target = batch["labels"].to(device, non_blocking=True) if batch else None
+        if self.context is not None:  # this rank's tokens; position and document ids stay whole for the masks
+            input_ids, target = self.context.split(input_ids), self.context.split(target)
         return self.pipeline.run(input_ids, target, train=train, **stage_kwargs)
 
     def _document_inputs(self, batch: dict | None) -> dict:
@@ -311,8 +305,8 @@ class Trainer:
         if not self.plan.holds_last:
             return None
         loss = loss_sum.detach().clone()
-        if self.layout.dp_size > 1:
-            dist.all_reduce(loss, group=self.layout.dp_group)
+        if self.layout.grad_size > 1:  # every replica's and every cp rank's share
+            dist.all_reduce(loss, group=self.layout.grad_group)
         return loss
 
     def _step_values(self, lr: float, grad_norm, skipped: bool) -> dict:

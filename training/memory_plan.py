@@ -86,7 +86,7 @@ def plan_memory(job: JobConfig, cfg: modules.ModelConfig, plan: StagePlan, pp_si
         optimizer = trained * (master + state) / share
 
     rows = data.micro_batch_size * (2 if job.objective.preference else 1)
-    tokens = rows * data.seq_length
+    tokens = rows * data.seq_length // job.dist.context_size  # this rank's share of each sequence
     layers = sum(end - start for start, end in (plan.bounds[s] for s in plan.stage_ids))
     whole_block = dtype_bytes * (6 * cfg.hidden_size + 4 * cfg.intermediate_size)
     checkpointed = {"none": 0.0, "selective": 0.5, "full": 1.0}[model.activation_checkpointing]

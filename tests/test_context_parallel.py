@@ -29,6 +29,38 @@ def test_each_rank_holds_an_early_and_a_late_chunk_and_together_every_token_once
     assert split.split(batch).tolist() == [list(range(4, 12)), list(range(20, 28))]
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("window", [None, 6])
+def test_each_ranks_queries_against_the_gathered_keys_equal_whole_sequence_attention(device, window):
+    """One process plays both ranks of a cp2 group: each rank's queries against the keys in gathered order, under
+    its context mask (boolean for SDPA on CPU, a FlexAttention block mask on GPUs), equal attention over the whole
+    sequence at that rank's positions; packed documents and a sliding window included."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from types import SimpleNamespace
+
+    from context_parallel import context_masks
+    from modules.layers import causal_attention
+
+    seq, heads, dim = 256, 2, 16  # FlexAttention's blocks are 128 tokens: two chunks of 64 per rank
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, seq, dim, generator=gen).to(device) for _ in range(3))
+    doc_ids = torch.cumsum(torch.rand(2, seq, generator=gen) < 0.02, dim=1).to(device)
+    kinds = ["full", "sliding"] if window else ["full"]
+    cfg = SimpleNamespace(sliding_window=window or seq, layer_types=kinds)
+    positions = torch.arange(seq, device=device)
+    visible = (positions[None, :] <= positions[:, None]) & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    if window:
+        visible &= positions[:, None] - positions[None, :] < window
+    whole = causal_attention(q.cpu(), k.cpu(), v.cpu(), visible[:, None].cpu()).to(device)
+    for rank in range(2):
+        split = ContextSplit(2, rank, None)
+        mine, keys = split.local_index(seq, device), split.key_index(seq, device)
+        mask = context_masks(cfg, split, seq, doc_ids, torch.device(device))[kinds[-1]].mask
+        got = causal_attention(q[:, :, mine], k[:, :, keys], v[:, :, keys], mask)
+        torch.testing.assert_close(got, whole[:, mine], rtol=1e-4, atol=1e-5)
+
+
 def layouts_of(family):
     """(label, world, flags); every family at cp2, the two the issue names in the composed layouts too."""
     out = [("cp2", 2, ["--context-parallel-size", "2"])]

@@ -13,6 +13,7 @@ from tests.helpers import (
     make_chat_data,
     make_model,
     read_checkpoint_weights,
+    read_metrics,
     run_job,
     run_ranks,
     wait_ranks,
@@ -141,6 +142,28 @@ def test_a_checkpoint_written_at_cp2_resumes_at_cp1(tmp_path):
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert "resumed from" in second.stdout + second.stderr
     assert_trained_like(ckpt, reference_weights(model_dir, data), "cp2 -> cp1")
+
+
+@pytest.mark.e2e
+def test_evaluation_scores_the_whole_sequences_at_cp2(tmp_path):
+    """valid.loss and the logged training loss at cp2 equal one process's: each cp rank's share is summed once."""
+    model_dir = make_model(tmp_path / "m", model_type="llama", hidden=32, layers=2, heads=4)
+    data = make_chat_data(tmp_path / "chat.jsonl")
+    held_out = make_chat_data(tmp_path / "eval.jsonl", n=12, seed=1)
+    scores = {}
+    for cp in (1, 2):
+        ckpt = tmp_path / f"cp{cp}"
+        flags = base_flags(
+            model_dir, data, str(ckpt), **{"evaluation-data": held_out, "evaluation-steps": 1, "total-steps": 2}
+        )
+        done = run_job(cp, [*flags, "--context-parallel-size", str(cp)])
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        scores[cp] = read_metrics(str(ckpt / "metrics.jsonl"), "valid.loss"), read_metrics(str(ckpt / "metrics.jsonl"))
+    (valid1, loss1), (valid2, loss2) = scores[1], scores[2]
+    assert len(valid1) == 2 and valid2.keys() == valid1.keys() and loss2.keys() == loss1.keys()
+    for step in valid1:
+        assert valid2[step] == pytest.approx(valid1[step], rel=1e-5)
+        assert loss2[step] == pytest.approx(loss1[step], rel=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """BASELINE for every benchmark: a plain transformers training loop on one device.
 
-AutoModelForCausalLM (GPT-NeoX or Qwen3 shapes) built from the model directory's config.json (random init, directly on
+AutoModelForCausalLM (GPT-NeoX, Qwen3 or Llama shapes) built from the model directory's config.json (random init, directly on
 the device), fp32 parameters, bf16 autocast, attn_implementation="sdpa", torch.optim.AdamW(fused=True), `--accum` micro-batches of
 `--micro-batch-size` random-token sequences per optimizer step (loss = transformers' own shifted cross-entropy).
 This is GUIDE §6's measured configuration (Pythia-1.4B shape, micro-batch 4: 40,970 tok/s on one H100).
@@ -9,7 +9,9 @@ No gradient clipping, no data loader. On CPU (--device cpu, the --smoke runs): f
 LoRA (issue 14's reference; bench_lora.py): `--lora-r R --lora-alpha A --lora-targets LIST|all-linear` wraps the model
 in peft's LoraConfig (dropout 0); `--base-dtype bf16` holds the frozen base in bf16 while peft keeps the adapters in
 fp32 (get_peft_model's autocast_adapter_dtype); bf16 autocast and SDPA as above; fused AdamW on the adapters only.
-`--gradient-checkpointing`: transformers' gradient_checkpointing_enable(use_reentrant=False).
+`--gradient-checkpointing`: transformers' gradient_checkpointing_enable(use_reentrant=False). `--liger`: liger-kernel's
+kernels for the model type, patched in before the model is built (with the random-token loss, its fused linear
+cross-entropy: no logits of the whole window).
 `--quantize nf4` (QLoRA): every linear of the transformer layers (not the LM head, as transformers' bitsandbytes
 quantizer skips it) in bitsandbytes Linear4bit, NF4, double quantisation, bf16 compute. With `--load-weights` through
 from_pretrained(quantization_config=BitsAndBytesConfig(...)) as users do; without, the random bf16 model is built on
@@ -52,6 +54,11 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--compile", action="store_true", help="torch.compile the whole model")
+    ap.add_argument(
+        "--liger",
+        action="store_true",
+        help="liger-kernel's kernels for the model type (its fused linear cross-entropy)",
+    )
     ap.add_argument("--load-weights", action="store_true", help="from_pretrained(--model-dir) instead of random init")
     ap.add_argument("--base-dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the model's parameters")
     lora = ap.add_argument_group("LoRA (peft)")
@@ -83,6 +90,11 @@ def main():
     stream = None
     try:
         config = AutoConfig.from_pretrained(args.model_dir)
+        if args.liger:  # patches transformers' classes: before the model is built
+            from liger_kernel.transformers import _apply_liger_kernel
+
+            _apply_liger_kernel(config.model_type)
+            summary["liger"] = True
         torch.manual_seed(0)
         dtype = torch.bfloat16 if args.base_dtype == "bf16" else torch.float32
         if args.quantize != "none":
@@ -241,7 +253,7 @@ def build_quantized(args, config, device, summary):
     import bitsandbytes as bnb
     import torch
     from torch import nn
-    from transformers import BitsAndBytesConfig, GPTNeoXForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if args.load_weights:
         quant = BitsAndBytesConfig(
@@ -251,7 +263,7 @@ def build_quantized(args, config, device, summary):
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         summary["quantized_by"] = "from_pretrained(quantization_config=BitsAndBytesConfig nf4, double quant, bf16)"
-        return GPTNeoXForCausalLM.from_pretrained(
+        return AutoModelForCausalLM.from_pretrained(
             args.model_dir,
             attn_implementation="sdpa",
             dtype=torch.bfloat16,
@@ -259,9 +271,9 @@ def build_quantized(args, config, device, summary):
             device_map={"": device},
         )
     with torch.device(device):
-        model = GPTNeoXForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
     with torch.no_grad():
-        for layer in model.gpt_neox.layers:
+        for layer in model.base_model.layers:
             for path, linear in list(layer.named_modules()):
                 if type(linear) is not nn.Linear:
                     continue

@@ -61,6 +61,27 @@ SHAPES = {
         intermediate_size=12288,
         vocab_size=151936,
     ),
+    # Llama 3.1 shapes (GQA, SwiGLU, llama3 rope scaling to 128k positions, untied head)
+    "llama3-8b": dict(
+        family="llama",
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=14336,
+        vocab_size=128256,
+    ),
+    "llama-tiny": dict(  # --smoke
+        family="llama",
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        vocab_size=50304,
+    ),
     "qwen3-tiny": dict(  # --smoke
         family="qwen3",
         hidden_size=64,
@@ -203,9 +224,31 @@ def environment(smoke: bool) -> dict:
 
 
 def hf_config(shape: str, num_layers: int | None = None, max_positions: int = 2048):
-    from transformers import GPTNeoXConfig, Qwen3Config
+    from transformers import GPTNeoXConfig, LlamaConfig, Qwen3Config
 
     s = SHAPES[shape]
+    if s.get("family") == "llama":
+        return LlamaConfig(
+            vocab_size=s["vocab_size"],
+            hidden_size=s["hidden_size"],
+            num_hidden_layers=num_layers or s["num_layers"],
+            num_attention_heads=s["num_heads"],
+            num_key_value_heads=s["num_kv_heads"],
+            head_dim=s["head_dim"],
+            intermediate_size=s["intermediate_size"],
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500_000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            max_position_embeddings=max(131_072, max_positions),
+            tie_word_embeddings=False,
+            bos_token_id=EOS_ID,
+            eos_token_id=EOS_ID,
+        )
     if s.get("family") == "qwen3":
         return Qwen3Config(
             vocab_size=s["vocab_size"],

@@ -137,7 +137,7 @@ class ModelRunConfig:
         "--chunked-loss",
         "auto",
         "compute the LM head and the loss a few thousand tokens at a time, so the logits of the whole micro-batch "
-        "never exist (recomputed in backward): on, off, auto (on where one micro-batch's fp32 logits exceed 1 GiB)",
+        "never exist (recomputed in backward): on, off, auto (on where one micro-batch's fp32 logits exceed 4 GiB)",
         group="model",
         choices=("auto", "on", "off"),
     )

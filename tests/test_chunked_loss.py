@@ -101,7 +101,7 @@ def test_every_family_trains_the_same_with_the_head_in_the_loss(family, tmp_path
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=atol, msg=name)
 
 
-def test_auto_turns_it_on_where_a_micro_batchs_logits_exceed_a_gib(tmp_path):
+def test_auto_turns_it_on_where_a_micro_batchs_logits_exceed_4_gib(tmp_path):
     path = make_model(tmp_path / "m", hidden=32, layers=2, heads=4)
     cfg = modules.load_model_config(path)
 
@@ -116,8 +116,8 @@ def test_auto_turns_it_on_where_a_micro_batchs_logits_exceed_a_gib(tmp_path):
         assert stage.head_in_loss == (head is not None)
         return head is not None
 
-    # 50,304 fp32 logits a token: 2 x 2048 tokens are 0.8 GB, 2 x 4096 are 1.6 GB; a DPO pair is two rows
-    assert not attached("auto", 2048) and attached("auto", 4096) and attached("auto", 2048, objective="dpo")
+    # 50,304 fp32 logits a token: 2 x 8192 tokens are 3.3 GB, 2 x 16384 are 6.6 GB; a DPO pair is two rows
+    assert not attached("auto", 8192) and attached("auto", 16384) and attached("auto", 8192, objective="dpo")
     assert attached("on", 16) and not attached("off", 8192)
     # a rank without the last stage has nothing to attach
     middle = modules.build_stage(cfg, 0, 1, True, False)

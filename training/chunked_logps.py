@@ -114,7 +114,9 @@ class ChunkedHead:
         return logps.view(labels.shape)
 
 
-AUTO_BYTES = 1 << 30  # --chunked-loss auto: on once one micro-batch's fp32 logits would exceed this
+# --chunked-loss auto: on once one micro-batch's fp32 logits would exceed this. High enough that the shapes measured
+# with the plain loss (bench/RESULTS.md, up to 3.3 GB of logits) keep it until the chunks are measured as fast.
+AUTO_BYTES = 4 << 30
 
 
 def attach_chunked_head(stages, job: JobConfig) -> ChunkedHead | None:
@@ -125,7 +127,8 @@ def attach_chunked_head(stages, job: JobConfig) -> ChunkedHead | None:
     if last is None or setting == "off":
         return None
     rows = job.data.micro_batch_size * (2 if job.objective.preference else 1)  # a pair is two rows
-    if setting == "auto" and rows * job.data.seq_length * last.cfg.vocab_size * 4 <= AUTO_BYTES:
+    tokens = rows * job.data.seq_length // job.dist.context_size  # a cp rank holds its share of each sequence
+    if setting == "auto" and tokens * last.cfg.vocab_size * 4 <= AUTO_BYTES:
         return None
     last.head_in_loss = True
     return ChunkedHead(last.output_layer, last.cfg.final_softcap, compiled=job.model.compile)

@@ -5,7 +5,17 @@ Reading order: settings.py (what a setting is), sections.py (every setting), rul
 cli.py (the command line and saved configs).
 """
 
-from .cli import build_parser, check_settings, flag_of, flag_values, load_job, parse, saved_job, to_dict
+from .cli import (
+    add_section_flags,
+    build_parser,
+    check_settings,
+    flag_of,
+    flag_values,
+    load_job,
+    parse,
+    saved_job,
+    to_dict,
+)
 from .rules import ArgumentError
 from .sections import (
     SECTIONS,
@@ -37,6 +47,7 @@ __all__ = [
     "OptimizerConfig",
     "PipelineConfig",
     "ProfilingConfig",
+    "add_section_flags",
     "build_parser",
     "check_settings",
     "flag_of",

@@ -58,21 +58,33 @@ def build_parser() -> argparse.ArgumentParser:
     ]
     order = list(GROUPS)
     for section_type, field, flag in sorted(settings, key=lambda s: order.index(s[2].group)):  # usage: by --help group
-        options: dict[str, Any] = {"dest": flag.dest, "default": field.default, "help": flag.help}
-        if flag.switch:
-            options["action"] = "store_true"
-        else:
-            value_type = _value_type(section_type, field)
-            if value_type is bool:
-                options["type"] = str_to_bool  # `--use-cuda false`: OpenChatKit's scripts pass a value
-            elif value_type in (int, float):
-                options["type"] = value_type
-            if flag.choices:
-                options["choices"] = flag.choices
-            if flag.required:
-                options["required"] = True
-        groups[flag.group].add_argument(*flag.names, **options)
+        _add_flag(groups[flag.group], section_type, field, flag)
     return parser
+
+
+def add_section_flags(parser, section_type: type, names: list[str]) -> None:
+    """The flags of fields `names` of a section, as the trainer takes them: for tools that read some settings
+    (tools/prepare_data.py: the data settings). Values land under the field names."""
+    for field, flag in flags_of(section_type):
+        if field.name in names:
+            _add_flag(parser, section_type, field, dataclasses.replace(flag, required=False), dest=field.name)
+
+
+def _add_flag(group, section_type: type, field: dataclasses.Field, flag: Flag, dest: str | None = None) -> None:
+    options: dict[str, Any] = {"dest": dest or flag.dest, "default": field.default, "help": flag.help}
+    if flag.switch:
+        options["action"] = "store_true"
+    else:
+        value_type = _value_type(section_type, field)
+        if value_type is bool:
+            options["type"] = str_to_bool  # `--use-cuda false`: OpenChatKit's scripts pass a value
+        elif value_type in (int, float):
+            options["type"] = value_type
+        if flag.choices:
+            options["choices"] = flag.choices
+        if flag.required:
+            options["required"] = True
+    group.add_argument(*flag.names, **options)
 
 
 def job_from_values(values: dict[str, Any]) -> JobConfig:

@@ -42,7 +42,7 @@ class StateRef:
 def window_arrays(tok, trn, dst, js, S):
     """Rows for windows starting at pending positions js*S."""
     idx = js[:, None] * S + np.arange(S + 1)
-    w = tok[idx]
+    w = tok[idx].astype(np.int64, copy=False)  # a token cache stores uint32
     inputs = w[:, :S]
     labels = np.where(trn[idx[:, 1:]], w[:, 1:], IGNORE)
     reset = dst[idx[:, :S]]

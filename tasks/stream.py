@@ -271,6 +271,27 @@ class _Pipeline:
         rendered = [render(item[0], files[t][item[1]], item[3]) for t, item in docs]
         return self.encoder.encode_chunk(rendered, drop)
 
+    def encoded(self, mix: Mixture, drop: int, stop: threading.Event | None):
+        """(ChunkMeta, Chunk) of the stream from `mix`'s position on, in order; encoded by a pool of `num_workers`
+        threads when `stop` is given (the loader thread, or a cache build), else here."""
+        files = [t.files for t in self.tasks]
+        pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="tasks-tokenize") if stop else None
+        pending: deque = deque()
+        try:
+            for meta, docs in self.chunks(mix, drop):
+                if pool is None:
+                    yield meta, self.encode(files, docs, meta.drop)
+                    continue
+                pending.append((meta, pool.submit(self.encode, files, docs, meta.drop)))
+                if len(pending) > self.num_workers:
+                    m, fut = pending.popleft()
+                    yield m, fut.result()
+                if stop.is_set():
+                    return
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
     def batches(self, resume: dict | None, stop: threading.Event | None):
         mix = Mixture(self.tasks, self.seed, self.shuffle_buffer)
         windows, skip_docs, drop = 0, 0, 0
@@ -278,24 +299,13 @@ class _Pipeline:
             pos = resume["position"]
             mix.load_json(pos["source"])
             skip_docs, drop, windows = int(pos["skip_docs"]), int(pos["skip_tokens"]), int(resume["windows"])
-        files = [t.files for t in self.tasks]
         packer = Packer(self.seq_length, self.batch_size, self.dp_rank, self.dp_size, windows, self.encoder.eos)
-        pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="tasks-tokenize") if stop else None
-        pending: deque = deque()
+        chunks = self.encoded(mix, drop, stop)
         try:
             for _ in range(skip_docs):
                 mix.next_doc()
-            for meta, docs in self.chunks(mix, drop):
-                if pool is None:
-                    yield from packer.feed(meta, self.encode(files, docs, meta.drop))
-                    continue
-                pending.append((meta, pool.submit(self.encode, files, docs, meta.drop)))
-                if len(pending) > self.num_workers:
-                    m, fut = pending.popleft()
-                    yield from packer.feed(m, fut.result())
-                if stop.is_set():
-                    return
+            for meta, chunk in chunks:
+                yield from packer.feed(meta, chunk)
         finally:
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+            chunks.close()  # its tokeniser pool stops now, not when the generator is collected
             mix.close()

@@ -33,7 +33,10 @@ def check_inputs(job: JobConfig, cfg: modules.ModelConfig, warn: Callable[[str],
         )
     if job.model.fp8 != "none":
         modules.check_fp8_device(device)
-    tasks.parse_task_spec(job.data.task_spec)
+    if tasks.is_cache(job.data.task_spec):  # a token cache (tools/prepare_data.py): its sources are tokenized
+        check_cache_use(job)
+    else:
+        tasks.parse_task_spec(job.data.task_spec)
     if job.data.evaluation_data:
         tasks.parse_task_spec(job.data.evaluation_data, flag="--evaluation-data")
         if not job.data.evaluation_every:
@@ -51,6 +54,8 @@ def check_inputs(job: JobConfig, cfg: modules.ModelConfig, warn: Callable[[str],
             f"--tokenizer-name {where}: cannot load the tokenizer ({type(exc).__name__}: "
             f"{one_line(exc)[:200]}); point it at the model's tokenizer directory"
         ) from None
+    if tasks.is_cache(job.data.task_spec):  # built with this tokenizer and these data settings?
+        tasks.TokenCache(job.data.task_spec).check_settings(job.data, tokenizer)
     if len(tokenizer) > cfg.vocab_size:  # ids past the embedding would crash (or assert on a GPU)
         raise modules.ModelError(
             f"--tokenizer-name {where} has {len(tokenizer)} tokens but the model's vocabulary has "
@@ -106,7 +111,11 @@ def total_optimizer_steps(
     """--total-steps in optimizer steps, or the steps of --nepochs passes over the data's tokens (counted once, by
     rank 0, and cached beside the data for later runs), or over its pairs under a preference objective."""
     if data.total_iterations is not None:
-        return data.total_iterations // data.accumulation
+        steps = data.total_iterations // data.accumulation
+        if tasks.is_cache(data.task_spec):  # the cache must hold every window the run will train on
+            windows = steps * data.accumulation * data.batch_size * layout.dp_size
+            tasks.TokenCache(data.task_spec).check_holds(windows, data.seq_length)
+        return steps
     counted = [None]
     if layout.rank == 0:
         if objective.preference:
@@ -125,3 +134,17 @@ def total_optimizer_steps(
     steps = max(1, math.ceil(iterations / data.accumulation))
     log(f"--nepochs {data.epochs}: {counted[0]} {unit} -> {steps} optimizer steps")
     return steps
+
+
+def check_cache_use(job: JobConfig) -> None:
+    """A token cache holds the SFT token stream of its sources, whose passes it does not count."""
+    if job.objective.preference:
+        raise tasks.TaskError(
+            f"--task-name {job.data.task_spec} is a token cache of SFT token windows; --objective "
+            f"{job.objective.kind} reads preference pairs: give it the pair files themselves"
+        )
+    if job.data.epochs is not None:
+        raise tasks.TaskError(
+            f"--task-name {job.data.task_spec} is a token cache, which counts tokens, not passes over its sources: "
+            f"give --total-steps instead of --nepochs"
+        )

@@ -55,7 +55,7 @@ class Trainer:
     context: ContextSplit | None
     named_params: list[tuple[str, torch.nn.Parameter]]  # what trains: every weight, or the adapters only
     documents: bool  # --attention-mask document: every stage needs the batch's document ids
-    stream: tasks.PackedStream | None
+    stream: tasks.PackedStream | tasks.CachedStream | tasks.PreferenceStream | None
     steps_total: int
     optimizer: StageOptimizer
     loss_fn: TokenMeanLoss | PreferenceLoss
@@ -144,8 +144,8 @@ class Trainer:
         self.documents = job.model.attention_mask == "document"
         reads = self.plan.reads_data or self.documents
         show = None if lay.rank == 0 else False  # SHOW_DATA samples printed by one rank only
-        stream_type = tasks.PreferenceStream if job.objective.preference else tasks.PackedStream
-        self.stream = stream_type(job.data, self.tokenizer, lay.dp_rank, lay.dp_size, show) if reads else None
+        args = (job.data, self.tokenizer, lay.dp_rank, lay.dp_size, show, job.objective.preference)
+        self.stream = tasks.training_stream(*args) if reads else None
         self.steps_total = total_optimizer_steps(job.data, job.objective, self.tokenizer, lay, self.log.info)
 
     def _setup_optimizer(self):

@@ -1,0 +1,171 @@
+"""The token cache (tools/prepare_data.py, --task-name CACHE_DIR): its batches are the packed stream's, replica by
+replica, for a weighted mix of chat and text sources; a replica reads only its own windows; a resume jumps to its
+window; an interrupted build continues to the same tokens; a cache of other settings, a damaged one and one of a
+newer format are refused in one line; training on it is bit-identical to training on the sources at pp1 x dp2 and
+pp2 x dp2, and resumes bit-exactly after a crash."""
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import tasks
+from tasks import cache as token_cache
+from tests.helpers import base_flags, data_config, make_chat_data, make_model, read_checkpoint_weights, run_job
+from tools.prepare_data import main as prepare_data
+
+TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """A weighted mix: chat records and plain text, in two files."""
+    root = tmp_path_factory.mktemp("sources")
+    chat = make_chat_data(root / "chat.jsonl", n=150)
+    text = root / "text.jsonl"
+    with open(text, "w") as f:
+        for i in range(120):
+            f.write(
+                json.dumps({"text": f"Document {i}: " + " ".join(f"word{j % 37}" for j in range(i % 23 + 5))}) + "\n"
+            )
+    return f"{chat}:0.6,{text}:0.4"
+
+
+def build(spec, output, tokens=40_000, *extra):
+    code = prepare_data(
+        ["--task-name", spec, "--tokenizer-name", TOKENIZER_DIR, "--output", str(output), "--tokens", str(tokens)]
+        + list(extra)
+    )
+    assert code == 0
+    return str(output)
+
+
+def test_batches_from_the_cache_equal_the_packed_stream_replica_by_replica(tok, sources, tmp_path):
+    cache = build(sources, tmp_path / "cache")
+    for rank in range(2):
+        raw = tasks.PackedStream(data_config(sources, seq_length=48, batch_size=2), tok, rank, 2)
+        cached = tasks.CachedStream(data_config(cache, seq_length=48, batch_size=2), tok, rank, 2)
+        for _ in range(12):
+            want, got = next(raw), next(cached)
+            for key in want:
+                assert torch.equal(got[key], want[key]), key
+        raw.close()
+        cached.close()
+
+
+def test_a_replica_reads_only_its_own_windows_and_a_resume_jumps_to_its_window(tok, sources, tmp_path):
+    cache = build(sources, tmp_path / "cache")
+    data = data_config(cache, seq_length=32, batch_size=2, num_workers=0)
+    streams = [tasks.CachedStream(data, tok, rank, 4) for rank in range(4)]
+    batches = [[next(s) for _ in range(5)] for s in streams]
+    for s in streams:  # 5 batches of 2 windows of 33 tokens each: a quarter of what the 4 replicas trained on
+        assert s._pipe.tokens_read == 5 * 2 * 33
+    state = streams[1].state_dict()
+    assert state["windows"] == 5 * 8
+    resumed = tasks.CachedStream(data, tok, 1, 4)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    want = next(streams[1])
+    got = next(resumed)
+    assert all(torch.equal(got[k], want[k]) for k in want) and resumed._pipe.tokens_read == 2 * 33
+    assert batches[0][0]["input_ids"].shape == (2, 32)
+
+
+def test_an_interrupted_build_continues_to_the_same_tokens(tok, sources, tmp_path, monkeypatch):
+    whole = build(sources, tmp_path / "whole")
+    monkeypatch.setattr(token_cache, "SAVE_EVERY_S", 0.0)  # progress before every chunk
+    real = token_cache.PackedStream
+
+    class Interrupted(real):  # its pipeline stops after three chunks, as a killed build would
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            encoded = self._pipe.encoded
+
+            def three(*args):
+                for i, item in enumerate(encoded(*args)):
+                    if i == 3:
+                        raise KeyboardInterrupt
+                    yield item
+
+            self._pipe.encoded = three
+
+    monkeypatch.setattr(token_cache, "PackedStream", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(sources, tmp_path / "resumed")
+    assert not os.path.exists(tmp_path / "resumed" / "cache.json")
+    monkeypatch.setattr(token_cache, "PackedStream", real)
+    resumed = build(sources, tmp_path / "resumed")
+    a, b = token_cache.TokenCache(whole), token_cache.TokenCache(resumed)
+    assert a.tokens == b.tokens
+    for name in token_cache.ARRAYS:
+        assert np.array_equal(a.arrays[name], b.arrays[name]), name
+    assert a.epoch_starts == b.epoch_starts
+
+
+def test_other_settings_a_damaged_cache_and_a_newer_format_are_refused(tok, sources, tmp_path):
+    cache = build(sources, tmp_path / "cache", 5_000)
+    other = copy.deepcopy(tok)
+    other.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
+    with pytest.raises(tasks.TaskError, match="another tokenizer"):
+        tasks.CachedStream(data_config(cache, seq_length=32), other)
+    with pytest.raises(tasks.TaskError, match="--train-on-inputs False, this run has True"):
+        tasks.CachedStream(data_config(cache, seq_length=32, train_on_inputs=True), tok)
+    with pytest.raises(tasks.TaskError, match="--seed 42"):
+        tasks.CachedStream(data_config(cache, seq_length=32, seed=7), tok)
+    with pytest.raises(tasks.TaskError, match=r"holds [\d,]+ tokens and this run trains on 32,001"):
+        tasks.TokenCache(cache).check_holds(1000, 32)
+    index = json.load(open(os.path.join(cache, "cache.json")))
+    shard = os.path.join(cache, index["build"], "tokens.bin")
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 4)
+    with pytest.raises(tasks.TaskError, match="damaged .tokens.bin holds"):
+        tasks.TokenCache(cache)
+    json.dump({**index, "format": "tasks.TokenCache/9"}, open(os.path.join(cache, "cache.json"), "w"))
+    with pytest.raises(tasks.TaskError, match="rebuild it with this version"):
+        tasks.TokenCache(cache)
+
+
+def test_prepare_data_refuses_bad_input_in_one_line(tmp_path, capsys):
+    code = prepare_data(["--task-name", str(tmp_path / "missing.jsonl"), "--tokenizer-name", TOKENIZER_DIR,
+                         "--output", str(tmp_path / "c"), "--tokens", "100"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "missing.jsonl" in err
+
+
+@pytest.mark.e2e
+def test_training_on_the_cache_is_bit_identical_to_the_sources_and_resumes_bit_exactly(sources, tmp_path):
+    model = make_model(tmp_path / "m", hidden=32, layers=4, heads=4)
+    cache = build(sources, tmp_path / "cache", 40_000, "--seed", "7")  # tests.helpers.base_flags' seed
+    weights = {}
+    for name, spec, world, layout in [
+        ("raw-dp2", sources, 2, {"data-group-size": 2}),
+        ("cache-dp2", cache, 2, {"data-group-size": 2}),
+        ("raw-pp2dp2", sources, 4, {"data-group-size": 2, "pipeline-group-size": 2}),
+        ("cache-pp2dp2", cache, 4, {"data-group-size": 2, "pipeline-group-size": 2}),
+    ]:
+        ckpt = tmp_path / name
+        done = run_job(world, base_flags(model, spec, str(ckpt), **{"batch-size": 2, **layout}))
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        weights[name] = read_checkpoint_weights(str(ckpt))
+    for a, b in (("raw-dp2", "cache-dp2"), ("raw-pp2dp2", "cache-pp2dp2")):
+        assert sorted(weights[a]) == sorted(weights[b])
+        assert all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a]), (a, b)
+    # killed as it starts saving step 3, then resumed from step 2's checkpoint: the same weights
+    ckpt = tmp_path / "crashed"
+    flags = base_flags(model, cache, str(ckpt), **{"batch-size": 2, "data-group-size": 2, "checkpoint-steps": 2})
+    crashed = run_job(2, flags, env={"CKPT_FAULT_AFTER_FILES": "0:3"})
+    assert crashed.returncode != 0
+    resumed = run_job(2, [*flags, "--load-checkpoint", "true"])
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    got = read_checkpoint_weights(str(ckpt))
+    assert all(torch.equal(got[k], weights["cache-dp2"][k]) for k in got)
+
+
+def test_a_cache_too_short_for_the_run_stops_it_at_start(sources, tmp_path):
+    """A build keeps whole chunks of 256 documents (a few thousand tokens here); the run needs 60 x 4 x 64."""
+    model = make_model(tmp_path / "m", hidden=32, layers=2, heads=4)
+    cache = build(sources, tmp_path / "cache", 500, "--seed", "7")
+    done = run_job(1, base_flags(model, cache, str(tmp_path / "ck"), **{"total-steps": 60, "seq-length": 64}))
+    assert done.returncode == 2 and "rebuild it with --tokens" in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,74 @@
+"""Tokenize a task spec's training stream once, into a token cache that runs read with --task-name CACHE_DIR.
+
+    python tools/prepare_data.py --task-name "chat.jsonl:0.7,docs.parquet:0.3" --tokenizer-name MODEL_DIR \
+        --output data/cache --tokens 200000000 [--seed 42] [--shuffle-buffer N] [--data-format ...]
+
+The sources, their weights and the data flags are the training run's (same names, same defaults): the cache holds
+exactly the token stream that run would read, so training on it is bit-identical, at any --seq-length, batch size or
+layout. --tokens is how much of the stream to keep: at least the run's steps x --batch-size x --data-group-size x
+--gradient-accumulate-step x --seq-length (a run that needs more stops at start-up and says so). The tokenizer runs in
+--data-workers threads (default: every core). An interrupted build continues where it was on the next call with the
+same flags; a finished one is published by replacing CACHE_DIR/cache.json, so runs reading an older build go on
+reading it. See tasks/cache.py for the layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+
+from config import DataConfig, ModelRunConfig, add_section_flags  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.logging import error_line  # noqa: E402
+
+DATA_SETTINGS = [
+    "task_spec",
+    "shuffle_buffer",
+    "workers",
+    "data_format",
+    "text_field",
+    "messages_field",
+    "train_on_inputs",
+    "loss_on_bot_only",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_section_flags(parser, DataConfig, DATA_SETTINGS)
+    add_section_flags(parser, ModelRunConfig, ["tokenizer_dir", "seed"])
+    parser.add_argument("--output", required=True, help="the cache folder (created; a rebuild publishes a new build)")
+    parser.add_argument("--tokens", type=int, required=True, help="tokens of the stream to keep (at least)")
+    parser.set_defaults(workers=os.cpu_count() or 1)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.task_spec or not args.tokenizer_dir:
+        error_line("prepare_data: --task-name and --tokenizer-name are required")
+        return 2
+    try:
+        from transformers import AutoTokenizer
+
+        from tasks.cache import build_cache
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_dir)
+        except Exception as e:  # noqa: BLE001 - a broken folder surfaces as JSON, value or OS errors
+            raise UserError(
+                f"--tokenizer-name {args.tokenizer_dir}: cannot load the tokenizer ({type(e).__name__})"
+            ) from None
+        data = DataConfig(**{name: getattr(args, name) for name in DATA_SETTINGS}, seed=args.seed)
+        build_cache(data, tokenizer, args.output, args.tokens)
+    except UserError as e:
+        error_line(str(e))
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""Issue #30's targets on this machine's CPUs: the token cache (tools/prepare_data.py, --task-name CACHE_DIR).
+
+30.1 build: tokens/s of build_cache over a synthetic mixed jsonl (bench_data.py's records, chat and OIG text), with
+     every core tokenizing; the process's peak resident memory (the ceiling: the shuffle buffer and the chunks in
+     flight, independent of the data's size). Target >= 2M tokens/s on the 16-core GPU host, >= 400k on 2 cores.
+30.2 per-replica data cost at a simulated dp = 32 (one process reading as replica 0 of 32): CPU seconds per batch
+     of today's PackedStream (which tokenizes the whole stream to keep its rows) against CachedStream (which reads
+     its own windows). Target: the cache's <= 1/20 of the stream's.
+30.3 launch to the first batch on a 10 GB cache: a cache whose arrays are 10 GB (sparse files: their size is what
+     opening and reading them depends on, not their contents) opened and its first batch read, at a late window.
+     Target <= 2 s.
+
+  python bench/bench_token_cache.py --out /tmp/bench_token_cache.json      # ~1-2 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_data import generate  # noqa: E402
+
+TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tokenizer")
+
+
+def cpu_seconds_per_batch(stream, batches: int) -> float:
+    next(stream)  # warm-up
+    start = time.process_time()
+    for _ in range(batches):
+        next(stream)
+    return (time.process_time() - start) / batches
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--size-mb", type=float, default=30.0)
+    ap.add_argument("--seq-length", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--dp", type=int, default=32)
+    ap.add_argument("--batches", type=int, default=10, help="timed batches per stream in 30.2")
+    ap.add_argument("--big-gb", type=float, default=10.0)
+    args = ap.parse_args()
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from config import DataConfig
+    from tasks import CachedStream, PackedStream
+    from tasks.cache import ARRAYS, INDEX, build_cache
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    work = tempfile.mkdtemp(prefix="bench_token_cache_")
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "commit": os.environ.get("BENCH_COMMIT", "unknown"),
+    }
+    try:
+        source = os.path.join(work, "mixed.jsonl")
+        child = multiprocessing.get_context("spawn").Process(
+            target=generate, args=(source, args.size_mb, "mixed", "jsonl")
+        )
+        child.start()
+        child.join()
+        data = DataConfig(
+            task_spec=source, seq_length=args.seq_length, batch_size=args.batch_size, workers=os.cpu_count() or 1
+        )
+        # 30.1: a whole pass over the file, roughly (the mixture's one task loops; stop near one pass)
+        tokens_wanted = int(args.size_mb * 2**20 / 4.2)
+        started = time.perf_counter()
+        index = build_cache(data, tok, os.path.join(work, "cache"), tokens_wanted, log=lambda m: None)
+        seconds = time.perf_counter() - started
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["build"] = {
+            "tokens": index["tokens"],
+            "seconds": round(seconds, 2),
+            "tokens_per_s": round(index["tokens"] / seconds),
+            "workers": data.workers,
+            "peak_rss_mb": round(peak_mb),
+            "source_mb": round(os.path.getsize(source) / 2**20, 1),
+        }
+        print(json.dumps(result["build"]), flush=True)
+
+        # 30.2: replica 0 of dp replicas, both ways, on the training thread (workers 0: its CPU time is its cost)
+        one = DataConfig(task_spec=source, seq_length=args.seq_length, batch_size=1, workers=0)
+        raw = PackedStream(one, tok, 0, args.dp)
+        raw_s = cpu_seconds_per_batch(raw, args.batches)
+        raw.close()
+        cached_data = DataConfig(
+            task_spec=os.path.join(work, "cache"), seq_length=args.seq_length, batch_size=1, workers=0
+        )
+        cached = CachedStream(cached_data, tok, 0, args.dp)
+        cached_s = cpu_seconds_per_batch(cached, args.batches)
+        cached.close()
+        result["replica_cost"] = {
+            "dp": args.dp,
+            "batch_per_replica": 1,
+            "stream_cpu_s_per_batch": raw_s,
+            "cache_cpu_s_per_batch": cached_s,
+            "ratio": cached_s / raw_s,
+        }
+        print(json.dumps(result["replica_cost"]), flush=True)
+
+        # 30.3: a 10 GB cache (sparse arrays), opened and read at a late window
+        big = os.path.join(work, "big")
+        os.makedirs(os.path.join(big, "build-big"))
+        tokens = int(args.big_gb * 2**30 / 6)  # 4 + 1 + 1 bytes a token
+        for name, dtype in ARRAYS.items():
+            with open(os.path.join(big, "build-big", f"{name}.bin"), "wb") as f:
+                f.truncate(tokens * np.dtype(dtype).itemsize)
+        with open(os.path.join(big, "build-big", "epochs.json"), "w") as f:
+            json.dump({"mixed": [0]}, f)
+        with open(os.path.join(big, INDEX), "w") as f:
+            json.dump({**index, "build": "build-big", "tokens": tokens}, f)
+        started = time.perf_counter()
+        stream = CachedStream(
+            DataConfig(task_spec=big, seq_length=args.seq_length, batch_size=args.batch_size, workers=0), tok, 0, 8
+        )
+        late = {**stream.state_dict(), "windows": (tokens // args.seq_length) - 8 * args.batch_size - 1}
+        stream.load_state_dict(late)
+        next(stream)
+        first = time.perf_counter() - started
+        stream.close()
+        result["first_batch"] = {"cache_gb": round(tokens * 6 / 2**30, 1), "seconds": round(first, 4)}
+        print(json.dumps(result["first_batch"]), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["targets"] = {
+        "30.1 build tokens/s": result["build"]["tokens_per_s"],
+        "30.2 cache / stream CPU per replica batch (<= 0.05)": result["replica_cost"]["ratio"],
+        "30.3 first batch of a 10 GB cache, s (<= 2)": result["first_batch"]["seconds"],
+    }
+    print(json.dumps(result["targets"], indent=1))
+    out = args.out or os.path.join(os.environ.get("OUT") or "runs/bench", "bench_token_cache.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -84,6 +84,12 @@ def build_cache(data: DataConfig, tokenizer, output: str, tokens: int, log=print
         for t in parse_task_spec(data.task_spec)
     ]
     os.makedirs(output, exist_ok=True)
+    strangers = [n for n in os.listdir(output) if n != INDEX and not n.startswith(("build-", INDEX + ".tmp"))]
+    if strangers:  # a data folder given as --output would turn into a cache that hides its files
+        raise TaskError(
+            f"--output {output} holds other files ({', '.join(sorted(strangers)[:3])}); give an empty folder or an "
+            f"earlier cache of tools/prepare_data.py"
+        )
     folder = _unfinished_build(output, identity, sources) or os.path.join(
         output, f"build-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     )
@@ -120,6 +126,9 @@ def build_cache(data: DataConfig, tokenizer, output: str, tokens: int, log=print
             done["tokens"] += len(chunk.tokens)
             done["docs"] += len(chunk.starts)
             if done["tokens"] >= tokens:
+                for f in files.values():  # on disk before the index that publishes them
+                    f.flush()
+                    os.fsync(f.fileno())
                 break
     finally:
         chunks.close()

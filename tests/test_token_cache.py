@@ -127,7 +127,15 @@ def test_other_settings_a_damaged_cache_and_a_newer_format_are_refused(tok, sour
         tasks.TokenCache(cache)
 
 
-def test_prepare_data_refuses_bad_input_in_one_line(tmp_path, capsys):
+def test_prepare_data_refuses_bad_input_in_one_line(tmp_path, capsys, sources):
+    data_folder = tmp_path / "data"
+    data_folder.mkdir()
+    (data_folder / "chat.jsonl").write_text("{}\n")
+    code = prepare_data(["--task-name", sources, "--tokenizer-name", TOKENIZER_DIR, "--output", str(data_folder),
+                         "--tokens", "100"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "holds other files (chat.jsonl)" in err and err.count("\n") == 1
+    assert sorted(os.listdir(data_folder)) == ["chat.jsonl"]
     code = prepare_data(["--task-name", str(tmp_path / "missing.jsonl"), "--tokenizer-name", TOKENIZER_DIR,
                          "--output", str(tmp_path / "c"), "--tokens", "100"])  # fmt: skip
     err = capsys.readouterr().err

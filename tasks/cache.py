@@ -32,7 +32,7 @@ from .loader import LoaderStream, copy_json
 from .packing import KEYS, window_arrays
 from .reader import Mixture, file_signature
 from .spec import TaskError, parse_task_spec
-from .stream import PackedStream, check_positive
+from .stream import PackedStream, check_positive, format_sample, show_every_from_env
 
 if TYPE_CHECKING:
     from config import DataConfig
@@ -267,7 +267,9 @@ class CachedStream(LoaderStream):
             dp_size,
         )
         self.num_workers, self.prefetch = min(data.workers, 1), 4
-        self.show_data, self.show_every = False, 1
+        if show_data is None:  # SHOW_DATA prints samples as the sources' stream does
+            show_data = os.environ.get("SHOW_DATA", "").strip().lower() not in ("", "0", "false", "no")
+        self.show_data, self.show_every = show_data and dp_rank == 0, show_every_from_env()
         self._pipe = _CachePipeline(self)
         self._resume = None
         self._init_loader()
@@ -323,7 +325,7 @@ class CachedStream(LoaderStream):
         self._restart_at(copy_json(state))
 
     def _show(self, batch) -> str:
-        return ""
+        return f"[tasks] SHOW_DATA batch {self._served} row 0 (token cache):\n{format_sample(batch, self.tokenizer)}"
 
 
 class _CachePipeline:

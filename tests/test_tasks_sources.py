@@ -480,7 +480,7 @@ def test_data_format_flags_are_validated(argv, needle):
 
 # ------------------------------------------------------------------ a real kill and relaunch
 READER = """
-import hashlib, json, os, sys
+import hashlib, json, os, sys, time
 sys.path.insert(0, {root!r})
 from transformers import AutoTokenizer
 from tests.helpers import packed_stream
@@ -500,6 +500,8 @@ with open(out_path, "a") as out:
         with open(state_path + ".tmp", "w") as fh:  # the checkpoint: atomic, after the batch was used
             json.dump({{"state": s.state_dict(), "served": served}}, fh)
         os.replace(state_path + ".tmp", state_path)
+        if served >= 40:  # leave the test time to kill it mid-run, however fast the machine
+            time.sleep(0.02)
 s.close()  # stop the loader thread before the interpreter exits (a thread left inside native code aborts it)
 """
 

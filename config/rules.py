@@ -96,6 +96,11 @@ def _check_layout(job: JobConfig) -> None:
             f"--context-parallel-size {cp} cuts each sequence into {2 * cp} equal chunks (two per rank): "
             f"--seq-length {data.seq_length} must be a multiple of {2 * cp}"
         )
+    if data.cache_dir and (job.objective.preference or data.epochs is not None):
+        reason = (
+            f"--objective {job.objective.kind} reads pairs" if job.objective.preference else "--nepochs counts passes"
+        )
+        raise ArgumentError(f"--data-cache keeps SFT token windows for --total-steps; {reason}: drop --data-cache")
     if cp > 1 and job.objective.preference:
         raise ArgumentError(
             f"--context-parallel-size {cp} splits sequences for --objective sft only; a preference pair's "

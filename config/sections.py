@@ -262,6 +262,13 @@ class DataConfig:
         group="data",
         check=at_least(0),
     )
+    cache_dir: str | None = setting(
+        "--data-cache",
+        None,
+        "tokenize --task-name once into this token cache folder before training, or reuse the one there "
+        "(tools/prepare_data.py's format); a restart then reads it instead of tokenizing again",
+        group="data",
+    )
     evaluation_data: str | None = setting("--evaluation-data", None, "comma-separated eval .jsonl files", group="data")
     evaluation_every: int = setting(
         "--evaluation-steps", 0, "evaluate every N optimizer steps (0: never)", group="data", check=at_least(0)

@@ -5,7 +5,7 @@ from tasks import PreferenceStream, preference_evaluation_batches, count_pairs  
 from tasks import CachedStream, TokenCache, is_cache  # a token cache of tools/prepare_data.py
 """
 
-from .cache import CachedStream, TokenCache, is_cache
+from .cache import CachedStream, TokenCache, build_cache, is_cache
 from .count import count_tokens
 from .evaluation import evaluation_batches
 from .preference import PreferenceStream, count_pairs, preference_evaluation_batches
@@ -23,6 +23,7 @@ def training_stream(data, tokenizer, dp_rank: int = 0, dp_size: int = 1, show_da
 __all__ = [
     "CachedStream",
     "TokenCache",
+    "build_cache",
     "is_cache",
     "training_stream",
     "TaskError",

@@ -69,6 +69,14 @@ def stream_identity(data: DataConfig, tokenizer) -> dict:
     return out
 
 
+def source_signatures(task_spec: str) -> list[dict]:
+    """Each task's name, weight and files (name and size): what a cache was built from."""
+    return [
+        {"name": t.name, "weight": t.raw_weight, "files": [file_signature(f) for f in t.files]}
+        for t in parse_task_spec(task_spec)
+    ]
+
+
 # ----------------------------------------------------------------------------------------------------- building
 def build_cache(data: DataConfig, tokenizer, output: str, tokens: int, log=print) -> dict:
     """Tokenize the stream of `data` (its --task-name and settings) until it holds at least `tokens` tokens, into a
@@ -79,10 +87,7 @@ def build_cache(data: DataConfig, tokenizer, output: str, tokens: int, log=print
     pipe = stream._pipe
     pipe.num_workers = max(1, pipe.num_workers)  # the build always tokenizes in a pool
     identity = stream_identity(data, tokenizer)
-    sources = [
-        {"name": t.name, "weight": t.raw_weight, "files": [file_signature(f) for f in t.files]}
-        for t in parse_task_spec(data.task_spec)
-    ]
+    sources = source_signatures(data.task_spec)
     os.makedirs(output, exist_ok=True)
     strangers = [n for n in os.listdir(output) if n != INDEX and not n.startswith(("build-", INDEX + ".tmp"))]
     if strangers:  # a data folder given as --output would turn into a cache that hides its files
@@ -238,6 +243,12 @@ class TokenCache:
                     f"--task-name {self.folder}: the token cache was built with {flag} {built[name]!r}, this run has "
                     f"{mine[name]!r}; pass {flag} {built[name]!r}, or rebuild the cache with tools/prepare_data.py"
                 )
+
+    def serves(self, data: DataConfig, tokenizer, tokens: int) -> bool:
+        """Whether this cache is the stream of `data`'s sources and settings, at least `tokens` long."""
+        sources = source_signatures(data.task_spec)
+        same = self.index["identity"] == stream_identity(data, tokenizer) and self.index["sources"] == sources
+        return same and self.tokens >= tokens
 
     def windows(self, seq_length: int) -> int:
         return (self.tokens - 1) // seq_length

@@ -177,3 +177,21 @@ def test_a_cache_too_short_for_the_run_stops_it_at_start(sources, tmp_path):
     cache = build(sources, tmp_path / "cache", 500, "--seed", "7")
     done = run_job(1, base_flags(model, cache, str(tmp_path / "ck"), **{"total-steps": 60, "seq-length": 64}))
     assert done.returncode == 2 and "rebuild it with --tokens" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.e2e
+def test_data_cache_tokenizes_once_and_trains_like_the_sources(sources, tmp_path):
+    """--data-cache DIR: the first run builds the cache (rank 0; the other rank waits) and trains bit-identically to
+    a run on the sources; the next run reuses it, building nothing."""
+    model = make_model(tmp_path / "m", hidden=32, layers=2, heads=4)
+    cache = tmp_path / "cache"
+    runs = {}
+    for name, extra in [("raw", []), ("first", ["--data-cache", str(cache)]), ("again", ["--data-cache", str(cache)])]:
+        flags = base_flags(model, sources, str(tmp_path / name), **{"batch-size": 2, "data-group-size": 2})
+        done = run_job(2, [*flags, *extra])
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        runs[name] = done.stdout, read_checkpoint_weights(str(tmp_path / name))
+    assert "tokenizing --task-name once" in runs["first"][0] and "reusing its" in runs["again"][0]
+    assert len([n for n in os.listdir(cache) if n.startswith("build-")]) == 1
+    for name in ("first", "again"):
+        assert all(torch.equal(runs[name][1][k], v) for k, v in runs["raw"][1].items()), name

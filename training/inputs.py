@@ -2,6 +2,8 @@
 settings, the GPU for --fp8, data specs, the tokenizer, the optimizer's and the quantiser's libraries, the LoRA
 settings and adapters, the host memory of an offloaded optimizer; and the run's length in optimizer steps."""
 
+import dataclasses
+import datetime
 import math
 import os
 from collections.abc import Callable
@@ -148,3 +150,24 @@ def check_cache_use(job: JobConfig) -> None:
             f"--task-name {job.data.task_spec} is a token cache, which counts tokens, not passes over its sources: "
             f"give --total-steps instead of --nepochs"
         )
+
+
+def use_data_cache(job: JobConfig, tokenizer, layout, steps_total: int, log: Callable[[str], None]) -> JobConfig:
+    """--data-cache DIR: the job reading DIR, a token cache of its --task-name holding every window the run trains
+    on. Rank 0 builds it (or tops it up) unless it already does; the other ranks wait for it on the host (a gloo
+    barrier without the data-parallel timeout: tokenizing may take hours). DIR must be visible to every rank."""
+    data = job.data
+    if not data.cache_dir:
+        return job
+    windows = steps_total * data.accumulation * data.batch_size * layout.dp_size
+    needed = windows * data.seq_length + 1
+    if layout.rank == 0:
+        cache = tasks.TokenCache(data.cache_dir) if tasks.is_cache(data.cache_dir) else None
+        if cache is not None and cache.serves(data, tokenizer, needed):
+            log(f"--data-cache {data.cache_dir}: reusing its {cache.tokens:,} tokens (this run needs {needed:,})")
+        else:
+            log(f"--data-cache {data.cache_dir}: tokenizing --task-name once ({needed:,} tokens)")
+            tasks.build_cache(data, tokenizer, data.cache_dir, needed, log=log)
+    if layout.world_size > 1:
+        dist.monitored_barrier(group=layout.commit_group, timeout=datetime.timedelta(days=7), wait_all_ranks=True)
+    return dataclasses.replace(job, data=dataclasses.replace(data, task_spec=data.cache_dir))

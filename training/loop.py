@@ -26,7 +26,7 @@ from optimizer import StageOptimizer
 from pipeline_parallel import Pipeline, StagePlan, plan_stages
 from training.chunked_logps import attach_chunked_head
 from training.evaluation import evaluate, pair_batches
-from training.inputs import adapters_of, check_inputs, check_offload_memory, total_optimizer_steps
+from training.inputs import adapters_of, check_inputs, check_offload_memory, total_optimizer_steps, use_data_cache
 from training.loss import TokenMeanLoss
 from training.memory_plan import check_memory_plan
 from training.metrics import StepMeter
@@ -144,9 +144,10 @@ class Trainer:
         self.documents = job.model.attention_mask == "document"
         reads = self.plan.reads_data or self.documents
         show = None if lay.rank == 0 else False  # SHOW_DATA samples printed by one rank only
+        self.steps_total = total_optimizer_steps(job.data, job.objective, self.tokenizer, lay, self.log.info)
+        self.job = job = use_data_cache(job, self.tokenizer, lay, self.steps_total, self.log.info)  # --data-cache
         args = (job.data, self.tokenizer, lay.dp_rank, lay.dp_size, show, job.objective.preference)
         self.stream = tasks.training_stream(*args) if reads else None
-        self.steps_total = total_optimizer_steps(job.data, job.objective, self.tokenizer, lay, self.log.info)
 
     def _setup_optimizer(self):
         job, lay = self.job, self.layout

@@ -35,9 +35,10 @@ runs of the part (its JSON) to the table and the targets, for a part split over 
 The GPU image lacks trl, datasets and their needs: carry them as wheels (`.whl/`, git-ignored), written here by
 `python bench/bench_dpo.py --download-wheels` (pip download for CPython 3.12 / manylinux x86_64 from the registry, then
 pyarrow's wheel slimmed to fit the 64 MiB carry: Flight, S3, the C++ tests, headers and Cython sources dropped;
-rewritten as pyarrow-26.0.1-1slim-*.whl with its RECORD updated). `.whl/` must hold these wheels alone for the call:
+rewritten as pyarrow-26.0.1-1slim-*.whl with its RECORD updated). `.whl/` holds these for the call:
 trl 1.16.0, datasets 5.2.0, pyarrow 26.0.1 (slim), pandas 3.1.1, python-dateutil 2.9.0.post0, six 1.17.0, dill 0.4.1,
-multiprocess 0.70.19, xxhash 4.1.0 (46 MiB in all). torch, transformers, peft, accelerate, huggingface_hub, numpy,
+multiprocess 0.70.19, xxhash 4.1.0 (46 MiB in all; the carry's limit is 64 MiB, so other scripts' wheels fit beside
+them only if small: liger-kernel and cut-cross-entropy, 1 MiB, do). torch, transformers, peft, accelerate, huggingface_hub, numpy,
 tokenizers, safetensors, pyyaml, psutil, jinja2, fsspec, filelock and tqdm are the image's own.
 
 Install them under a folder named site-packages: datasets fingerprints with dill, which pickles a module by value

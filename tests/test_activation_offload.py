@@ -1,6 +1,7 @@
 """--activation-offload cpu: the inputs activation checkpointing saves move to host memory and come back for the
-backward unchanged, so training is bit-identical to keeping them (on CPU, where the copy stays in host memory, and
-on a GPU, where it also lowers the peak)."""
+backward unchanged, so training is bit-identical to keeping them on CPU (where the copy stays in host memory); on a
+GPU it lowers the peak by the blocks' inputs and the gradients agree to bf16 rounding (the embedding's backward sums
+with atomics, so two GPU runs differ in their last bits anyway)."""
 
 import pytest
 import torch
@@ -91,7 +92,9 @@ def test_on_a_gpu_offloading_lowers_the_peak_and_changes_nothing(tmp_path):
     kept, want = peak_and_grads()
     stage.activation_offload = ActivationOffload(device)
     moved, got = peak_and_grads()
+    # Not bit-identical here: the bf16 embedding backward sums with atomics, in any order (the CPU test above is
+    # exact). Equal to bf16 rounding, every parameter.
     for name, grad in want.items():
-        assert torch.equal(got[name], grad), name
+        torch.testing.assert_close(got[name], grad, rtol=2e-2, atol=1e-2 * grad.abs().max().item(), msg=name)
     block_input = 4 * 2048 * 256 * 2
     assert kept - moved >= 7 * block_input, (kept, moved)  # 8 block inputs held before, at most one after

@@ -151,7 +151,7 @@ class TrainingCheckpoint:
                 "pp_mode": self.run.pp_mode,
                 "dp_mode": "sharded" if state.optimizer.sharded else "allreduce",
             },
-            # Which files hold each stage's optimizer state: one per stage, or one per data-parallel rank (sharded)
+            # Which files hold each stage's optimizer state: one per stage, or one per dp x cp rank (sharded)
             "optimizer_files": {
                 str(p): [stage_optimizer_shard_file(p, r) for r in range(lay.grad_size)]
                 if state.optimizer.sharded

@@ -31,7 +31,7 @@ class Layout:
     local_rank: int
     device: torch.device
     pp_group: object = None  # ProcessGroup of this rank's pipeline
-    dp_group: object = None  # ProcessGroup of the ranks holding the same stage
+    dp_group: object = None  # ProcessGroup of the ranks holding the same stage (and the same cp rank)
     ends_group: object = None  # first + last stage of this pipeline (tied embeddings), when requested
     commit_group: object = None  # every rank, gloo: checkpoint commits only (a background writer's collectives)
     status_group: object = None  # every rank, gloo: the training thread's per-step check on a background write

@@ -30,9 +30,16 @@ import torch
 
 from .loader import LoaderStream, copy_json
 from .packing import KEYS, window_arrays
-from .reader import Mixture, file_signature
+from .reader import Mixture
 from .spec import TaskError, parse_task_spec
-from .stream import PackedStream, check_positive, format_sample, show_every_from_env
+from .stream import (
+    PackedStream,
+    check_positive,
+    format_sample,
+    show_data_from_env,
+    show_every_from_env,
+    task_signatures,
+)
 
 if TYPE_CHECKING:
     from config import DataConfig
@@ -69,14 +76,6 @@ def stream_identity(data: DataConfig, tokenizer) -> dict:
     return out
 
 
-def source_signatures(task_spec: str) -> list[dict]:
-    """Each task's name, weight and files (name and size): what a cache was built from."""
-    return [
-        {"name": t.name, "weight": t.raw_weight, "files": [file_signature(f) for f in t.files]}
-        for t in parse_task_spec(task_spec)
-    ]
-
-
 # ----------------------------------------------------------------------------------------------------- building
 def build_cache(data: DataConfig, tokenizer, output: str, tokens: int, log=print) -> dict:
     """Tokenize the stream of `data` (its --task-name and settings) until it holds at least `tokens` tokens, into a
@@ -87,7 +86,7 @@ def build_cache(data: DataConfig, tokenizer, output: str, tokens: int, log=print
     pipe = stream._pipe
     pipe.num_workers = max(1, pipe.num_workers)  # the build always tokenizes in a pool
     identity = stream_identity(data, tokenizer)
-    sources = source_signatures(data.task_spec)
+    sources = task_signatures(parse_task_spec(data.task_spec))
     os.makedirs(output, exist_ok=True)
     strangers = [n for n in os.listdir(output) if n != INDEX and not n.startswith(("build-", INDEX + ".tmp"))]
     if strangers:  # a data folder given as --output would turn into a cache that hides its files
@@ -246,7 +245,7 @@ class TokenCache:
 
     def serves(self, data: DataConfig, tokenizer, tokens: int) -> bool:
         """Whether this cache is the stream of `data`'s sources and settings, at least `tokens` long."""
-        sources = source_signatures(data.task_spec)
+        sources = task_signatures(parse_task_spec(data.task_spec))
         same = self.index["identity"] == stream_identity(data, tokenizer) and self.index["sources"] == sources
         return same and self.tokens >= tokens
 
@@ -279,7 +278,7 @@ class CachedStream(LoaderStream):
         )
         self.num_workers, self.prefetch = min(data.workers, 1), 4
         if show_data is None:  # SHOW_DATA prints samples as the sources' stream does
-            show_data = os.environ.get("SHOW_DATA", "").strip().lower() not in ("", "0", "false", "no")
+            show_data = show_data_from_env()
         self.show_data, self.show_every = show_data and dp_rank == 0, show_every_from_env()
         self._pipe = _CachePipeline(self)
         self._resume = None

@@ -19,7 +19,6 @@ errors are the same on all of them, and the state is identical).
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,11 +29,11 @@ import torch
 from . import sources
 from .loader import LoaderStream, check_same_sources, copy_json
 from .packing import IGNORE
-from .reader import Mixture, file_signature
+from .reader import Mixture
 from .render import Renderer, decode, messages_of
 from .spec import TaskError, parse_task_spec
 from .stream import STATE_FORMAT as PACKED_STATE_FORMAT
-from .stream import check_positive, format_sample, show_every_from_env
+from .stream import check_positive, format_sample, show_data_from_env, show_every_from_env, task_signatures
 from .tokenize import Encoder
 
 if TYPE_CHECKING:
@@ -279,7 +278,7 @@ class PreferenceStream(LoaderStream):
         self._pipe = _Pipeline(self, PairRenderer(tokenizer))
         self._codec = Mixture(self.tasks, self.seed, self.shuffle_buffer)  # serialises snapshots; never reads
         if show_data is None:
-            show_data = os.environ.get("SHOW_DATA", "").strip().lower() not in ("", "0", "false", "no")
+            show_data = show_data_from_env()
         self.show_data = show_data and dp_rank == 0
         self.show_every = show_every_from_env() if show_every is None else show_every
         check_positive("show_every", self.show_every)
@@ -333,10 +332,7 @@ class PreferenceStream(LoaderStream):
             "shuffle_buffer": self.shuffle_buffer,
             "tokenizer": self.encoder.fingerprint,
             "seq_length": self.seq_length,
-            "tasks": [
-                {"name": t.name, "weight": t.raw_weight, "files": [file_signature(f) for f in t.files]}
-                for t in self.tasks
-            ],
+            "tasks": task_signatures(self.tasks),
         }
 
     def state_dict(self) -> dict:

@@ -34,6 +34,16 @@ def check_positive(name, value, minimum=1):
         raise TaskError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def show_data_from_env() -> bool:
+    """SHOW_DATA set (to anything but 0 / false / no): the streams print samples of what they serve."""
+    return os.environ.get("SHOW_DATA", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def task_signatures(tasks) -> list[dict]:
+    """Each task's name, weight and files (name and size): what a stream's state or a token cache was read from."""
+    return [{"name": t.name, "weight": t.raw_weight, "files": [file_signature(f) for f in t.files]} for t in tasks]
+
+
 def show_every_from_env() -> int:
     raw = os.environ.get("SHOW_DATA_EVERY", "").strip()
     if not raw:
@@ -133,7 +143,7 @@ class PackedStream(LoaderStream):
         self._codec = Mixture(self.tasks, self.seed, shuffle_buffer)  # serialises snapshots; never reads
         self._pipe = _Pipeline(self)
         if show_data is None:
-            show_data = os.environ.get("SHOW_DATA", "").strip().lower() not in ("", "0", "false", "no")
+            show_data = show_data_from_env()
         self.show_data = show_data and dp_rank == 0
         if show_every is None:
             show_every = show_every_from_env()
@@ -174,10 +184,7 @@ class PackedStream(LoaderStream):
                 "messages_field": self.record_format.messages_field,
             },
             "loss_masking": {"train_on_inputs": self.train_on_inputs, "loss_on_bot_only": self.loss_on_bot_only},
-            "tasks": [
-                {"name": t.name, "weight": t.raw_weight, "files": [file_signature(f) for f in t.files]}
-                for t in self.tasks
-            ],
+            "tasks": task_signatures(self.tasks),
         }
 
     def state_dict(self) -> dict:

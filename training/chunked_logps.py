@@ -119,16 +119,23 @@ class ChunkedHead:
 AUTO_BYTES = 4 << 30
 
 
+def micro_batch_tokens(job: JobConfig) -> int:
+    """Tokens of one micro-batch on one rank: a preference pair is two rows, a cp rank holds its share of each."""
+    rows = job.data.micro_batch_size * (2 if job.objective.preference else 1)
+    return rows * job.data.seq_length // job.dist.context_size
+
+
+def uses_chunked_loss(job: JobConfig, vocab_size: int) -> bool:
+    """--chunked-loss on, or auto with more than AUTO_BYTES of fp32 logits in one micro-batch."""
+    setting = job.model.chunked_loss
+    return setting == "on" or (setting == "auto" and micro_batch_tokens(job) * vocab_size * 4 > AUTO_BYTES)
+
+
 def attach_chunked_head(stages, job: JobConfig) -> ChunkedHead | None:
     """--chunked-loss for this rank's stages: where one of them is the last, make it return hidden states and give
     the loss its head (None where the loss takes logits)."""
     last = next((stage for stage in stages if stage.is_last), None)
-    setting = job.model.chunked_loss
-    if last is None or setting == "off":
-        return None
-    rows = job.data.micro_batch_size * (2 if job.objective.preference else 1)  # a pair is two rows
-    tokens = rows * job.data.seq_length // job.dist.context_size  # a cp rank holds its share of each sequence
-    if setting == "auto" and tokens * last.cfg.vocab_size * 4 <= AUTO_BYTES:
+    if last is None or not uses_chunked_loss(job, last.cfg.vocab_size):
         return None
     last.head_in_loss = True
     return ChunkedHead(last.output_layer, last.cfg.final_softcap, compiled=job.model.compile)

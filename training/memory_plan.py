@@ -21,7 +21,7 @@ import torch
 import modules
 from config import JobConfig
 from pipeline_parallel import StagePlan
-from training.chunked_logps import AUTO_BYTES, CHUNK_ELEMENTS
+from training.chunked_logps import CHUNK_ELEMENTS, micro_batch_tokens, uses_chunked_loss
 from utils.errors import UserError
 
 GB = 2**30
@@ -64,7 +64,7 @@ class MemoryPlan:
 
 def plan_memory(job: JobConfig, cfg: modules.ModelConfig, plan: StagePlan, pp_size: int, dp_size: int, lora=None):
     """The MemoryPlan of a rank running `plan` (its stage ids), for `job`'s settings."""
-    model, data = job.model, job.data
+    model = job.model
     dtype_bytes = torch.finfo(getattr(torch, model.dtype)).bits // 8
     weights = gradients = trained = 0.0
     for s in plan.stage_ids:
@@ -85,8 +85,7 @@ def plan_memory(job: JobConfig, cfg: modules.ModelConfig, plan: StagePlan, pp_si
         share = dp_size if job.optimizer.dp_mode == "sharded" and dp_size > 1 else 1
         optimizer = trained * (master + state) / share
 
-    rows = data.micro_batch_size * (2 if job.objective.preference else 1)
-    tokens = rows * data.seq_length // job.dist.context_size  # this rank's share of each sequence
+    tokens = micro_batch_tokens(job)
     layers = sum(end - start for start, end in (plan.bounds[s] for s in plan.stage_ids))
     whole_block = dtype_bytes * (6 * cfg.hidden_size + 4 * cfg.intermediate_size)
     checkpointed = {"none": 0.0, "selective": 0.5, "full": 1.0}[model.activation_checkpointing]
@@ -95,7 +94,7 @@ def plan_memory(job: JobConfig, cfg: modules.ModelConfig, plan: StagePlan, pp_si
     in_flight = _in_flight(job, plan, pp_size)
     activations = per_token * tokens * in_flight
     working = (whole_block * tokens) if checkpointed else 0.0
-    chunked = plan.holds_last and _chunked(job, cfg, tokens)
+    chunked = plan.holds_last and uses_chunked_loss(job, cfg.vocab_size)
     if plan.holds_last:  # model-dtype logits, their fp32 log-softmax and its gradient; chunks of fixed size
         working += 10 * (CHUNK_ELEMENTS if chunked else tokens * cfg.vocab_size)
     return MemoryPlan(weights, gradients, optimizer, activations, working, in_flight, chunked)
@@ -143,11 +142,6 @@ def _in_flight(job: JobConfig, plan: StagePlan, pp_size: int) -> int:
     if job.pipeline.mode == "gpipe":
         return micro
     return min(micro, plan.num_stages - min(plan.stage_ids))
-
-
-def _chunked(job: JobConfig, cfg: modules.ModelConfig, tokens: int) -> bool:
-    setting = job.model.chunked_loss
-    return setting == "on" or (setting == "auto" and tokens * cfg.vocab_size * 4 > AUTO_BYTES)
 
 
 def _static_fixes(job: JobConfig, layout) -> str:

@@ -19,6 +19,7 @@ length is --steps 2 (the first untimed) and the lengths of one part take several
 Device (`kind` nvidia-h100-x1, `carry` [".whl"] with the bitsandbytes, peft and liger-kernel wheels the image lacks):
     python3 bench/bench_long_context.py --part qlora --hf-lengths 8192,16384,32768,65536 --ours-lengths 32768
     python3 bench/bench_long_context.py --part qlora --no-baseline --ours-lengths 65536,131072
+    python3 bench/bench_long_context.py --part qlora --ours-lengths '' --reference liger --hf-lengths 16384,32768
     python bench/bench_long_context.py --smoke        # CPU: tiny Llama, short lengths, both sides, the plumbing
 """
 
@@ -71,17 +72,23 @@ def main():
     ap.add_argument("--ours-lengths", default="32768,65536,131072")
     ap.add_argument("--hf-lengths", default="8192,16384,32768")
     ap.add_argument("--speed-length", type=int, default=32768)
-    ap.add_argument("--no-liger", action="store_true", help="the reference without liger-kernel only")
+    ap.add_argument(
+        "--reference",
+        default="both",
+        choices=["both", "plain", "liger"],
+        help="the reference's runs: without liger-kernel, with it, or both (each probes --hf-lengths)",
+    )
     args = ap.parse_args()
     apply_smoke(args, ap)
     shape = "llama3-8b"
     if args.smoke:
         shape, args.ours_lengths, args.hf_lengths, args.speed_length = "llama-tiny", "64,128", "64,128", 128
-        args.no_liger = True  # liger's kernels are Triton: GPUs only
+        args.reference = "plain"  # liger's kernels are Triton: GPUs only
     quantize = args.part == "qlora"
     s = Session("bench_long_context", args)
     model = s.model_dir(shape)
-    data = s.data_file(max(lengths_of(args.ours_lengths)) * (args.steps + 2))
+    ours_lengths = lengths_of(args.ours_lengths)  # none: a call for the reference alone
+    data = s.data_file(max(ours_lengths) * (args.steps + 2)) if ours_lengths else None
     ours_extra = OURS_FLAGS + (["--quantize-base", "nf4"] if quantize else [])
     hf_extra = HF_FLAGS + (["--quantize", "nf4"] if quantize and s.gpu else [])
 
@@ -97,10 +104,10 @@ def main():
 
         return run
 
-    mine = probe(s, "ours", lengths_of(args.ours_lengths), ours)
+    mine = probe(s, "ours", ours_lengths, ours)
     theirs = {}
     if not args.no_baseline:
-        for liger in (False,) if args.no_liger else (False, True):
+        for liger in {"plain": (False,), "liger": (True,), "both": (False, True)}[args.reference]:
             theirs[liger] = probe(s, f"hf liger={liger}", lengths_of(args.hf_lengths), reference(liger))
     best_hf = max((longest(runs) or 0 for runs in theirs.values()), default=0) or None
     s.target(

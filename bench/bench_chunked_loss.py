@@ -1,6 +1,8 @@
 """Issue #29 item 1: the loss path alone (LM head + cross-entropy, forward and backward) of one micro-batch's hidden
 states, bf16 like a --bf16 last stage: the plain head + fp32 cross-entropy (eager, and torch.compile'd as a whole),
-ours (--chunked-loss: training/chunked_logps.py, eager and with its chunk kernels compiled), liger-kernel's
+ours (--chunked-loss: training/chunked_logps.py, eager and with its chunk kernels compiled; the token loss, whose
+gradients are computed in the forward, and the preference objectives' log-probabilities, recomputed in the
+backward: "ours logps"), liger-kernel's
 LigerFusedLinearCrossEntropyLoss and cut-cross-entropy's linear_cross_entropy (each where it imports).
 
 For each shape (tokens x hidden -> vocabulary): milliseconds per forward + backward (median of --repeats after
@@ -57,14 +59,19 @@ def loss_variants(head, softcap, cuda: bool) -> dict:
             logits = softcap * torch.tanh(logits / softcap)
         return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
 
-    def ours(compiled):
+    def ours(compiled):  # the token loss as training/loss.py calls it: gradients computed in the forward
+        chunked = ChunkedHead(head, softcap, compiled=compiled)
+        return lambda hidden, labels: chunked.token_loss(hidden, labels, 1.0)
+
+    def ours_logps(compiled):  # the preference objectives' path: log-probabilities, chunks recomputed in backward
         chunked = ChunkedHead(head, softcap, compiled=compiled)
         return lambda hidden, labels: -chunked.token_logps(hidden, labels).sum()
 
-    out = {"plain eager": plain, "ours eager": ours(False)}
+    out = {"plain eager": plain, "ours eager": ours(False), "ours logps eager": ours_logps(False)}
     if cuda:
         out["plain compiled"] = torch.compile(plain)
         out["ours compiled"] = ours(True)
+        out["ours logps compiled"] = ours_logps(True)
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 

@@ -47,12 +47,50 @@ def test_token_logps_and_gradients_equal_the_plain_head(softcap, bias):
         assert head(hidden).abs().max() > softcap  # the cap is in play
 
 
+def test_the_token_loss_computes_its_gradients_in_the_forward_for_micro_batches_in_flight():
+    """The token loss's fused path, as a GPipe last stage runs it: three micro-batches forward, then their backwards
+    in another order, a validation forward without gradients in between, a bias and a soft-cap: the loss and the
+    summed gradients equal the plain head's in float64 to rounding, and nothing is left pending afterwards."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 97, bias=True).double()
+    chunked = ChunkedHead(head, 3.0, chunk=5)
+    hiddens = [(torch.randn(2, 9, 16, dtype=torch.float64) * 2).requires_grad_() for _ in range(3)]
+    labels = [torch.randint(0, 97, (2, 9)) for _ in range(3)]
+    labels[1][0, :4] = -100
+    factor = torch.tensor(0.37, dtype=torch.float64)
+
+    def plain_loss(hidden, label):
+        return -plain_token_logps(head, hidden, label, 3.0).sum() * factor
+
+    want = [plain_loss(h, lab) for h, lab in zip(hiddens, labels)]
+    params = [*hiddens, *head.parameters()]
+    want_grads = torch.autograd.grad(sum(want), params)
+    got = [chunked.token_loss(h, lab, factor) for h, lab in zip(hiddens, labels)]
+    with torch.no_grad():
+        checked = chunked.token_loss(hiddens[0], labels[0], factor)
+    torch.testing.assert_close(checked, want[0].detach(), rtol=0, atol=1e-12)
+    assert chunked.sums.pending == 3
+    for i in (1, 0, 2):
+        got[i].backward()
+    assert chunked.sums.pending == 0 and chunked.sums.weight is None
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+    for p, w in zip(params, want_grads):
+        torch.testing.assert_close(p.grad, w, rtol=0, atol=1e-12)
+
+
 def test_a_frozen_head_gets_no_gradient_and_no_grad_mode_works():
     head = torch.nn.Linear(8, 50, bias=False).requires_grad_(False)
     hidden = torch.randn(2, 6, 8, requires_grad=True)
     labels = torch.randint(0, 50, (2, 6))
     ChunkedHead(head, None, chunk=4).token_logps(hidden, labels).sum().backward()
     assert head.weight.grad is None and hidden.grad is not None
+    want = torch.autograd.grad(-plain_token_logps(head, hidden, labels).sum(), hidden)[0]
+    hidden.grad = None
+    frozen = ChunkedHead(head, None, chunk=4)
+    frozen.token_loss(hidden, labels, 1.0).backward()
+    torch.testing.assert_close(hidden.grad, want, rtol=0, atol=1e-6)
+    assert head.weight.grad is None and frozen.sums.pending == 0
     with torch.no_grad():
         out = ChunkedHead(head, None, chunk=4).token_logps(hidden, labels)
     torch.testing.assert_close(out, plain_token_logps(head, hidden, labels).detach(), rtol=0, atol=1e-6)

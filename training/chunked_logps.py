@@ -5,9 +5,14 @@ the whole window never exist: at a 128k vocabulary, 16k tokens of fp32 logits ar
 softmax in the backward), where one chunk is a fixed budget (CHUNK_ELEMENTS logits). Each chunk's logits are computed
 again in the backward from the saved hidden states, one more head matmul per token for the memory.
 
-Both losses read the same thing from it, the log-probability of each label token: cross-entropy is minus their
-sum, and the preference objectives sum them per sequence. Gemma's final soft-cap (cap · tanh(logit / cap)) is
-applied per chunk, in fp32.
+The token loss (cross-entropy summed and scaled, training/loss.py) knows its gradient per token in the forward: it is
+the loss's factor wherever a label counts. So it computes each chunk's gradients right there, as liger-kernel's fused
+linear cross-entropy does (three head matmuls per token, as the plain head, instead of four), and its backward only
+hands them on. The head weight's gradient sums in one buffer per head over the micro-batches whose backward is still
+to come (a GPipe last stage runs every forward first), not one per micro-batch. The preference objectives sum the
+log-probabilities per sequence and pass them through their own loss: their gradient per token exists only in the
+backward, so their chunks are recomputed there (ChunkedTokenLogps). Gemma's final soft-cap (cap · tanh(logit / cap))
+is applied per chunk, in fp32.
 """
 
 from __future__ import annotations
@@ -97,14 +102,111 @@ class ChunkedTokenLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if need_b else None, None, None, None, None
 
 
+def _chunk_loss_and_grad(hidden, weight, bias, labels, factor, softcap: float | None):
+    """-factor · (sum of the label log-probabilities) of one chunk, fp32, and its gradient with respect to the head's
+    output [T, V] (fp32): factor · (softmax - one-hot(label)) on the counted rows, through the soft-cap."""
+    logits = _wide_logits(hidden, weight, bias)
+    if softcap:
+        squashed = torch.tanh(logits / softcap)
+        logits = softcap * squashed
+    lse = torch.logsumexp(logits, -1)
+    counted = labels != IGNORE
+    index = labels.clamp(min=0)[:, None]
+    loss = torch.where(counted, lse - logits.gather(1, index)[:, 0], 0.0).sum() * factor
+    weight_of_row = torch.where(counted, factor, 0.0).to(logits.dtype)
+    grad = torch.exp(logits - lse[:, None]) * weight_of_row[:, None]
+    grad.scatter_add_(1, index, -weight_of_row[:, None])
+    if softcap:
+        grad = grad * (1 - squashed * squashed)
+    return loss, grad
+
+
+class HeadGradients:
+    """The head weight's (and bias's) gradient summed over the micro-batches whose forward ran and backward did not
+    yet: the last of those backwards hands the sum to autograd, the others hand nothing (autograd sums them alike)."""
+
+    def __init__(self):
+        self.weight = self.bias = None
+        self.pending = 0
+
+    def add(self, logit_grad, hidden, need_w: bool, need_b: bool, weight: torch.Tensor):
+        if need_w:
+            if self.weight is None:
+                self.weight = torch.zeros_like(weight)
+            # accumulated in the weight's dtype, each chunk's product summed in fp32 by the matmul
+            self.weight.addmm_(logit_grad.to(weight.dtype).t(), hidden)
+        if need_b:
+            if self.bias is None:
+                self.bias = torch.zeros(weight.shape[0], dtype=logit_grad.dtype, device=weight.device)
+            self.bias += logit_grad.sum(0)
+
+    def take(self, grad_out: torch.Tensor, bias_dtype: torch.dtype | None):
+        """(weight gradient, bias gradient) for one backward; the sums on the last pending one, else Nones. The
+        loss is backward's root in training (gradient 1); `grad_out` scales the sums all the same."""
+        self.pending -= 1
+        if self.pending > 0:
+            return None, None
+        weight = None if self.weight is None else self.weight.mul_(grad_out.to(self.weight.dtype))
+        bias_grad = None if self.bias is None else (self.bias * grad_out).to(bias_dtype)
+        self.weight = self.bias = None
+        return weight, bias_grad
+
+
+class ChunkedTokenLoss(torch.autograd.Function):
+    """-factor · sum of log p(label) over tokens, from hidden states [N, H] and the head's weight [V, H] (and bias
+    [V]), `chunk` tokens at a time, with every gradient computed in the forward (the module docstring says why)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, factor, softcap, chunk, kernel, sums: HeadGradients):
+        need_h = hidden.requires_grad
+        need_w, need_b = weight.requires_grad, bias is not None and bias.requires_grad
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        total = torch.zeros((), dtype=torch.promote_types(weight.dtype, torch.float32), device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            part = slice(start, start + chunk)
+            loss, logit_grad = kernel(hidden[part], weight, bias, labels[part], factor, softcap)
+            total += loss
+            if need_h:
+                torch.matmul(logit_grad.to(weight.dtype), weight, out=grad_hidden[part])
+            sums.add(logit_grad, hidden[part], need_w, need_b, weight)
+        if need_w or need_b:
+            sums.pending += 1
+        ctx.save_for_backward(grad_hidden)
+        ctx.sums, ctx.need_weights = sums, need_w or need_b
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_hidden,) = ctx.saved_tensors
+        weight_grad = bias_grad = None
+        if ctx.need_weights:
+            weight_grad, bias_grad = ctx.sums.take(grad_out, ctx.bias_dtype)
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_out.to(grad_hidden.dtype)
+        return grad_hidden, weight_grad, bias_grad, None, None, None, None, None, None
+
+
 class ChunkedHead:
     """The LM head applied inside the loss: `token_logps(hidden [R, S, H], labels [R, S])` -> [R, S] fp32."""
 
     def __init__(self, head: torch.nn.Linear, softcap: float | None, chunk: int | None = None, compiled=False):
         self.head, self.softcap = head, softcap or None
         self.chunk = chunk or chunk_tokens_for(head.weight.shape[0])
-        kernels = (_chunk_forward, _chunk_logit_grad)
+        kernels = (_chunk_forward, _chunk_logit_grad, _chunk_loss_and_grad)
         self.kernels = tuple(torch.compile(k, dynamic=True) for k in kernels) if compiled else kernels
+        self.sums = HeadGradients()
+
+    def token_loss(self, hidden: torch.Tensor, labels: torch.Tensor, factor) -> torch.Tensor:
+        """-factor · the sum of the label tokens' log-probabilities (fp32 scalar): the token loss, its gradients
+        computed in the forward where a backward will follow."""
+        if not torch.is_grad_enabled():
+            return -self.token_logps(hidden, labels).sum() * factor
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        wide = torch.promote_types(self.head.weight.dtype, torch.float32)
+        factor = torch.as_tensor(factor, dtype=wide, device=hidden.device)
+        args = (flat, self.head.weight, self.head.bias, labels.reshape(-1), factor, self.softcap, self.chunk)
+        return ChunkedTokenLoss.apply(*args, self.kernels[2], self.sums)
 
     def token_logps(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])

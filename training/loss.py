@@ -36,7 +36,7 @@ class TokenMeanLoss:
 
     def __call__(self, logits, labels):
         if self.head is not None:
-            return -self.head.token_logps(logits, labels).sum() * self.factor
+            return self.head.token_loss(logits, labels, self.factor)
         if self.recompute and torch.is_grad_enabled():
             loss = torch.utils.checkpoint.checkpoint(self.cross_entropy, logits, labels, use_reentrant=False)
         else:

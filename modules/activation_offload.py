@@ -38,6 +38,8 @@ class ActivationOffload:
     stage forward."""
 
     def __init__(self, device: torch.device):
+        if device.type == "cuda" and device.index is None:  # tensors report cuda:N, which never equals "cuda"
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.moved_bytes = 0  # since the last new_pass(), for the log and the tests

@@ -38,7 +38,7 @@ def test_saved_block_inputs_move_out_once_each_and_come_back_bit_identical(tmp_p
     # each block's input [2, 16, 32] once, and the rotary cos and sin [16, 8] shared by all three blocks once each
     hidden, rotary = 2 * 16 * 32 * 4, 2 * 16 * 8 * 4
     assert offload.moved_bytes == 3 * hidden + rotary
-    moved = {id(p) for p in fetched}
+    moved = {id(p) for p in fetched if p.host.numel()}  # torch 2.11's checkpoint also saves an empty tensor
     assert len(moved) == 5 and all(p.on_device is not None for p in fetched)
 
     with torch.no_grad():  # evaluation saves nothing: nothing moves

@@ -261,4 +261,7 @@ def test_gpu_block_masks_and_softcaps_match_transformers(name, tmp_path):
     want_loss.backward()
     theirs = dict(hf.named_parameters())
     for n, p in stage.named_parameters():
-        torch.testing.assert_close(p.grad, theirs[n].grad, rtol=1e-4, atol=1e-3, msg=n)
+        # fp32 sums in another order: against a float64 reference, ours and transformers' GPU gradients each err by
+        # up to ~1.5e-5 of the largest one (Qwen2's tied embedding: 2.2e-3 and 1.1e-3 of 150)
+        atol = 3e-5 * theirs[n].grad.abs().max().item()
+        torch.testing.assert_close(p.grad, theirs[n].grad, rtol=1e-4, atol=atol, msg=n)

@@ -16,6 +16,7 @@ without it. On a CPU run every saved input is copied within host memory: nothing
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
@@ -54,11 +55,16 @@ class ActivationOffload:
         def pack(tensor):
             if tensor.device != self.device or (self.stream is not None and tensor.nbytes < MIN_BYTES):
                 return tensor
+            # The same tensor saved again (by the next block) shares its copy. Its address alone does not say so:
+            # a block's input is freed once moved out, and a later block's input of the same size may take its
+            # place, so the entry also holds a weak reference to the tensor it copied, alive only while that is.
             key = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
-            if key not in state["seen"]:
-                state["seen"][key] = state["last"] = self._move_out(tensor, state["last"])
+            seen = state["seen"].get(key)
+            if seen is None or seen[0]() is not tensor:
+                state["last"] = self._move_out(tensor, state["last"])
+                state["seen"][key] = seen = (weakref.ref(tensor), state["last"])
                 self.moved_bytes += tensor.nbytes
-            return state["seen"][key]
+            return seen[1]
 
         def unpack(packed):
             if not isinstance(packed, _Offloaded):

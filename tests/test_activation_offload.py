@@ -3,6 +3,7 @@ backward unchanged, so training is bit-identical to keeping them on CPU (where t
 GPU it lowers the peak by the blocks' inputs and the gradients agree to bf16 rounding (the embedding's backward sums
 with atomics, so two GPU runs differ in their last bits anyway)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +65,27 @@ def test_training_with_offloaded_activations_is_bit_identical(tmp_path):
     assert sorted(got) == sorted(want)
     for name, value in want.items():
         assert torch.equal(got[name], value), name
+
+
+def test_a_new_tensor_at_a_freed_tensors_address_gets_its_own_copy():
+    """A block's input is freed once it is moved out, and the caching allocator hands its memory to a later block's
+    input of the same size: same address, shape and dtype, other values. Here one numpy buffer plays the memory."""
+    offload = ActivationOffload(torch.device("cpu"))
+    state = offload.new_pass()
+    memory = np.zeros(6, dtype=np.float32)
+    with offload.hooks(state):
+        first = torch.from_numpy(memory).requires_grad_()
+        out_first = (first * first).sum()  # saves `first` twice: one copy
+        address = first.data_ptr()
+        del first
+        memory[:] = 3.0
+        second = torch.from_numpy(memory).requires_grad_()
+        assert second.data_ptr() == address
+        out_second = (second * second).sum()
+    assert offload.moved_bytes == 2 * memory.nbytes
+    out_first.backward()
+    out_second.backward()
+    assert torch.equal(second.grad, torch.full((6,), 6.0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

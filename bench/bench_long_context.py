@@ -3,7 +3,8 @@ blocks (all-linear), a QLoRA (NF4) base (part qlora) or a bf16 base (part lora),
 attention over the window (random tokens for transformers, packed OIG text under --attention-mask causal for ours).
 
   ours: the real entrypoint under torchrun, --activation-checkpointing full --activation-offload cpu --chunked-loss
-        on --attention-mask causal (the long-context recipe's settings), lengths from --ours-lengths;
+        on --attention-mask causal (the long-context recipe's settings), lengths from --ours-lengths, with
+        --tiled-mlp off, on, or each;
   reference: bench/baseline_hf.py, transformers + peft (+ bitsandbytes) with gradient checkpointing, with and
         without liger-kernel's kernels (its fused linear cross-entropy), lengths from --hf-lengths.
 Each side runs its lengths in increasing order and stops at the first that fails (out of memory, or the time
@@ -72,6 +73,7 @@ def main():
     ap.add_argument("--ours-lengths", default="32768,65536,131072")
     ap.add_argument("--hf-lengths", default="8192,16384,32768")
     ap.add_argument("--speed-length", type=int, default=32768)
+    ap.add_argument("--tiled-mlp", default="off", choices=["off", "on", "both"], help="ours' --tiled-mlp (both: each)")
     ap.add_argument(
         "--reference",
         default="both",
@@ -92,9 +94,13 @@ def main():
     ours_extra = OURS_FLAGS + (["--quantize-base", "nf4"] if quantize else [])
     hf_extra = HF_FLAGS + (["--quantize", "nf4"] if quantize and s.gpu else [])
 
-    def ours(length: int) -> dict:
-        return s.ours(f"ours {args.part} {length}", model_dir=model, data=data, nproc=1, micro_batch=1, batch=1,
-                      activation_checkpointing="full", extra=ours_extra)  # fmt: skip
+    def ours(tiled: str):
+        def run(length: int) -> dict:
+            label = f"ours {args.part}{' tiled' if tiled == 'on' else ''} {length}"
+            return s.ours(label, model_dir=model, data=data, nproc=1, micro_batch=1, batch=1,
+                          activation_checkpointing="full", extra=ours_extra + ["--tiled-mlp", tiled])  # fmt: skip
+
+        return run
 
     def reference(liger: bool):
         def run(length: int) -> dict:
@@ -104,7 +110,9 @@ def main():
 
         return run
 
-    mine = probe(s, "ours", ours_lengths, ours)
+    mine = []
+    for tiled in ("off", "on") if args.tiled_mlp == "both" else (args.tiled_mlp,):
+        mine += probe(s, f"ours tiled-mlp={tiled}", ours_lengths, ours(tiled))
     theirs = {}
     if not args.no_baseline:
         for liger in {"plain": (False,), "liger": (True,), "both": (False, True)}[args.reference]:

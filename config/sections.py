@@ -133,11 +133,20 @@ class ModelRunConfig:
         group="model",
         choices=("none", "cpu"),
     )
+    tiled_mlp: str = setting(
+        "--tiled-mlp",
+        "off",
+        "on: run each block's MLP 8192 tokens at a time, each tile recomputed in the backward, so its intermediates "
+        "(about 4 x the intermediate size per token) exist for one tile only; for long sequences (costs one more MLP "
+        "forward)",
+        group="model",
+        choices=("off", "on"),
+    )
     chunked_loss: str = setting(
         "--chunked-loss",
         "auto",
         "compute the LM head and the loss a few thousand tokens at a time, so the logits of the whole micro-batch "
-        "never exist (recomputed in backward): on, off, auto (on where one micro-batch's fp32 logits exceed 4 GiB)",
+        "never exist: on, off, auto (on where one micro-batch's fp32 logits exceed 4 GiB)",
         group="model",
         choices=("auto", "on", "off"),
     )

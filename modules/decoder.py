@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import RMSNorm, activation, apply_rotary, causal_attention
+from .tiled_mlp import mlp_forward
 
 PREFIX, EMBED, LAYERS, FINAL_NORM, HEAD = "model", "embed_tokens", "layers", "norm", "lm_head"
 HEAD_BIAS = False
@@ -105,6 +106,6 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
         if self.sandwich:
             h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask))
-            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+            return h + self.post_feedforward_layernorm(mlp_forward(self.mlp, self.pre_feedforward_layernorm(h)))
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + mlp_forward(self.mlp, self.post_attention_layernorm(h))

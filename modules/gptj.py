@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import activation, apply_rotary, causal_attention
+from .tiled_mlp import mlp_forward
 
 PREFIX, EMBED, LAYERS, FINAL_NORM, HEAD = "transformer", "wte", "h", "ln_f", "lm_head"
 HEAD_BIAS = True
@@ -60,4 +61,4 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
         h = self.ln_1(x)
-        return self.attn(h, cos, sin, mask) + self.mlp(h) + x
+        return self.attn(h, cos, sin, mask) + mlp_forward(self.mlp, h) + x

@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import activation, apply_rotary, causal_attention
+from .tiled_mlp import mlp_forward
 
 # HF names of the stage's outer parts (see ARCHITECTURE.md); the blocks live at f"{PREFIX}.{LAYERS}.{i}".
 PREFIX, EMBED, LAYERS, FINAL_NORM, HEAD = "gpt_neox", "embed_in", "layers", "final_layer_norm", "embed_out"
@@ -64,6 +65,6 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
         attn = self.attention(self.input_layernorm(x), cos, sin, mask)
         if self.use_parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
-            return self.mlp(self.post_attention_layernorm(x)) + attn + x
+            return mlp_forward(self.mlp, self.post_attention_layernorm(x)) + attn + x
         h = attn + x  # sequential (RedPajama-INCITE): h = x + attn(ln1(x)); h + mlp(ln2(h))
-        return self.mlp(self.post_attention_layernorm(h)) + h
+        return mlp_forward(self.mlp, self.post_attention_layernorm(h)) + h

@@ -25,6 +25,7 @@ from . import gemma2, gemma3, gptj, gptneox, llama, mistral, phi3, qwen2, qwen3
 from .activation_offload import ActivationOffload
 from .config import ModelConfig, ModelError
 from .layers import Rotary, attention_masks
+from .tiled_mlp import tile_mlps
 
 if TYPE_CHECKING:
     from config import ModelRunConfig
@@ -229,7 +230,8 @@ def build_rank_stages(
     run.fp8 (tensorwise | rowwise) swaps the blocks' large linears for torchao's Float8Linear (same parameter names
     and dtypes), before torch.compile so that the compiled blocks fuse the float8 casts. `on_phase(name)` is called
     as each stage is allocated ("model_build") and as its weights are in ("weights"), for the trainer's start-up
-    timing. run.activation_offload (cpu) moves the checkpointed blocks' saved inputs to host memory."""
+    timing. run.activation_offload (cpu) moves the checkpointed blocks' saved inputs to host memory; run.tiled_mlp
+    (on) runs each block's MLP a tile of tokens at a time."""
     from .fp8 import convert_blocks_to_float8
     from .lora import apply_lora, init_lora_weights, load_lora_tensors
     from .lora import quantize_base as quantize
@@ -260,6 +262,8 @@ def build_rank_stages(
             if quantize_base != "none":
                 quantize(stage, quantize_base, compute_dtype=dtype, device=device)
                 stage = stage.to(device)
+        if run.tiled_mlp == "on":
+            tile_mlps(getattr(getattr(stage, family(cfg).PREFIX), family(cfg).LAYERS).values())
         if run.fp8 != "none":
             convert_blocks_to_float8(stage, run.fp8)
         if run.compile:

@@ -9,6 +9,7 @@ import torch
 import config
 import modules
 from comm import Layout
+from modules.tiled_mlp import TILE_TOKENS
 from pipeline_parallel import plan_stages
 from tests.helpers import make_model
 from training.chunked_logps import CHUNK_ELEMENTS
@@ -84,6 +85,25 @@ def test_activations_follow_checkpointing_offload_and_the_schedule(model):
         job_of(path, *flags, "--pipeline-group-size", "2", "--pp-mode", "1f1b"), cfg, first_of_two, 2, 1
     )
     assert (gpipe.in_flight, one_f_one_b.in_flight) == (4, 2)  # 8 / 2 micro-batches; 1F1B: stages from here on
+
+
+def test_a_tiled_mlp_holds_one_tile_of_intermediates(model):
+    """--tiled-mlp: the recomputed block's MLP intermediates shrink to one tile; without checkpointing no block holds
+    them; the warning of a run over its GPU names the flag where a micro-batch is longer than a tile."""
+    path, cfg = model
+    flags = ("--bf16", "--seq-length", "16384", "--batch-size", "2", "--micro-batch-size", "1")
+    full = ("--activation-checkpointing", "full")
+    untiled = plan_memory(job_of(path, *flags, *full), cfg, whole_model(cfg), 1, 1)
+    tiled = plan_memory(job_of(path, *flags, *full, "--tiled-mlp", "on"), cfg, whole_model(cfg), 1, 1)
+    assert untiled.working - tiled.working == 2 * 4 * cfg.intermediate_size * (16384 - TILE_TOKENS)
+    plain = plan_memory(job_of(path, *flags), cfg, whole_model(cfg), 1, 1)
+    plain_tiled = plan_memory(job_of(path, *flags, "--tiled-mlp", "on"), cfg, whole_model(cfg), 1, 1)
+    assert plain.activations - plain_tiled.activations == cfg.num_layers * 16384 * 2 * 4 * cfg.intermediate_size
+    lay = Layout(0, 1, 1, 1, 0, 0, 0, torch.device("cpu"))
+    logged = []
+    job = job_of(path, *flags, *full)
+    check_memory_plan(job, cfg, whole_model(cfg), lay, None, logged.append, capacity=int(untiled.static) + 1)
+    assert "--tiled-mlp on" in logged[-1]
 
 
 def test_the_loss_path_is_bounded_once_chunked(model):

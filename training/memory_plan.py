@@ -7,7 +7,7 @@ certain to run out of memory; the activation estimate only warns, since kernels 
 Activations per token and layer, in the model dtype: about 6 x hidden + 4 x intermediate values without
 checkpointing (the inputs of the norms, projections, attention and MLP that the backward reads; SDPA keeps no
 scores), the block input alone (hidden) with checkpointing, nothing on the GPU once offloaded; a checkpointed run
-also recomputes one block at a time. Micro-batches in flight: one at pp=1, all of them under GPipe, up to the
+also recomputes one block at a time. --tiled-mlp drops the MLP's 4 x intermediate to one tile's worth. Micro-batches in flight: one at pp=1, all of them under GPipe, up to the
 number of stages after this one under 1F1B.
 """
 
@@ -20,6 +20,7 @@ import torch
 
 import modules
 from config import JobConfig
+from modules.tiled_mlp import TILE_TOKENS
 from pipeline_parallel import StagePlan
 from training.chunked_logps import CHUNK_ELEMENTS, micro_batch_tokens, uses_chunked_loss
 from utils.errors import UserError
@@ -87,13 +88,17 @@ def plan_memory(job: JobConfig, cfg: modules.ModelConfig, plan: StagePlan, pp_si
 
     tokens = micro_batch_tokens(job)
     layers = sum(end - start for start, end in (plan.bounds[s] for s in plan.stage_ids))
-    whole_block = dtype_bytes * (6 * cfg.hidden_size + 4 * cfg.intermediate_size)
+    # --tiled-mlp: the MLP's intermediates (4 x intermediate per token) exist for one tile at a time, never held
+    tiled = model.tiled_mlp == "on" and tokens > TILE_TOKENS
+    mlp_values = 4 * cfg.intermediate_size
+    held_block = dtype_bytes * (6 * cfg.hidden_size + (0 if tiled else mlp_values))
     checkpointed = {"none": 0.0, "selective": 0.5, "full": 1.0}[model.activation_checkpointing]
     kept_input = 0 if model.activation_offload == "cpu" else dtype_bytes * cfg.hidden_size
-    per_token = layers * (checkpointed * kept_input + (1 - checkpointed) * whole_block)
+    per_token = layers * (checkpointed * kept_input + (1 - checkpointed) * held_block)
     in_flight = _in_flight(job, plan, pp_size)
     activations = per_token * tokens * in_flight
-    working = (whole_block * tokens) if checkpointed else 0.0
+    recomputed = dtype_bytes * (6 * cfg.hidden_size * tokens + mlp_values * (TILE_TOKENS if tiled else tokens))
+    working = recomputed if checkpointed else 0.0
     chunked = plan.holds_last and uses_chunked_loss(job, cfg.vocab_size)
     if plan.holds_last:  # model-dtype logits, their fp32 log-softmax and its gradient; chunks of fixed size
         working += 10 * (CHUNK_ELEMENTS if chunked else tokens * cfg.vocab_size)
@@ -168,6 +173,8 @@ def _activation_fixes(job: JobConfig, estimate: MemoryPlan) -> str:
         fixes.append("--activation-offload cpu")
     if not estimate.chunked:
         fixes.append("--chunked-loss on")
+    if job.model.tiled_mlp == "off" and micro_batch_tokens(job) > TILE_TOKENS:
+        fixes.append("--tiled-mlp on")
     if job.data.micro_batch_size > 1:
         fixes.append("a smaller --micro-batch-size")
     if job.pipeline.mode == "gpipe" and estimate.in_flight > 1:

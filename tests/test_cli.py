@@ -328,7 +328,8 @@ def test_out_of_memory_in_a_pipeline_stage_is_one_line_with_the_fixes(setup, tmp
     # layout not fitting (2) on the rank that ran out, the rank stopped because of it exits 1
     assert result.returncode == 1, output[-3000:]
     codes = dict(re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s+exitcode\s*: (-?\d+)", output))
-    assert codes == {"1": "2", "0": "1"}, output[-3000:]
+    # rank 0 exits 1 on its own, unless torchrun's agent, seeing rank 1 gone, ends it first (SIGTERM, -15)
+    assert codes["1"] == "2" and codes["0"] in ("1", "-15"), output[-3000:]
     failing = re.findall(r"error: \[rank 1\] (.*)", output)
     assert len(failing) == 1, output[-3000:]
     for fragment in [
@@ -343,7 +344,8 @@ def test_out_of_memory_in_a_pipeline_stage_is_one_line_with_the_fixes(setup, tmp
     assert "Including non-PyTorch" not in failing[0]
     assert "failed to run forward" not in output
     assert not re.search(r"\[default\d\]:Traceback", output), output[-3000:]  # torchrun's own one may follow
-    assert re.search(r"error: \[rank 0\] stopping: rank 1 failed: out of GPU memory", output), output[-3000:]
+    if codes["0"] == "1":
+        assert re.search(r"error: \[rank 0\] stopping: rank 1 failed: out of GPU memory", output), output[-3000:]
 
 
 def test_8bit_adam_without_bitsandbytes_says_how_to_install(setup, tmp_path):

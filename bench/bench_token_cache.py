@@ -58,7 +58,7 @@ def main():
 
     from config import DataConfig
     from tasks import CachedStream, PackedStream
-    from tasks.cache import ARRAYS, INDEX, PROCESSES_FROM, build_cache
+    from tasks.cache import ARRAYS, INDEX, build_cache
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     work = tempfile.mkdtemp(prefix="bench_token_cache_")
@@ -78,28 +78,21 @@ def main():
         data = DataConfig(
             task_spec=source, seq_length=args.seq_length, batch_size=args.batch_size, workers=os.cpu_count() or 1
         )
-        # 30.1: a whole pass over the file, roughly (the mixture's one task loops; stop near one pass); the build's
-        # own choice of threads or processes, and on many cores the other one too
+        # 30.1: a whole pass over the file, roughly (the mixture's one task loops; stop near one pass)
         tokens_wanted = int(args.size_mb * 2**20 / 4.2)
-        modes = [None] + ([False] if data.workers >= PROCESSES_FROM else [])
-        for processes in modes:
-            started = time.perf_counter()
-            output = os.path.join(work, "cache" if processes is None else "cache-threads")
-            index = build_cache(data, tok, output, tokens_wanted, log=lambda m: None, processes=processes)
-            seconds = time.perf_counter() - started
-            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            key = "build" if processes is None else "build_threads"
-            result[key] = {
-                "tokens": index["tokens"],
-                "seconds": round(seconds, 2),
-                "tokens_per_s": round(index["tokens"] / seconds),
-                "workers": data.workers,
-                "in": "processes" if processes is None and data.workers >= PROCESSES_FROM else "threads",
-                "peak_rss_mb": round(peak_mb),
-                "peak_rss_mb_largest_child": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
-                "source_mb": round(os.path.getsize(source) / 2**20, 1),
-            }
-            print(json.dumps(result[key]), flush=True)
+        started = time.perf_counter()
+        index = build_cache(data, tok, os.path.join(work, "cache"), tokens_wanted, log=lambda m: None)
+        seconds = time.perf_counter() - started
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["build"] = {
+            "tokens": index["tokens"],
+            "seconds": round(seconds, 2),
+            "tokens_per_s": round(index["tokens"] / seconds),
+            "workers": data.workers,
+            "peak_rss_mb": round(peak_mb),
+            "source_mb": round(os.path.getsize(source) / 2**20, 1),
+        }
+        print(json.dumps(result["build"]), flush=True)
 
         # 30.2: replica 0 of dp replicas, both ways, on the training thread (workers 0: its CPU time is its cost)
         one = DataConfig(task_spec=source, seq_length=args.seq_length, batch_size=1, workers=0)

@@ -77,16 +77,10 @@ def stream_identity(data: DataConfig, tokenizer) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- building
-PROCESSES_FROM = 4  # workers from which a build tokenizes in processes (measured: threads win on 2 cores)
-
-
-def build_cache(
-    data: DataConfig, tokenizer, output: str, tokens: int, log=print, processes: bool | None = None
-) -> dict:
+def build_cache(data: DataConfig, tokenizer, output: str, tokens: int, log=print) -> dict:
     """Tokenize the stream of `data` (its --task-name and settings) until it holds at least `tokens` tokens, into a
     new build under `output`, then publish it; an unfinished build of the same sources and settings is continued.
-    Its --data-workers tokenize in as many processes (`processes` None: from PROCESSES_FROM workers on), else in
-    threads. Returns the published index."""
+    Returns the published index."""
     check_positive("tokens", tokens)
     stream = PackedStream(data, tokenizer)  # its pipeline renders and tokenizes; the stream itself is not iterated
     pipe = stream._pipe
@@ -117,9 +111,7 @@ def build_cache(
     last_epoch = {t.name: len(done["epoch_starts"][t.name]) - 1 for t in stream.tasks}
     names = [t.name for t in stream.tasks]
     started, saved_at, start_tokens = time.perf_counter(), 0.0, done["tokens"]
-    if processes is None:
-        processes = pipe.num_workers >= PROCESSES_FROM
-    chunks = pipe.encoded(mix, 0, threading.Event(), processes=processes)
+    chunks = pipe.encoded(mix, 0, threading.Event())
     try:
         for meta, chunk in chunks:
             now = time.perf_counter()

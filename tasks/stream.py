@@ -3,8 +3,6 @@
 Pipeline (in a background thread when num_workers >= 1):
   Mixture (weighted task choice + per-task shuffle buffer readers)  → chunks of raw lines
   → thread pool of `num_workers` tokenisers (render + batched Rust encode, GIL released)  → in-order Chunks
-    (a cache build uses processes instead: rendering and turning tokens into arrays hold the GIL, so threads stop
-    scaling at a few cores)
   → Packer (EOS packing, windows, global batches, this replica's rows)  → queue of `prefetch` batches.
 Every batch carries the position after it (a StateRef); the consumer remembers the one of the last batch it handed
 out, so state_dict() describes exactly what training consumed, never what was prefetched.
@@ -12,11 +10,10 @@ out, so state_dict() describes exactly what training consumed, never what was pr
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import threading
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from .loader import LoaderStream, check_same_sources, copy_json
@@ -244,25 +241,6 @@ class PackedStream(LoaderStream):
         self._restart_at(state)
 
 
-def _encode(renderer: Renderer, encoder: Encoder, files, docs, drop):
-    """One chunk: its records rendered and tokenized."""
-    rendered = [renderer.render_line(item[0], files[t][item[1]], item[3]) for t, item in docs]
-    return encoder.encode_chunk(rendered, drop)
-
-
-_WORKER: tuple[Renderer, Encoder] | None = None  # in a cache build's tokenizer process
-
-
-def _start_worker(renderer: Renderer, encoder: Encoder) -> None:
-    global _WORKER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per process: the processes are the parallelism
-    _WORKER = (renderer, encoder)
-
-
-def _encode_in_worker(files, docs, drop):
-    return _encode(*_WORKER, files, docs, drop)
-
-
 class _Pipeline:
     """What the loader thread runs: Mixture → tokeniser pool → Packer, yielding (batch, StateRef)."""
 
@@ -296,34 +274,23 @@ class _Pipeline:
             drop = 0
 
     def encode(self, files, docs, drop):
-        return _encode(self.renderer, self.encoder, files, docs, drop)
+        render = self.renderer.render_line
+        rendered = [render(item[0], files[t][item[1]], item[3]) for t, item in docs]
+        return self.encoder.encode_chunk(rendered, drop)
 
-    def encoded(self, mix: Mixture, drop: int, stop: threading.Event | None, processes: bool = False):
+    def encoded(self, mix: Mixture, drop: int, stop: threading.Event | None):
         """(ChunkMeta, Chunk) of the stream from `mix`'s position on, in order; encoded by a pool of `num_workers`
-        threads when `stop` is given (the loader thread, or a cache build), or of as many processes with
-        `processes` (a cache build), else here."""
+        threads when `stop` is given (the loader thread, or a cache build), else here."""
         files = [t.files for t in self.tasks]
-        if stop is None:
-            pool = None
-        elif processes:
-            pool = ProcessPoolExecutor(
-                self.num_workers,
-                mp_context=multiprocessing.get_context("spawn"),  # no fork of a process that runs threads
-                initializer=_start_worker,
-                initargs=(self.renderer, self.encoder),
-            )
-        else:
-            pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="tasks-tokenize")
-        encode = _encode_in_worker if processes else self.encode
-        in_flight = 2 * self.num_workers if processes else self.num_workers  # a process waits for its next chunk
+        pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="tasks-tokenize") if stop else None
         pending: deque = deque()
         try:
             for meta, docs in self.chunks(mix, drop):
                 if pool is None:
                     yield meta, self.encode(files, docs, meta.drop)
                     continue
-                pending.append((meta, pool.submit(encode, files, docs, meta.drop)))
-                if len(pending) > in_flight:
+                pending.append((meta, pool.submit(self.encode, files, docs, meta.drop)))
+                if len(pending) > self.num_workers:
                     m, fut = pending.popleft()
                     yield m, fut.result()
                 if stop.is_set():

@@ -65,18 +65,6 @@ class Encoder:
         self._local = threading.local()
         self._fingerprint = None
 
-    def __getstate__(self):
-        """For a cache build's tokenizer processes: the backend travels as its JSON, each process builds its own."""
-        state = self.__dict__.copy()
-        state["_local"] = state["_backend"] = None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._local = threading.local()
-        if self._backend_json is not None:
-            self._backend = self._new_backend()
-
     def _new_backend(self):
         from tokenizers import Tokenizer
 

@@ -7,7 +7,7 @@ The sources, their weights and the data flags are the training run's (same names
 exactly the token stream that run would read, so training on it is bit-identical, at any --seq-length, batch size or
 layout. --tokens is how much of the stream to keep: at least the run's steps x --batch-size x --data-group-size x
 --gradient-accumulate-step x --seq-length (a run that needs more stops at start-up and says so). The tokenizer runs in
---data-workers processes (default: every core; threads below 4, where they are faster). An interrupted build continues where it was on the next call with the
+--data-workers threads (default: every core). An interrupted build continues where it was on the next call with the
 same flags; a finished one is published by replacing CACHE_DIR/cache.json, so runs reading an older build go on
 reading it. See tasks/cache.py for the layout.
 """

@@ -18,6 +18,8 @@ TOTAL_STEPS=${FINETUNE_TOTAL_STEPS:-500}
 CHECKPOINT_STEPS=${CHECKPOINT_STEPS:-50}
 SEQ_LENGTH=${SEQ_LENGTH:-65536}                                     # tokens per window
 QUANTIZE_BASE=${QUANTIZE_BASE:-nf4}                                 # nf4 | int8 | none (LoRA on a bf16 base)
+TILED_MLP=${TILED_MLP:-off}                                         # on: the MLPs 8k tokens at a time (3 GB less
+                                                                    # at 32k on an H100, 9% slower)
 NUM_GPUS=${NUM_GPUS:-1}                                             # = pipeline stages (one per GPU)
 MASTER_PORT=${MASTER_PORT:-7035}
 export WANDB_NAME=${WANDB_NAME:-Llama-3.1-8B-long-qlora}
@@ -32,7 +34,7 @@ ARGS=(
   --lora-r 16 --lora-alpha 32 --lora-dropout 0.05 --lora-target-modules all-linear
   --quantize-base "${QUANTIZE_BASE}"
   --lr 1e-4 --seq-length "${SEQ_LENGTH}" --batch-size 1 --micro-batch-size 1 --gradient-accumulate-step 8
-  --bf16 --activation-checkpointing full --activation-offload cpu --chunked-loss on
+  --bf16 --activation-checkpointing full --activation-offload cpu --chunked-loss on --tiled-mlp "${TILED_MLP}"
   --pipeline-group-size "${NUM_GPUS}" --pp-mode 1f1b
 )
 # Unquoted on purpose: EXTRA_ARGS holds several flags, split at spaces (so no spaces inside its values).

@@ -1,8 +1,9 @@
 """Each newer family trains like transformers + AdamW in every kind of layout: three optimizer steps at pp 1, 2 and 4
 and at pp2 x dp2 with the optimizer state sharded, on packed documents, with the family's features on (sliding
 windows shorter than the training window, tied embeddings split over the pipeline's ends, q/k norms, soft-caps,
-fused projections); the pp2 runs apply the head inside the loss (--chunked-loss on). The four runs of a family are
-launched at once."""
+fused projections); the pp2 runs apply the head inside the loss (--chunked-loss on): under GPipe with four
+micro-batches in flight (the head weight's gradient sums over all of them before it is handed on), and under 1F1B
+with data parallelism. The four runs of a family are launched at once."""
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ FAMILIES = {  # make_tiny_model flags: the features each family is known by
 # (pp, dp, pp-mode, extra flags)
 LAYOUTS = [
     (1, 1, "gpipe", ()),
-    (2, 1, "1f1b", ("--chunked-loss", "on")),
+    (2, 1, "gpipe", ("--chunked-loss", "on", "--micro-batch-size", "1")),
     (4, 1, "gpipe", ()),
     (2, 2, "1f1b", ("--dp-mode", "sharded", "--dp-bucket-mb", "0.002", "--chunked-loss", "on")),
 ]

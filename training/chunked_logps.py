@@ -2,8 +2,7 @@
 
 The last stage then hands the loss its final hidden states [R, S, H] instead of logits [R, S, V], and the logits of
 the whole window never exist: at a 128k vocabulary, 16k tokens of fp32 logits are 8 GB (plus as much again for the
-softmax in the backward), where one chunk is a fixed budget (CHUNK_ELEMENTS logits). Each chunk's logits are computed
-again in the backward from the saved hidden states, one more head matmul per token for the memory.
+softmax in the backward), where one chunk is a fixed budget (CHUNK_ELEMENTS logits).
 
 The token loss (cross-entropy summed and scaled, training/loss.py) knows its gradient per token in the forward: it is
 the loss's factor wherever a label counts. So it computes each chunk's gradients right there, as liger-kernel's fused
@@ -188,7 +187,9 @@ class ChunkedTokenLoss(torch.autograd.Function):
 
 
 class ChunkedHead:
-    """The LM head applied inside the loss: `token_logps(hidden [R, S, H], labels [R, S])` -> [R, S] fp32."""
+    """The LM head applied inside the loss: `token_logps(hidden [R, S, H], labels [R, S])` -> [R, S] fp32 (chunks
+    recomputed in the backward), and `token_loss(hidden, labels, factor)` -> the scaled token loss (gradients
+    computed in the forward)."""
 
     def __init__(self, head: torch.nn.Linear, softcap: float | None, chunk: int | None = None, compiled=False):
         self.head, self.softcap = head, softcap or None

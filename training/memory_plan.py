@@ -7,8 +7,8 @@ certain to run out of memory; the activation estimate only warns, since kernels 
 Activations per token and layer, in the model dtype: about 6 x hidden + 4 x intermediate values without
 checkpointing (the inputs of the norms, projections, attention and MLP that the backward reads; SDPA keeps no
 scores), the block input alone (hidden) with checkpointing, nothing on the GPU once offloaded; a checkpointed run
-also recomputes one block at a time. --tiled-mlp drops the MLP's 4 x intermediate to one tile's worth. Micro-batches in flight: one at pp=1, all of them under GPipe, up to the
-number of stages after this one under 1F1B.
+also recomputes one block at a time; --tiled-mlp cuts the MLP's 4 x intermediate to one tile's worth. Micro-batches
+in flight: one at pp=1, all of them under GPipe, up to the number of stages after this one under 1F1B.
 """
 
 from __future__ import annotations

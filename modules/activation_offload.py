@@ -74,7 +74,10 @@ class ActivationOffload:
                 self._fetch(packed.previous)
             if self.stream is not None:
                 torch.cuda.current_stream(self.device).wait_event(packed.fetched)
-            return packed.on_device
+            # The backward holds the copy from here on, for as long as it needs it; kept here too, every block's
+            # input would be back on the device by the end of the backward (a tensor unpacked twice is fetched twice)
+            tensor, packed.on_device = packed.on_device, None
+            return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield

@@ -40,7 +40,7 @@ def test_saved_block_inputs_move_out_once_each_and_come_back_bit_identical(tmp_p
     hidden, rotary = 2 * 16 * 32 * 4, 2 * 16 * 8 * 4
     assert offload.moved_bytes == 3 * hidden + rotary
     moved = {id(p) for p in fetched if p.host.numel()}  # torch 2.11's checkpoint also saves an empty tensor
-    assert len(moved) == 5 and all(p.on_device is not None for p in fetched)
+    assert len(moved) == 5
 
     with torch.no_grad():  # evaluation saves nothing: nothing moves
         stage(ids)
@@ -65,6 +65,25 @@ def test_training_with_offloaded_activations_is_bit_identical(tmp_path):
     assert sorted(got) == sorted(want)
     for name, value in want.items():
         assert torch.equal(got[name], value), name
+
+
+def test_an_input_brought_back_for_the_backward_is_not_kept_there_after_it(tmp_path):
+    """At each block's backward at most its own input and the prefetched one before it are back (and the shared
+    rotary tables, moved on a CPU): brought back and kept, every block's input would be on the device again by the
+    end of the backward, which is what offloading avoids."""
+    path = make_model(tmp_path / "m", model_type="llama", hidden=32, layers=6, heads=4)
+    cfg = modules.load_model_config(path)
+    stage = modules.build_stage(cfg, 0, cfg.num_layers, True, True, activation_checkpointing="full")
+    modules.load_stage_weights(stage, path)
+    stage.activation_offload = offload = ActivationOffload(torch.device("cpu"))
+    fetched, back = [], []
+    fetch = offload._fetch
+    offload._fetch = lambda packed: (fetched.append(packed), fetch(packed))
+    for block in stage.model.layers.values():
+        block.register_full_backward_hook(lambda *_: back.append(sum(p.on_device is not None for p in set(fetched))))
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    stage(ids).sum().backward()
+    assert len(back) == 6 and max(back) <= 4, back
 
 
 def test_a_new_tensor_at_a_freed_tensors_address_gets_its_own_copy():

@@ -42,6 +42,17 @@ def cpu_seconds_per_batch(stream, batches: int) -> float:
     return (time.process_time() - start) / batches
 
 
+def rust_encode_rate(tok) -> dict:
+    """Tokens/s of the Rust backend alone on one large batch, from one thread: its own thread pool's use of the
+    cores, the ceiling the build's threads share (the rest of a build holds the GIL)."""
+    backend = tok.backend_tokenizer
+    texts = [" ".join(f"word{(i * 7 + j) % 1000} and more text" for j in range(200)) for i in range(4000)]
+    backend.encode_batch_fast(texts[:8])
+    started = time.perf_counter()
+    tokens = sum(len(e.ids) for e in backend.encode_batch_fast(texts))
+    return {"tokens": tokens, "tokens_per_s": round(tokens / (time.perf_counter() - started))}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
@@ -65,6 +76,8 @@ def main():
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM"),
         "machine": platform.processor() or platform.machine(),
         "commit": os.environ.get("BENCH_COMMIT", "unknown"),
     }
@@ -93,6 +106,11 @@ def main():
             "source_mb": round(os.path.getsize(source) / 2**20, 1),
         }
         print(json.dumps(result["build"]), flush=True)
+        result["rust_encode"] = rust_encode_rate(
+            tok
+        )  # what the tokenizer alone does on these cores (after the build: its
+        # peak memory is the build's)
+        print(json.dumps(result["rust_encode"]), flush=True)
 
         # 30.2: replica 0 of dp replicas, both ways, on the training thread (workers 0: its CPU time is its cost)
         one = DataConfig(task_spec=source, seq_length=args.seq_length, batch_size=1, workers=0)

@@ -106,10 +106,8 @@ def main():
             "source_mb": round(os.path.getsize(source) / 2**20, 1),
         }
         print(json.dumps(result["build"]), flush=True)
-        result["rust_encode"] = rust_encode_rate(
-            tok
-        )  # what the tokenizer alone does on these cores (after the build: its
-        # peak memory is the build's)
+        # what the tokenizer alone does on these cores (after the build, whose peak memory that was)
+        result["rust_encode"] = rust_encode_rate(tok)
         print(json.dumps(result["rust_encode"]), flush=True)
 
         # 30.2: replica 0 of dp replicas, both ways, on the training thread (workers 0: its CPU time is its cost)

@@ -272,13 +272,18 @@ def _check_inputs_exist(job: JobConfig) -> None:
 
 
 def _check_log(job: JobConfig) -> None:
-    """The log backends, and that every folder a run writes can be made and written."""
+    """The log backends and profilers, and that every folder a run writes can be made and written."""
     log = job.log
     writable_dir("--checkpoint-path", job.checkpoint.path)
     if log.metrics_file != os.path.join(job.checkpoint.path, "metrics.jsonl"):  # given by --metrics-file
         writable_dir("--metrics-file", os.path.dirname(os.path.abspath(log.metrics_file)), "file path")
         if os.path.isdir(log.metrics_file):
             raise ArgumentError(f"--metrics-file {log.metrics_file} is a directory; give a file path")
+    if job.profiling.mode == "memory_profiling" and not job.dist.use_cuda:
+        raise ArgumentError(
+            "--profiling memory_profiling records the GPU allocator's history, and this run has --use-cuda false "
+            "(CPU); run it on a GPU, or pick tidy_profiling or pytorch_profiling"
+        )
     if job.profiling.mode != "no-profiling":
         writable_dir("--profiling-dir", job.profiling.directory)
     if "tensorboard" in parse_backends(log.backend):

@@ -527,9 +527,10 @@ class ProfilingConfig:
     mode: str = setting(
         "--profiling",
         "no-profiling",
-        "tidy_profiling: a Chrome trace of the pipeline's lanes; pytorch_profiling: torch.profiler's",
+        "tidy_profiling: a Chrome trace of the pipeline's lanes; pytorch_profiling: torch.profiler's; "
+        "memory_profiling: the GPU allocator's history per rank, for https://pytorch.org/memory_viz",
         group="logging",
-        choices=("no-profiling", "tidy_profiling", "pytorch_profiling"),
+        choices=("no-profiling", "tidy_profiling", "pytorch_profiling", "memory_profiling"),
     )
     directory: str = setting("--profiling-dir", "./profiles", "where traces are written", group="logging")
     steps: int = setting(

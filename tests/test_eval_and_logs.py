@@ -167,3 +167,17 @@ def test_wandb_offline_one_run_per_job_without_secrets(setup, tmp_path):
     assert b"one-run" in blobs and b"grad_norm" in blobs
     assert secret.encode() not in blobs
     assert secret not in result.stdout + result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA allocator's history")
+def test_memory_profiling_writes_a_snapshot_after_its_steps(tmp_path):
+    from comm import Layout
+    from training.profiling import MemoryProfiler
+
+    layout = Layout(0, 1, 1, 1, 0, 0, 0, torch.device("cuda", 0))
+    profiler = MemoryProfiler(str(tmp_path), layout, steps=1)
+    for step in range(3):  # the first step, one more, and one after the recording ended
+        with profiler.step(step):
+            torch.ones(1 << 20, device="cuda").sum().item()
+    path = tmp_path / "memory_rank_0.pickle"
+    assert path.stat().st_size > 0 and not profiler.running

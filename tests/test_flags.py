@@ -86,6 +86,7 @@ FLAG_ERRORS = [
     ),
     ({"fp8": "rowwise", "use-cuda": "true"}, ["--fp8 rowwise trains a bf16 model", "add --bf16"]),
     ({"activation-offload": "cpu"}, ["--activation-offload cpu", "add --activation-checkpointing full"]),
+    ({"profiling": "memory_profiling"}, ["--profiling memory_profiling records the GPU", "--use-cuda false"]),
     ({"data-cache": "c", "objective": "dpo"}, ["--data-cache keeps SFT token windows", "--objective dpo reads pairs"]),
     ({"fp8": "tensorwise", "use-cuda": "true", "fp16": True}, ["--fp8 tensorwise", "replace --fp16 with --bf16"]),
     ({"fp8": "tensorwise", "use-cuda": "true", "bf16": True, "lora-r": 8}, ["--fp8 tensorwise and LoRA adapters"]),

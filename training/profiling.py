@@ -1,6 +1,9 @@
 """--profiling: tidy_profiling writes Chrome Trace Event JSON (pid = rank, one lane per kind of work);
 pytorch_profiling uses torch.profiler. Both trace --profiling-steps optimizer steps after one warm-up step (the
-first step also runs the pipeline's shape inference and any compilation).
+first step also runs the pipeline's shape inference and any compilation). memory_profiling records the CUDA caching
+allocator's history (every allocation and free, with its Python stack) from the run's first step through
+--profiling-steps more, and writes torch's snapshot of it per rank, `memory_rank_R.pickle`, to drop on
+https://pytorch.org/memory_viz: what is alive at the peak, and which line allocated it.
 
 tidy_profiling spans: per micro-batch forward and backward compute of every stage on this rank (module hooks), the
 send/recv gaps the pipeline schedule spends between them ("wait" lane: time outside compute inside an iteration),
@@ -171,9 +174,35 @@ class TorchProfiler(NoProfiler):
             self.profiler.stop()
 
 
+class MemoryProfiler(NoProfiler):
+    ENTRIES = 1_000_000  # allocation events kept (the oldest are dropped beyond)
+
+    def __init__(self, out_dir, layout, steps):
+        self.path = os.path.join(out_dir, f"memory_rank_{layout.rank}.pickle")
+        self.steps_left = steps + 1  # the first step too: its peak is often the run's
+        torch.cuda.memory._record_memory_history(max_entries=self.ENTRIES)
+        self.running = True
+
+    @contextlib.contextmanager
+    def step(self, step):
+        yield
+        self.steps_left -= 1
+        if self.steps_left == 0:
+            self.finish()
+
+    def finish(self):
+        if self.running:
+            self.running = False
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            torch.cuda.memory._dump_snapshot(self.path)
+            torch.cuda.memory._record_memory_history(enabled=None)
+
+
 def make_profiler(cfg: ProfilingConfig, layout, stage_modules):
     if cfg.mode == "tidy_profiling":
         return TidyProfiler(cfg.directory, layout, stage_modules, cfg.steps)
     if cfg.mode == "pytorch_profiling":
         return TorchProfiler(cfg.directory, layout, cfg.steps)
+    if cfg.mode == "memory_profiling":
+        return MemoryProfiler(cfg.directory, layout, cfg.steps)
     return NoProfiler()

@@ -101,11 +101,6 @@ def _check_layout(job: JobConfig) -> None:
             f"--objective {job.objective.kind} reads pairs" if job.objective.preference else "--nepochs counts passes"
         )
         raise ArgumentError(f"--data-cache keeps SFT token windows for --total-steps; {reason}: drop --data-cache")
-    if cp > 1 and job.objective.preference:
-        raise ArgumentError(
-            f"--context-parallel-size {cp} splits sequences for --objective sft only; a preference pair's "
-            f"log-probabilities need whole sequences: drop --context-parallel-size"
-        )
 
 
 def _check_schedule(job: JobConfig) -> None:

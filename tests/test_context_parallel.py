@@ -166,13 +166,7 @@ def test_evaluation_scores_the_whole_sequences_at_cp2(tmp_path):
         assert loss2[step] == pytest.approx(loss1[step], rel=1e-5)
 
 
-@pytest.mark.parametrize(
-    "extra,fragment",
-    [
-        (["--seq-length", "30"], "--seq-length 30 must be a multiple of 4"),
-        (["--objective", "dpo"], "splits sequences for --objective sft only"),
-    ],
-)
+@pytest.mark.parametrize("extra,fragment", [(["--seq-length", "30"], "--seq-length 30 must be a multiple of 4")])
 def test_settings_that_cannot_split_are_refused_in_one_line(tmp_path, extra, fragment):
     model_dir = make_model(tmp_path / "m", hidden=32, layers=2, heads=4)
     data = make_chat_data(tmp_path / "chat.jsonl")
@@ -180,3 +174,33 @@ def test_settings_that_cannot_split_are_refused_in_one_line(tmp_path, extra, fra
     done = run_job(2, [*flags, "--context-parallel-size", "2", *extra])
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert fragment in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.e2e
+def test_dpo_at_cp2_logs_one_processs_training_and_held_out_scores(tmp_path):
+    """DPO with its stored reference at cp2: the pairs' losses, statistics and held-out scores equal one process's
+    (each sequence's log-probability summed over the cp group before the loss; the stored reference written once)."""
+    from tests.test_preference_training import make_pairs
+
+    model_dir = make_model(tmp_path / "m", model_type="llama", hidden=32, layers=2, heads=4)
+    pairs = make_pairs(tmp_path / "pairs.jsonl")
+    held_out = make_pairs(tmp_path / "held_out.jsonl", n=8, seed=1)
+    keys = ("loss", "grad_norm", "rewards/margins", "logps/chosen", "valid.loss", "valid.rewards/margins")
+    logged = {}
+    for cp in (1, 2):
+        ckpt = tmp_path / f"cp{cp}"
+        flags = base_flags(
+            model_dir,
+            pairs,
+            str(ckpt),
+            **{"objective": "dpo", "seq-length": 24, "total-steps": 2, "evaluation-data": held_out},
+            **{"evaluation-steps": 1},
+        )
+        done = run_job(cp, [*flags, "--context-parallel-size", str(cp)])
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        logged[cp] = {key: read_metrics(str(ckpt / "metrics.jsonl"), key) for key in keys}
+        assert (ckpt / "reference" / "dp_0.safetensors").exists()
+    for key in keys:
+        assert len(logged[1][key]) == 2 and logged[2][key].keys() == logged[1][key].keys(), key
+        for step, want in logged[1][key].items():
+            assert logged[2][key][step] == pytest.approx(want, rel=1e-5, abs=1e-6), (key, step)

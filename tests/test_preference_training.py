@@ -152,16 +152,47 @@ def assert_trained_like(ckpt, expected, lora):
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
-# (objective, LoRA, [(pp, dp, pp-mode, --dpo-reference)]): every objective in several layouts, launched at once
+# (objective, LoRA, [(pp, dp, pp-mode, --dpo-reference, cp)]): every objective in several layouts, launched at once;
+# cp 2 splits every sequence over two ranks (--context-parallel-size)
 CASES = [
     (
         "dpo",
         False,
-        [(1, 1, "gpipe", "auto"), (2, 1, "1f1b", "copy"), (4, 1, "gpipe", "stored"), (2, 2, "1f1b", "auto")],
+        [
+            (1, 1, "gpipe", "auto", 1),
+            (2, 1, "1f1b", "copy", 1),
+            (4, 1, "gpipe", "stored", 1),
+            (2, 2, "1f1b", "auto", 1),
+            (1, 1, "gpipe", "stored", 2),
+            (2, 1, "1f1b", "copy", 2),
+        ],
     ),
-    ("dpo", True, [(1, 1, "gpipe", "auto"), (2, 1, "gpipe", "auto"), (4, 1, "1f1b", "auto"), (2, 2, "gpipe", "auto")]),
-    ("simpo", False, [(1, 1, "gpipe", "auto"), (2, 1, "1f1b", "auto"), (2, 2, "gpipe", "auto")]),
-    ("orpo", True, [(1, 1, "gpipe", "auto"), (2, 1, "interleaved-1f1b", "auto"), (2, 2, "1f1b", "auto")]),
+    (
+        "dpo",
+        True,
+        [
+            (1, 1, "gpipe", "auto", 1),
+            (2, 1, "gpipe", "auto", 1),
+            (4, 1, "1f1b", "auto", 1),
+            (2, 2, "gpipe", "auto", 1),
+            (1, 2, "gpipe", "auto", 2),
+        ],
+    ),
+    (
+        "simpo",
+        False,
+        [(1, 1, "gpipe", "auto", 1), (2, 1, "1f1b", "auto", 1), (2, 2, "gpipe", "auto", 1), (1, 1, "gpipe", "auto", 2)],
+    ),
+    (
+        "orpo",
+        True,
+        [
+            (1, 1, "gpipe", "auto", 1),
+            (2, 1, "interleaved-1f1b", "auto", 1),
+            (2, 2, "1f1b", "auto", 1),
+            (2, 1, "gpipe", "auto", 2),
+        ],
+    ),
 ]
 
 
@@ -170,15 +201,17 @@ def test_objective_trains_like_the_formula_in_every_layout(setup, kind, lora, la
     root, model_dir, data = setup
     expected = reference_run(model_dir, data, kind, lora)
     runs = {}
-    for pp, dp, mode, reference in layouts:
-        ckpt = tmp_path / f"pp{pp}-dp{dp}-{mode}-{reference}"
+    for pp, dp, mode, reference, cp in layouts:
+        ckpt = tmp_path / f"pp{pp}-dp{dp}-cp{cp}-{mode}-{reference}"
         extra = {"dp-mode": "sharded"} if (dp > 1 and not lora) else {}
         if reference != "auto":
             extra["dpo-reference"] = reference
         if pp == 2:  # the head inside the loss (the frozen copy's too)
             extra["chunked-loss"] = "on"
+        if cp > 1:
+            extra["context-parallel-size"] = cp
         flags = flags_of(model_dir, data, ckpt, kind, pp, dp, mode, lora, **extra)
-        runs[(pp, dp, mode)] = (ckpt, run_ranks(pp * dp, flags))
+        runs[(pp, dp, cp, mode)] = (ckpt, run_ranks(pp * dp * cp, flags))
     for layout, (ckpt, procs) in runs.items():
         results = wait_ranks(procs, 400)
         assert all(rc == 0 for rc, _, _ in results), (layout, [out[-2000:] + err[-2000:] for _, out, err in results])
@@ -186,6 +219,14 @@ def test_objective_trains_like_the_formula_in_every_layout(setup, kind, lora, la
     metrics = [json.loads(line) for line in open(next(iter(runs.values()))[0] / "metrics.jsonl")]
     steps = [m for m in metrics if "loss" in m]
     assert len(steps) == STEPS and all("rewards/accuracies" in m and "truncated_pairs" in m for m in steps)
+    # every layout logs the one process's loss, gradient norm (Adam's update alone would hide a scaled gradient)
+    # and statistics
+    for layout, (ckpt, _) in runs.items():
+        logged = [m for m in map(json.loads, open(ckpt / "metrics.jsonl")) if "loss" in m]
+        for got, want in zip(logged, steps, strict=True):
+            keys = ["loss", "grad_norm"] + [k for k in want if k.startswith(("rewards/", "logps/", "nll_loss"))]
+            for key in keys:
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (layout, key, got[key], want[key])
 
 
 def test_dpo_resumes_bit_exactly_without_computing_its_stored_reference_again(setup, tmp_path):

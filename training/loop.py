@@ -31,7 +31,7 @@ from training.loss import TokenMeanLoss
 from training.memory_plan import check_memory_plan
 from training.metrics import StepMeter
 from training.pairs import PairTraining
-from training.preference import PreferenceLoss
+from training.preference import PreferenceLoss, context_target
 from training.profiling import make_profiler
 from training.startup import StartupClock
 from training.step_log import StepLog
@@ -172,7 +172,9 @@ class Trainer:
         self.loss_fn, self.pairs = TokenMeanLoss(recompute, compiled, head), None
         if job.objective.preference:  # its own loss function, and DPO's reference model
             run = (self.stream, self.tokenizer, self.steps_total, self.log.info)
-            self.pairs = PairTraining(job, self.cfg, lay, self.plan, self.stages, recompute, compiled, head, *run)
+            self.pairs = PairTraining(
+                job, self.cfg, lay, self.plan, self.stages, recompute, compiled, head, *run, context=self.context
+            )
             self.loss_fn = self.pairs.loss_fn
         self.pipeline = Pipeline(self.stages, self.plan, lay, job.pipeline, self.loss_fn)
 
@@ -284,7 +286,8 @@ class Trainer:
         else:
             target = batch["labels"].to(device, non_blocking=True) if batch else None
         if self.context is not None:  # this rank's tokens; position and document ids stay whole for the masks
-            input_ids, target = self.context.split(input_ids), self.context.split(target)
+            input_ids = self.context.split(input_ids)
+            target = context_target(self.context, target) if self.pairs else self.context.split(target)
         return self.pipeline.run(input_ids, target, train=train, **stage_kwargs)
 
     def _document_inputs(self, batch: dict | None) -> dict:

@@ -21,10 +21,11 @@ import modules
 import tasks
 from comm import Layout
 from config import JobConfig
+from context_parallel import ContextSplit, attach_context
 from pipeline_parallel import Pipeline, StagePlan
 from training.chunked_logps import ChunkedHead, attach_chunked_head
 from training.evaluation import pair_batches
-from training.preference import STATS_SIZE, PreferenceLoss, stat_means, with_reference
+from training.preference import STATS_SIZE, PreferenceLoss, context_target, stat_means, with_reference
 from training.reference_store import StoredReference
 
 
@@ -56,12 +57,14 @@ class PairTraining:
         tokenizer,
         steps_total: int,
         log: Callable[[str], None],
+        context: ContextSplit | None = None,
     ):
         """`stream`: this rank's tasks.PreferenceStream (None on ranks that read no data); `head`: the policy's
-        last stage's head under --chunked-loss (training/chunked_logps.py), else None."""
+        last stage's head under --chunked-loss (training/chunked_logps.py), else None; `context`: this rank's share
+        of each sequence under --context-parallel-size."""
         self.job, self.layout, self.stages, self.holds_last = job, layout, stages, plan.holds_last
-        self.stream, self.tokenizer, self.log = stream, tokenizer, log
-        self.loss_fn = PreferenceLoss(job.objective, recompute, compiled, head)
+        self.stream, self.tokenizer, self.log, self.context = stream, tokenizer, log, context
+        self.loss_fn = PreferenceLoss(job.objective, recompute, compiled, head, context)
         self.reference = reference_kind(job)
         self.reference_pipeline = self.reference_loss = None
         self.stored = StoredReference(job, layout, steps_total, plan.holds_last) if self.reference == "stored" else None
@@ -72,7 +75,8 @@ class PairTraining:
             for param in (p for stage in frozen for p in stage.parameters()):
                 param.requires_grad_(False)
             frozen_head = attach_chunked_head(frozen, job)  # chunked exactly where the policy's head is
-            self.reference_loss = PreferenceLoss(job.objective, compiled=compiled, head=frozen_head)
+            attach_context(frozen, layout)
+            self.reference_loss = PreferenceLoss(job.objective, compiled=compiled, head=frozen_head, context=context)
             self.reference_pipeline = Pipeline(frozen, plan, layout, job.pipeline, self.reference_loss)
 
     def start_step(self, batches: list[dict], scale: float, step: int, policy: Pipeline) -> None:
@@ -117,9 +121,12 @@ class PairTraining:
             pipeline, loss_fn = self.reference_pipeline, self.reference_loss
         rows: list[torch.Tensor] = []
         loss_fn.recording = rows
+        target = _target(labels, None)
+        if self.context is not None:  # this rank's tokens, as in the policy's pass
+            input_ids, target = self.context.split(input_ids), context_target(self.context, target)
         try:
             with off:
-                pipeline.run(input_ids, _target(labels, None), train=False, **stage_kwargs)
+                pipeline.run(input_ids, target, train=False, **stage_kwargs)
         finally:
             loss_fn.recording = None
         return torch.cat(rows) if rows else None
@@ -191,6 +198,8 @@ class PairTraining:
             return None
         if sums is None:
             sums = torch.zeros(STATS_SIZE, device=self.layout.device, dtype=torch.float64)
+        if self.context is not None:  # each cp rank reported its share of the pairs' losses
+            dist.all_reduce(pair_losses, group=self.context.group)
         sums = torch.cat([sums, pair_losses[None]])
         if self.layout.dp_size > 1:
             dist.all_reduce(sums, group=self.layout.dp_group)

@@ -10,15 +10,23 @@ by micro-batch like the inputs.
 The loss of a step is the mean over all its pairs (every micro-batch, accumulation step and replica): each pair's
 loss is multiplied by `factor` = loss scale / pairs of the step. ORPO's SFT term is the mean over the step's chosen
 completion tokens (`nll_factor` = loss scale / those tokens), as TRL's cross-entropy over one batch.
+
+Under context parallelism each rank of a cp group holds a share of every sequence's tokens: the row sums (and label
+counts) are summed over the group, so every rank computes the same per-pair losses from whole sequences. Each rank's
+backward then reaches only its own tokens (the sum's backward hands the gradient on unchanged), and the gradients
+summed over the group are the whole sequences'. The loss value each rank reports is its 1/C share of the pairs' loss,
+so that the step's loss summed over the group counts every pair once.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from config import ObjectiveConfig
+from context_parallel import ContextSplit
 from training.chunked_logps import ChunkedHead
 
 # The statistics summed over a step's pairs, logged as their means under TRL's names.
@@ -45,6 +53,29 @@ def with_reference(labels: torch.Tensor, reference: torch.Tensor | None) -> torc
 def split_target(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(labels [R, S], reference log-probabilities [R] float64) of a `with_reference` target."""
     return target[:, :-1], target[:, -1].contiguous().view(torch.float64)
+
+
+def context_target(context: ContextSplit, target: torch.Tensor | None) -> torch.Tensor | None:
+    """This cp rank's labels of a `with_reference` target, the reference column kept whole."""
+    if target is None:
+        return None
+    labels, reference = split_target(target)
+    return with_reference(context.split(labels), reference)
+
+
+class _SumOverContext(torch.autograd.Function):
+    """Per-row sums of this rank's tokens summed over the cp group; the backward hands the gradient on unchanged
+    (every rank computes the same loss from the sums, and reaches only its own tokens)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
+        total = local.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 def _token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -94,8 +125,10 @@ class PreferenceLoss:
         recompute: bool = False,
         compiled: bool = False,
         head: ChunkedHead | None = None,
+        context: ContextSplit | None = None,
     ):
         self.objective = objective
+        self.context = context  # --context-parallel-size: the group whose ranks hold shares of each sequence
         self.factor = 1.0  # loss scale / pairs of the optimizer step
         self.nll_factor = 0.0  # ORPO: loss scale / chosen completion tokens of the optimizer step
         self.recording: list[torch.Tensor] | None = None
@@ -116,6 +149,9 @@ class PreferenceLoss:
         labels, reference = split_target(target)
         token_logps = self._rows(logits, labels)
         logps, counts = token_logps.sum(1), (labels != -100).sum(1)
+        if self.context is not None:  # whole sequences' sums, the same on every rank of the group
+            logps = _SumOverContext.apply(logps, self.context.group)
+            dist.all_reduce(counts, group=self.context.group)
         if self.recording is not None:
             self.recording.append(logps.detach().double())
             return logps.sum().detach() * 0
@@ -144,7 +180,10 @@ class PreferenceLoss:
                 nll = -token_logps[0::2].sum()
         losses = torch.where(real, losses, 0.0)
         self._count(real, reward_c, reward_r, chosen, rejected, nll, counts[0::2].sum())
-        return losses.sum() * self.factor + nll * self.nll_factor
+        pairs_loss = losses.sum() * self.factor
+        if self.context is not None:  # reported as this rank's share, its gradient whole (module docstring)
+            pairs_loss = pairs_loss.detach() / self.context.size + (pairs_loss - pairs_loss.detach())
+        return pairs_loss + nll * self.nll_factor
 
     def _count(self, real, reward_c, reward_r, chosen, rejected, nll, chosen_tokens):
         rows = torch.stack(
@@ -158,7 +197,10 @@ class PreferenceLoss:
                 rejected.detach(),
             ]
         )
-        extra = torch.stack([nll.detach().double(), chosen_tokens.double()])
+        nll = nll.detach().double()
+        if self.context is not None and self.objective.kind == "orpo":  # this rank's tokens' share of it
+            dist.all_reduce(nll, group=self.context.group)
+        extra = torch.stack([nll, chosen_tokens.double()])
         self.pending.append(torch.cat([torch.where(real, rows, 0.0).sum(1).double(), extra]))
 
     def commit(self, calls: int) -> None:

@@ -98,7 +98,7 @@ class StoredReference:
                 if got is not None:
                     rows[key].append(got)
         self.rows = {k: torch.stack(v) for k, v in rows.items() if v}
-        if self.holds_last:
+        if self.holds_last and self.layout.cp_rank == 0:  # a cp group's ranks hold the same whole-sequence rows
             os.makedirs(self.folder, exist_ok=True)
             tmp = self.path + ".tmp"
             host = {k: v.cpu().contiguous() for k, v in self.rows.items()}

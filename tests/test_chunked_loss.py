@@ -79,6 +79,22 @@ def test_the_token_loss_computes_its_gradients_in_the_forward_for_micro_batches_
         torch.testing.assert_close(p.grad, w, rtol=0, atol=1e-12)
 
 
+def test_a_step_forgets_a_forward_whose_backward_never_came():
+    """A forward with gradients whose backward never ran (a pipeline's placeholder pass, a failed step) must not
+    hold back the head's gradient of the next step: the step's start forgets it."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    loss_fn = TokenMeanLoss(head=ChunkedHead(head, None, chunk=4))
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 6))
+    loss_fn(hidden, labels)  # no backward
+    layout = type("Layout", (), {"device": torch.device("cpu"), "dp_size": 1})()
+    loss_fn.start_step([{"labels": labels}], 1.0, DataConfig(), layout)
+    loss_fn(hidden, labels).backward()
+    want = torch.autograd.grad(-plain_token_logps(head, hidden, labels).sum() / 12, head.weight)[0]
+    torch.testing.assert_close(head.weight.grad, want, rtol=1e-5, atol=1e-7)
+
+
 def test_a_frozen_head_gets_no_gradient_and_no_grad_mode_works():
     head = torch.nn.Linear(8, 50, bias=False).requires_grad_(False)
     hidden = torch.randn(2, 6, 8, requires_grad=True)

@@ -125,6 +125,10 @@ class HeadGradients:
     yet: the last of those backwards hands the sum to autograd, the others hand nothing (autograd sums them alike)."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self):
+        """Forget sums of forwards whose backward never came (a step's start: none of them is due any more)."""
         self.weight = self.bias = None
         self.pending = 0
 

@@ -45,7 +45,10 @@ class TokenMeanLoss:
 
     def start_step(self, batches: list[dict], scale: float, data: DataConfig, layout) -> None:
         """`factor` for the optimizer step of `batches`: loss scale / loss tokens of the step summed over replicas
-        (on the last stage's ranks); the run's first step also checks that there is a token to learn."""
+        (on the last stage's ranks); the run's first step also checks that there is a token to learn. A chunked
+        head forgets the sums of forwards whose backward never came."""
+        if self.head is not None:
+            self.head.sums.reset()
         count = sum((b["labels"] != -100).sum() for b in batches).to(layout.device, torch.float32)
         if layout.dp_size > 1:
             dist.all_reduce(count, group=layout.dp_group)

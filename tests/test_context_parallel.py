@@ -189,12 +189,9 @@ def test_dpo_at_cp2_logs_one_processs_training_and_held_out_scores(tmp_path):
     logged = {}
     for cp in (1, 2):
         ckpt = tmp_path / f"cp{cp}"
+        settings = {"objective": "dpo", "seq-length": 24, "total-steps": 2}
         flags = base_flags(
-            model_dir,
-            pairs,
-            str(ckpt),
-            **{"objective": "dpo", "seq-length": 24, "total-steps": 2, "evaluation-data": held_out},
-            **{"evaluation-steps": 1},
+            model_dir, pairs, str(ckpt), **settings, **{"evaluation-data": held_out, "evaluation-steps": 1}
         )
         done = run_job(cp, [*flags, "--context-parallel-size", str(cp)])
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

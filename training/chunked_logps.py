@@ -30,34 +30,39 @@ def chunk_tokens_for(vocab_size: int) -> int:
     return max(64, CHUNK_ELEMENTS // vocab_size // 64 * 64)
 
 
-def _wide_logits(hidden, weight, bias):
+def _chunk_logits(hidden, weight, bias, softcap: float | None):
+    """(logits [T, V] in fp32 or wider, soft-capped where there is a cap; tanh(logit / cap) for its derivative)."""
     logits = F.linear(hidden, weight, bias)
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if not softcap:
+        return logits, None
+    squashed = torch.tanh(logits / softcap)
+    return softcap * squashed, squashed
+
+
+def _logps_grad(logits, squashed, lse, labels, grad):
+    """d(sum grad · logp)/d(head output) [T, V] from a chunk's logits: grad · (one-hot(label) - softmax), through the
+    soft-cap's derivative 1 - tanh² where there is one; ignored labels get none."""
+    grad = torch.where(labels == IGNORE, 0.0, grad.to(logits.dtype))
+    out = torch.exp(logits - lse[:, None]) * -grad[:, None]
+    out.scatter_add_(1, labels.clamp(min=0)[:, None], grad[:, None])
+    if squashed is not None:
+        out = out * (1 - squashed * squashed)
+    return out
 
 
 def _chunk_forward(hidden, weight, bias, labels, softcap: float | None):
     """(log-probabilities of `labels` [T] (0 where ignored), logsumexp [T]) of one chunk, in fp32 (or wider)."""
-    logits = _wide_logits(hidden, weight, bias)
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits, _ = _chunk_logits(hidden, weight, bias, softcap)
     lse = torch.logsumexp(logits, -1)
     picked = logits.gather(1, labels.clamp(min=0)[:, None])[:, 0]
     return torch.where(labels == IGNORE, 0.0, picked - lse), lse
 
 
 def _chunk_logit_grad(hidden, weight, bias, labels, lse, grad, softcap: float | None):
-    """d(sum grad · logp)/d(head output) of one chunk [T, V], in fp32: grad · (one-hot(label) - softmax), through
-    the soft-cap's derivative 1 - tanh² where there is one."""
-    logits = _wide_logits(hidden, weight, bias)
-    if softcap:
-        squashed = torch.tanh(logits / softcap)
-        logits = softcap * squashed
-    grad = torch.where(labels == IGNORE, 0.0, grad.to(logits.dtype))
-    out = torch.exp(logits - lse[:, None]) * -grad[:, None]
-    out.scatter_add_(1, labels.clamp(min=0)[:, None], grad[:, None])
-    if softcap:
-        out = out * (1 - squashed * squashed)
-    return out
+    """d(sum grad · logp)/d(head output) of one chunk [T, V], in fp32, its logits computed again."""
+    logits, squashed = _chunk_logits(hidden, weight, bias, softcap)
+    return _logps_grad(logits, squashed, lse, labels, grad)
 
 
 class ChunkedTokenLogps(torch.autograd.Function):
@@ -104,20 +109,11 @@ class ChunkedTokenLogps(torch.autograd.Function):
 def _chunk_loss_and_grad(hidden, weight, bias, labels, factor, softcap: float | None):
     """-factor · (sum of the label log-probabilities) of one chunk, fp32, and its gradient with respect to the head's
     output [T, V] (fp32): factor · (softmax - one-hot(label)) on the counted rows, through the soft-cap."""
-    logits = _wide_logits(hidden, weight, bias)
-    if softcap:
-        squashed = torch.tanh(logits / softcap)
-        logits = softcap * squashed
+    logits, squashed = _chunk_logits(hidden, weight, bias, softcap)
     lse = torch.logsumexp(logits, -1)
     counted = labels != IGNORE
-    index = labels.clamp(min=0)[:, None]
-    loss = torch.where(counted, lse - logits.gather(1, index)[:, 0], 0.0).sum() * factor
-    weight_of_row = torch.where(counted, factor, 0.0).to(logits.dtype)
-    grad = torch.exp(logits - lse[:, None]) * weight_of_row[:, None]
-    grad.scatter_add_(1, index, -weight_of_row[:, None])
-    if softcap:
-        grad = grad * (1 - squashed * squashed)
-    return loss, grad
+    loss = torch.where(counted, lse - logits.gather(1, labels.clamp(min=0)[:, None])[:, 0], 0.0).sum() * factor
+    return loss, _logps_grad(logits, squashed, lse, labels, -factor.expand(labels.shape))
 
 
 class HeadGradients:

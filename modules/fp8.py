@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import ModelError
-from .stage import Stage, family
+from .stage import Stage
 
 RECIPES = ("tensorwise", "rowwise")
 MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with float8 tensor cores
@@ -76,8 +76,7 @@ def convert_blocks_to_float8(stage: Stage, recipe: str, emulate: bool = False) -
     def chosen(module: nn.Module, name: str) -> bool:
         return type(module) is nn.Linear and gains_from_float8(module.out_features, module.in_features, recipe)
 
-    fam = family(stage.cfg)
-    for block in getattr(getattr(stage, fam.PREFIX), fam.LAYERS).values():
+    for block in stage.blocks:
         convert_to_float8_training(block, config=config, module_filter_fn=chosen)
     return [name for name, module in stage.named_modules() if _is_float8(module)]
 
@@ -88,12 +87,7 @@ def _is_float8(module: nn.Module) -> bool:
 
 def float8_summary(stages: list[Stage], recipe: str) -> str:
     """One log line: how many of the blocks' linears run in float8 (the rest are too small to gain)."""
-    linears = [
-        m
-        for stage in stages
-        for m in getattr(getattr(stage, family(stage.cfg).PREFIX), family(stage.cfg).LAYERS).modules()
-        if isinstance(m, nn.Linear)
-    ]
+    linears = [m for stage in stages for block in stage.blocks for m in block.modules() if isinstance(m, nn.Linear)]
     in_float8 = sum(_is_float8(m) for m in linears)
     return (
         f"fp8 {recipe}: {in_float8} of {len(linears)} block linears in float8 (the rest too small to gain); "

@@ -166,9 +166,8 @@ class LoraLinear(nn.Module):
 
 def _targets(stage: Stage, target_modules: Sequence[str]) -> Iterator[tuple[nn.Module, str]]:
     """(parent module, attribute name) of each targeted linear in the stage's blocks."""
-    fam = family(stage.cfg)
     linears = block_linears(stage.cfg)
-    for block in getattr(getattr(stage, fam.PREFIX), fam.LAYERS).values():
+    for block in stage.blocks:
         for leaf in target_modules:
             parent_path, _, attr = linears[leaf].rpartition(".")
             yield (block.get_submodule(parent_path) if parent_path else block), attr
@@ -328,9 +327,7 @@ def quantize_base(
     if not any(isinstance(m, LoraLinear) for m in stage.modules()):
         raise ModelError("quantising the base needs LoRA adapters on the stage (apply_lora first)")
     bnb = import_bitsandbytes()
-    fam = family(stage.cfg)
-    blocks = getattr(getattr(stage, fam.PREFIX), fam.LAYERS)
-    for block in blocks.values():
+    for block in stage.blocks:
         for path, module in list(block.named_modules()):
             if isinstance(module, LoraLinear) and module.base_layer is None:
                 target = device if device is not None else module.weight.device

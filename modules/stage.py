@@ -119,6 +119,12 @@ class Stage(nn.Module):
         """The last stage's LM head (a plain Linear: LoRA, QLoRA and FP8 leave it be)."""
         return getattr(self, family(self.cfg).HEAD)
 
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """This stage's transformer blocks, in order."""
+        fam = family(self.cfg)
+        return list(getattr(getattr(self, fam.PREFIX), fam.LAYERS).values())
+
     def _checkpointed(self, local_index: int) -> bool:
         if self.activation_checkpointing == "full":
             return True
@@ -263,11 +269,11 @@ def build_rank_stages(
                 quantize(stage, quantize_base, compute_dtype=dtype, device=device)
                 stage = stage.to(device)
         if run.tiled_mlp == "on":
-            tile_mlps(getattr(getattr(stage, family(cfg).PREFIX), family(cfg).LAYERS).values())
+            tile_mlps(stage.blocks)
         if run.fp8 != "none":
             convert_blocks_to_float8(stage, run.fp8)
         if run.compile:
-            for block in getattr(getattr(stage, family(cfg).PREFIX), family(cfg).LAYERS).values():
+            for block in stage.blocks:
                 block.compile()
         if run.activation_offload == "cpu":
             stage.activation_offload = ActivationOffload(device)

@@ -8,17 +8,11 @@ import torch
 
 import config
 import modules
-from modules.stage import family
 from modules.tiled_mlp import TILE_TOKENS, tile_mlps
 from pipeline_parallel import plan_stages
 from tests.helpers import make_model
 
 FAMILIES = ["gptneox", "gptj", "llama", "gemma2", "phi3"]
-
-
-def blocks_of(stage):
-    fam = family(stage.cfg)
-    return getattr(getattr(stage, fam.PREFIX), fam.LAYERS).values()
 
 
 @pytest.mark.parametrize("checkpointing", ["none", "full"])
@@ -40,13 +34,13 @@ def test_a_tiled_mlp_trains_like_the_whole_one(family, checkpointing, tmp_path):
     want, want_grads = loss_and_grads()
     with torch.no_grad():
         want_eval = stage(ids)
-    tile_mlps(blocks_of(stage), tokens=7)  # 40 tokens: five full tiles and a short one
+    tile_mlps(stage.blocks, tokens=7)  # 40 tokens: five full tiles and a short one
     got, got_grads = loss_and_grads()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item(), msg=name)
     seen = []  # the tokens of each call of the first block's MLP
-    next(iter(blocks_of(stage))).mlp.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[:-1].numel()))
+    stage.blocks[0].mlp.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[:-1].numel()))
     with torch.no_grad():
         torch.testing.assert_close(stage(ids), want_eval, rtol=1e-6, atol=1e-6)
     assert seen == [7, 7, 7, 7, 7, 5]
@@ -59,4 +53,4 @@ def test_the_flag_tiles_every_block_of_the_stages_a_rank_builds(tmp_path):
     for flag, tile in (("off", 0), ("on", TILE_TOKENS)):
         job = config.parse(["--model-name", path, "--task-name", path, "--tiled-mlp", flag])
         (stage,) = modules.build_rank_stages(cfg, job.model, plan, torch.device("cpu"))
-        assert [getattr(b.mlp, "tile_tokens", 0) for b in blocks_of(stage)] == [tile, tile]
+        assert [getattr(b.mlp, "tile_tokens", 0) for b in stage.blocks] == [tile, tile]

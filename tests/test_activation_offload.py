@@ -19,6 +19,14 @@ def gradients(stage, ids, labels):
     return logits.detach(), {n: p.grad.clone() for n, p in stage.named_parameters()}
 
 
+def recorded_fetches(offload: ActivationOffload) -> list:
+    """The packed tensors `offload` brings back, in order (a list it appends to)."""
+    fetched = []
+    fetch = offload._fetch
+    offload._fetch = lambda packed: (fetched.append(packed), fetch(packed))
+    return fetched
+
+
 def test_saved_block_inputs_move_out_once_each_and_come_back_bit_identical(tmp_path):
     path = make_model(tmp_path / "m", model_type="llama", hidden=32, layers=3, heads=4)
     cfg = modules.load_model_config(path)
@@ -29,9 +37,7 @@ def test_saved_block_inputs_move_out_once_each_and_come_back_bit_identical(tmp_p
     want_logits, want = gradients(stage, ids, labels)
 
     stage.activation_offload = offload = ActivationOffload(torch.device("cpu"))
-    fetched = []
-    fetch = offload._fetch
-    offload._fetch = lambda packed: (fetched.append(packed), fetch(packed))
+    fetched = recorded_fetches(offload)
     got_logits, got = gradients(stage, ids, labels)
     assert torch.equal(got_logits, want_logits)
     for name, grad in want.items():
@@ -76,10 +82,8 @@ def test_an_input_brought_back_for_the_backward_is_not_kept_there_after_it(tmp_p
     stage = modules.build_stage(cfg, 0, cfg.num_layers, True, True, activation_checkpointing="full")
     modules.load_stage_weights(stage, path)
     stage.activation_offload = offload = ActivationOffload(torch.device("cpu"))
-    fetched, back = [], []
-    fetch = offload._fetch
-    offload._fetch = lambda packed: (fetched.append(packed), fetch(packed))
-    for block in stage.model.layers.values():
+    fetched, back = recorded_fetches(offload), []
+    for block in stage.blocks:
         block.register_full_backward_hook(lambda *_: back.append(sum(p.on_device is not None for p in set(fetched))))
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     stage(ids).sum().backward()

@@ -46,8 +46,9 @@ SMOKE_SHAPES = [("tiny", 96, 32, 1000, None), ("tiny soft-cap", 96, 32, 1000, 30
 WHEELS = ["liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"]
 
 
-def loss_variants(head, softcap, cuda: bool) -> dict:
-    """name -> fn(hidden [N, H], labels [N]) -> summed cross-entropy (fp32 scalar) through `head` (Linear V x H)."""
+def loss_variants(head, softcap, cuda: bool, chunks: list[int]) -> dict:
+    """name -> fn(hidden [N, H], labels [N]) -> summed cross-entropy (fp32 scalar) through `head` (Linear V x H).
+    `chunks`: tokens per chunk of extra compiled variants of ours (the default chunk is always measured)."""
     import torch
     import torch.nn.functional as F
 
@@ -59,8 +60,8 @@ def loss_variants(head, softcap, cuda: bool) -> dict:
             logits = softcap * torch.tanh(logits / softcap)
         return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
 
-    def ours(compiled):  # the token loss as training/loss.py calls it: gradients computed in the forward
-        chunked = ChunkedHead(head, softcap, compiled=compiled)
+    def ours(compiled, chunk=None):  # the token loss as training/loss.py calls it: gradients computed in the forward
+        chunked = ChunkedHead(head, softcap, chunk=chunk, compiled=compiled)
         return lambda hidden, labels: chunked.token_loss(hidden, labels, 1.0)
 
     def ours_logps(compiled):  # the preference objectives' path: log-probabilities, chunks recomputed in backward
@@ -72,6 +73,8 @@ def loss_variants(head, softcap, cuda: bool) -> dict:
         out["plain compiled"] = torch.compile(plain)
         out["ours compiled"] = ours(True)
         out["ours logps compiled"] = ours_logps(True)
+        for chunk in chunks:
+            out[f"ours compiled, chunk {chunk}"] = ours(True, chunk)
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -133,6 +136,7 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--shapes", default=None, help="comma list of shape labels (default: all)")
+    ap.add_argument("--ours-chunks", default="", help="comma list: also ours compiled at these tokens per chunk")
     ap.add_argument("--out", default=None, help="JSON (default: $OUT/bench_chunked_loss.json or runs/bench/)")
     ap.add_argument("--download-wheels", nargs="?", const=".whl", default=None, metavar="DIR")
     args = ap.parse_args()
@@ -162,7 +166,8 @@ def main():
         labels = torch.randint(0, vocab, (tokens,), device=device, generator=gen)
         labels[: tokens // 8] = -100  # a prompt's worth of masked labels
         reference = None
-        for name, fn in loss_variants(head, softcap, cuda).items():
+        chunks = [int(c) for c in args.ours_chunks.split(",") if c.strip()]
+        for name, fn in loss_variants(head, softcap, cuda, chunks).items():
             row = {"shape": label, "tokens": tokens, "hidden": hidden_size, "vocab": vocab, "softcap": softcap}
             row["variant"] = name
             try:
@@ -190,8 +195,8 @@ def main():
     for label, *_ in shapes:
         plain = [by.get((label, v)) for v in ("plain eager", "plain compiled")]
         plain = [r for r in plain if r]
-        mine = [by.get((label, v)) for v in ("ours eager", "ours compiled")]
-        mine = [r for r in mine if r]
+        mine = [r for (shape, variant), r in by.items() if shape == label and variant.startswith("ours ")]
+        mine = [r for r in mine if "logps" not in r["variant"]]
         if not plain or not mine:
             continue
         fastest_plain = min(plain, key=lambda r: r["ms"])

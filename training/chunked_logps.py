@@ -107,13 +107,16 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
 
 def _chunk_loss_and_grad(hidden, weight, bias, labels, factor, softcap: float | None):
-    """-factor · (sum of the label log-probabilities) of one chunk, fp32, and its gradient with respect to the head's
-    output [T, V] (fp32): factor · (softmax - one-hot(label)) on the counted rows, through the soft-cap."""
+    """-factor · (sum of the label log-probabilities) of one chunk, fp32, its gradient with respect to the head's
+    output [T, V], factor · (softmax - one-hot(label)) on the counted rows through the soft-cap, computed in fp32 and
+    handed out in the weight's dtype (the matmuls' input: cast inside the compiled kernel, not in passes of its own),
+    and that gradient's sum over the chunk's tokens in fp32 (the bias's gradient; None without a bias)."""
     logits, squashed = _chunk_logits(hidden, weight, bias, softcap)
     lse = torch.logsumexp(logits, -1)
     counted = labels != IGNORE
     loss = torch.where(counted, lse - logits.gather(1, labels.clamp(min=0)[:, None])[:, 0], 0.0).sum() * factor
-    return loss, _logps_grad(logits, squashed, lse, labels, -factor.expand(labels.shape))
+    logit_grad = _logps_grad(logits, squashed, lse, labels, -factor.expand(labels.shape))
+    return loss, logit_grad.to(weight.dtype), None if bias is None else logit_grad.sum(0)
 
 
 class HeadGradients:
@@ -128,16 +131,14 @@ class HeadGradients:
         self.weight = self.bias = None
         self.pending = 0
 
-    def add(self, logit_grad, hidden, need_w: bool, need_b: bool, weight: torch.Tensor):
+    def add(self, logit_grad, bias_grad, hidden, need_w: bool, need_b: bool, weight: torch.Tensor):
         if need_w:
             if self.weight is None:
                 self.weight = torch.zeros_like(weight)
             # accumulated in the weight's dtype, each chunk's product summed in fp32 by the matmul
-            self.weight.addmm_(logit_grad.to(weight.dtype).t(), hidden)
+            self.weight.addmm_(logit_grad.t(), hidden)
         if need_b:
-            if self.bias is None:
-                self.bias = torch.zeros(weight.shape[0], dtype=logit_grad.dtype, device=weight.device)
-            self.bias += logit_grad.sum(0)
+            self.bias = bias_grad if self.bias is None else self.bias + bias_grad
 
     def take(self, grad_out: torch.Tensor, bias_dtype: torch.dtype | None):
         """(weight gradient, bias gradient) for one backward; the sums on the last pending one, else Nones. The
@@ -163,11 +164,11 @@ class ChunkedTokenLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.promote_types(weight.dtype, torch.float32), device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             part = slice(start, start + chunk)
-            loss, logit_grad = kernel(hidden[part], weight, bias, labels[part], factor, softcap)
+            loss, logit_grad, bias_grad = kernel(hidden[part], weight, bias, labels[part], factor, softcap)
             total += loss
             if need_h:
-                torch.matmul(logit_grad.to(weight.dtype), weight, out=grad_hidden[part])
-            sums.add(logit_grad, hidden[part], need_w, need_b, weight)
+                torch.matmul(logit_grad, weight, out=grad_hidden[part])
+            sums.add(logit_grad, bias_grad, hidden[part], need_w, need_b, weight)
         if need_w or need_b:
             sums.pending += 1
         ctx.save_for_backward(grad_hidden)

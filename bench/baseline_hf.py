@@ -1,6 +1,6 @@
 """BASELINE for every benchmark: a plain transformers training loop on one device.
 
-AutoModelForCausalLM (GPT-NeoX, Qwen3 or Llama shapes) built from the model directory's config.json (random init, directly on
+AutoModelForCausalLM (GPT-NeoX, Llama, Qwen2/3 or Gemma 3 shapes) built from the model directory's config.json (random init, directly on
 the device), fp32 parameters, bf16 autocast, attn_implementation="sdpa", torch.optim.AdamW(fused=True), `--accum` micro-batches of
 `--micro-batch-size` random-token sequences per optimizer step (loss = transformers' own shifted cross-entropy).
 This is GUIDE §6's measured configuration (Pythia-1.4B shape, micro-batch 4: 40,970 tok/s on one H100).
@@ -61,6 +61,12 @@ def main():
     )
     ap.add_argument("--load-weights", action="store_true", help="from_pretrained(--model-dir) instead of random init")
     ap.add_argument("--base-dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the model's parameters")
+    ap.add_argument(
+        "--optimizer",
+        choices=["adamw", "adamw8bit"],
+        default="adamw",
+        help="adamw8bit: bitsandbytes' AdamW8bit (HF Trainer's optim=adamw_bnb_8bit) instead of torch's fused AdamW",
+    )
     lora = ap.add_argument_group("LoRA (peft)")
     lora.add_argument("--lora-r", type=int, default=0, help="peft LoRA rank (0: train every weight, the default)")
     lora.add_argument("--lora-alpha", type=float, default=16)
@@ -116,9 +122,14 @@ def main():
         model.train()
         if args.compile:
             model = torch.compile(model)
-        optimizer = torch.optim.AdamW(
-            params, lr=args.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, fused=True if cuda else None
-        )
+        if args.optimizer == "adamw8bit":
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.AdamW8bit(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
+        else:
+            optimizer = torch.optim.AdamW(
+                params, lr=args.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, fused=True if cuda else None
+            )
         schedule = None
         if args.linear_schedule:
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / args.steps))

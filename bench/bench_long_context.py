@@ -26,6 +26,7 @@ Device (`kind` nvidia-h100-x1, `carry` [".whl"] with the bitsandbytes, peft and 
 
 import argparse
 import os
+import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +74,7 @@ def main():
     ap.add_argument("--ours-lengths", default="32768,65536,131072")
     ap.add_argument("--hf-lengths", default="8192,16384,32768")
     ap.add_argument("--speed-length", type=int, default=32768)
+    ap.add_argument("--ours-extra", default="", help="more trainer flags for ours, one string (e.g. --profiling ...)")
     ap.add_argument("--tiled-mlp", default="off", choices=["off", "on", "both"], help="ours' --tiled-mlp (both: each)")
     ap.add_argument(
         "--reference",
@@ -91,7 +93,7 @@ def main():
     model = s.model_dir(shape)
     ours_lengths = lengths_of(args.ours_lengths)  # none: a call for the reference alone
     data = s.data_file(max(ours_lengths) * (args.steps + 2)) if ours_lengths else None
-    ours_extra = OURS_FLAGS + (["--quantize-base", "nf4"] if quantize else [])
+    ours_extra = OURS_FLAGS + (["--quantize-base", "nf4"] if quantize else []) + shlex.split(args.ours_extra)
     hf_extra = HF_FLAGS + (["--quantize", "nf4"] if quantize and s.gpu else [])
 
     def ours(tiled: str):

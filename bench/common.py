@@ -72,6 +72,47 @@ SHAPES = {
         intermediate_size=14336,
         vocab_size=128256,
     ),
+    # issue 27's rows: Gemma-3-4B (text; 5 sliding : 1 global layers, 262k vocabulary, tied head) and Qwen2.5-32B
+    "gemma3-4b": dict(
+        family="gemma3",
+        hidden_size=2560,
+        num_layers=34,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=256,
+        intermediate_size=10240,
+        vocab_size=262208,
+    ),
+    "qwen2.5-32b": dict(
+        family="qwen2",
+        hidden_size=5120,
+        num_layers=64,
+        num_heads=40,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=27648,
+        vocab_size=152064,
+    ),
+    "gemma3-tiny": dict(  # --smoke
+        family="gemma3",
+        hidden_size=64,
+        num_layers=6,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        vocab_size=50304,
+    ),
+    "qwen2-tiny": dict(  # --smoke
+        family="qwen2",
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        vocab_size=50304,
+    ),
     "llama-tiny": dict(  # --smoke
         family="llama",
         hidden_size=64,
@@ -224,9 +265,45 @@ def environment(smoke: bool) -> dict:
 
 
 def hf_config(shape: str, num_layers: int | None = None, max_positions: int = 2048):
-    from transformers import GPTNeoXConfig, LlamaConfig, Qwen3Config
+    from transformers import Gemma3TextConfig, GPTNeoXConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     s = SHAPES[shape]
+    if s.get("family") == "gemma3":  # google/gemma-3-4b-pt's text config
+        return Gemma3TextConfig(
+            vocab_size=s["vocab_size"],
+            hidden_size=s["hidden_size"],
+            num_hidden_layers=num_layers or s["num_layers"],
+            num_attention_heads=s["num_heads"],
+            num_key_value_heads=s["num_kv_heads"],
+            head_dim=s["head_dim"],
+            intermediate_size=s["intermediate_size"],
+            query_pre_attn_scalar=s["head_dim"],
+            sliding_window=1024,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            },
+            max_position_embeddings=max(131_072, max_positions),
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            bos_token_id=EOS_ID,
+            eos_token_id=EOS_ID,
+        )
+    if s.get("family") == "qwen2":  # Qwen/Qwen2.5-32B's config
+        return Qwen2Config(
+            vocab_size=s["vocab_size"],
+            hidden_size=s["hidden_size"],
+            num_hidden_layers=num_layers or s["num_layers"],
+            num_attention_heads=s["num_heads"],
+            num_key_value_heads=s["num_kv_heads"],
+            intermediate_size=s["intermediate_size"],
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            rms_norm_eps=1e-5,
+            max_position_embeddings=max(32_768, max_positions),
+            tie_word_embeddings=False,
+            bos_token_id=EOS_ID,
+            eos_token_id=EOS_ID,
+        )
     if s.get("family") == "llama":
         return LlamaConfig(
             vocab_size=s["vocab_size"],

@@ -48,8 +48,10 @@ def part_gemma3(s: Session, args) -> dict:
     optimizer = ["--optimizer", "adamw8bit"] if s.gpu else []
     reference_runs = []
     for text in args.gemma3_hf.split(","):
-        v = parse_variant(text.strip(), 2)
-        liger = "liger" in text.split("+")
+        words = text.strip().split("+")
+        liger = "liger" in words
+        v = parse_variant("+".join(w for w in words if w != "liger"), 2)
+        v["label"] = text.strip()
         reference_runs.append(
             s.baseline(
                 f"gemma3 transformers {v['label']}",

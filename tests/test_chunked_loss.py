@@ -179,4 +179,4 @@ def test_auto_turns_it_on_where_a_micro_batchs_logits_exceed_4_gib(tmp_path):
 
 
 def test_a_chunk_holds_a_fixed_budget_of_logits():
-    assert chunk_tokens_for(50_304) == 1280 and chunk_tokens_for(262_144) == 256 and chunk_tokens_for(10**7) == 64
+    assert chunk_tokens_for(50_304) == 2624 and chunk_tokens_for(262_144) == 512 and chunk_tokens_for(10**7) == 64

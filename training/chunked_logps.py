@@ -21,7 +21,10 @@ import torch.nn.functional as F
 
 from config import JobConfig
 
-CHUNK_ELEMENTS = 1 << 26  # fp32 logits of one chunk: 256 MB, whatever the vocabulary
+# fp32 logits of one chunk: 512 MB, whatever the vocabulary (1,024 tokens at Llama 3's). Measured on an H100 at 16k
+# Llama-3 tokens, twice 2^26's chunk was 10% faster for 0.5 GB more (each chunk adds into the whole head-weight
+# gradient: fewer chunks, less of that traffic); twice again gained 3% more for 1 GB more.
+CHUNK_ELEMENTS = 1 << 27
 IGNORE = -100
 
 

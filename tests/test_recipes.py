@@ -109,6 +109,7 @@ def run_lora_recipe(recipe, model, data, ckpt, extra=""):
         CHECKPOINT_PATH=str(ckpt),
         FINETUNE_TOTAL_STEPS="2",
         CHECKPOINT_STEPS="2",
+        COMPILE="0",  # torch.compile on two CPU cores takes minutes
         EXTRA_ARGS=f"--use-cuda false --seq-length 32 --batch-size 2 --dist-timeout 60 {extra}".strip(),
     )
     command = ["bash", os.path.join(REPO, recipe)]
@@ -177,7 +178,7 @@ def test_long_context_recipe_trains_a_quantised_base_with_offload_and_the_chunke
     root, _, data, _ = setup
     model = make_model(root / "llama-long", model_type="llama", hidden=32, layers=2, heads=4)
     recipe = open(os.path.join(REPO, "finetune_Llama-3.1-8B-long-qlora.sh")).read()
-    for flag in ("--activation-offload cpu", "--chunked-loss on", "--activation-checkpointing full"):
+    for flag in ("--activation-offload cpu", "--chunked-loss on", "--activation-checkpointing full", "--compile"):
         assert flag in recipe
     ckpt = tmp_path / "long run"
     result = run_lora_recipe("finetune_Llama-3.1-8B-long-qlora.sh", model, data, ckpt, "--gradient-accumulate-step 1")

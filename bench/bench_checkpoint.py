@@ -52,17 +52,22 @@ end of the run, that checkpoint is not measured (raise --wall-every). Targets: <
 --wall-checkpoints >= 2: the older one goes after the newer one is committed) or its snapshot do not fit; then the
 most layers that do, named in the output, not scaled.
 
-Device commands (one GPU, `kind` nvidia-h100-x1, the preamble of bench/README.md and BENCH_COMMIT=<sha>):
+Device commands (one GPU, `kind` nvidia-h100-x1, the preamble of bench/README.md and BENCH_COMMIT=<sha>). Each run
+lasts about twice the write plus the start-up (the checkpoint must come after at least one write's worth of steps,
+so that the next periodic one does not come before the write is done):
   6.9B, 8-bit Adam (a full fine-tune with fp32 AdamW state is a 96 GB checkpoint, over the 64 GiB disk; 8-bit Adam's
-  is ~55 GB: bf16 weights, fp32 master weights, 8-bit moments; `carry` [".whl"] with the bitsandbytes wheel and its
-  pip line from bench/README.md):
+  is ~55 GB: bf16 weights, fp32 master weights, 8-bit moments; ~65 GB on the GPU by the trainer's memory plan;
+  `carry` [".whl"] with the bitsandbytes wheel and its pip line from bench/README.md). Two calls on one warm machine
+  (a run is ~5 min at ~0.5 s a step and ~90 s of writing):
     python3 bench/bench_checkpoint.py --part wall --shape pythia-6.9b --optimizer 8bit-adam --wall-every 400 \
-        --wall-checkpoints 1 --time-budget 570 --run-timeout 280
-  1.4B, fp32 AdamW state (~20 GB checkpoint):
-    python3 bench/bench_checkpoint.py --part wall --shape pythia-1.4b --wall-every 800 --wall-checkpoints 2
-  If one call cannot hold both runs: `--wall-runs checkpointed --out /tmp/wall/ck.json` in one call (the JSON keeps
-  every step's record), then on the same warm machine `--wall-runs reference --wall-with /tmp/wall/ck.json` with the
-  same flags (copy /tmp/wall/* to $OUT in both calls to get the files back).
+        --wall-runs checkpointed --out /tmp/wall/ck.json --time-budget 560 --run-timeout 540; cp /tmp/wall/* $OUT/
+    python3 bench/bench_checkpoint.py --part wall --shape pythia-6.9b --optimizer 8bit-adam --wall-every 400 \
+        --wall-runs reference --wall-with /tmp/wall/ck.json --time-budget 560 --run-timeout 540
+  1.4B, fp32 AdamW state (~20 GB checkpoint), both runs in one call:
+    python3 bench/bench_checkpoint.py --part wall --shape pythia-1.4b --wall-every 800 --wall-checkpoints 2 \
+        --time-budget 570
+  `--wall-runs checkpointed` / `reference` with `--wall-with JSON` split any pair over two calls this way (same
+  flags; the first call's JSON keeps every step's record).
 
     python bench/bench_checkpoint.py --part wall --smoke   # CPU check, tiny model, ~1-2 min; its numbers mean nothing
 """

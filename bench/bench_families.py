@@ -29,7 +29,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_lora import Lora, best, parse_variant, peft_describe, set_ratios  # noqa: E402
-from common import Session, add_common_args, apply_smoke, ratio  # noqa: E402
+from common import Session, add_common_args, apply_smoke, ratio, reference_variants  # noqa: E402
 
 
 def transformers_describe(s: Session, v: dict) -> dict:
@@ -46,23 +46,18 @@ def part_gemma3(s: Session, args) -> dict:
     batch = 4 if args.smoke else 8
     data = s.data_file(args.steps * batch * args.seq_length)
     optimizer = ["--optimizer", "adamw8bit"] if s.gpu else []
-    reference_runs = []
-    for text in args.gemma3_hf.split(","):
-        words = text.strip().split("+")
-        liger = "liger" in words
-        v = parse_variant("+".join(w for w in words if w != "liger"), 2)
-        v["label"] = text.strip()
-        reference_runs.append(
-            s.baseline(
-                f"gemma3 transformers {v['label']}",
-                model_dir=model,
-                micro_batch=v["mb"],
-                accum=batch // v["mb"],
-                extra=optimizer + (["--gradient-checkpointing"] if v["gc"] else []) + (["--liger"] if liger else []),
-                compile=v["compile"] and not args.smoke,
-                describe=transformers_describe(s, v),
-            )
+    reference_runs = [
+        s.baseline(
+            f"gemma3 transformers {v['label']}",
+            model_dir=model,
+            micro_batch=v["mb"],
+            accum=batch // v["mb"],
+            extra=optimizer + v["flags"],
+            compile=v["compile"] and not args.smoke,
+            describe=transformers_describe(s, v),
         )
+        for v in reference_variants(args.gemma3_hf, batch)
+    ]
     ours_runs = []
     for text in args.gemma3_ours.split(","):
         v = parse_variant(text.strip(), 2)

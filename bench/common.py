@@ -558,6 +558,27 @@ def ratio(a, b):
     return a / b if a and b else None
 
 
+def reference_variants(text: str, batch: int) -> list[dict]:
+    """transformers configurations to sweep, a comma list of `+`-joined words: mbN (micro-batch; must divide the
+    step's `batch`), compile (torch.compile the model), gc (gradient checkpointing), liger (liger-kernel's kernels).
+    Each: {label, mb, compile, gc, liger, flags (baseline_hf.py's, beyond --compile)}."""
+    out = []
+    for label in (t.strip() for t in text.split(",") if t.strip()):
+        v = {"label": label, "mb": 1, "compile": False, "gc": False, "liger": False}
+        for word in label.split("+"):
+            if word.startswith("mb") and word[2:].isdigit():
+                v["mb"] = int(word[2:])
+            elif word in ("compile", "gc", "liger"):
+                v[word] = True
+            else:
+                sys.exit(f"reference variant {label!r}: unknown word {word!r} (mbN, compile, gc, liger)")
+        if batch % v["mb"]:
+            sys.exit(f"reference variant {label!r}: micro-batch {v['mb']} does not divide the step's {batch}")
+        v["flags"] = (["--gradient-checkpointing"] if v["gc"] else []) + (["--liger"] if v["liger"] else [])
+        out.append(v)
+    return out
+
+
 def figure(run: dict | None) -> str | None:
     """A run in one phrase for RESULTS.md: label, tokens/s (per GPU), MFU, peak memory."""
     if not run:

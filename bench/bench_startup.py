@@ -15,7 +15,9 @@ In order:
   2. ours, random init (`--load-pretrained-model false`);
   3. ours, loading that directory;
   4. ours, --compile, TORCHINDUCTOR_CACHE_DIR a fresh empty directory (cold), then again on the same directory (warm);
-  5. REFERENCE, in the same call: bench/baseline_hf.py --load-weights --base-dtype bf16 (transformers
+  5. ours, random init again with PYTHONPROFILEIMPORTTIME=1 (torchrun's and the trainer's own import times, both
+     processes'): the top-level modules that cost most, kept in the JSON as `import_seconds`;
+  6. REFERENCE, in the same call: bench/baseline_hf.py --load-weights --base-dtype bf16 (transformers
      GPTNeoXForCausalLM.from_pretrained(dir, dtype=bfloat16).to(cuda), SDPA, fused AdamW) as a subprocess, wall
      time to its first step.
 Every run is stopped after its last step (--steps, default 2) without writing a checkpoint.
@@ -78,6 +80,21 @@ def startup_phases(run: dict) -> dict | None:
     return None
 
 
+def import_seconds(log_path: str, start: int, top: int = 15) -> list[tuple[str, float]]:
+    """The costliest top-level imports in `log_path` after byte `start` (python -X importtime lines of every process
+    the run started: 'import time: self [us] | cumulative | name'), seconds, largest first."""
+    costs = []
+    with open(log_path, errors="replace") as f:
+        f.seek(start)
+        for line in f:
+            if not line.startswith("import time:") or line.count("|") != 2:
+                continue
+            _, cumulative, name = line.split("|")
+            if cumulative.strip().isdigit() and not name.startswith("  "):  # depth 0: a top-level import
+                costs.append((name.strip(), int(cumulative) / 1e6))
+    return sorted(costs, key=lambda c: -c[1])[:top]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, steps=2, warmup=1)
@@ -108,6 +125,13 @@ def main():
             if saved is not None:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
         remove_stale(cache)
+    start = os.path.getsize(session.log_path)
+    os.environ["PYTHONPROFILEIMPORTTIME"] = "1"  # inherited by torchrun and the trainer
+    try:
+        profiled = session.ours("random init, import times", model_dir=model_dir, **common)
+    finally:
+        os.environ.pop("PYTHONPROFILEIMPORTTIME")
+    profiled["import_seconds"] = import_seconds(session.log_path, start)
     reference = session.baseline(
         "reference: transformers from_pretrained bf16",
         model_dir=weights_dir,
@@ -160,6 +184,9 @@ def main():
         if phases:
             cells = "".join(f"{phases.get(p, float('nan')):12.1f}" for p in PHASES)
             print(f"  {run['label'][:26].ljust(26)}{cells}   {run.get('launch_to_first_step_s')}")
+    print("\ncostliest top-level imports of the profiled launch (torchrun's and the trainer's, seconds):")
+    for name, seconds in profiled["import_seconds"]:
+        print(f"  {seconds:7.2f}  {name}")
     session.finish(extra={"micro_batch": MICRO_BATCH, "shape": shape})
 
 

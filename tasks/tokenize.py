@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from bisect import bisect_left
 from dataclasses import dataclass
 from itertools import chain
 
@@ -64,6 +65,8 @@ class Encoder:
             self._fast = hasattr(self._backend, "encode_batch_fast")
         self._local = threading.local()
         self._fingerprint = None
+        self._ranges_ok = True  # _loss_ranges agrees with spans_to_mask on this tokenizer (so far)
+        self._ranges_checks = 64  # documents whose ranges are still checked against every offset
 
     def _new_backend(self):
         from tokenizers import Tokenizer
@@ -130,49 +133,101 @@ class Encoder:
     def encode_chunk(self, docs, drop_first: int = 0) -> Chunk:
         """docs: list of (text, spans, special). The first document loses its first `drop_first` tokens (resume)."""
         n = len(docs)
-        results: list = [None] * n
+        ids_of: list = [None] * n
+        loss: list = [None] * n  # per document: None (every token), [(lo, hi)] token ranges, or a bool mask
         groups: dict[tuple[bool, bool], list[int]] = {}
         for i, (_, spans, special) in enumerate(docs):
             groups.setdefault((special, spans is not None), []).append(i)
         for (special, masked), idx in groups.items():
-            encs = self.encode_texts([docs[i][0] for i in idx], special, masked)
-            if not masked:
-                for i, (ids, _) in zip(idx, encs):
-                    results[i] = (ids, None)
+            texts = [docs[i][0] for i in idx]
+            if masked and self._backend_json is not None:
+                # the loss ranges from a few offsets per span, not a Python object per token (see _loss_ranges)
+                encs = self._thread_backend().encode_batch(texts, add_special_tokens=special)
+                for i, enc in zip(idx, encs):
+                    ids_of[i] = ids = enc.ids
+                    loss[i] = self._loss_of(enc, len(ids), docs[i][1], len(docs[i][0]))
                 continue
-            # all offsets of the group in one conversion (much cheaper than one array per document)
-            n_tok = sum(len(ids) for ids, _ in encs)
-            flat_offs = np.fromiter(
-                chain.from_iterable(chain.from_iterable(o for _, o in encs)), dtype=np.int64, count=2 * n_tok
-            ).reshape(-1, 2)
-            at = 0
-            for i, (ids, _) in zip(idx, encs):
-                results[i] = (ids, spans_to_mask(flat_offs[at : at + len(ids)], docs[i][1], len(docs[i][0])))
-                at += len(ids)
+            for i, (ids, offs) in zip(idx, self.encode_texts(texts, special, masked)):
+                ids_of[i] = ids
+                if masked:
+                    offs = np.array(offs, dtype=np.int64).reshape(-1, 2)
+                    loss[i] = spans_to_mask(offs, docs[i][1], len(docs[i][0]))
         eos = self.eos
-        flat: list[int] = []
+        eos_only = (eos,)
+        parts: list = []  # every document's ids, then its EOS where the tokenizer did not end it with one
         starts: list[int] = []
-        masks = []  # (start, mask array with the EOS flag appended)
-        for (ids, mask), _doc in zip(results, docs):
-            start = len(flat)
-            starts.append(start)
-            flat.extend(ids)
-            has_eos = bool(ids) and ids[-1] == eos
-            if not has_eos:
-                flat.append(eos)
-            if mask is not None:
-                if not has_eos:
-                    mask = np.append(mask, False)
-                # the EOS takes loss iff the document ends inside a trained span
-                mask[-1] = bool(mask[-2]) if len(mask) > 1 else False
-                masks.append((start, mask))
-        tokens = np.array(flat, dtype=np.int64)
-        trained = np.ones(len(tokens), dtype=bool)
-        for start, mask in masks:
-            trained[start : start + len(mask)] = mask
-        doc_start = np.zeros(len(tokens), dtype=bool)
+        at = 0
+        for ids in ids_of:
+            starts.append(at)
+            parts.append(ids)
+            at += len(ids)
+            if not ids or ids[-1] != eos:
+                parts.append(eos_only)
+                at += 1
+        tokens = np.fromiter(chain.from_iterable(parts), dtype=np.int64, count=at)
+        trained = np.ones(at, dtype=bool)
+        for k, flags in enumerate(loss):
+            if flags is None:
+                continue
+            start = starts[k]
+            end = starts[k + 1] if k + 1 < n else at  # the document's tokens and its EOS
+            if isinstance(flags, np.ndarray):
+                trained[start : start + len(flags)] = flags
+            else:
+                trained[start:end] = False
+                for lo, hi in flags:
+                    trained[start + lo : start + hi] = True
+            # the EOS takes loss iff the document ends inside a trained span
+            trained[end - 1] = trained[end - 2] if end - start > 1 else False
+        doc_start = np.zeros(at, dtype=bool)
         doc_start[starts] = True
         if drop_first:
             tokens, trained, doc_start = tokens[drop_first:], trained[drop_first:], doc_start[drop_first:]
             starts = [0] + [s - drop_first for s in starts[1:]]
         return Chunk(tokens, trained, doc_start, starts)
+
+    def _loss_of(self, enc, n: int, spans, text_len: int):
+        """The tokens of `enc` that take loss: token ranges from _loss_ranges, or spans_to_mask's mask over all offsets
+        where those do not apply (and, for the first documents an Encoder sees, to check that they agree)."""
+        ranges = _loss_ranges(enc, n, spans, text_len) if self._ranges_ok else None
+        if ranges is not None and self._ranges_checks <= 0:
+            return ranges
+        mask = spans_to_mask(np.array(enc.offsets, dtype=np.int64).reshape(-1, 2), spans, text_len)
+        if ranges is not None:
+            self._ranges_checks -= 1
+            ranged = np.zeros(n, dtype=bool)
+            for lo, hi in ranges:
+                ranged[lo:hi] = True
+            if not np.array_equal(ranged, mask):  # this tokenizer's offsets do not rise along the text
+                self._ranges_ok = False
+        return mask
+
+
+def _loss_ranges(enc, n: int, spans, text_len: int) -> list[tuple[int, int]] | None:
+    """spans_to_mask's answer as token ranges [lo, hi), from O(log n) offsets per span instead of all n of them.
+
+    The tokens of the text (all but the post-processor's special tokens, which have no character range and sit at
+    either end; their (0, 0) offsets never take loss) start at non-decreasing characters, so the tokens whose first
+    character lies in [a, b) are the range [first start >= a, first start >= b). None where a span starts at 0 or
+    runs past the text: there spans_to_mask's rule for zero-width tokens at either end needs every offset."""
+    chars = enc.token_to_chars
+    p, q = 0, n
+    while p < q and chars(p) is None:
+        p += 1
+    while q > p and chars(q - 1) is None:
+        q -= 1
+    text = range(p, q)
+    out = []
+    for a, b in spans:
+        if b <= a:
+            continue
+        if a <= 0 or b > text_len:
+            return None
+        try:
+            lo = p + bisect_left(text, a, key=lambda i: chars(i)[0])
+            hi = p + bisect_left(text, b, lo=lo - p, key=lambda i: chars(i)[0])
+        except TypeError:  # a token without a character range amid the text's: not the layout assumed here
+            return None
+        if hi > lo:
+            out.append((lo, hi))
+    return out

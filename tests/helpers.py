@@ -334,7 +334,8 @@ def document_logits(model, batch):
     return torch.stack(rows)
 
 
-RUN_FILES = ("curves.png", "metrics.jsonl")  # what every run writes beside its checkpoints
+# what every run writes beside its checkpoints (the curves' process may still be renaming its partial file)
+RUN_FILES = ("curves.png", "curves.png.partial.png", "metrics.jsonl")
 
 
 def checkpoint_entries(ckpt_dir):

@@ -178,6 +178,31 @@ def test_plot_metrics_draws_a_png_of_the_expected_size(tmp_path):
         plot_metrics([str(tmp_path / "bad.jsonl")], str(tmp_path / "bad.png"))
 
 
+def test_the_trainer_draws_its_curves_in_a_process_of_its_own_and_logs_a_failure_once(tmp_path):
+    """StepLog.draw_curves runs tools/plot_metrics.py beside training (no interpreter lock shared with the loop): the
+    PNG appears once the draw ends, a draw asked for while one runs is skipped, and a failed draw is one warning."""
+    from types import SimpleNamespace
+
+    from training.step_log import StepLog
+
+    write_metrics(tmp_path / "metrics.jsonl", range(1, 6), 1.0)
+    lines = []
+    log = SimpleNamespace(info=lines.append, close=lambda: None)
+    cfg = SimpleNamespace(metrics_file=str(tmp_path / "metrics.jsonl"), curves_file=str(tmp_path / "curves.png"))
+    step_log = StepLog(cfg, log, SimpleNamespace(is_logger=True), meter=None, clock=None)
+    step_log.draw_curves()
+    running = step_log.curves
+    step_log.draw_curves()  # the first draw is still starting: left to finish, not doubled
+    assert step_log.curves is running
+    step_log.close()
+    assert png_size(tmp_path / "curves.png") == (1500, 900) and lines == []
+
+    (tmp_path / "metrics.jsonl").write_text('{"loss": 1}\n')
+    step_log.draw_curves()
+    step_log.close()
+    assert len(lines) == 1 and "WARNING: could not draw" in lines[0] and ": no metrics in it" in lines[0], lines
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # TensorBoard backend, backend lists, progress switch
 # ---------------------------------------------------------------------------------------------------------------

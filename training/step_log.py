@@ -3,7 +3,9 @@ the GPU idle), the start-up line, the checkpoints' timing records and the curves
 
 from __future__ import annotations
 
-import threading
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -11,10 +13,10 @@ import torch.distributed as dist
 
 from comm import Layout
 from config import LogConfig
-from training.curves import MetricsError, plot_metrics
 from training.metrics import PendingStepLog, StepMeter
 from training.startup import StartupClock
-from utils.logging import one_line
+
+CURVES_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "plot_metrics.py")
 
 
 class StepLog:
@@ -23,7 +25,7 @@ class StepLog:
     def __init__(self, cfg: LogConfig, log, layout: Layout, meter: StepMeter, clock: StartupClock):
         self.cfg, self.log, self.layout, self.meter, self.clock = cfg, log, layout, meter, clock
         self.pending: PendingStepLog | None = None  # the last step's values, written after the next step is under way
-        self.curves: threading.Thread | None = None  # the thread drawing curves.png
+        self.curves: subprocess.Popen | None = None  # the process drawing curves.png
 
     def startup(self, step: int) -> None:
         """After this process's first step: its start-up phases, one line and one metrics record."""
@@ -72,23 +74,29 @@ class StepLog:
                 self.log.metrics(step, values)
 
     def draw_curves(self) -> None:
-        """The run's metrics as a PNG beside its checkpoints, drawn by a background thread: the first plot imports
-        matplotlib (seconds), and the other ranks would wait for the logging rank meanwhile. One at a time; a plot
-        never stops training."""
-        if not self.layout.is_logger:
+        """The run's metrics as a PNG beside its checkpoints, drawn by tools/plot_metrics.py in a process of its own:
+        drawn in a thread here it held the interpreter lock for about a second per checkpoint (matplotlib), which
+        the training loop's own Python waited on, and the other ranks with it. One at a time (a draw still running
+        is left to finish: the next one includes its steps); a plot never stops training."""
+        if not self.layout.is_logger or self._curves_running():
             return
-        if self.curves is not None:
-            self.curves.join()
-        self.curves = threading.Thread(target=self._plot, name="curves", daemon=True)
-        self.curves.start()
+        command = [sys.executable, CURVES_TOOL, self.cfg.metrics_file, "--output", self.cfg.curves_file]
+        self.curves = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-    def _plot(self) -> None:
-        try:
-            plot_metrics([self.cfg.metrics_file], self.cfg.curves_file)
-        except (MetricsError, OSError, ValueError) as exc:
-            self.log.info(f"WARNING: could not draw {self.cfg.curves_file}: {one_line(exc)}")
+    def _curves_running(self) -> bool:
+        """Whether the last draw is still running; once it has ended, its failure (if any) is logged, once."""
+        if self.curves is None or self.curves.poll() is None:
+            return self.curves is not None
+        error = self.curves.stderr.read().strip().splitlines()
+        if self.curves.returncode != 0:
+            reason = error[-1].removeprefix("plot_metrics: error: ") if error else f"exit {self.curves.returncode}"
+            self.log.info(f"WARNING: could not draw {self.cfg.curves_file}: {reason}")
+        self.curves.stderr.close()
+        self.curves = None
+        return False
 
     def close(self) -> None:
         if self.curves is not None:
-            self.curves.join()  # the final curves, drawn while the other ranks finished
+            self.curves.wait()  # the final curves, drawn while the other ranks finished
+            self._curves_running()
         self.log.close()

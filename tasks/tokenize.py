@@ -204,7 +204,7 @@ class Encoder:
 
 
 def _loss_ranges(enc, n: int, spans, text_len: int) -> list[tuple[int, int]] | None:
-    """spans_to_mask's answer as token ranges [lo, hi), from O(log n) offsets per span instead of all n of them.
+    """spans_to_mask's answer as token ranges [lo, hi), from a few offsets per span instead of all n of them.
 
     The tokens of the text (all but the post-processor's special tokens, which have no character range and sit at
     either end; their (0, 0) offsets never take loss) start at non-decreasing characters, so the tokens whose first
@@ -216,18 +216,34 @@ def _loss_ranges(enc, n: int, spans, text_len: int) -> list[tuple[int, int]] | N
         p += 1
     while q > p and chars(q - 1) is None:
         q -= 1
-    text = range(p, q)
+
+    def first_from(x: int, lo: int) -> int:
+        """The first token in [lo, q) that starts at or after character x."""
+        if x >= text_len:  # the usual end of a span; tokens starting there are zero-width, if any
+            if q == lo or chars(q - 1)[0] < x:
+                return q
+        else:
+            t = enc.char_to_token(x)  # the token holding character x (None: no token does)
+            if t is not None and lo <= t < q:
+                if chars(t)[0] < x:  # it starts before x: the next one is the first
+                    t += 1
+                    if t == q or chars(t)[0] >= x:
+                        return t
+                elif t == lo or chars(t - 1)[0] < x:
+                    return t
+        return bisect_left(range(q), x, lo=lo, key=lambda i: chars(i)[0])
+
     out = []
-    for a, b in spans:
-        if b <= a:
-            continue
-        if a <= 0 or b > text_len:
-            return None
-        try:
-            lo = p + bisect_left(text, a, key=lambda i: chars(i)[0])
-            hi = p + bisect_left(text, b, lo=lo - p, key=lambda i: chars(i)[0])
-        except TypeError:  # a token without a character range amid the text's: not the layout assumed here
-            return None
-        if hi > lo:
-            out.append((lo, hi))
+    try:
+        for a, b in spans:
+            if b <= a:
+                continue
+            if a <= 0 or b > text_len:
+                return None
+            lo = first_from(a, p)
+            hi = first_from(b, lo)
+            if hi > lo:
+                out.append((lo, hi))
+    except TypeError:  # a token without a character range amid the text's: not the layout assumed here
+        return None
     return out

@@ -7,9 +7,9 @@ The sources, their weights and the data flags are the training run's (same names
 exactly the token stream that run would read, so training on it is bit-identical, at any --seq-length, batch size or
 layout. --tokens is how much of the stream to keep: at least the run's steps x --batch-size x --data-group-size x
 --gradient-accumulate-step x --seq-length (a run that needs more stops at start-up and says so). The tokenizer runs in
---data-workers threads (default: every core). An interrupted build continues where it was on the next call with the
-same flags; a finished one is published by replacing CACHE_DIR/cache.json, so runs reading an older build go on
-reading it. See tasks/cache.py for the layout.
+--data-workers threads (default: every core, up to 4; each thread's encoding already uses every core). An interrupted
+build continues where it was on the next call with the same flags; a finished one is published by replacing
+CACHE_DIR/cache.json, so runs reading an older build go on reading it. See tasks/cache.py for the layout.
 """
 
 from __future__ import annotations
@@ -23,6 +23,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from config import DataConfig, ModelRunConfig, add_section_flags  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.logging import error_line  # noqa: E402
+
+# Tokenizer threads by default: each thread's encode_batch already runs on every core (the Rust tokenizer's own
+# thread pool); the threads overlap one chunk's Python work (rendering, gathering the ids) with another's encoding,
+# and more of them only contend for the interpreter lock and the cores.
+BUILD_WORKERS = 4
+
+
+def default_workers() -> int:
+    """--data-workers when not given: every core, up to BUILD_WORKERS."""
+    return max(1, min(os.cpu_count() or 1, BUILD_WORKERS))
+
 
 DATA_SETTINGS = [
     "task_spec",
@@ -42,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_section_flags(parser, ModelRunConfig, ["tokenizer_dir", "seed"])
     parser.add_argument("--output", required=True, help="the cache folder (created; a rebuild publishes a new build)")
     parser.add_argument("--tokens", type=int, required=True, help="tokens of the stream to keep (at least)")
-    parser.set_defaults(workers=os.cpu_count() or 1)
+    parser.set_defaults(workers=default_workers())
     return parser
 
 

@@ -11,6 +11,10 @@
      Target <= 2 s.
 
   python bench/bench_token_cache.py --out /tmp/bench_token_cache.json      # ~1-2 min on 2 cores
+  python bench/bench_token_cache.py --build-workers 1,2,4,8,16 --out ...    # 30.1 at each count of build threads
+
+"build" is the build at the first --build-workers count (default: tools/prepare_data.py's default, every core up to
+its BUILD_WORKERS); with several counts "build_sweep" holds one build per count, each into a fresh folder.
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ def main():
     ap.add_argument("--dp", type=int, default=32)
     ap.add_argument("--batches", type=int, default=10, help="timed batches per stream in 30.2")
     ap.add_argument("--big-gb", type=float, default=10.0)
+    ap.add_argument(
+        "--build-workers",
+        default=None,
+        help="comma-separated counts of build threads to time 30.1 at (default: tools/prepare_data.py's default)",
+    )
     args = ap.parse_args()
 
     import numpy as np
@@ -70,6 +79,14 @@ def main():
     from config import DataConfig
     from tasks import CachedStream, PackedStream
     from tasks.cache import ARRAYS, INDEX, build_cache
+    from tools.prepare_data import default_workers
+
+    if args.build_workers:
+        counts = [int(w) for w in args.build_workers.split(",") if w.strip()]
+        if not counts or min(counts) < 1:
+            ap.error("--build-workers takes counts >= 1, e.g. 1,2,4,8,16")
+    else:
+        counts = [default_workers()]
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     work = tempfile.mkdtemp(prefix="bench_token_cache_")
@@ -88,23 +105,36 @@ def main():
         )
         child.start()
         child.join()
-        data = DataConfig(
-            task_spec=source, seq_length=args.seq_length, batch_size=args.batch_size, workers=os.cpu_count() or 1
-        )
         # 30.1: a whole pass over the file, roughly (the mixture's one task loops; stop near one pass)
         tokens_wanted = int(args.size_mb * 2**20 / 4.2)
-        started = time.perf_counter()
-        index = build_cache(data, tok, os.path.join(work, "cache"), tokens_wanted, log=lambda m: None)
-        seconds = time.perf_counter() - started
+        sweep = []
+        for k, workers in enumerate(counts):
+            data = DataConfig(task_spec=source, seq_length=args.seq_length, batch_size=args.batch_size, workers=workers)
+            started = time.perf_counter()
+            index = build_cache(data, tok, os.path.join(work, f"cache-{k}"), tokens_wanted, log=lambda m: None)
+            seconds = time.perf_counter() - started
+            sweep.append(
+                {
+                    "workers": workers,
+                    "tokens": index["tokens"],
+                    "seconds": round(seconds, 2),
+                    "tokens_per_s": round(index["tokens"] / seconds),
+                }
+            )
+            if len(counts) > 1:
+                print(json.dumps(sweep[-1]), flush=True)
+            if k:
+                shutil.rmtree(os.path.join(work, f"cache-{k}"), ignore_errors=True)
+        os.rename(os.path.join(work, "cache-0"), os.path.join(work, "cache"))
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result["build"] = {
-            "tokens": index["tokens"],
-            "seconds": round(seconds, 2),
-            "tokens_per_s": round(index["tokens"] / seconds),
-            "workers": data.workers,
+            **sweep[0],
             "peak_rss_mb": round(peak_mb),
             "source_mb": round(os.path.getsize(source) / 2**20, 1),
         }
+        if len(sweep) > 1:
+            result["build_sweep"] = sweep
+            result["build"]["peak_rss_mb_note"] = "the largest over every build of the sweep"
         print(json.dumps(result["build"]), flush=True)
         # what the tokenizer alone does on these cores (after the build, whose peak memory that was)
         result["rust_encode"] = rust_encode_rate(tok)

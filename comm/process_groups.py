@@ -112,6 +112,40 @@ def _rendezvous_within(init_method, rank, world, timeout, where):
     return dist.PrefixStore("default_pg", store)  # the prefix init_process_group gives the store it makes itself
 
 
+def _meet(init_method, rank, world, timeout, timeout_s):
+    """The rendezvous store of the ranks, failures of it said in one line (LaunchError)."""
+    where = (
+        init_method
+        if init_method != "env://"
+        else (f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} MASTER_PORT={os.environ.get('MASTER_PORT')}")
+    )
+    try:
+        store = _rendezvous_within(init_method, rank, world, timeout, where)
+    except dist.DistNetworkError as exc:
+        if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
+            raise LaunchError(
+                f"rank 0 cannot listen on {where}: the port is in use (another job?); pick a free "
+                f"port (--dist-url, torchrun --rdzv-endpoint / --master_port, or the recipe's "
+                f"MASTER_PORT)"
+            ) from None
+        if "timed out" in str(exc):
+            raise LaunchError(
+                f"rank {rank} could not reach rank 0 at {where} within --dist-timeout "
+                f"{timeout_s:g} s: is rank 0 running (or did it fail first?), and is the address "
+                f"right?"
+            ) from None
+        raise
+    except dist.DistStoreError as exc:
+        if "waiting for clients" not in str(exc):
+            raise
+        raise LaunchError(
+            f"rank 0 waited {timeout_s:g} s at {where} but not every one of the {world} ranks "
+            f"joined ({str(exc).splitlines()[0]}); start them all with the same address (or did one fail "
+            f"first?)"
+        ) from None
+    return store
+
+
 def init_distributed(cfg: DistConfig, ends_group=False):
     """Create the world and the pipeline / data-parallel groups (and, with `ends_group`, a group of each
     pipeline's first and last stage, for tied embeddings). Returns the Layout of this rank."""
@@ -147,35 +181,12 @@ def init_distributed(cfg: DistConfig, ends_group=False):
         backend = "gloo"
 
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
-    where = (
-        init_method
-        if init_method != "env://"
-        else (f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} MASTER_PORT={os.environ.get('MASTER_PORT')}")
-    )
-    try:
-        store = _rendezvous_within(init_method, rank, world, timeout, where)
-    except dist.DistNetworkError as exc:
-        if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
-            raise LaunchError(
-                f"rank 0 cannot listen on {where}: the port is in use (another job?); pick a free "
-                f"port (--dist-url, torchrun --rdzv-endpoint / --master_port, or the recipe's "
-                f"MASTER_PORT)"
-            ) from None
-        if "timed out" in str(exc):
-            raise LaunchError(
-                f"rank {rank} could not reach rank 0 at {where} within --dist-timeout "
-                f"{cfg.timeout_s:g} s: is rank 0 running (or did it fail first?), and is the address "
-                f"right?"
-            ) from None
-        raise
-    except dist.DistStoreError as exc:
-        if "waiting for clients" not in str(exc):
-            raise
-        raise LaunchError(
-            f"rank 0 waited {cfg.timeout_s:g} s at {where} but not every one of the {world} ranks "
-            f"joined ({str(exc).splitlines()[0]}); start them all with the same address (or did one fail "
-            f"first?)"
-        ) from None
+    if world == 1 and init_method != "env://":
+        # One process without torchrun: nobody meets it, so it needs no port (two one-GPU jobs on a machine would
+        # both reach for --dist-url's).
+        store = dist.PrefixStore("default_pg", dist.HashStore())
+    else:
+        store = _meet(init_method, rank, world, timeout, cfg.timeout_s)
     kwargs = dict(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
     if use_cuda and backend == "nccl":
         kwargs["device_id"] = device  # eager NCCL init: errors surface at start, not at the first collective

@@ -7,6 +7,7 @@ the workers' error files at least put the line in torchrun's report instead of a
 """
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -63,6 +64,20 @@ def test_bad_data_in_launcher_mode_ends_with_the_failing_ranks_line(setup, tmp_p
     assert_last_line(result, screen, "bad.jsonl:2: not valid JSON")
     assert len(screen) <= 8, screen
     assert not [line for line in screen if "restart" in line], screen
+
+
+@pytest.mark.e2e
+def test_one_process_takes_no_port(setup, tmp_path):
+    """A one-process job meets nobody: it trains while another program holds its --dist-url's port (two one-GPU
+    jobs on one machine, neither given a port of its own)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        url = f"tcp://127.0.0.1:{held.getsockname()[1]}"
+        flags = base_flags(setup["model"], setup["data"], str(tmp_path / "ckpt"), **{"dist-url": url})
+        result, screen = launch([sys.executable, ENTRYPOINT, "--nproc-per-node", "1", *flags], timeout=120)
+    assert result.returncode == 0, "\n".join(screen[-20:])
+    assert os.path.exists(tmp_path / "ckpt" / "latest"), "\n".join(screen[-20:])
 
 
 @pytest.mark.e2e

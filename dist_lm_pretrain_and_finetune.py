@@ -110,7 +110,7 @@ if __name__ == "__main__":
     if wants_launcher(sys.argv[1:]):  # launcher mode: start the workers of this node (see comm/launch.py)
         from comm import launch
 
-        code = launch.main(os.path.abspath(__file__), sys.argv[1:])
+        code = launch.main(os.path.abspath(__file__), sys.argv[1:], run_here=main)
     else:
         code = main()
     sys.stdout.flush()

@@ -4,6 +4,8 @@ It does what torchrun does (one elastic agent per node, c10d rendezvous, restart
 the training flags and paths are checked once before any worker starts, and a failure ends with one line, the first
 failing rank's `error:` line, instead of torchrun's ChildFailedError traceback. Plain `torchrun` still works; its
 report then names the cause (workers write torch.distributed.elastic's error file, see utils.logging.error_line).
+One worker on one node without restarts trains in the launcher's own process: an agent and a second interpreter
+would only add their start-up (importing torch twice) to the time before the first step.
 """
 
 import argparse
@@ -74,7 +76,9 @@ def first_failure_line(failed):
     return f"rank {rank} ended with {how} and no error line; see its output above", failure.exitcode
 
 
-def main(entrypoint, argv):
+def main(entrypoint, argv, run_here):
+    """Start this node's workers of `entrypoint` with the training flags of `argv`, or call `run_here(flags)` when
+    the job is one process without restarts. Returns the exit status."""
     from checkpoint.preflight import refuse_replacing
     from config import ArgumentError, load_job
 
@@ -101,6 +105,8 @@ def main(entrypoint, argv):
     except ArgumentError as exc:
         error_line(str(exc))
         return 2
+    if world == 1 and opts.max_restarts == 0:
+        return run_here(flags)
 
     import torch.distributed.elastic.rendezvous.c10d_rendezvous_backend  # noqa: F401 - its logger, quieted below
     from torch.distributed.elastic.multiprocessing.api import SignalException

@@ -66,6 +66,16 @@ def test_bad_data_in_launcher_mode_ends_with_the_failing_ranks_line(setup, tmp_p
     assert not [line for line in screen if "restart" in line], screen
 
 
+def test_one_process_trains_in_the_launchers_own_process(setup, tmp_path):
+    """No agent and no second interpreter for a one-process job: the launcher hands the flags to the trainer here."""
+    from comm import launch
+
+    flags = base_flags(setup["model"], setup["data"], str(tmp_path / "ckpt"))
+    handed = []
+    code = launch.main(ENTRYPOINT, ["--nproc-per-node", "1", *flags], run_here=lambda f: handed.append(f) or 7)
+    assert (code, handed) == (7, [flags])
+
+
 @pytest.mark.e2e
 def test_one_process_takes_no_port(setup, tmp_path):
     """A one-process job meets nobody: it trains while another program holds its --dist-url's port (two one-GPU

@@ -745,16 +745,20 @@ class Session:
         flops: float | None = None,
         stop_when=None,
         tokens_per_step: int | None = None,
+        launcher: str = "torchrun",
     ) -> dict:
-        """One launch of the real entrypoint under torchrun; `batch` is per data-parallel replica per iteration,
+        """One launch of the real entrypoint; `batch` is per data-parallel replica per iteration,
         `accum` iterations per optimizer step (--gradient-accumulate-step).
         `flops`: FLOPs per token for MFU when not the dense 6·N + 12·L·d·S (LoRA: `lora_flops_per_token`).
         `stop_when(metrics records)`: stop the run once it holds (instead of after the last step).
-        `tokens_per_step`: when a step trains other than batch x dp x accum x seq tokens (preference pairs: 2 rows)."""
+        `tokens_per_step`: when a step trains other than batch x dp x accum x seq tokens (preference pairs: 2 rows).
+        `launcher`: "torchrun" (`python -m torch.distributed.run`) or "entrypoint" (its own launcher mode,
+        `--nproc-per-node`, which trains a one-process job in its own process)."""
         a = self.args
         run = {
             "label": label,
             "kind": "ours",
+            "launcher": launcher,
             "layout": {"pp": pp, "dp": dp, "gpus": nproc},
             "schedule": schedule,
             "micro_batch": micro_batch,
@@ -829,15 +833,11 @@ class Session:
         if compile:
             flags.append("--compile")
         flags += extra or []
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}",
-            ENTRY,
-            *flags,
-        ]
+        if launcher == "torchrun":
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+            cmd += [f"--master_port={free_port()}", ENTRY, *flags]
+        else:
+            cmd = [sys.executable, ENTRY, f"--nproc-per-node={nproc}", *flags]
         env = dict(os.environ, **SAFE_ENV)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         self.note(

@@ -78,15 +78,15 @@ def main():
 
     from config import DataConfig
     from tasks import CachedStream, PackedStream
+    from tasks.build_workers import usable_cores
     from tasks.cache import ARRAYS, INDEX, build_cache
-    from tools.prepare_data import default_workers
 
     if args.build_workers:
         counts = [int(w) for w in args.build_workers.split(",") if w.strip()]
         if not counts or min(counts) < 1:
             ap.error("--build-workers takes counts >= 1, e.g. 1,2,4,8,16")
     else:
-        counts = [default_workers()]
+        counts = [usable_cores()]
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     work = tempfile.mkdtemp(prefix="bench_token_cache_")
@@ -109,9 +109,10 @@ def main():
         tokens_wanted = int(args.size_mb * 2**20 / 4.2)
         sweep = []
         for k, workers in enumerate(counts):
-            data = DataConfig(task_spec=source, seq_length=args.seq_length, batch_size=args.batch_size, workers=workers)
+            data = DataConfig(task_spec=source, seq_length=args.seq_length, batch_size=args.batch_size)
             started = time.perf_counter()
-            index = build_cache(data, tok, os.path.join(work, f"cache-{k}"), tokens_wanted, log=lambda m: None)
+            folder = os.path.join(work, f"cache-{k}")
+            index = build_cache(data, tok, folder, tokens_wanted, log=lambda m: None, workers=workers)
             seconds = time.perf_counter() - started
             sweep.append(
                 {

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .build_workers import encoded_in_processes, usable_cores
 from .loader import LoaderStream, copy_json
 from .packing import KEYS, window_arrays
 from .reader import Mixture
@@ -49,6 +50,7 @@ STATE_FORMAT = "tasks.CachedStream/1"
 INDEX = "cache.json"
 PROGRESS = "progress.json"
 ARRAYS = {"tokens": np.uint32, "trained": np.bool_, "doc_start": np.bool_}
+BUILD_KINDS = ("processes", "threads")
 SAVE_EVERY_S = 10.0  # a build's progress is recorded this often (and at its end)
 
 # The settings that make the stream what it is, and the flag that sets each.
@@ -77,14 +79,29 @@ def stream_identity(data: DataConfig, tokenizer) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- building
-def build_cache(data: DataConfig, tokenizer, output: str, tokens: int, log=print) -> dict:
+def build_cache(
+    data: DataConfig,
+    tokenizer,
+    output: str,
+    tokens: int,
+    log=print,
+    *,
+    workers: int | None = None,
+    kind: str = "processes",
+) -> dict:
     """Tokenize the stream of `data` (its --task-name and settings) until it holds at least `tokens` tokens, into a
     new build under `output`, then publish it; an unfinished build of the same sources and settings is continued.
-    Returns the published index."""
+    `workers` render and tokenize (None: one per usable core; 0: this thread does it): processes, each on one core
+    (tasks/build_workers.py), or with kind "threads" the training loader's threads, each encoding on every core (to
+    compare). Every choice writes the same bytes. Returns the published index."""
     check_positive("tokens", tokens)
+    if workers is None:
+        workers = usable_cores()
+    check_positive("workers", workers, 0)
+    if kind not in BUILD_KINDS:
+        raise TaskError(f"build workers are {' or '.join(BUILD_KINDS)}, not {kind!r}")
     stream = PackedStream(data, tokenizer)  # its pipeline renders and tokenizes; the stream itself is not iterated
     pipe = stream._pipe
-    pipe.num_workers = max(1, pipe.num_workers)  # the build always tokenizes in a pool
     identity = stream_identity(data, tokenizer)
     sources = task_signatures(parse_task_spec(data.task_spec))
     os.makedirs(output, exist_ok=True)
@@ -111,7 +128,7 @@ def build_cache(data: DataConfig, tokenizer, output: str, tokens: int, log=print
     last_epoch = {t.name: len(done["epoch_starts"][t.name]) - 1 for t in stream.tasks}
     names = [t.name for t in stream.tasks]
     started, saved_at, start_tokens = time.perf_counter(), 0.0, done["tokens"]
-    chunks = pipe.encoded(mix, 0, threading.Event())
+    chunks = _encoded(pipe, mix, workers, kind)
     try:
         for meta, chunk in chunks:
             now = time.perf_counter()
@@ -158,6 +175,16 @@ def build_cache(data: DataConfig, tokenizer, output: str, tokens: int, log=print
         os.remove(progress_path)
     log(f"prepare_data: {output} holds {done['tokens']:,} tokens of {done['docs']:,} documents ({index['build']})")
     return index
+
+
+def _encoded(pipe, mix: Mixture, workers: int, kind: str):
+    """The build's (ChunkMeta, Chunk) stream from `mix`'s position on, in order, from its workers."""
+    if workers == 0:
+        return pipe.encoded(mix, 0, None)
+    if kind == "threads":
+        pipe.num_workers = workers
+        return pipe.encoded(mix, 0, threading.Event())
+    return encoded_in_processes(pipe, mix, workers)
 
 
 def _open_truncated(folder: str, name: str, dtype, count: int):

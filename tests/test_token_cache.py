@@ -7,6 +7,10 @@ pp2 x dp2, and resumes bit-exactly after a crash."""
 import copy
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ from tests.helpers import base_flags, data_config, make_chat_data, make_model, r
 from tools.prepare_data import main as prepare_data
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tokenizer")
+PREPARE_DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "prepare_data.py")
 
 
 @pytest.fixture(scope="module")
@@ -73,35 +78,95 @@ def test_a_replica_reads_only_its_own_windows_and_a_resume_jumps_to_its_window(t
     assert batches[0][0]["input_ids"].shape == (2, 32)
 
 
-def test_an_interrupted_build_continues_to_the_same_tokens(tok, sources, tmp_path, monkeypatch):
+def test_an_interrupted_build_continues_to_the_same_tokens(tok, sources, tmp_path, monkeypatch, capsys):
     whole = build(sources, tmp_path / "whole")
     monkeypatch.setattr(token_cache, "SAVE_EVERY_S", 0.0)  # progress before every chunk
-    real = token_cache.PackedStream
+    real = token_cache._encoded
 
-    class Interrupted(real):  # its pipeline stops after three chunks, as a killed build would
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            encoded = self._pipe.encoded
+    def three(*args):  # the workers' chunks stop after three, as when Ctrl-C is pressed
+        for i, item in enumerate(real(*args)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield item
 
-            def three(*args):
-                for i, item in enumerate(encoded(*args)):
-                    if i == 3:
-                        raise KeyboardInterrupt
-                    yield item
-
-            self._pipe.encoded = three
-
-    monkeypatch.setattr(token_cache, "PackedStream", Interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        build(sources, tmp_path / "resumed")
+    monkeypatch.setattr(token_cache, "_encoded", three)
+    flags = ["--task-name", sources, "--tokenizer-name", TOKENIZER_DIR, "--output", str(tmp_path / "resumed")]
+    assert prepare_data([*flags, "--tokens", "40000"]) == 130
+    assert capsys.readouterr().err.startswith("error: prepare_data: interrupted; run it again")
     assert not os.path.exists(tmp_path / "resumed" / "cache.json")
-    monkeypatch.setattr(token_cache, "PackedStream", real)
+    monkeypatch.setattr(token_cache, "_encoded", real)
     resumed = build(sources, tmp_path / "resumed")
     a, b = token_cache.TokenCache(whole), token_cache.TokenCache(resumed)
     assert a.tokens == b.tokens
     for name in token_cache.ARRAYS:
         assert np.array_equal(a.arrays[name], b.arrays[name]), name
     assert a.epoch_starts == b.epoch_starts
+
+
+@pytest.mark.parametrize("template", [False, True], ids=["oig", "chat-template"])
+def test_worker_processes_write_the_same_bytes_as_a_build_in_process(tok, chat_tok, sources, tmp_path, template):
+    """Any count of worker processes (or of threads) writes the bytes the building thread alone writes."""
+    tokenizer = chat_tok if template else tok
+    data = data_config(sources)
+    built = {}
+    for name, workers, kind in [("in-process", 0, "processes"), ("1", 1, "processes"), ("3", 3, "processes"),
+                                ("threads", 2, "threads")]:  # fmt: skip
+        index = token_cache.build_cache(
+            data, tokenizer, str(tmp_path / name), 30_000, log=lambda m: None, workers=workers, kind=kind
+        )
+        folder = tmp_path / name / index["build"]
+        files = {f: (folder / f).read_bytes() for f in ("tokens.bin", "trained.bin", "doc_start.bin", "epochs.json")}
+        built[name] = index["tokens"], index["documents"], files
+    assert built["in-process"][0] >= 30_000 and any(built["in-process"][2]["trained.bin"])
+    for name in ("1", "3", "threads"):
+        assert built[name] == built["in-process"], name
+
+
+def test_a_bad_record_ends_the_build_in_one_line_and_publishes_nothing(tmp_path, capfd):
+    data = tmp_path / "bad.jsonl"
+    lines = [json.dumps({"text": f"document {i} " * 20}) for i in range(600)]
+    lines[450] = json.dumps({"title": "no text here"})  # in a chunk a worker renders, after the first ones
+    data.write_text("\n".join(lines) + "\n")
+    code = prepare_data(["--task-name", str(data), "--tokenizer-name", TOKENIZER_DIR, "--output",
+                         str(tmp_path / "cache"), "--tokens", "10000000", "--data-workers", "2"])  # fmt: skip
+    err = capfd.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "bad.jsonl:451" in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "cache" / "cache.json")
+
+
+def _start_build(sources, output):
+    """tools/prepare_data.py building a cache far longer than these sources (they repeat) in a session of its own,
+    once its first chunk is written; and its worker processes."""
+    psutil = pytest.importorskip("psutil")
+    command = [sys.executable, PREPARE_DATA, "--task-name", sources, "--tokenizer-name", TOKENIZER_DIR,
+               "--output", str(output), "--tokens", "1000000000", "--data-workers", "2"]  # fmt: skip
+    build = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not any(output.glob("build-*/progress.json")):  # written as the first chunk comes back
+        assert build.poll() is None and time.monotonic() < deadline, build.communicate()
+        time.sleep(0.1)
+    # its children are the forkserver and multiprocessing's resource tracker; the workers are the forkserver's
+    workers = [p for p in psutil.Process(build.pid).children(recursive=True) if p.ppid() != build.pid]
+    assert len(workers) >= 2
+    return build, workers
+
+
+@pytest.mark.parametrize("how", ["killed worker", "ctrl-c"])
+def test_a_killed_worker_or_ctrl_c_ends_the_build_in_one_line(sources, tmp_path, how):
+    """A worker killed (the out-of-memory killer) or Ctrl-C (SIGINT to the whole process group): the build ends at
+    once with one line, its workers gone, nothing published."""
+    output = tmp_path / "cache"
+    build, workers = _start_build(sources, output)
+    if how == "killed worker":
+        workers[0].kill()
+    else:
+        os.killpg(build.pid, signal.SIGINT)
+    _, err = build.communicate(timeout=60)
+    want = (2, "worker process ended abruptly") if how == "killed worker" else (130, "prepare_data: interrupted")
+    assert build.returncode == want[0] and want[1] in err and err.count("\n") == 1 and "Traceback" not in err, err
+    for worker in workers:
+        worker.wait(timeout=10)
+    assert not os.path.exists(output / "cache.json")
 
 
 def test_other_settings_a_damaged_cache_and_a_newer_format_are_refused(tok, sources, tmp_path):

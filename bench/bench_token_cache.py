@@ -1,8 +1,10 @@
 """Issue #30's targets on this machine's CPUs: the token cache (tools/prepare_data.py, --task-name CACHE_DIR).
 
 30.1 build: tokens/s of build_cache over a synthetic mixed jsonl (bench_data.py's records, chat and OIG text), with
-     every core tokenizing; the process's peak resident memory (the ceiling: the shuffle buffer and the chunks in
-     flight, independent of the data's size). Target >= 2M tokens/s on the 16-core GPU host, >= 400k on 2 cores.
+     one worker process per usable core (tools/prepare_data.py's default); its start-up (the first chunk's arrival:
+     the workers' forkserver imports torch and transformers once per process) and the rate after it; the peak memory
+     of the build's processes (the ceiling: the shuffle buffer, the chunks in flight and each worker's own pages,
+     independent of the data's size). Target >= 2M tokens/s on the 16-core GPU host, >= 400k on 2 cores.
 30.2 per-replica data cost at a simulated dp = 32 (one process reading as replica 0 of 32): CPU seconds per batch
      of today's PackedStream (which tokenizes the whole stream to keep its rows) against CachedStream (which reads
      its own windows). Target: the cache's <= 1/20 of the stream's.
@@ -11,10 +13,15 @@
      Target <= 2 s.
 
   python bench/bench_token_cache.py --out /tmp/bench_token_cache.json      # ~1-2 min on 2 cores
-  python bench/bench_token_cache.py --build-workers 1,2,4,8,16 --out ...    # 30.1 at each count of build threads
+  python bench/bench_token_cache.py --build-workers 1,2,4,8,16 --build-kinds processes,threads --out ...
 
-"build" is the build at the first --build-workers count (default: tools/prepare_data.py's default, every core up to
-its BUILD_WORKERS); with several counts "build_sweep" holds one build per count, each into a fresh folder.
+"build" is the first build: the first --build-kinds kind (default processes) at the first --build-workers count
+(default: one per usable core, prepare_data's default). With several, "build_sweep" holds one build per kind and
+count, each into a fresh folder, each row naming its kind: processes (tasks/build_workers.py: one core each) or
+threads (the training loader's pool in this process: each thread's encoding on every core). The first processes
+build also starts the forkserver; later ones in the same run reuse it (see first_chunk_s). peak_memory_mb: the
+largest sum, sampled every 0.2 s, of the proportional set size (shared pages split among their sharers) of this
+process and its children (the workers, their forkserver); worker_uss_mb: the largest a single worker held alone.
 """
 
 from __future__ import annotations
@@ -57,6 +64,75 @@ def rust_encode_rate(tok) -> dict:
     return {"tokens": tokens, "tokens_per_s": round(tokens / (time.perf_counter() - started))}
 
 
+class MemoryWatch:
+    """Samples, in a thread, the memory of this process and its children (the build's workers and forkserver)."""
+
+    def __init__(self, every_s: float = 0.2):
+        import threading
+
+        try:
+            import psutil
+        except ImportError:  # the numbers are left out
+            psutil = None
+        self.psutil, self.every_s = psutil, every_s
+        self.peak_pss = self.worker_uss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        if self.psutil is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self):
+        me = self.psutil.Process()
+        while not self._stop.is_set():
+            total, processes = 0, [me, *me.children(recursive=True)]
+            for process in processes:
+                try:
+                    info = process.memory_full_info()
+                except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
+                    continue
+                total += info.pss
+                if process.pid != me.pid and process.ppid() != me.pid:  # a worker: the forkserver's child
+                    self.worker_uss = max(self.worker_uss, info.uss)
+            self.peak_pss = max(self.peak_pss, total)
+            self._stop.wait(self.every_s)
+
+    def numbers(self) -> dict:
+        if self.psutil is None:
+            return {}
+        return {"peak_memory_mb": round(self.peak_pss / 2**20), "worker_uss_mb": round(self.worker_uss / 2**20)}
+
+
+def time_build(build_cache, data, tok, folder: str, tokens: int, workers: int, kind: str) -> dict:
+    """One build, timed: its whole rate and, from its first progress line (logged as the first chunk arrives), its
+    start-up and the rate after it."""
+    first_chunk = []
+    started = time.perf_counter()
+    with MemoryWatch() as memory:
+        index = build_cache(
+            data, tok, folder, tokens, log=lambda m: first_chunk.append(time.perf_counter()), workers=workers, kind=kind
+        )
+    seconds = time.perf_counter() - started
+    start_s = (first_chunk[0] if first_chunk else started) - started
+    return {
+        "kind": kind,
+        "workers": workers,
+        "tokens": index["tokens"],
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(index["tokens"] / seconds),
+        "first_chunk_s": round(start_s, 2),
+        "tokens_per_s_after_first_chunk": round(index["tokens"] / max(seconds - start_s, 1e-9)),
+        **memory.numbers(),
+    }
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
@@ -69,7 +145,12 @@ def main():
     ap.add_argument(
         "--build-workers",
         default=None,
-        help="comma-separated counts of build threads to time 30.1 at (default: tools/prepare_data.py's default)",
+        help="comma-separated counts of build workers to time 30.1 at (default: one per usable core, prepare_data's)",
+    )
+    ap.add_argument(
+        "--build-kinds",
+        default="processes",
+        help="comma-separated kinds of build workers to time at each count: processes (prepare_data's), threads",
     )
     args = ap.parse_args()
 
@@ -79,7 +160,7 @@ def main():
     from config import DataConfig
     from tasks import CachedStream, PackedStream
     from tasks.build_workers import usable_cores
-    from tasks.cache import ARRAYS, INDEX, build_cache
+    from tasks.cache import ARRAYS, BUILD_KINDS, INDEX, build_cache
 
     if args.build_workers:
         counts = [int(w) for w in args.build_workers.split(",") if w.strip()]
@@ -87,13 +168,16 @@ def main():
             ap.error("--build-workers takes counts >= 1, e.g. 1,2,4,8,16")
     else:
         counts = [usable_cores()]
+    kinds = [k.strip() for k in args.build_kinds.split(",") if k.strip()]
+    if not kinds or set(kinds) - set(BUILD_KINDS):
+        ap.error(f"--build-kinds takes {', '.join(BUILD_KINDS)}")
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     work = tempfile.mkdtemp(prefix="bench_token_cache_")
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
+        "usable_cpus": usable_cores(),
         "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM"),
         "machine": platform.processor() or platform.machine(),
         "commit": os.environ.get("BENCH_COMMIT", "unknown"),
@@ -108,25 +192,19 @@ def main():
         # 30.1: a whole pass over the file, roughly (the mixture's one task loops; stop near one pass)
         tokens_wanted = int(args.size_mb * 2**20 / 4.2)
         sweep = []
-        for k, workers in enumerate(counts):
+        builds = [(kind, workers) for kind in kinds for workers in counts]
+        for k, (kind, workers) in enumerate(builds):
             data = DataConfig(task_spec=source, seq_length=args.seq_length, batch_size=args.batch_size)
-            started = time.perf_counter()
-            folder = os.path.join(work, f"cache-{k}")
-            index = build_cache(data, tok, folder, tokens_wanted, log=lambda m: None, workers=workers)
-            seconds = time.perf_counter() - started
             sweep.append(
-                {
-                    "workers": workers,
-                    "tokens": index["tokens"],
-                    "seconds": round(seconds, 2),
-                    "tokens_per_s": round(index["tokens"] / seconds),
-                }
+                time_build(build_cache, data, tok, os.path.join(work, f"cache-{k}"), tokens_wanted, workers, kind)
             )
-            if len(counts) > 1:
+            if len(builds) > 1:
                 print(json.dumps(sweep[-1]), flush=True)
             if k:
                 shutil.rmtree(os.path.join(work, f"cache-{k}"), ignore_errors=True)
         os.rename(os.path.join(work, "cache-0"), os.path.join(work, "cache"))
+        with open(os.path.join(work, "cache", INDEX)) as f:
+            index = json.load(f)  # the first build's, which 30.2 and 30.3 read
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result["build"] = {
             **sweep[0],
@@ -135,7 +213,7 @@ def main():
         }
         if len(sweep) > 1:
             result["build_sweep"] = sweep
-            result["build"]["peak_rss_mb_note"] = "the largest over every build of the sweep"
+            result["build"]["peak_rss_mb_note"] = "this process's own, the largest over every build of the sweep"
         print(json.dumps(result["build"]), flush=True)
         # what the tokenizer alone does on these cores (after the build, whose peak memory that was)
         result["rust_encode"] = rust_encode_rate(tok)

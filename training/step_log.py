@@ -42,9 +42,12 @@ class StepLog:
         tensors = {} if loss is None else {"loss": loss}
         if lay.device.type == "cuda":
             mine = torch.tensor([torch.cuda.max_memory_allocated(lay.device) / 2**30], device=lay.device)
-            gathered = [torch.zeros_like(mine) for _ in range(lay.world_size)]
-            dist.all_gather(gathered, mine)
-            tensors["memory"] = torch.cat(gathered)
+            if lay.world_size > 1:
+                gathered = [torch.zeros_like(mine) for _ in range(lay.world_size)]
+                dist.all_gather(gathered, mine)
+                mine = torch.cat(gathered)
+            # (one GPU: no collective at all; a run's first NCCL kernel costs seconds of start-up)
+            tensors["memory"] = mine
         if lay.is_logger:  # timed here, at the step's end on the host, however late the line is written
             values.update(self.meter.measure(step, tokens_per_step))
             if step == self.meter.start_step + 1:

@@ -13,17 +13,17 @@ command to the first step's line in the metrics file (polled every 0.2 s); the t
 `startup_s` record: seconds since its interpreter started at the end of imports, process group, inputs, model build,
 weights, data, optimizer, resume and the first step) is printed per run and kept in the JSON.
 
-In order:
+In order (a short --time-budget skips the last ones):
   1. a bf16 Hugging Face directory of the shape (transformers' GPTNeoXForCausalLM built on the device and written
      with save_pretrained, in a child process; its pages stay in the page cache, as after any recent write);
-  2. ours, random init (`--load-pretrained-model false`);
-  3. ours, loading that directory; then the same under torchrun;
+  2. REFERENCE, in the same call: bench/baseline_hf.py --load-weights --base-dtype bf16 (transformers
+     GPTNeoXForCausalLM.from_pretrained(dir, dtype=bfloat16).to(cuda), SDPA, fused AdamW) as a subprocess, wall
+     time to its first step;
+  3. ours, loading that directory; then ours, random init (`--load-pretrained-model false`);
   4. ours, --compile, TORCHINDUCTOR_CACHE_DIR a fresh empty directory (cold), then again on the same directory (warm);
   5. ours, random init again with PYTHONPROFILEIMPORTTIME=1: the top-level modules that cost most, kept in the JSON
      as `import_seconds`;
-  6. REFERENCE, in the same call: bench/baseline_hf.py --load-weights --base-dtype bf16 (transformers
-     GPTNeoXForCausalLM.from_pretrained(dir, dtype=bfloat16).to(cuda), SDPA, fused AdamW) as a subprocess, wall
-     time to its first step.
+  6. ours, loading the directory under torchrun.
 Every run is stopped after its last step (--steps, default 2) without writing a checkpoint.
 
     python bench/bench_startup.py                 # one GPU, about 4 minutes
@@ -114,14 +114,18 @@ def main():
     data = session.data_file(tokens=MICRO_BATCH * args.seq_length * (args.steps + 2))
     common = dict(data=data, nproc=1, micro_batch=MICRO_BATCH, batch=MICRO_BATCH, launcher="entrypoint")
 
-    random_init = session.ours("random init", model_dir=model_dir, **common)
-    loaded = session.ours("load bf16 safetensors", model_dir=weights_dir, load_pretrained=True, **common)
-    under_torchrun = session.ours(
-        "load bf16 safetensors, under torchrun",
+    # the reference first: it is what target a compares with, and a short time budget skips the last runs
+    reference = session.baseline(
+        "reference: transformers from_pretrained bf16",
         model_dir=weights_dir,
-        load_pretrained=True,
-        **{**common, "launcher": "torchrun"},
+        micro_batch=MICRO_BATCH,
+        accum=1,
+        extra=["--load-weights", "--base-dtype", "bf16"],
+        compile=False,
+        describe={"precision": "bf16 (from_pretrained) + autocast"},
     )
+    loaded = session.ours("load bf16 safetensors", model_dir=weights_dir, load_pretrained=True, **common)
+    random_init = session.ours("random init", model_dir=model_dir, **common)
     cold = warm = None
     if session.gpu:  # inductor on 2 CPU cores takes minutes even for the tiny shape: GPU runs only
         cache = tempfile.mkdtemp(prefix="inductor_", dir=session.workdir)
@@ -142,14 +146,11 @@ def main():
     finally:
         os.environ.pop("PYTHONPROFILEIMPORTTIME")
     profiled["import_seconds"] = import_seconds(session.log_path, start)
-    reference = session.baseline(
-        "reference: transformers from_pretrained bf16",
+    under_torchrun = session.ours(
+        "load bf16 safetensors, under torchrun",
         model_dir=weights_dir,
-        micro_batch=MICRO_BATCH,
-        accum=1,
-        extra=["--load-weights", "--base-dtype", "bf16"],
-        compile=False,
-        describe={"precision": "bf16 (from_pretrained) + autocast"},
+        load_pretrained=True,
+        **{**common, "launcher": "torchrun"},
     )
 
     ref_s = reference.get("launch_to_first_step_s")

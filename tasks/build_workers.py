@@ -4,9 +4,9 @@ own, on one thread, so the build scales with cores instead of waiting on one int
 The building process draws the documents from the mixture (their order, and the progress a resume starts from, stay
 there) and sends each chunk's raw records to the pool; the arrays come back and are consumed in order, at most
 IN_FLIGHT_PER_WORKER chunks per worker ahead. The workers are forked from a `forkserver`: a fresh interpreter that
-imports this module, torch and the tokenizer's class once (never a copy of a parent whose tokenizer already ran its
-thread pool; later builds in the same process start their workers in a fraction of a second). Each worker gets the
-renderer once, its tokenizer travelling as JSON, and builds its Encoder then. Its tokenizer runs on one thread:
+imports torch and the tokenizer's class once (never a copy of a parent whose tokenizer already ran its thread pool;
+later builds in the same process start their workers in a fraction of a second). Each worker gets the renderer once,
+its tokenizer travelling as JSON, and builds its Encoder then. Its tokenizer runs on one thread:
 TOKENIZERS_PARALLELISM=false makes encode_batch serial (the Rust side reads it at every call), RAYON_NUM_THREADS=1
 bounds any pool rayon would still start; so N workers use N cores, not N x cores.
 
@@ -58,7 +58,10 @@ def encoded_in_processes(pipe: _Pipeline, mix: Mixture, workers: int):
     interrupted): chunks not yet started are dropped, the ones being encoded are waited for."""
     files = [t.files for t in pipe.tasks]
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__, type(pipe.renderer.tokenizer).__module__])
+    # Imported once, in the server the workers are forked from: torch (which tasks imports) and the tokenizer's class,
+    # from site-packages. This module may not import there (Python 3.11's server does not take the parent's sys.path);
+    # then each worker imports it, torch already in place, in a few hundredths of a second.
+    context.set_forkserver_preload(["torch", type(pipe.renderer.tokenizer).__module__, __name__])
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(pipe.renderer,))
     pending: deque[tuple[ChunkMeta, Future]] = deque()
     try:

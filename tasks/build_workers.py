@@ -8,7 +8,8 @@ imports torch and the tokenizer's class once (never a copy of a parent whose tok
 later builds in the same process start their workers in a fraction of a second). Each worker gets the renderer once,
 its tokenizer travelling as JSON, and builds its Encoder then. Its tokenizer runs on one thread:
 TOKENIZERS_PARALLELISM=false makes encode_batch serial (the Rust side reads it at every call), RAYON_NUM_THREADS=1
-bounds any pool rayon would still start; so N workers use N cores, not N x cores.
+bounds any pool rayon would still start; so N workers use N cores, not N x cores. A worker ends with the building
+process, however that ends (Ctrl-C, an error, killed).
 
 Memory: IN_FLIGHT_PER_WORKER (2) chunks per worker, each at most 256 documents or about 1 MiB of raw records
 (PackedStream's chunk_docs / chunk_bytes; one record may pass the limit) and its result of ~6 bytes a token (~1.5 MB
@@ -23,6 +24,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -84,8 +86,16 @@ def _start_worker(renderer: Renderer) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before the tokenizer first encodes
     os.environ["RAYON_NUM_THREADS"] = "1"
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops the pool
+    # A worker holds both ends of the pool's task pipe, so it would wait forever for the next chunk of a building
+    # process that was killed (and keep the forkserver alive): it ends as soon as that process has ended.
+    threading.Thread(target=_end_with, args=(multiprocessing.parent_process(),), daemon=True).start()
     global _worker
     _worker = renderer, Encoder(renderer.tokenizer)
+
+
+def _end_with(parent) -> None:
+    parent.join()  # returns once the building process has ended, however it ended
+    os._exit(1)
 
 
 def _encode(records: list[tuple[bytes | dict, str, int]], drop: int) -> Chunk:

@@ -2,7 +2,8 @@
 replica, for a weighted mix of chat and text sources; a replica reads only its own windows; a resume jumps to its
 window; an interrupted build continues to the same tokens; a cache of other settings, a damaged one and one of a
 newer format are refused in one line; training on it is bit-identical to training on the sources at pp1 x dp2 and
-pp2 x dp2, and resumes bit-exactly after a crash."""
+pp2 x dp2, and resumes bit-exactly after a crash. Worker processes write the bytes an in-process build writes; a bad
+record, a killed worker and Ctrl-C end a build in one line, and no worker outlives its build."""
 
 import copy
 import json
@@ -151,22 +152,26 @@ def _start_build(sources, output):
     return build, workers
 
 
-@pytest.mark.parametrize("how", ["killed worker", "ctrl-c"])
-def test_a_killed_worker_or_ctrl_c_ends_the_build_in_one_line(sources, tmp_path, how):
+@pytest.mark.parametrize("how", ["killed worker", "ctrl-c", "killed build"])
+def test_a_killed_worker_ctrl_c_or_a_killed_build_leave_no_worker_behind(sources, tmp_path, how):
     """A worker killed (the out-of-memory killer) or Ctrl-C (SIGINT to the whole process group): the build ends at
-    once with one line, its workers gone, nothing published."""
+    once with one line, its workers gone, nothing published. The building process killed: its workers end too."""
     output = tmp_path / "cache"
     build, workers = _start_build(sources, output)
     if how == "killed worker":
         workers[0].kill()
-    else:
+    elif how == "ctrl-c":
         os.killpg(build.pid, signal.SIGINT)
-    _, err = build.communicate(timeout=60)
-    want = (2, "worker process ended abruptly") if how == "killed worker" else (130, "prepare_data: interrupted")
-    assert build.returncode == want[0] and want[1] in err and err.count("\n") == 1 and "Traceback" not in err, err
+    else:
+        build.kill()
+    _, err = build.communicate(timeout=60)  # the workers hold its stderr too: this waits for them
     for worker in workers:
         worker.wait(timeout=10)
     assert not os.path.exists(output / "cache.json")
+    if how == "killed build":
+        return
+    want = (2, "worker process ended abruptly") if how == "killed worker" else (130, "prepare_data: interrupted")
+    assert build.returncode == want[0] and want[1] in err and err.count("\n") == 1 and "Traceback" not in err, err
 
 
 def test_other_settings_a_damaged_cache_and_a_newer_format_are_refused(tok, sources, tmp_path):

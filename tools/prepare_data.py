@@ -10,10 +10,13 @@ layout. --tokens is how much of the stream to keep: at least the run's steps x -
 
 Documents are rendered and tokenized by --data-workers worker processes (default: one per usable core), each with a
 one-thread tokenizer, while this process reads the sources in the run's order and writes the arrays; any worker
-count writes the same bytes (0: this process does it all). Memory: about 0.25 GB for the process the workers are
-forked from, plus at most ~125 MB per worker (its own pages and 2 chunks of at most 256 documents or ~1 MiB of
-records in flight), plus this process's shuffle buffers; it does not grow with the data (tasks/build_workers.py). Measured with the
-bundled GPT-2 tokenizer on bench_data.py's mixed records: 0.6-0.9M tokens/s on 2 cores (start-up included).
+count writes the same bytes (0: this process does it all). Memory, independent of the data's size: this process
+(~0.45 GB with torch and transformers loaded, plus the shuffle buffers), the forkserver the workers are forked from
+(~0.25 GB, shared with them) and at most ~125 MB per worker of its own (its pages, and 2 chunks in flight of at most
+256 documents or ~1 MiB of records each): about 0.7 GB + 0.125 GB x --data-workers, e.g. 2.7 GB for 16 workers
+(tasks/build_workers.py). Measured with the bundled GPT-2 tokenizer on bench_data.py's mixed records, 2 cores: 2
+workers 0.84M tokens/s with their ~3 s start-up, 1.26M after it (1 worker: 0.52M; in the same run the threads of
+earlier versions: 0.77-0.82M).
 
 An interrupted build (Ctrl-C, a killed worker, a bad record) publishes nothing and continues where its progress was
 last saved (every 10 s) on the next call with the same flags; a finished one is published by replacing

@@ -152,10 +152,12 @@ def test_bad_model_or_data_exit_2(setup, tmp_path, overrides, fragments):
 
 
 def test_port_in_use_names_the_port_and_the_flag(setup, tmp_path):
+    """Rank 0 of two cannot listen (a one-process run takes no port: tests/test_launcher.py)."""
     _, model_dir, data = setup
+    ranks = {"pipeline-group-size": 2, "world-size": 2, "rank": 0}
     with held_port() as port:
         result = run_single(
-            base_flags(model_dir, data, str(tmp_path / "ck"), **{"dist-url": f"tcp://127.0.0.1:{port}"})
+            base_flags(model_dir, data, str(tmp_path / "ck"), **ranks, **{"dist-url": f"tcp://127.0.0.1:{port}"})
         )
     assert_one_line_error(result, str(port), "in use", "--dist-url")
 

@@ -8,7 +8,8 @@ On a GPU the device copies run on a side stream after the work already queued, a
 import pytest
 import torch
 
-from checkpoint.snapshot import HostBuffers
+from checkpoint import snapshot
+from checkpoint.snapshot import ALIGN, PAGE, HostBuffers
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-stream copies need a CUDA device")
 
@@ -52,6 +53,66 @@ def test_a_snapshot_keeps_the_values_of_its_moment():
     for name, tensors in fresh.items():
         for key, expected in tensors.items():
             assert host[name][key].dtype == expected.dtype and torch.equal(host[name][key], expected), key
+
+
+class FakeCudart:
+    """cudaHostRegister / cudaHostUnregister, recorded; registering fails from call `fail_at` on."""
+
+    def __init__(self, fail_at=None):
+        self.registered, self.calls, self.fail_at = {}, 0, fail_at
+
+    def cudaHostRegister(self, address, size, flags):
+        self.calls += 1
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            return 1
+        assert address % PAGE == 0, "a piece starts on a page of its own"
+        assert all(address + size <= a or a + n <= address for a, n in self.registered.items()), "pieces overlap"
+        self.registered[address] = size
+        return 0
+
+    def cudaHostUnregister(self, address):
+        del self.registered[address]
+        return 0
+
+
+def many_tensors():
+    return {"stage": {f"t{i}": torch.full((1000 + 37 * i,), float(i)) for i in range(12)}}
+
+
+def test_the_arena_is_pinned_in_pieces_of_whole_tensors(monkeypatch):
+    """Each cudaHostRegister call holds the driver's lock against the training thread's CUDA calls: pieces of about
+    PIN_PIECE bytes, page-aligned, never splitting a tensor (a copy must lie inside one registration)."""
+    fake = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(snapshot, "PIN_PIECE", 3 * PAGE)
+    buffers = HostBuffers(torch.device("cuda"))  # pins; the tensors stay on the host (copied by a thread)
+    groups = many_tensors()
+    host, copies = buffers.copy(groups)
+    copies.wait()
+    assert len(fake.registered) > 2
+    arena = buffers.arena.data_ptr()
+    assert sum(fake.registered.values()) == buffers.arena.numel() and min(fake.registered) == arena
+    for key, tensor in groups["stage"].items():
+        view = host["stage"][key]
+        begin, end = view.data_ptr(), view.data_ptr() + view.numel() * view.element_size()
+        assert [a for a, n in fake.registered.items() if a <= begin and end <= a + n], f"{key} spans two pieces"
+        assert torch.equal(view, tensor)
+    for size in fake.registered.values():
+        assert size <= 3 * PAGE + 4 * (1000 + 37 * 11) + ALIGN  # closed by the tensor that passes PIN_PIECE
+    buffers.release()
+    assert fake.registered == {}
+
+
+def test_a_piece_that_cannot_be_pinned_leaves_the_arena_unpinned(monkeypatch):
+    fake = FakeCudart(fail_at=3)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(snapshot, "PIN_PIECE", 3 * PAGE)
+    buffers = HostBuffers(torch.device("cuda"))
+    groups = many_tensors()
+    host, copies = buffers.copy(groups)
+    copies.wait()
+    assert fake.registered == {} and not buffers.pin  # the two pinned pieces were let go again
+    assert all(torch.equal(host["stage"][k], t) for k, t in groups["stage"].items())
 
 
 @cuda

@@ -16,7 +16,8 @@ count writes the same bytes (0: this process does it all). Memory, independent o
 256 documents or ~1 MiB of records each): about 0.7 GB + 0.125 GB x --data-workers, e.g. 2.7 GB for 16 workers
 (tasks/build_workers.py). Measured with the bundled GPT-2 tokenizer on bench_data.py's mixed records, 2 cores: 2
 workers 0.84M tokens/s with their ~3 s start-up, 1.26M after it (1 worker: 0.52M; in the same run the threads of
-earlier versions: 0.77-0.82M).
+earlier versions: 0.77-0.82M); the 16-core GPU host: 16 workers 2.87M over a 30M-token build, 7.26M after their
+6.3 s start-up (bench/RESULTS.md).
 
 An interrupted build (Ctrl-C, a killed worker, a bad record) publishes nothing and continues where its progress was
 last saved (every 10 s) on the next call with the same flags; a finished one is published by replacing

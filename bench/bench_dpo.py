@@ -20,7 +20,10 @@ the same count), so neither side pads: ours gets --seq-length 1024, TRL max_leng
   allocated memory is at most that TRL run's (the fastest of all when none is).
 
 Throughput, counted alike on both sides: tokens/s = 2 x seq_length x pairs per step x timed steps / sum(step_s)
-(the chosen and the rejected row of a pair, no padding), pairs/s = tokens/s / (2 x seq_length). Our step_s is the
+(the chosen and the rejected row of a pair, no padding), pairs/s = tokens/s / (2 x seq_length). --length-spread F
+makes the pairs ragged (each prompt and completion drawn from 1 - F to 1 times its length): tokens/s then counts the
+text's tokens only (the data's mean per pair x pairs per step), whatever padding each side adds (ours pads every row
+to --seq-length, TRL's collator a batch to its longest), and MFU keeps the full length's attention term. Our step_s is the
 trainer's; TRL's is the wall time from one optimizer step's end to the next (baseline_dpo_trl.py's callback, GPU
 synchronised; its `in_step_s`, without the batch fetch Trainer does before on_step_begin, is in the JSON too).
 DPO MFU = tokens/s x (4·N + 6·N_lora + 12·L·d·S for the policy + 2·N + 4·L·d·S for the reference forward) / peak.
@@ -61,6 +64,10 @@ Part 2 (Qwen3-8B) in two calls on the same warm machine, the same preamble, then
 second call's table and targets then hold both calls' runs. TRL's whole-model compile of the 8B takes minutes
 (peft's took 249 s in bench_lora part 6); mb2+rcompile, accelerate's per-block compile, starts sooner.)
 
+Ragged pairs (what padding costs each side; the question behind packing a micro-batch's rows, issue #28 item 3),
+one call of ~5 min (estimate): python3 bench/bench_dpo.py --part 1 --length-spread 0.5 --p1-trl mb8,mb8+compile
+    --p1-ours mb8+compile --time-budget 560
+
     python bench/bench_dpo.py --smoke              # CPU check, tiny shapes, both parts, both sides (about 30 s)
 """
 
@@ -70,6 +77,7 @@ import glob
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import random
 import subprocess
@@ -153,10 +161,14 @@ def best(runs: list[dict]) -> dict | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def write_pairs(path: str, pairs: int, prompt_len: int, completion_len: int, seed: int = SEED) -> dict:
+def write_pairs(
+    path: str, pairs: int, prompt_len: int, completion_len: int, seed: int = SEED, spread: float = 0.0
+) -> dict:
     """`pairs` standard records whose prompt is `prompt_len` tokens and whose completions are `completion_len`
     tokens once EOS is appended (TRL and ours both append it): words that are one token each with their leading
-    space, so a text of k words is k tokens alone and after the prompt. Checked on the first pairs."""
+    space, so a text of k words is k tokens alone and after the prompt. Checked on the first pairs. With `spread`
+    > 0 each prompt and each completion has a length of its own, drawn uniformly from [(1 - spread) x its length,
+    its length] (real data is ragged: ours pads every row to --seq-length, TRL a batch to its longest)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
@@ -166,21 +178,32 @@ def write_pairs(path: str, pairs: int, prompt_len: int, completion_len: int, see
     def text(n: int) -> str:
         return "".join(" " + rng.choice(words) for _ in range(n))
 
-    records = [
-        {"prompt": text(prompt_len), "chosen": text(completion_len - 1), "rejected": text(completion_len - 1)}
-        for _ in range(pairs)
-    ]
-    for r in records[:4]:
-        for key in ("chosen", "rejected"):
-            n_prompt = len(tok.encode(r["prompt"], add_special_tokens=False))
-            n_completion = len(tok.encode(r[key], add_special_tokens=False)) + 1
-            n_joined = len(tok.encode(r["prompt"] + r[key] + tok.eos_token, add_special_tokens=False))
-            if (n_prompt, n_completion, n_joined) != (prompt_len, completion_len, prompt_len + completion_len):
+    def length(n: int) -> int:
+        return rng.randint(max(2, math.ceil((1 - spread) * n)), n) if spread else n
+
+    records, lengths = [], []
+    for _ in range(pairs):
+        p, c, r = length(prompt_len), length(completion_len), length(completion_len)
+        records.append({"prompt": text(p), "chosen": text(c - 1), "rejected": text(r - 1)})
+        lengths.append((p, c, r))
+    for record, (p, c, r) in list(zip(records, lengths))[:4]:
+        for key, n in (("chosen", c), ("rejected", r)):
+            n_prompt = len(tok.encode(record["prompt"], add_special_tokens=False))
+            n_completion = len(tok.encode(record[key], add_special_tokens=False)) + 1
+            n_joined = len(tok.encode(record["prompt"] + record[key] + tok.eos_token, add_special_tokens=False))
+            if (n_prompt, n_completion, n_joined) != (p, n, p + n):
                 sys.exit(f"bench_dpo: a synthetic pair tokenises to {n_prompt} + {n_completion} ({n_joined}) tokens")
     with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return {"pairs": pairs, "prompt_tokens": prompt_len, "completion_tokens": completion_len, "words": len(words)}
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return {
+        "pairs": pairs,
+        "prompt_tokens": prompt_len,
+        "completion_tokens": completion_len,
+        "length_spread": spread,
+        "mean_pair_tokens": sum(2 * p + c + r for p, c, r in lengths) / pairs,  # both rows, no padding
+        "words": len(words),
+    }
 
 
 def dpo_flops_per_token(model_dir: str, seq_length: int, r: int, alpha: float) -> float:
@@ -236,10 +259,19 @@ def run_part(s: Session, args, part: str) -> dict:
     batch, seq = args.batch_size, args.seq_length
     model = s.model_dir(shape)
     fpt = dpo_flops_per_token(model, seq, args.lora_r, args.lora_alpha)
-    tokens_per_step = 2 * batch * seq
-    pairs_path = os.path.join(s.workdir, f"pairs_{args.prompt_length}_{seq - args.prompt_length}.jsonl")
-    data_info = write_pairs(pairs_path, (args.steps + 1) * batch, args.prompt_length, seq - args.prompt_length)
-    s.note(f"data: {data_info['pairs']} pairs of {args.prompt_length} + {seq - args.prompt_length} tokens")
+    spread = args.length_spread
+    pairs_path = os.path.join(
+        s.workdir,
+        f"pairs_{args.prompt_length}_{seq - args.prompt_length}" + (f"_spread{spread}" * bool(spread)) + ".jsonl",
+    )
+    pairs = (args.steps + 1) * batch
+    data_info = write_pairs(pairs_path, pairs, args.prompt_length, seq - args.prompt_length, spread=spread)
+    pair_tokens = data_info["mean_pair_tokens"]  # 2 x seq without a spread
+    tokens_per_step = round(batch * pair_tokens)  # a step's tokens of text (a ragged step: the data's mean)
+    s.note(
+        f"data: {data_info['pairs']} pairs of {args.prompt_length} + {seq - args.prompt_length} tokens"
+        + (f" at most, {pair_tokens / 2:,.0f} a row on average (--length-spread {spread})" if spread else "")
+    )
     trl_flags = ["--data", pairs_path, "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha)]
     trl_flags += ["--lora-targets", "all-linear", "--beta", str(args.beta)]
     ours_flags = ["--objective", "dpo", "--dpo-beta", str(args.beta), "--lora-r", str(args.lora_r)]
@@ -289,7 +321,7 @@ def run_part(s: Session, args, part: str) -> dict:
         ours_runs += [r for r in earlier if r["kind"] == "ours"]
     for run in trl_runs + ours_runs:
         if run.get("tokens_per_s"):
-            run["pairs_per_s"] = run["tokens_per_s"] / (2 * seq)
+            run["pairs_per_s"] = run["tokens_per_s"] / pair_tokens
         cut = [r["truncated_pairs"] for r in run.get("step_records", []) if r.get("truncated_pairs")]
         if cut:  # the pairs are built to fit: a cut pair means the tokenisation differs from what was checked
             run["truncated_pairs"] = max(cut)
@@ -477,6 +509,12 @@ def main():
     )
     ap.add_argument("--prompt-length", type=int, default=0, help="prompt tokens of a pair (0: half the sequence)")
     ap.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step (both sides)")
+    ap.add_argument(
+        "--length-spread",
+        type=float,
+        default=0.0,
+        help="ragged pairs, parts 1 and 2: each prompt and completion 1 - F to 1 times its length (0: all full)",
+    )
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-alpha", type=float, default=32)
     ap.add_argument("--beta", type=float, default=0.1)
@@ -509,6 +547,8 @@ def main():
             if getattr(args, name) == ap.get_default(name):  # one run per side: the smoke run stays near 2 minutes
                 setattr(args, name, "mb1")
     args.prompt_length = args.prompt_length or args.seq_length // 2
+    if not 0 <= args.length_spread < 1:
+        sys.exit(f"bench_dpo: --length-spread {args.length_spread}: a fraction in [0, 1)")
     if not 0 < args.prompt_length < args.seq_length - 1:
         sys.exit(f"bench_dpo: --prompt-length {args.prompt_length} leaves no completion in {args.seq_length}")
     for module in ("trl", "peft", "datasets"):

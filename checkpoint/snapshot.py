@@ -24,10 +24,10 @@ from utils.host import host_memory_available, local_ranks
 ALIGN = 64  # bytes: every tensor's offset in the arena, so any dtype can view it
 PAGE = 4096
 HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context, whichever thread registers it
-# Bytes page-locked per cudaHostRegister call. The driver holds its lock through each call, so the training thread's
-# next CUDA call waits for it: the ~20 GB arena of a 1.4B full fine-tune pinned in one call held the step after the
-# first for ~6.5 s on an H100 (step 1's log line came that much after the step). Pieces of whole tensors, each
-# starting on a page of its own, keep every copy inside one registration.
+# Bytes page-locked per cudaHostRegister call. The driver holds its lock through each call, so a training thread's
+# CUDA call waits for the whole of it: while a 1.4B full fine-tune's ~20 GB arena was pinned in one call, on an H100,
+# step 1's log line came 5-7 s after the step itself. Pieces of whole tensors, each starting on a page of its own,
+# keep every copy inside one registration.
 PIN_PIECE = 256 * 2**20
 
 

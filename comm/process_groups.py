@@ -112,8 +112,9 @@ def _rendezvous_within(init_method, rank, world, timeout, where):
     return dist.PrefixStore("default_pg", store)  # the prefix init_process_group gives the store it makes itself
 
 
-def _meet(init_method, rank, world, timeout, timeout_s):
+def _meet(init_method, rank, world, timeout):
     """The rendezvous store of the ranks, failures of it said in one line (LaunchError)."""
+    timeout_s = timeout.total_seconds()
     where = (
         init_method
         if init_method != "env://"
@@ -186,7 +187,7 @@ def init_distributed(cfg: DistConfig, ends_group=False):
         # both reach for --dist-url's).
         store = dist.PrefixStore("default_pg", dist.HashStore())
     else:
-        store = _meet(init_method, rank, world, timeout, cfg.timeout_s)
+        store = _meet(init_method, rank, world, timeout)
     kwargs = dict(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
     if use_cuda and backend == "nccl":
         kwargs["device_id"] = device  # eager NCCL init: errors surface at start, not at the first collective

@@ -46,7 +46,7 @@ class StepLog:
                 gathered = [torch.zeros_like(mine) for _ in range(lay.world_size)]
                 dist.all_gather(gathered, mine)
                 mine = torch.cat(gathered)
-            # (one GPU: no collective at all; a run's first NCCL kernel costs seconds of start-up)
+            # (a world of one needs no collective)
             tensors["memory"] = mine
         if lay.is_logger:  # timed here, at the step's end on the host, however late the line is written
             values.update(self.meter.measure(step, tokens_per_step))

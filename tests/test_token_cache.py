@@ -152,16 +152,19 @@ def _start_build(sources, output):
     return build, workers
 
 
-@pytest.mark.parametrize("how", ["killed worker", "ctrl-c", "killed build"])
+@pytest.mark.parametrize("how", ["killed worker", "ctrl-c", "sigterm", "killed build"])
 def test_a_killed_worker_ctrl_c_or_a_killed_build_leave_no_worker_behind(sources, tmp_path, how):
-    """A worker killed (the out-of-memory killer) or Ctrl-C (SIGINT to the whole process group): the build ends at
-    once with one line, its workers gone, nothing published. The building process killed: its workers end too."""
+    """A worker killed (the out-of-memory killer), Ctrl-C (SIGINT to the whole process group) or SIGTERM to the build
+    (kill, a scheduler's cancel): the build ends at once with one line, its workers gone, nothing published. The
+    building process killed: its workers end too."""
     output = tmp_path / "cache"
     build, workers = _start_build(sources, output)
     if how == "killed worker":
         workers[0].kill()
     elif how == "ctrl-c":
         os.killpg(build.pid, signal.SIGINT)
+    elif how == "sigterm":
+        build.terminate()
     else:
         build.kill()
     _, err = build.communicate(timeout=60)  # the workers hold its stderr too: this waits for them
@@ -170,7 +173,11 @@ def test_a_killed_worker_ctrl_c_or_a_killed_build_leave_no_worker_behind(sources
     assert not os.path.exists(output / "cache.json")
     if how == "killed build":
         return
-    want = (2, "worker process ended abruptly") if how == "killed worker" else (130, "prepare_data: interrupted")
+    want = {
+        "killed worker": (2, "worker process ended abruptly"),
+        "ctrl-c": (130, "prepare_data: interrupted"),
+        "sigterm": (143, "prepare_data: stopped by SIGTERM"),
+    }[how]
     assert build.returncode == want[0] and want[1] in err and err.count("\n") == 1 and "Traceback" not in err, err
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
@@ -64,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(Exception):
+    """SIGTERM (kill, a scheduler's cancel): the build stops as on Ctrl-C, its workers with it."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.task_spec or not args.tokenizer_dir:
@@ -72,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers is not None and args.workers < 0:
         error_line(f"prepare_data: --data-workers is a count of processes, >= 0; got {args.workers}")
         return 2
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         from transformers import AutoTokenizer
 
@@ -88,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         error_line(str(e))
         return 2
-    except KeyboardInterrupt:  # the workers are stopped, nothing was published
-        error_line("prepare_data: interrupted; run it again with the same flags to continue from its saved progress")
-        return 130
+    except (KeyboardInterrupt, Terminated) as stop:  # the workers are stopped, nothing was published
+        how, code = ("interrupted", 130) if isinstance(stop, KeyboardInterrupt) else ("stopped by SIGTERM", 143)
+        error_line(f"prepare_data: {how}; run it again with the same flags to continue from its saved progress")
+        return code
     return 0
 
 

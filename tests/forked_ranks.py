@@ -40,7 +40,7 @@ PRELOAD = [
 _context = None
 
 
-def _server():
+def start_server():
     """The fork server's context, its server started (once per test session) under RANK_ENV."""
     global _context
     if _context is None:
@@ -80,7 +80,7 @@ class ForkedRank:
 
     def __init__(self, argv, env, cwd, out_path, err_path):
         self.args, self.out_path, self.err_path = [sys.executable, ENTRYPOINT, *argv], out_path, err_path
-        self.process = _server().Process(target=_run_entrypoint, args=(argv, env, cwd, out_path, err_path))
+        self.process = start_server().Process(target=_run_entrypoint, args=(argv, env, cwd, out_path, err_path))
         self.process.start()
         self.pid = self.process.pid
 
@@ -139,7 +139,7 @@ def run_function_ranks(world, target, args, tmp_dir, port, timeout=120, backend=
     killed and reported as such."""
     errors = [os.path.join(tmp_dir, f"rank{r}.err") for r in range(world)]
     procs = [
-        _server().Process(target=_run_function, args=(target, args, r, world, port, errors[r], backend))
+        start_server().Process(target=_run_function, args=(target, args, r, world, port, errors[r], backend))
         for r in range(world)
     ]
     for p in procs:

@@ -70,46 +70,38 @@ class HostBuffers:
         self.preparing = None  # the thread allocating the arena ahead of the first snapshot
 
     @staticmethod
-    def plan(groups: dict) -> tuple[list, int]:
-        """[(group, key, dtype, shape, offset)] and the arena's size for `groups` ({group: {key: tensor}}). A tensor
-        that follows PIN_PIECE bytes or more since the last page-aligned start begins a piece: on a page of its own."""
-        entries, offset, piece = [], 0, 0
+    def plan(groups: dict) -> tuple[list, int, list[tuple[int, int]]]:
+        """[(group, key, dtype, shape, offset)], the arena's size and its pieces for `groups` ({group: {key:
+        tensor}}). A tensor that follows PIN_PIECE bytes or more since the last piece's start begins a piece, on a page
+        of its own: pieces are [start, end) byte ranges of whole tensors, each pinned by a call of its own."""
+        entries, offset, starts = [], 0, [0]
         for group, tensors in groups.items():
             for key, tensor in tensors.items():
-                if offset - piece >= PIN_PIECE:
-                    offset = piece = -(-offset // PAGE) * PAGE
+                if offset - starts[-1] >= PIN_PIECE:
+                    offset = -(-offset // PAGE) * PAGE
+                    starts.append(offset)
                 entries.append((group, key, tensor.dtype, tuple(tensor.shape), offset))
                 offset += -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
-        return entries, offset
-
-    @staticmethod
-    def pieces(entries: list, size: int) -> list[tuple[int, int]]:
-        """The [start, end) byte ranges of the arena that `plan` laid out as pieces: whole tensors, page-aligned
-        starts, each pinned by a call of its own."""
-        starts, piece = [0], 0
-        for *_, offset in entries:
-            if offset - piece >= PIN_PIECE:
-                starts.append(offset)
-                piece = offset
-        return [(a, b) for a, b in zip(starts, [*starts[1:], size]) if b > a]
+        pieces = [(a, b) for a, b in zip(starts, [*starts[1:], offset]) if b > a]
+        return entries, offset, pieces
 
     def needs(self, groups: dict) -> int:
         """Bytes a snapshot of `groups` would newly allocate (0 when the arena already fits them)."""
         self._prepared()
-        entries, size = self.plan(groups)
+        entries, size, _ = self.plan(groups)
         return 0 if entries == self.signature else size
 
     def prepare(self, groups: dict):
         """Allocate (and pin) the arena for snapshots of `groups` in a background thread; the next `copy` waits
         for it."""
-        entries, size = self.plan(groups)
+        entries, size, pieces = self.plan(groups)
         if entries == self.signature or self.preparing is not None:
             return
 
         def allocate():
             if self.pin:
                 torch.cuda.set_device(self.device)  # a new thread starts on device 0
-            self._allocate(entries, size)
+            self._allocate(entries, size, pieces)
 
         self.preparing = threading.Thread(target=allocate, name="checkpoint-buffers", daemon=True)
         self.preparing.start()
@@ -119,9 +111,9 @@ class HostBuffers:
         after the work already queued; host tensors' in a thread (torch's copies release the GIL), so that neither
         holds up the training thread."""
         self._prepared()
-        entries, size = self.plan(groups)
+        entries, size, pieces = self.plan(groups)
         if entries != self.signature:
-            self._allocate(entries, size)
+            self._allocate(entries, size, pieces)
         out = {group: {key: self.views[(group, key)] for key in tensors} for group, tensors in groups.items()}
         pairs = [(out[g][k], t.detach()) for g, tensors in groups.items() for k, t in tensors.items()]
         on_device = [(view, tensor) for view, tensor in pairs if tensor.is_cuda]
@@ -157,7 +149,7 @@ class HostBuffers:
             self.preparing.join()
             self.preparing = None
 
-    def _allocate(self, entries, size):
+    def _allocate(self, entries, size, pieces):
         self.release()
         raw = torch.empty(size + PAGE, dtype=torch.uint8)
         start = -raw.data_ptr() % PAGE
@@ -167,7 +159,7 @@ class HostBuffers:
             # In place, by cudaHostRegister: torch's pinned allocator rounds each block up to a power of two, which
             # would take up to twice a 90 GB snapshot.
             cudart = torch.cuda.cudart()
-            for begin, end in self.pieces(entries, size):
+            for begin, end in pieces:
                 if int(cudart.cudaHostRegister(arena.data_ptr() + begin, end - begin, HOST_REGISTER_PORTABLE)) != 0:
                     self.release_pins()
                     self.pin = False  # unpinned still works, with slower, synchronous copies

@@ -159,8 +159,8 @@ def main():
 
     from config import DataConfig
     from tasks import CachedStream, PackedStream
-    from tasks.build_workers import usable_cores
     from tasks.cache import ARRAYS, BUILD_KINDS, INDEX, build_cache
+    from utils.host import usable_cores
 
     if args.build_workers:
         counts = [int(w) for w in args.build_workers.split(",") if w.strip()]

@@ -46,14 +46,6 @@ IN_FLIGHT_PER_WORKER = 2  # chunks sent ahead per worker: one being encoded, one
 _worker: tuple[Renderer, Encoder] | None = None  # in a worker process: its renderer and encoder
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity: a container's or a job scheduler's share)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # a platform without affinity
-        return max(1, os.cpu_count() or 1)
-
-
 def encoded_in_processes(pipe: _Pipeline, mix: Mixture, workers: int):
     """(ChunkMeta, Chunk) of the stream from `mix`'s position on, in order, rendered and encoded by `workers`
     processes; tokens come as uint32. The pool stops when the generator is closed (the build ended, failed or was

@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .build_workers import encoded_in_processes, usable_cores
+from utils.host import usable_cores
+
+from .build_workers import encoded_in_processes
 from .loader import LoaderStream, copy_json
 from .packing import KEYS, window_arrays
 from .reader import Mixture

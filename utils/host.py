@@ -8,10 +8,15 @@ def local_ranks() -> int:
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or a job scheduler's share)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores)
+
+
 def cores_per_rank() -> int:
     """This process's share of the cores it may run on, divided among the job's ranks on this host."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // local_ranks())
+    return max(1, usable_cores() // local_ranks())
 
 
 def host_memory_available():

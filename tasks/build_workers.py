@@ -60,8 +60,7 @@ def encoded_in_processes(pipe: _Pipeline, mix: Mixture, workers: int):
     pending: deque[tuple[ChunkMeta, Future]] = deque()
     try:
         for meta, docs in pipe.chunks(mix, 0):
-            records = [(item[0], files[t][item[1]], item[3]) for t, item in docs]  # raw record, its file, its line
-            pending.append((meta, pool.submit(_encode, records, meta.drop)))
+            pending.append((meta, pool.submit(_encode, pipe.records(files, docs), meta.drop)))
             if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
                 meta, future = pending.popleft()
                 yield meta, future.result()  # a worker's exception (a TaskError naming a bad record) is raised here

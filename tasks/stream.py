@@ -273,10 +273,14 @@ class _Pipeline:
             yield ChunkMeta(snap, drop, eps), docs
             drop = 0
 
+    @staticmethod
+    def records(files, docs) -> list[tuple]:
+        """What rendering each document of a chunk takes: (its raw record, its file, its line)."""
+        return [(item[0], files[t][item[1]], item[3]) for t, item in docs]
+
     def encode(self, files, docs, drop):
         render = self.renderer.render_line
-        rendered = [render(item[0], files[t][item[1]], item[3]) for t, item in docs]
-        return self.encoder.encode_chunk(rendered, drop)
+        return self.encoder.encode_chunk([render(*record) for record in self.records(files, docs)], drop)
 
     def encoded(self, mix: Mixture, drop: int, stop: threading.Event | None):
         """(ChunkMeta, Chunk) of the stream from `mix`'s position on, in order; encoded by a pool of `num_workers`

@@ -3,7 +3,7 @@ replica, for a weighted mix of chat and text sources; a replica reads only its o
 window; an interrupted build continues to the same tokens; a cache of other settings, a damaged one and one of a
 newer format are refused in one line; training on it is bit-identical to training on the sources at pp1 x dp2 and
 pp2 x dp2, and resumes bit-exactly after a crash. Worker processes write the bytes an in-process build writes; a bad
-record, a killed worker and Ctrl-C end a build in one line, and no worker outlives its build."""
+record, a killed worker, Ctrl-C and SIGTERM end a build in one line, and no worker outlives its build."""
 
 import copy
 import json

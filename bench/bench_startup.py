@@ -23,7 +23,7 @@ In order (a short --time-budget skips the last ones):
      FlexAttention's document-mask kernel), then ours loading that directory;
   4. ours, --compile, TORCHINDUCTOR_CACHE_DIR a fresh empty directory (cold), then again on the same directory (warm);
   5. ours, random init again with PYTHONPROFILEIMPORTTIME=1: the top-level modules that cost most, kept in the JSON
-     as `import_seconds`;
+     as `import_seconds`, and what each pulls in (`import_tree`: module, depth and seconds, 0.1 s or more);
   6. ours, loading the directory under torchrun.
 Every run is stopped after its last step (--steps, default 2) without writing a checkpoint.
 
@@ -88,16 +88,28 @@ def startup_phases(run: dict) -> dict | None:
 def import_seconds(log_path: str, start: int, top: int = 15) -> list[tuple[str, float]]:
     """The costliest top-level imports in `log_path` after byte `start` (python -X importtime lines of every process
     the run started: 'import time: self [us] | cumulative | name'), seconds, largest first."""
-    costs = []
+    top_level = [(name, seconds) for depth, name, seconds in import_tree(log_path, start) if depth == 0]
+    return sorted(top_level, key=lambda c: -c[1])[:top]
+
+
+def import_tree(log_path: str, start: int, max_depth: int = 4, min_seconds: float = 0.1) -> list[tuple]:
+    """(depth, module, cumulative seconds) of every import in `log_path` after byte `start` at most `max_depth` deep
+    and costing at least `min_seconds`, in the log's order (a module's line comes after those of what it imported),
+    so that the JSON shows which import pulls in what."""
+    tree = []
     with open(log_path, errors="replace") as f:
         f.seek(start)
         for line in f:
             if not line.startswith("import time:") or line.count("|") != 2:
                 continue
             _, cumulative, name = line.split("|")
-            if cumulative.strip().isdigit() and not name.startswith("  "):  # depth 0: a top-level import
-                costs.append((name.strip(), int(cumulative) / 1e6))
-    return sorted(costs, key=lambda c: -c[1])[:top]
+            if not cumulative.strip().isdigit():
+                continue
+            depth = (len(name) - len(name.lstrip(" ")) - 1) // 2
+            seconds = int(cumulative) / 1e6
+            if depth <= max_depth and seconds >= min_seconds:
+                tree.append((depth, name.strip(), seconds))
+    return tree
 
 
 def main():
@@ -149,6 +161,7 @@ def main():
     finally:
         os.environ.pop("PYTHONPROFILEIMPORTTIME")
     profiled["import_seconds"] = import_seconds(session.log_path, start)
+    profiled["import_tree"] = import_tree(session.log_path, start)
     under_torchrun = session.ours(
         "load bf16 safetensors, under torchrun",
         model_dir=weights_dir,

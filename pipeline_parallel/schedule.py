@@ -36,25 +36,32 @@ class Pipeline:
                 schedule_cls = Schedule1F1B if cfg.mode == "1f1b" else ScheduleGPipe
                 self.schedule = schedule_cls(stages[0], cfg.micro_batches, loss_fn=loss_fn, scale_grads=False)
 
-    def _local(self, input_ids, labels, train, stage_kwargs):
+    def _local(self, input_ids, labels, train, stage_kwargs, widths):
         """pp=1: the same micro-batch split and loss, in a plain loop."""
         model = self.modules[0]
-        chunked = {k: v.chunk(self.n_microbatches) for k, v in stage_kwargs.items()}
+        n = self.n_microbatches
+        chunked = {k: v.chunk(n) for k, v in stage_kwargs.items()}
         losses = []
-        for i, (ids, lab) in enumerate(zip(input_ids.chunk(self.n_microbatches), labels.chunk(self.n_microbatches))):
+        for i, (ids, lab) in enumerate(zip(input_ids.chunk(n), labels.chunk(n))):
+            width = widths[i] if widths else ids.shape[1]
             with torch.set_grad_enabled(train):
-                loss = self.loss_fn(model(ids, **{k: v[i] for k, v in chunked.items()}), lab)
+                outputs = model(ids[:, :width], **{k: v[i][:, :width] for k, v in chunked.items()})
+                loss = self.loss_fn(outputs, lab)
             if train:
                 loss.backward()
             losses.append(loss.detach())
         return losses
 
-    def run(self, input_ids, labels, train=True, **stage_kwargs):
+    def run(self, input_ids, labels, train=True, widths=None, **stage_kwargs):
         """One batch. Returns the summed micro-batch losses on the rank holding the last stage, else None.
         `stage_kwargs` ([B, S] tensors: position_ids, doc_ids) reach every stage, split like the batch: every rank
-        of the pipeline passes them."""
+        of the pipeline passes them. `widths` (pp=1 only: a schedule's stages have fixed shapes): micro-batch i runs
+        on its first widths[i] columns, its loss function still gets the whole target (columns past the outputs must
+        take no loss)."""
+        if widths is not None and self.schedule is not None:
+            raise ValueError("micro-batch widths need pp=1: pipeline stages exchange fixed shapes")
         if self.schedule is None:
-            return torch.stack(self._local(input_ids, labels, train, stage_kwargs)).sum()
+            return torch.stack(self._local(input_ids, labels, train, stage_kwargs, widths)).sum()
         args = (input_ids,) if self.holds_first else ()
         target = labels if self.holds_last else None
         losses = [] if self.holds_last else None

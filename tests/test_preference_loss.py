@@ -1,5 +1,6 @@
 """The preference objectives equal TRL's own loss functions on the same log-probabilities (values, rewards and
-gradients), and the last stage's loss function splits into micro-batches like one batch: what the layouts rely on."""
+gradients), and the last stage's loss function splits into micro-batches like one batch, and a micro-batch cut to its
+longest row like the padded one: what the layouts rely on."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config import ObjectiveConfig
+import modules
+from config import ObjectiveConfig, PipelineConfig
+from pipeline_parallel import Pipeline, StagePlan
+from tests.helpers import make_model
+from training.chunked_logps import ChunkedHead
+from training.pairs import micro_batch_widths
 from training.preference import PreferenceLoss, dpo_losses, orpo_losses, simpo_losses, split_target, with_reference
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -150,3 +156,52 @@ def test_recording_keeps_row_log_probabilities_and_forms_no_loss():
     token = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)
     assert loss.item() == 0 and loss_fn.stats is None
     torch.testing.assert_close(loss_fn.recording[0], token.sum(1))
+
+
+def test_micro_batch_widths_reach_the_last_label_rounded_up():
+    labels = torch.full((8, 40), -100)
+    labels[0, 3:9] = 1  # micro-batch 0: last label at column 8 -> 9 columns -> 16
+    labels[5, 30:38] = 1  # micro-batch 2: column 37 -> 40 (capped at the row length)
+    labels[7, 20] = 1  # micro-batch 3: column 20 -> 24; micro-batch 1 has no label (filler pairs) -> 8
+    assert micro_batch_widths(labels, 4) == [16, 8, 40, 24]
+    assert micro_batch_widths(labels, 1) == [40]
+
+
+@pytest.mark.parametrize("kind", ["dpo", "orpo"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["logits", "chunked-head"])
+def test_micro_batches_cut_to_their_longest_row_train_like_the_padded_rows(kind, chunked, tmp_path):
+    """pp=1 runs each micro-batch of pairs on its columns up to its last label only: the loss, the statistics and
+    every parameter's gradient equal those of the rows padded to --seq-length (fp32, within 1e-6)."""
+    path = make_model(tmp_path / "m", model_type="llama", hidden=32, layers=2, heads=4)
+    cfg = modules.load_model_config(path)
+    stage = modules.build_stage(cfg, 0, cfg.num_layers, True, True)
+    modules.load_stage_weights(stage, path)
+    stage.head_in_loss = chunked
+    gen = torch.Generator().manual_seed(3)
+    rows, seq = 8, 40
+    ids = torch.randint(0, cfg.vocab_size, (rows, seq), generator=gen)
+    labels = torch.full((rows, seq), -100)
+    ends = [12, 9, 15, 7, 33, 40, 21, 26]  # each row's real length: micro-batches of 2 pairs end at 15 and 40
+    for row, end in enumerate(ends):
+        labels[row, 4 : end - 1] = ids[row, 5:end]
+        ids[row, end:] = 0  # padding
+    target = with_reference(labels, torch.randn(rows, dtype=torch.float64) - 20)
+    widths = micro_batch_widths(labels, 2)
+    assert widths == [16, 40]
+
+    def run(cut: list[int] | None):
+        head = ChunkedHead(stage.output_layer, cfg.final_softcap, chunk=5) if chunked else None
+        loss_fn = PreferenceLoss(ObjectiveConfig(kind=kind), head=head)
+        loss_fn.factor, loss_fn.nll_factor = 0.25, 0.01
+        plan = StagePlan(num_stages=1, bounds=[(0, cfg.num_layers)], stage_ids=[0])
+        pipeline = Pipeline([stage], plan, None, PipelineConfig(micro_batches=2), loss_fn)
+        stage.zero_grad()
+        loss = pipeline.run(ids, target, widths=cut)
+        loss_fn.commit(2)
+        return loss, loss_fn.take_stats(), {n: p.grad.clone() for n, p in stage.named_parameters()}
+
+    padded, cut = run(None), run(widths)
+    torch.testing.assert_close(cut[0], padded[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(cut[1], padded[1], rtol=1e-6, atol=1e-6)
+    for name, grad in padded[2].items():
+        torch.testing.assert_close(cut[2][name], grad, rtol=1e-5, atol=1e-6 * max(1.0, grad.abs().max().item()))

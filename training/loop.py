@@ -288,7 +288,8 @@ class Trainer:
         if self.context is not None:  # this rank's tokens; position and document ids stay whole for the masks
             input_ids = self.context.split(input_ids)
             target = context_target(self.context, target) if self.pairs else self.context.split(target)
-        return self.pipeline.run(input_ids, target, train=train, **stage_kwargs)
+        widths = self.pairs.widths(batch) if self.pairs else None  # pairs: each micro-batch up to its longest row
+        return self.pipeline.run(input_ids, target, train=train, widths=widths, **stage_kwargs)
 
     def _document_inputs(self, batch: dict | None) -> dict:
         """The stages' position and document ids of a batch under --attention-mask document; none (plain causal

@@ -6,6 +6,11 @@ of the starting weights computed before the first step and stored beside the che
 training/reference_store.py), or a frozen copy of the starting weights with a pipeline of its own (`copy`).
 `adapters` and `copy` run forward only, once per batch, before the policy's forward and backward. The rows reach the
 policy's loss inside the target (training/preference.py). SimPO and ORPO need no reference.
+
+Rows are padded to --seq-length. At pp=1 without context parallelism each micro-batch runs (policy and reference
+alike) on its columns up to its longest row's last label only (`widths`, rounded up to WIDTH_MULTIPLE), as TRL pads a
+batch to its longest: a causal model's outputs at the labelled positions do not depend on the padding after them, so
+the losses are those of the padded rows. Pipeline stages exchange fixed shapes, so at pp > 1 rows stay padded.
 """
 
 from __future__ import annotations
@@ -27,6 +32,19 @@ from training.chunked_logps import ChunkedHead, attach_chunked_head
 from training.evaluation import pair_batches
 from training.preference import STATS_SIZE, PreferenceLoss, context_target, stat_means, with_reference
 from training.reference_store import StoredReference
+
+WIDTH_MULTIPLE = 8  # a micro-batch's width is rounded up to it: fewer distinct shapes for the kernels and compile
+
+
+def micro_batch_widths(labels: torch.Tensor, micro_batches: int) -> list[int]:
+    """The columns each micro-batch of `labels` [rows, S] needs: up to its last label, rounded up to WIDTH_MULTIPLE
+    (at most S); a micro-batch without any label (evaluation's filler pairs) keeps WIDTH_MULTIPLE columns."""
+    widths = []
+    for chunk in labels.chunk(micro_batches):
+        labelled = (chunk != -100).any(0).nonzero()
+        last = int(labelled[-1]) + 1 if len(labelled) else 1
+        widths.append(min(labels.shape[1], -(-last // WIDTH_MULTIPLE) * WIDTH_MULTIPLE))
+    return widths
 
 
 def reference_kind(job: JobConfig) -> str | None:
@@ -70,6 +88,7 @@ class PairTraining:
         self.stored = StoredReference(job, layout, steps_total, plan.holds_last) if self.reference == "stored" else None
         self.stored_ready = False
         self.evaluating = False
+        self.cut_rows = plan.num_stages == 1 and context is None  # `widths` (module docstring)
         if self.reference == "copy":  # the starting weights again, frozen, with a pipeline of their own
             frozen = modules.build_rank_stages(cfg, job.model, plan, layout.device)
             for param in (p for stage in frozen for p in stage.parameters()):
@@ -97,6 +116,12 @@ class PairTraining:
                 dist.all_reduce(tokens, group=lay.dp_group)
             self.loss_fn.nll_factor = scale / tokens.clamp(min=1)
 
+    def widths(self, batch: dict | None) -> list[int] | None:
+        """The columns each micro-batch of `batch` runs on (pp=1 and no context parallelism), else None: all."""
+        if not self.cut_rows or batch is None:
+            return None
+        return micro_batch_widths(batch["labels"], self.job.pipeline.micro_batches)
+
     def target(self, batch: dict | None, policy: Pipeline, stage_kwargs: dict) -> torch.Tensor | None:
         """The last stage's loss target of `batch`: its labels and the reference's row log-probabilities (the
         reference pass runs here, on every rank of the pipeline); None on the other ranks."""
@@ -107,12 +132,14 @@ class PairTraining:
         if self.reference == "stored":
             reference = self.stored.next_rows("eval" if self.evaluating else "train")
         elif self.reference is not None:
-            reference = self._reference_pass(input_ids, labels, policy, stage_kwargs)
+            reference = self._reference_pass(input_ids, labels, policy, stage_kwargs, self.widths(batch))
         else:
             reference = None
         return _target(labels, reference)
 
-    def _reference_pass(self, input_ids, labels, policy: Pipeline, stage_kwargs: dict) -> torch.Tensor | None:
+    def _reference_pass(
+        self, input_ids, labels, policy: Pipeline, stage_kwargs: dict, widths: list[int] | None
+    ) -> torch.Tensor | None:
         """The reference's row log-probabilities of one batch (forward only; on the last stage, else None): the
         policy's pipeline with the adapters off, the frozen copy's, or (stored, before step 1) the policy's own."""
         pipeline, loss_fn = policy, self.loss_fn
@@ -126,7 +153,7 @@ class PairTraining:
             input_ids, target = self.context.split(input_ids), context_target(self.context, target)
         try:
             with off:
-                pipeline.run(input_ids, target, train=False, **stage_kwargs)
+                pipeline.run(input_ids, target, train=False, widths=widths, **stage_kwargs)
         finally:
             loss_fn.recording = None
         return torch.cat(rows) if rows else None
@@ -151,7 +178,7 @@ class PairTraining:
             device = lay.device
             input_ids = batch["input_ids"].to(device) if batch else None
             labels = batch["labels"].to(device) if batch else None
-            return self._reference_pass(input_ids, labels, policy, {})
+            return self._reference_pass(input_ids, labels, policy, {}, self.widths(batch))
 
         try:
             self.stored.compute(train, held_out, run, self.log)

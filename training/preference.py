@@ -147,6 +147,7 @@ class PreferenceLoss:
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         labels, reference = split_target(target)
+        labels = labels[:, : logits.shape[1]]  # a micro-batch cut to its longest row (PairTraining.widths)
         token_logps = self._rows(logits, labels)
         logps, counts = token_logps.sum(1), (labels != -100).sum(1)
         if self.context is not None:  # whole sequences' sums, the same on every rank of the group

@@ -16,7 +16,7 @@ from config import ObjectiveConfig, PipelineConfig
 from pipeline_parallel import Pipeline, StagePlan
 from tests.helpers import make_model
 from training.chunked_logps import ChunkedHead
-from training.pairs import micro_batch_widths
+from training.pairs import micro_batch_widths, width_multiple
 from training.preference import PreferenceLoss, dpo_losses, orpo_losses, simpo_losses, split_target, with_reference
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -165,6 +165,12 @@ def test_micro_batch_widths_reach_the_last_label_rounded_up():
     labels[7, 20] = 1  # micro-batch 3: column 20 -> 24; micro-batch 1 has no label (filler pairs) -> 8
     assert micro_batch_widths(labels, 4) == [16, 8, 40, 24]
     assert micro_batch_widths(labels, 1) == [40]
+    # where FlexAttention runs (compiled for fixed shapes), eighths of the row: at most eight widths a run
+    plain = types.SimpleNamespace(attn_softcap=None, layer_types=("sliding", "full"), sliding_window=4096)
+    assert width_multiple(plain, 1024) == 8
+    assert width_multiple(types.SimpleNamespace(**{**vars(plain), "sliding_window": 512}), 1024) == 128
+    assert width_multiple(types.SimpleNamespace(**{**vars(plain), "attn_softcap": 50.0}), 1000) == 128
+    assert micro_batch_widths(labels, 4, multiple=24) == [24, 24, 40, 24]
 
 
 @pytest.mark.parametrize("kind", ["dpo", "orpo"])

@@ -8,7 +8,7 @@ training/reference_store.py), or a frozen copy of the starting weights with a pi
 policy's loss inside the target (training/preference.py). SimPO and ORPO need no reference.
 
 Rows are padded to --seq-length. At pp=1 without context parallelism each micro-batch runs (policy and reference
-alike) on its columns up to its longest row's last label only (`widths`, rounded up to WIDTH_MULTIPLE), as TRL pads a
+alike) on its columns up to its longest row's last label only (`widths`, rounded up by `width_multiple`), as TRL pads a
 batch to its longest: a causal model's outputs at the labelled positions do not depend on the padding after them, so
 the losses are those of the padded rows. Pipeline stages exchange fixed shapes, so at pp > 1 rows stay padded.
 """
@@ -33,17 +33,23 @@ from training.evaluation import pair_batches
 from training.preference import STATS_SIZE, PreferenceLoss, context_target, stat_means, with_reference
 from training.reference_store import StoredReference
 
-WIDTH_MULTIPLE = 8  # a micro-batch's width is rounded up to it: fewer distinct shapes for the kernels and compile
+
+def width_multiple(cfg: modules.ModelConfig, seq_length: int) -> int:
+    """What a micro-batch's width is rounded up to: 8 columns; an eighth of --seq-length (a multiple of 8) where
+    FlexAttention runs (soft-capped scores, sliding windows shorter than the row): it is compiled for fixed shapes,
+    so at most eight widths keep it within torch.compile's limit of recompilations (the blocks go dynamic instead)."""
+    flex = cfg.attn_softcap or ("sliding" in cfg.layer_types and cfg.sliding_window < seq_length)
+    return -(-seq_length // 64) * 8 if flex else 8
 
 
-def micro_batch_widths(labels: torch.Tensor, micro_batches: int) -> list[int]:
-    """The columns each micro-batch of `labels` [rows, S] needs: up to its last label, rounded up to WIDTH_MULTIPLE
-    (at most S); a micro-batch without any label (evaluation's filler pairs) keeps WIDTH_MULTIPLE columns."""
+def micro_batch_widths(labels: torch.Tensor, micro_batches: int, multiple: int = 8) -> list[int]:
+    """The columns each micro-batch of `labels` [rows, S] needs: up to its last label, rounded up to `multiple` (at
+    most S); a micro-batch without any label (evaluation's filler pairs) keeps `multiple` columns."""
     widths = []
     for chunk in labels.chunk(micro_batches):
         labelled = (chunk != -100).any(0).nonzero()
         last = int(labelled[-1]) + 1 if len(labelled) else 1
-        widths.append(min(labels.shape[1], -(-last // WIDTH_MULTIPLE) * WIDTH_MULTIPLE))
+        widths.append(min(labels.shape[1], -(-last // multiple) * multiple))
     return widths
 
 
@@ -89,6 +95,7 @@ class PairTraining:
         self.stored_ready = False
         self.evaluating = False
         self.cut_rows = plan.num_stages == 1 and context is None  # `widths` (module docstring)
+        self.width_multiple = width_multiple(cfg, job.data.seq_length)
         if self.reference == "copy":  # the starting weights again, frozen, with a pipeline of their own
             frozen = modules.build_rank_stages(cfg, job.model, plan, layout.device)
             for param in (p for stage in frozen for p in stage.parameters()):
@@ -120,7 +127,7 @@ class PairTraining:
         """The columns each micro-batch of `batch` runs on (pp=1 and no context parallelism), else None: all."""
         if not self.cut_rows or batch is None:
             return None
-        return micro_batch_widths(batch["labels"], self.job.pipeline.micro_batches)
+        return micro_batch_widths(batch["labels"], self.job.pipeline.micro_batches, self.width_multiple)
 
     def target(self, batch: dict | None, policy: Pipeline, stage_kwargs: dict) -> torch.Tensor | None:
         """The last stage's loss target of `batch`: its labels and the reference's row log-probabilities (the

@@ -21,9 +21,9 @@ In order (a short --time-budget skips the last ones):
      time to its first step;
   3. ours, random init (`--load-pretrained-model false`; the first run of ours also fills the compile cache with
      FlexAttention's document-mask kernel), then ours loading that directory;
-  4. ours, --compile, TORCHINDUCTOR_CACHE_DIR a fresh empty directory (cold), then again on the same directory (warm);
-  5. ours, random init again with PYTHONPROFILEIMPORTTIME=1: the top-level modules that cost most, kept in the JSON
+  4. ours, random init again with PYTHONPROFILEIMPORTTIME=1: the top-level modules that cost most, kept in the JSON
      as `import_seconds`, and what each pulls in (`import_tree`: module, depth and seconds, 0.1 s or more);
+  5. ours, --compile, TORCHINDUCTOR_CACHE_DIR a fresh empty directory (cold), then again on the same directory (warm);
   6. ours, loading the directory under torchrun.
 Every run is stopped after its last step (--steps, default 2) without writing a checkpoint.
 
@@ -141,6 +141,14 @@ def main():
     # the compile cache (~8 s once); the load, target a's run, then starts as every later launch does
     random_init = session.ours("random init", model_dir=model_dir, **common)
     loaded = session.ours("load bf16 safetensors", model_dir=weights_dir, load_pretrained=True, **common)
+    start = os.path.getsize(session.log_path)
+    os.environ["PYTHONPROFILEIMPORTTIME"] = "1"  # inherited by the trainer
+    try:
+        profiled = session.ours("random init, import times", model_dir=model_dir, **common)
+    finally:
+        os.environ.pop("PYTHONPROFILEIMPORTTIME")
+    profiled["import_seconds"] = import_seconds(session.log_path, start)
+    profiled["import_tree"] = import_tree(session.log_path, start)
     cold = warm = None
     if session.gpu:  # inductor on 2 CPU cores takes minutes even for the tiny shape: GPU runs only
         cache = tempfile.mkdtemp(prefix="inductor_", dir=session.workdir)
@@ -154,14 +162,6 @@ def main():
             if saved is not None:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
         remove_stale(cache)
-    start = os.path.getsize(session.log_path)
-    os.environ["PYTHONPROFILEIMPORTTIME"] = "1"  # inherited by the trainer
-    try:
-        profiled = session.ours("random init, import times", model_dir=model_dir, **common)
-    finally:
-        os.environ.pop("PYTHONPROFILEIMPORTTIME")
-    profiled["import_seconds"] = import_seconds(session.log_path, start)
-    profiled["import_tree"] = import_tree(session.log_path, start)
     under_torchrun = session.ours(
         "load bf16 safetensors, under torchrun",
         model_dir=weights_dir,
@@ -207,6 +207,10 @@ def main():
     print("\ncostliest top-level imports of the profiled launch (seconds):")
     for name, seconds in profiled["import_seconds"]:
         print(f"  {seconds:7.2f}  {name}")
+    print("\nwhat they pull in (0.3 s or more, two levels deep; a module follows what it imported):")
+    for depth, name, seconds in profiled["import_tree"]:
+        if depth <= 2 and seconds >= 0.3:
+            print(f"  {seconds:7.2f}  {'  ' * depth}{name}")
     session.finish(extra={"micro_batch": MICRO_BATCH, "shape": shape})
 
 

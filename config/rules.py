@@ -14,7 +14,7 @@ import socket
 
 from utils.errors import UserError
 
-from .sections import JobConfig, ObjectiveConfig, parse_backends
+from .sections import PREFERENCE_OBJECTIVES, JobConfig, ObjectiveConfig, parse_backends
 
 # One of these must be in --tokenizer-name: transformers 5 otherwise builds an empty tokenizer without a word.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
@@ -188,6 +188,7 @@ _OBJECTIVE_FLAGS = {
     "simpo_beta": ("--simpo-beta", ("simpo",)),
     "simpo_gamma": ("--simpo-gamma", ("simpo",)),
     "orpo_lambda": ("--orpo-lambda", ("orpo",)),
+    "pack_pairs": ("--pack-pairs", PREFERENCE_OBJECTIVES),
 }
 
 

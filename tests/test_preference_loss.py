@@ -16,7 +16,7 @@ from config import ObjectiveConfig, PipelineConfig
 from pipeline_parallel import Pipeline, StagePlan
 from tests.helpers import make_model
 from training.chunked_logps import ChunkedHead
-from training.pairs import micro_batch_widths, width_multiple
+from training.pairs import micro_batch_widths, pack_pairs, width_multiple
 from training.preference import PreferenceLoss, dpo_losses, orpo_losses, simpo_losses, split_target, with_reference
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -167,17 +167,19 @@ def test_micro_batch_widths_reach_the_last_label_rounded_up():
     assert micro_batch_widths(labels, 1) == [40]
     # where FlexAttention runs (compiled for fixed shapes), eighths of the row: at most eight widths a run
     plain = types.SimpleNamespace(attn_softcap=None, layer_types=("sliding", "full"), sliding_window=4096)
-    assert width_multiple(plain, 1024) == 8
-    assert width_multiple(types.SimpleNamespace(**{**vars(plain), "sliding_window": 512}), 1024) == 128
-    assert width_multiple(types.SimpleNamespace(**{**vars(plain), "attn_softcap": 50.0}), 1000) == 128
+    assert width_multiple(plain, 1024, packed=False) == 8
+    assert width_multiple(plain, 1024, packed=True) == 128
+    assert width_multiple(types.SimpleNamespace(**{**vars(plain), "sliding_window": 512}), 1024, False) == 128
+    assert width_multiple(types.SimpleNamespace(**{**vars(plain), "attn_softcap": 50.0}), 1000, False) == 128
     assert micro_batch_widths(labels, 4, multiple=24) == [24, 24, 40, 24]
 
 
 @pytest.mark.parametrize("kind", ["dpo", "orpo"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["logits", "chunked-head"])
-def test_micro_batches_cut_to_their_longest_row_train_like_the_padded_rows(kind, chunked, tmp_path):
-    """pp=1 runs each micro-batch of pairs on its columns up to its last label only: the loss, the statistics and
-    every parameter's gradient equal those of the rows padded to --seq-length (fp32, within 1e-6)."""
+def test_micro_batches_cut_or_packed_train_like_the_padded_rows(kind, chunked, tmp_path):
+    """pp=1 runs each micro-batch of pairs on its columns up to its last label only, its sequences left in their rows
+    or packed into one row as documents: the loss, the statistics and every parameter's gradient equal those of the
+    rows padded to --seq-length (fp32, within 1e-6)."""
     path = make_model(tmp_path / "m", model_type="llama", hidden=32, layers=2, heads=4)
     cfg = modules.load_model_config(path)
     stage = modules.build_stage(cfg, 0, cfg.num_layers, True, True)
@@ -185,29 +187,49 @@ def test_micro_batches_cut_to_their_longest_row_train_like_the_padded_rows(kind,
     stage.head_in_loss = chunked
     gen = torch.Generator().manual_seed(3)
     rows, seq = 8, 40
-    ids = torch.randint(0, cfg.vocab_size, (rows, seq), generator=gen)
+    ids = torch.randint(1, cfg.vocab_size, (rows, seq), generator=gen)
     labels = torch.full((rows, seq), -100)
     ends = [12, 9, 15, 7, 33, 40, 21, 26]  # each row's real length: micro-batches of 2 pairs end at 15 and 40
     for row, end in enumerate(ends):
         labels[row, 4 : end - 1] = ids[row, 5:end]
         ids[row, end:] = 0  # padding
-    target = with_reference(labels, torch.randn(rows, dtype=torch.float64) - 20)
-    widths = micro_batch_widths(labels, 2)
-    assert widths == [16, 40]
+    reference = torch.randn(rows, dtype=torch.float64) - 20
+    assert micro_batch_widths(labels, 2) == [16, 40]
+    packed = pack_pairs({"input_ids": ids, "labels": labels}, 2)
+    assert packed["input_ids"].shape == (2, 160)
+    # micro-batch 0 holds rows 0-3 (11 + 8 + 14 + 6 tokens up to their last label), then padding (document 4)
+    assert packed["doc_ids"][0, :40].tolist() == [0] * 11 + [1] * 8 + [2] * 14 + [3] * 6 + [4]
+    assert packed["position_ids"][0, 11:20].tolist() == list(range(8)) + [0]
+    assert torch.equal(packed["input_ids"][1, :32], ids[4, :32])
+    assert micro_batch_widths(packed["labels"], 2, multiple=width_multiple(cfg, 160, packed=True)) == [48, 120]
 
-    def run(cut: list[int] | None):
+    def run(layout: str):
         head = ChunkedHead(stage.output_layer, cfg.final_softcap, chunk=5) if chunked else None
-        loss_fn = PreferenceLoss(ObjectiveConfig(kind=kind), head=head)
+        columns = 160 if layout == "packed" else None
+        loss_fn = PreferenceLoss(ObjectiveConfig(kind=kind), head=head, packed_columns=columns)
         loss_fn.factor, loss_fn.nll_factor = 0.25, 0.01
         plan = StagePlan(num_stages=1, bounds=[(0, cfg.num_layers)], stage_ids=[0])
         pipeline = Pipeline([stage], plan, None, PipelineConfig(micro_batches=2), loss_fn)
         stage.zero_grad()
-        loss = pipeline.run(ids, target, widths=cut)
+        if layout == "packed":
+            target = with_reference(packed["labels"], reference, packed["doc_ids"])
+            widths = micro_batch_widths(packed["labels"], 2, multiple=40)
+            documents = {k: packed[k] for k in ("position_ids", "doc_ids")}
+            loss = pipeline.run(packed["input_ids"], target, widths=widths, **documents)
+        else:
+            cut = micro_batch_widths(labels, 2) if layout == "cut" else None
+            loss = pipeline.run(ids, with_reference(labels, reference), widths=cut)
         loss_fn.commit(2)
         return loss, loss_fn.take_stats(), {n: p.grad.clone() for n, p in stage.named_parameters()}
 
-    padded, cut = run(None), run(widths)
-    torch.testing.assert_close(cut[0], padded[0], rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(cut[1], padded[1], rtol=1e-6, atol=1e-6)
-    for name, grad in padded[2].items():
-        torch.testing.assert_close(cut[2][name], grad, rtol=1e-5, atol=1e-6 * max(1.0, grad.abs().max().item()))
+    padded = run("padded")
+    for layout in ("cut", "packed"):
+        got = run(layout)
+        torch.testing.assert_close(got[0], padded[0], rtol=1e-6, atol=1e-7, msg=layout)
+        # the statistics are fp32 sums over hundreds of tokens, added in another order when packed: within 1e-6 of
+        # the largest of them (the summed log-probabilities)
+        scale = padded[1].abs().max().item()
+        torch.testing.assert_close(got[1], padded[1], rtol=0, atol=1e-6 * scale, msg=layout)
+        for name, grad in padded[2].items():
+            atol = 1e-6 * max(1.0, grad.abs().max().item())
+            torch.testing.assert_close(got[2][name], grad, rtol=1e-5, atol=atol, msg=f"{layout} {name}")

@@ -152,8 +152,9 @@ def assert_trained_like(ckpt, expected, lora):
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=4e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
-# (objective, LoRA, [(pp, dp, pp-mode, --dpo-reference, cp)]): every objective in several layouts, launched at once;
-# cp 2 splits every sequence over two ranks (--context-parallel-size)
+# (objective, LoRA, [(pp, dp, pp-mode, --dpo-reference, cp[, --pack-pairs])]): every objective in several layouts,
+# launched at once; cp 2 splits every sequence over two ranks (--context-parallel-size); at pp=1 without cp a
+# micro-batch's pairs are packed into one row unless --pack-pairs is false (pp > 1 pads them to --seq-length)
 CASES = [
     (
         "dpo",
@@ -176,6 +177,7 @@ CASES = [
             (4, 1, "1f1b", "auto", 1),
             (2, 2, "gpipe", "auto", 1),
             (1, 2, "gpipe", "auto", 2),
+            (1, 2, "gpipe", "auto", 1, False),
         ],
     ),
     (
@@ -201,9 +203,11 @@ def test_objective_trains_like_the_formula_in_every_layout(setup, kind, lora, la
     root, model_dir, data = setup
     expected = reference_run(model_dir, data, kind, lora)
     runs = {}
-    for pp, dp, mode, reference, cp in layouts:
-        ckpt = tmp_path / f"pp{pp}-dp{dp}-cp{cp}-{mode}-{reference}"
+    for pp, dp, mode, reference, cp, *pack in layouts:
+        ckpt = tmp_path / f"pp{pp}-dp{dp}-cp{cp}-{mode}-{reference}{'-pad' * (pack == [False])}"
         extra = {"dp-mode": "sharded"} if (dp > 1 and not lora) else {}
+        if pack:
+            extra["pack-pairs"] = str(pack[0]).lower()
         if reference != "auto":
             extra["dpo-reference"] = reference
         if pp == 2:  # the head inside the loss (the frozen copy's too)
@@ -211,7 +215,7 @@ def test_objective_trains_like_the_formula_in_every_layout(setup, kind, lora, la
         if cp > 1:
             extra["context-parallel-size"] = cp
         flags = flags_of(model_dir, data, ckpt, kind, pp, dp, mode, lora, **extra)
-        runs[(pp, dp, cp, mode)] = (ckpt, run_ranks(pp * dp * cp, flags))
+        runs[(pp, dp, cp, mode, *pack)] = (ckpt, run_ranks(pp * dp * cp, flags))
     for layout, (ckpt, procs) in runs.items():
         results = wait_ranks(procs, 400)
         assert all(rc == 0 for rc, _, _ in results), (layout, [out[-2000:] + err[-2000:] for _, out, err in results])

@@ -279,8 +279,10 @@ class Trainer:
     def _run_batch(self, batch: dict | None, train: bool = True) -> torch.Tensor | None:
         """One batch through the pipeline (this rank's stages); the summed loss on the last stage's ranks."""
         device = self.layout.device
+        if self.pairs:  # packed under --pack-pairs at pp=1, with document ids of its own
+            batch = self.pairs.pack(batch)
         input_ids = batch["input_ids"].to(device, non_blocking=True) if batch else None
-        stage_kwargs = self._document_inputs(batch)
+        stage_kwargs = self.pairs.stage_inputs(batch) if self.pairs else self._document_inputs(batch)
         if self.pairs:  # the labels and the reference's log-probabilities (its pass runs now)
             target = self.pairs.target(batch, self.pipeline, stage_kwargs)
         else:

@@ -7,10 +7,12 @@ training/reference_store.py), or a frozen copy of the starting weights with a pi
 `adapters` and `copy` run forward only, once per batch, before the policy's forward and backward. The rows reach the
 policy's loss inside the target (training/preference.py). SimPO and ORPO need no reference.
 
-Rows are padded to --seq-length. At pp=1 without context parallelism each micro-batch runs (policy and reference
-alike) on its columns up to its longest row's last label only (`widths`, rounded up by `width_multiple`), as TRL pads a
-batch to its longest: a causal model's outputs at the labelled positions do not depend on the padding after them, so
-the losses are those of the padded rows. Pipeline stages exchange fixed shapes, so at pp > 1 rows stay padded.
+Rows are padded to --seq-length. At pp=1 without context parallelism, a micro-batch's sequences are packed one after
+another into one row (`pack_pairs`, --pack-pairs true: documents that do not see each other, positions restarting at
+each) or, with --pack-pairs false, left in their rows; either way the micro-batch runs (policy and reference alike) on
+its columns up to its last label only (`widths`, rounded up by `width_multiple`), as TRL pads a batch to its longest: a
+causal model's outputs at the labelled positions do not depend on the padding after them, so the losses are those of
+the padded rows. Pipeline stages exchange fixed shapes, so at pp > 1 rows stay padded to --seq-length.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ from training.preference import STATS_SIZE, PreferenceLoss, context_target, stat
 from training.reference_store import StoredReference
 
 
-def width_multiple(cfg: modules.ModelConfig, seq_length: int) -> int:
-    """What a micro-batch's width is rounded up to: 8 columns; an eighth of --seq-length (a multiple of 8) where
-    FlexAttention runs (soft-capped scores, sliding windows shorter than the row): it is compiled for fixed shapes,
-    so at most eight widths keep it within torch.compile's limit of recompilations (the blocks go dynamic instead)."""
-    flex = cfg.attn_softcap or ("sliding" in cfg.layer_types and cfg.sliding_window < seq_length)
-    return -(-seq_length // 64) * 8 if flex else 8
+def width_multiple(cfg: modules.ModelConfig, columns: int, packed: bool) -> int:
+    """What a micro-batch's width is rounded up to: 8 columns; an eighth of its `columns` (a multiple of 8) where
+    FlexAttention runs (packed documents, soft-capped scores, sliding windows shorter than the row): it is compiled
+    for fixed shapes, so at most eight widths keep it within torch.compile's limit of recompilations (the blocks go
+    dynamic instead)."""
+    flex = packed or cfg.attn_softcap or ("sliding" in cfg.layer_types and cfg.sliding_window < columns)
+    return -(-columns // 64) * 8 if flex else 8
 
 
 def micro_batch_widths(labels: torch.Tensor, micro_batches: int, multiple: int = 8) -> list[int]:
@@ -51,6 +54,36 @@ def micro_batch_widths(labels: torch.Tensor, micro_batches: int, multiple: int =
         last = int(labelled[-1]) + 1 if len(labelled) else 1
         widths.append(min(labels.shape[1], -(-last // multiple) * multiple))
     return widths
+
+
+def pack_pairs(batch: dict, micro_batches: int) -> dict:
+    """A batch of pair rows [2B, S] (tasks.PreferenceStream) with each micro-batch's rows packed into one row of
+    C = its rows x S columns: its sequences one after another, each cut after its last label (nothing later counts)
+    and numbered by its row in the micro-batch (`doc_ids`), positions restarting at 0, then padding (the next doc id,
+    no labels). Returns input_ids, labels, position_ids, doc_ids [micro_batches, C]."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    rows, seq = ids.shape
+    per = rows // micro_batches
+    columns = per * seq
+    labelled = labels != -100
+    lengths = torch.where(labelled.any(1), seq - labelled.flip(1).int().argmax(1), 0).tolist()
+    packed = {
+        "input_ids": torch.zeros(micro_batches, columns, dtype=ids.dtype),
+        "labels": torch.full((micro_batches, columns), -100, dtype=labels.dtype),
+        "position_ids": torch.arange(columns).repeat(micro_batches, 1),
+        "doc_ids": torch.full((micro_batches, columns), per, dtype=torch.int64),
+    }
+    for i in range(micro_batches):
+        at = 0
+        for j in range(per):
+            row, n = i * per + j, lengths[i * per + j]
+            packed["input_ids"][i, at : at + n] = ids[row, :n]
+            packed["labels"][i, at : at + n] = labels[row, :n]
+            packed["position_ids"][i, at : at + n] = torch.arange(n)
+            packed["doc_ids"][i, at : at + n] = j
+            at += n
+        packed["position_ids"][i, at:] = torch.arange(columns - at)
+    return packed
 
 
 def reference_kind(job: JobConfig) -> str | None:
@@ -88,21 +121,27 @@ class PairTraining:
         of each sequence under --context-parallel-size."""
         self.job, self.layout, self.stages, self.holds_last = job, layout, stages, plan.holds_last
         self.stream, self.tokenizer, self.log, self.context = stream, tokenizer, log, context
-        self.loss_fn = PreferenceLoss(job.objective, recompute, compiled, head, context)
+        self.cut_rows = plan.num_stages == 1 and context is None  # `widths` (module docstring)
+        self.packed = self.cut_rows and job.objective.pack_pairs
+        micro_rows = 2 * job.data.micro_batch_size
+        columns = micro_rows * job.data.seq_length if self.packed else job.data.seq_length
+        self.width_multiple = width_multiple(cfg, columns, self.packed)
+        self.packed_columns = columns if self.packed else None
+        self.loss_fn = PreferenceLoss(job.objective, recompute, compiled, head, context, self.packed_columns)
         self.reference = reference_kind(job)
         self.reference_pipeline = self.reference_loss = None
         self.stored = StoredReference(job, layout, steps_total, plan.holds_last) if self.reference == "stored" else None
         self.stored_ready = False
         self.evaluating = False
-        self.cut_rows = plan.num_stages == 1 and context is None  # `widths` (module docstring)
-        self.width_multiple = width_multiple(cfg, job.data.seq_length)
         if self.reference == "copy":  # the starting weights again, frozen, with a pipeline of their own
             frozen = modules.build_rank_stages(cfg, job.model, plan, layout.device)
             for param in (p for stage in frozen for p in stage.parameters()):
                 param.requires_grad_(False)
             frozen_head = attach_chunked_head(frozen, job)  # chunked exactly where the policy's head is
             attach_context(frozen, layout)
-            self.reference_loss = PreferenceLoss(job.objective, compiled=compiled, head=frozen_head, context=context)
+            self.reference_loss = PreferenceLoss(
+                job.objective, compiled=compiled, head=frozen_head, context=context, packed_columns=self.packed_columns
+            )
             self.reference_pipeline = Pipeline(frozen, plan, layout, job.pipeline, self.reference_loss)
 
     def start_step(self, batches: list[dict], scale: float, step: int, policy: Pipeline) -> None:
@@ -123,6 +162,19 @@ class PairTraining:
                 dist.all_reduce(tokens, group=lay.dp_group)
             self.loss_fn.nll_factor = scale / tokens.clamp(min=1)
 
+    def pack(self, batch: dict | None) -> dict | None:
+        """`batch` as its micro-batches run: packed (`pack_pairs`) under --pack-pairs at pp=1, else as it is."""
+        if not self.packed or batch is None:
+            return batch
+        return pack_pairs(batch, self.job.pipeline.micro_batches)
+
+    def stage_inputs(self, batch: dict | None) -> dict:
+        """The stages' position and document ids of a packed batch (on the device), else none."""
+        if not self.packed or batch is None:
+            return {}
+        device = self.layout.device
+        return {k: batch[k].to(device, non_blocking=True) for k in ("position_ids", "doc_ids")}
+
     def widths(self, batch: dict | None) -> list[int] | None:
         """The columns each micro-batch of `batch` runs on (pp=1 and no context parallelism), else None: all."""
         if not self.cut_rows or batch is None:
@@ -130,24 +182,30 @@ class PairTraining:
         return micro_batch_widths(batch["labels"], self.job.pipeline.micro_batches, self.width_multiple)
 
     def target(self, batch: dict | None, policy: Pipeline, stage_kwargs: dict) -> torch.Tensor | None:
-        """The last stage's loss target of `batch`: its labels and the reference's row log-probabilities (the
-        reference pass runs here, on every rank of the pipeline); None on the other ranks."""
+        """The last stage's loss target of `batch` (as `pack` left it): its labels and the reference's sequence
+        log-probabilities (the reference pass runs here, on every rank of the pipeline); None on the other ranks."""
         self._commit()  # the previous batch's statistics
-        device = self.layout.device
-        input_ids = batch["input_ids"].to(device, non_blocking=True) if batch else None
-        labels = batch["labels"].to(device, non_blocking=True) if batch else None
         if self.reference == "stored":
             reference = self.stored.next_rows("eval" if self.evaluating else "train")
         elif self.reference is not None:
-            reference = self._reference_pass(input_ids, labels, policy, stage_kwargs, self.widths(batch))
+            reference = self._reference_pass(batch, policy, stage_kwargs)
         else:
             reference = None
-        return _target(labels, reference)
+        return self._target(batch, reference)
 
-    def _reference_pass(
-        self, input_ids, labels, policy: Pipeline, stage_kwargs: dict, widths: list[int] | None
-    ) -> torch.Tensor | None:
-        """The reference's row log-probabilities of one batch (forward only; on the last stage, else None): the
+    def _target(self, batch: dict | None, reference: torch.Tensor | None) -> torch.Tensor | None:
+        """`with_reference` of a batch's labels (and a packed batch's document ids); None without a batch."""
+        if batch is None:
+            return None
+        labels = batch["labels"].to(self.layout.device, non_blocking=True)
+        if not self.packed:
+            return with_reference(labels, reference)
+        if reference is None:  # one per sequence: the rows of the batch before packing
+            reference = torch.zeros(labels.shape[0] * 2 * self.job.data.micro_batch_size, dtype=torch.float64)
+        return with_reference(labels, reference, batch["doc_ids"])
+
+    def _reference_pass(self, batch: dict | None, policy: Pipeline, stage_kwargs: dict) -> torch.Tensor | None:
+        """The reference's sequence log-probabilities of one batch (forward only; on the last stage, else None): the
         policy's pipeline with the adapters off, the frozen copy's, or (stored, before step 1) the policy's own."""
         pipeline, loss_fn = policy, self.loss_fn
         off = modules.adapters_off(self.stages) if self.reference == "adapters" else contextlib.nullcontext()
@@ -155,12 +213,13 @@ class PairTraining:
             pipeline, loss_fn = self.reference_pipeline, self.reference_loss
         rows: list[torch.Tensor] = []
         loss_fn.recording = rows
-        target = _target(labels, None)
+        input_ids = batch["input_ids"].to(self.layout.device, non_blocking=True) if batch else None
+        target = self._target(batch, None)
         if self.context is not None:  # this rank's tokens, as in the policy's pass
             input_ids, target = self.context.split(input_ids), context_target(self.context, target)
         try:
             with off:
-                pipeline.run(input_ids, target, train=False, widths=widths, **stage_kwargs)
+                pipeline.run(input_ids, target, train=False, widths=self.widths(batch), **stage_kwargs)
         finally:
             loss_fn.recording = None
         return torch.cat(rows) if rows else None
@@ -182,10 +241,8 @@ class PairTraining:
         held_out = pair_batches(job.data, self.tokenizer, lay) if job.data.evaluation_every else []
 
         def run(batch: dict | None) -> torch.Tensor | None:
-            device = lay.device
-            input_ids = batch["input_ids"].to(device) if batch else None
-            labels = batch["labels"].to(device) if batch else None
-            return self._reference_pass(input_ids, labels, policy, {}, self.widths(batch))
+            batch = self.pack(batch)
+            return self._reference_pass(batch, policy, self.stage_inputs(batch))
 
         try:
             self.stored.compute(train, held_out, run, self.log)
@@ -246,7 +303,3 @@ class PairTraining:
     def _commit(self) -> None:
         """The statistics of the batch that ran last: one loss call per micro-batch (see PreferenceLoss)."""
         self.loss_fn.commit(self.job.pipeline.micro_batches)
-
-
-def _target(labels: torch.Tensor | None, reference: torch.Tensor | None) -> torch.Tensor | None:
-    return None if labels is None else with_reference(labels, reference)

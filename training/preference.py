@@ -5,7 +5,8 @@ A batch holds pairs in adjacent rows (2i chosen, 2i+1 rejected; tasks.Preference
 is the sum of its label tokens' log-probabilities (the completion, EOS included). The last stage's loss function
 receives the labels with one more column: the reference model's log-probability of the row, its float64 bits stored
 in the int64 target (`with_reference`), because a pipeline schedule hands its loss function one target tensor, split
-by micro-batch like the inputs.
+by micro-batch like the inputs. Packed (training/pairs.py `pack_pairs`), a micro-batch's sequences are the documents
+of one row: the target then also carries the document ids, and the sums run over each document's tokens.
 
 The loss of a step is the mean over all its pairs (every micro-batch, accumulation step and replica): each pair's
 loss is multiplied by `factor` = loss scale / pairs of the step. ORPO's SFT term is the mean over the step's chosen
@@ -41,18 +42,31 @@ STAT_NAMES = (
 STATS_SIZE = 1 + len(STAT_NAMES) + 2  # pairs, the statistics, ORPO's NLL sum and chosen tokens
 
 
-def with_reference(labels: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+def with_reference(
+    labels: torch.Tensor, reference: torch.Tensor | None, doc_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """The loss target: `labels` [R, S] and the reference log-probabilities [R] (zeros if none) as one int64 tensor
-    [R, S + 1] whose last column holds the float64 bits of each row's reference."""
+    [R, S + 1] whose last column holds the float64 bits of each row's reference. Rows of packed sequences
+    (training/pairs.py `pack_pairs`) also carry their document ids [R, S], and their sequences' references (`reference`
+    [R x sequences a row], required) after them: [R, 2S + sequences a row]."""
     if reference is None:
         reference = torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device)
     bits = reference.to(labels.device, torch.float64).contiguous().view(torch.int64)
-    return torch.cat([labels, bits[:, None]], 1)
+    if doc_ids is None:
+        return torch.cat([labels, bits[:, None]], 1)
+    return torch.cat([labels, doc_ids.to(labels.device), bits.view(labels.shape[0], -1)], 1)
 
 
 def split_target(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(labels [R, S], reference log-probabilities [R] float64) of a `with_reference` target."""
     return target[:, :-1], target[:, -1].contiguous().view(torch.float64)
+
+
+def split_packed_target(target: torch.Tensor, columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(labels [R, S], the sequences' reference log-probabilities [R x sequences a row] float64, document ids
+    [R, S]) of a `with_reference` target of packed rows of `columns` S."""
+    labels, doc_ids = target[:, :columns], target[:, columns : 2 * columns]
+    return labels, target[:, 2 * columns :].contiguous().view(torch.float64).flatten(), doc_ids
 
 
 def context_target(context: ContextSplit, target: torch.Tensor | None) -> torch.Tensor | None:
@@ -110,6 +124,22 @@ def orpo_losses(chosen_mean, rejected_mean, lam: float):
     return losses, lam * chosen_mean.detach(), lam * rejected_mean.detach()
 
 
+def _row_sums(token_logps: torch.Tensor) -> torch.Tensor:
+    """Each row's sum, added in float64 and rounded once: the same value whatever order the tokens are added in
+    (rows or packed documents, any width), up to the last bit."""
+    return token_logps.double().sum(1).to(token_logps.dtype)
+
+
+def _document_sums(token_logps, labelled, doc_ids, sequences: int):
+    """Per-sequence sums [sequences] of the log-probabilities (as `_row_sums`) and label counts of packed rows
+    (document ids 0..sequences-1; `sequences` itself is the padding after them), through a one-hot product rather
+    than a scatter: the same bits on every run (a GPU's atomic scatter-add sums in no fixed order)."""
+    one_hot = F.one_hot(doc_ids.flatten(), sequences + 1)[:, :sequences]  # [tokens, sequences]
+    logps = (one_hot.double() * token_logps.flatten().double()[:, None]).sum(0).to(token_logps.dtype)
+    counts = (one_hot.bool() & labelled.flatten()[:, None]).sum(0)
+    return logps, counts
+
+
 class PreferenceLoss:
     """The loss function of the last stage under --objective dpo / simpo / orpo: `loss_fn(logits, target)`.
 
@@ -126,8 +156,10 @@ class PreferenceLoss:
         compiled: bool = False,
         head: ChunkedHead | None = None,
         context: ContextSplit | None = None,
+        packed_columns: int | None = None,
     ):
         self.objective = objective
+        self.packed_columns = packed_columns  # targets of packed rows of this many columns (split_packed_target)
         self.context = context  # --context-parallel-size: the group whose ranks hold shares of each sequence
         self.factor = 1.0  # loss scale / pairs of the optimizer step
         self.nll_factor = 0.0  # ORPO: loss scale / chosen completion tokens of the optimizer step
@@ -146,12 +178,20 @@ class PreferenceLoss:
         return self.token_logps(logits, labels)
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        labels, reference = split_target(target)
-        labels = labels[:, : logits.shape[1]]  # a micro-batch cut to its longest row (PairTraining.widths)
-        token_logps = self._rows(logits, labels)
-        logps, counts = token_logps.sum(1), (labels != -100).sum(1)
+        width = logits.shape[1]  # a micro-batch may run on fewer columns than its target has (PairTraining.widths)
+        if self.packed_columns is None:
+            labels, reference = split_target(target)
+            labels = labels[:, :width]
+            token_logps = self._rows(logits, labels)
+            local, counts = _row_sums(token_logps), (labels != -100).sum(1)
+        else:  # each sequence's sums over its document's tokens
+            labels, reference, doc_ids = split_packed_target(target, self.packed_columns)
+            labels = labels[:, :width]
+            token_logps = self._rows(logits, labels)
+            local, counts = _document_sums(token_logps, labels != -100, doc_ids[:, :width], len(reference))
+        logps = local
         if self.context is not None:  # whole sequences' sums, the same on every rank of the group
-            logps = _SumOverContext.apply(logps, self.context.group)
+            logps = _SumOverContext.apply(local, self.context.group)
             dist.all_reduce(counts, group=self.context.group)
         if self.recording is not None:
             self.recording.append(logps.detach().double())
@@ -178,7 +218,7 @@ class PreferenceLoss:
                 )
             else:
                 losses, reward_c, reward_r = orpo_losses(chosen, rejected, self.objective.orpo_lambda)
-                nll = -token_logps[0::2].sum()
+                nll = -local[0::2].sum()  # this rank's chosen tokens
         losses = torch.where(real, losses, 0.0)
         self._count(real, reward_c, reward_r, chosen, rejected, nll, counts[0::2].sum())
         pairs_loss = losses.sum() * self.factor

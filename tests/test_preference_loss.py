@@ -201,7 +201,7 @@ def test_micro_batches_cut_or_packed_train_like_the_padded_rows(kind, chunked, t
     assert packed["doc_ids"][0, :40].tolist() == [0] * 11 + [1] * 8 + [2] * 14 + [3] * 6 + [4]
     assert packed["position_ids"][0, 11:20].tolist() == list(range(8)) + [0]
     assert torch.equal(packed["input_ids"][1, :32], ids[4, :32])
-    assert micro_batch_widths(packed["labels"], 2, multiple=width_multiple(cfg, 160, packed=True)) == [48, 120]
+    assert micro_batch_widths(packed["labels"], 2, multiple=width_multiple(cfg, 160, packed=True)) == [64, 128]
 
     def run(layout: str):
         head = ChunkedHead(stage.output_layer, cfg.final_softcap, chunk=5) if chunked else None

@@ -37,12 +37,12 @@ from training.reference_store import StoredReference
 
 
 def width_multiple(cfg: modules.ModelConfig, columns: int, packed: bool) -> int:
-    """What a micro-batch's width is rounded up to: 8 columns; an eighth of its `columns` (a multiple of 8) where
-    FlexAttention runs (packed documents, soft-capped scores, sliding windows shorter than the row): it is compiled
-    for fixed shapes, so at most eight widths keep it within torch.compile's limit of recompilations (the blocks go
-    dynamic instead)."""
+    """What a micro-batch's width is rounded up to: 8 columns (of an even number of rows: tokens in multiples of 16,
+    as float8 matmuls need); an eighth of its `columns` (a multiple of 16) where FlexAttention runs (packed documents,
+    soft-capped scores, sliding windows shorter than the row): it is compiled for fixed shapes, so at most eight
+    widths keep it within torch.compile's limit of recompilations (the blocks go dynamic instead)."""
     flex = packed or cfg.attn_softcap or ("sliding" in cfg.layer_types and cfg.sliding_window < columns)
-    return -(-columns // 64) * 8 if flex else 8
+    return -(-columns // 128) * 16 if flex else 8
 
 
 def micro_batch_widths(labels: torch.Tensor, micro_batches: int, multiple: int = 8) -> list[int]:

@@ -43,7 +43,7 @@ class Pipeline:
         chunked = {k: v.chunk(n) for k, v in stage_kwargs.items()}
         losses = []
         for i, (ids, lab) in enumerate(zip(input_ids.chunk(n), labels.chunk(n))):
-            width = widths[i] if widths else ids.shape[1]
+            width = widths[i] if widths else None  # None: every column (under cp the ids stay whole, the tokens not)
             with torch.set_grad_enabled(train):
                 outputs = model(ids[:, :width], **{k: v[i][:, :width] for k, v in chunked.items()})
                 loss = self.loss_fn(outputs, lab)

@@ -125,8 +125,8 @@ def orpo_losses(chosen_mean, rejected_mean, lam: float):
 
 
 def _row_sums(token_logps: torch.Tensor) -> torch.Tensor:
-    """Each row's sum, added in float64 and rounded once: the same value whatever order the tokens are added in
-    (rows or packed documents, any width), up to the last bit."""
+    """Each row's sum, added in float64 and rounded once: whatever order the tokens are added in (rows or packed
+    documents, any width), the float32 results agree but for a rare last-bit rounding."""
     return token_logps.double().sum(1).to(token_logps.dtype)
 
 

@@ -236,7 +236,8 @@ def test_objective_trains_like_the_formula_in_every_layout(setup, kind, lora, la
 def test_dpo_resumes_bit_exactly_without_computing_its_stored_reference_again(setup, tmp_path):
     """A pp2 DPO run (full fine-tuning: the reference's log-probabilities stored before step 1, held-out pairs too)
     killed inside its final save resumes from step 2, reads the stored reference instead of computing it, and ends
-    bit-identical to the run that never stopped: weights, optimizer state, every logged loss and validation."""
+    bit-identical to the run that never stopped: weights, optimizer state, every logged loss and validation. One
+    stage with packed pairs ends where the pipeline does."""
     root, model_dir, data = setup
     held_out = make_pairs(root / "held_out.jsonl", n=6, seed=1)
     whole, part = tmp_path / "whole", tmp_path / "part"
@@ -260,6 +261,17 @@ def test_dpo_resumes_bit_exactly_without_computing_its_stored_reference_again(se
 
     keys = [k for k in logged(whole) if k[1] in ("loss", "valid.loss", "valid.rewards/margins")]
     assert len(keys) == 8 and {k: logged(part)[k] for k in keys} == {k: logged(whole)[k] for k in keys}
+
+    # the same run on one stage, pairs packed (reference pass, training and held-out pairs alike): the same weights
+    # and validation scores within fp32 rounding
+    packed = tmp_path / "packed"
+    result = run_job(1, flags_of(model_dir, data, packed, "dpo", **steps))
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = read_checkpoint_weights(str(packed), suffix=suffix)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=4e-5, msg=name)
+    for key in keys:
+        assert logged(packed)[key] == pytest.approx(logged(whole)[key], rel=1e-4, abs=1e-6), key
 
     # another --total-steps on resume: the stored rows no longer fit, and the starting weights are gone
     other = flags_of(model_dir, data, part, "dpo", pp=2, **{**steps, "total-steps": 6, "load-checkpoint": "true"})

@@ -128,6 +128,16 @@ class PairTraining:
         self.width_multiple = width_multiple(cfg, columns, self.packed)
         self.packed_columns = columns if self.packed else None
         self.loss_fn = PreferenceLoss(job.objective, recompute, compiled, head, context, self.packed_columns)
+        if self.packed:
+            log(
+                f"pairs packed: a micro-batch's {micro_rows} sequences run as documents of one row, up to its last label"
+            )
+        else:
+            log(
+                "pairs: a micro-batch's rows run up to their longest (--pack-pairs true packs them)"
+                if self.cut_rows
+                else "pairs: rows padded to --seq-length (pipeline stages and context parallelism exchange fixed shapes)"
+            )
         self.reference = reference_kind(job)
         self.reference_pipeline = self.reference_loss = None
         self.stored = StoredReference(job, layout, steps_total, plan.holds_last) if self.reference == "stored" else None

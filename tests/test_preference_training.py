@@ -154,7 +154,8 @@ def assert_trained_like(ckpt, expected, lora):
 
 # (objective, LoRA, [(pp, dp, pp-mode, --dpo-reference, cp[, --pack-pairs])]): every objective in several layouts,
 # launched at once; cp 2 splits every sequence over two ranks (--context-parallel-size); at pp=1 without cp a
-# micro-batch's pairs are packed into one row unless --pack-pairs is false (pp > 1 pads them to --seq-length)
+# micro-batch's pairs are packed into one row (--pack-pairs true) unless the layout says False (pp > 1 pads them to
+# --seq-length)
 CASES = [
     (
         "dpo",
@@ -206,8 +207,8 @@ def test_objective_trains_like_the_formula_in_every_layout(setup, kind, lora, la
     for pp, dp, mode, reference, cp, *pack in layouts:
         ckpt = tmp_path / f"pp{pp}-dp{dp}-cp{cp}-{mode}-{reference}{'-pad' * (pack == [False])}"
         extra = {"dp-mode": "sharded"} if (dp > 1 and not lora) else {}
-        if pack:
-            extra["pack-pairs"] = str(pack[0]).lower()
+        if pp == 1 and cp == 1:  # packed unless the layout says otherwise
+            extra["pack-pairs"] = "false" if pack == [False] else "true"
         if reference != "auto":
             extra["dpo-reference"] = reference
         if pp == 2:  # the head inside the loss (the frozen copy's too)
@@ -265,7 +266,7 @@ def test_dpo_resumes_bit_exactly_without_computing_its_stored_reference_again(se
     # the same run on one stage, pairs packed (reference pass, training and held-out pairs alike): the same weights
     # and validation scores within fp32 rounding
     packed = tmp_path / "packed"
-    result = run_job(1, flags_of(model_dir, data, packed, "dpo", **steps))
+    result = run_job(1, flags_of(model_dir, data, packed, "dpo", **steps, **{"pack-pairs": "true"}))
     assert result.returncode == 0, result.stderr[-2000:]
     got = read_checkpoint_weights(str(packed), suffix=suffix)
     for name in want:

@@ -7,12 +7,12 @@ training/reference_store.py), or a frozen copy of the starting weights with a pi
 `adapters` and `copy` run forward only, once per batch, before the policy's forward and backward. The rows reach the
 policy's loss inside the target (training/preference.py). SimPO and ORPO need no reference.
 
-Rows are padded to --seq-length. At pp=1 without context parallelism, a micro-batch's sequences are packed one after
-another into one row (`pack_pairs`, --pack-pairs true: documents that do not see each other, positions restarting at
-each) or, with --pack-pairs false, left in their rows; either way the micro-batch runs (policy and reference alike) on
-its columns up to its last label only (`widths`, rounded up by `width_multiple`), as TRL pads a batch to its longest: a
-causal model's outputs at the labelled positions do not depend on the padding after them, so the losses are those of
-the padded rows. Pipeline stages exchange fixed shapes, so at pp > 1 rows stay padded to --seq-length.
+Rows are padded to --seq-length. At pp=1 without context parallelism, a micro-batch's sequences stay in their rows or,
+with --pack-pairs true, are packed one after another into one row (`pack_pairs`: documents that do not see each other,
+positions restarting at each); either way the micro-batch runs (policy and reference alike) on its columns up to its
+last label only (`widths`, rounded up by `width_multiple`), as TRL pads a batch to its longest: a causal model's
+outputs at the labelled positions do not depend on the padding after them, so the losses are those of the padded rows.
+Pipeline stages exchange fixed shapes, so at pp > 1 rows stay padded to --seq-length.
 """
 
 from __future__ import annotations
@@ -43,6 +43,17 @@ def width_multiple(cfg: modules.ModelConfig, columns: int, packed: bool) -> int:
     widths keep it within torch.compile's limit of recompilations (the blocks go dynamic instead)."""
     flex = packed or cfg.attn_softcap or ("sliding" in cfg.layer_types and cfg.sliding_window < columns)
     return -(-columns // 128) * 16 if flex else 8
+
+
+def allow_a_compile_per_width() -> None:
+    """Each width a micro-batch takes may compile FlexAttention (fixed shapes) and the blocks once more, in training
+    and without gradients (the reference pass): room for all of them beyond torch.compile's default of 8
+    recompilations per function, past which it would run them uncompiled (FlexAttention then materialises every
+    score)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 4 * 8)  # width_multiple allows 8 widths
 
 
 def micro_batch_widths(labels: torch.Tensor, micro_batches: int, multiple: int = 8) -> list[int]:
@@ -126,6 +137,8 @@ class PairTraining:
         micro_rows = 2 * job.data.micro_batch_size
         columns = micro_rows * job.data.seq_length if self.packed else job.data.seq_length
         self.width_multiple = width_multiple(cfg, columns, self.packed)
+        if self.cut_rows and layout.device.type == "cuda":
+            allow_a_compile_per_width()
         self.packed_columns = columns if self.packed else None
         self.loss_fn = PreferenceLoss(job.objective, recompute, compiled, head, context, self.packed_columns)
         if self.packed:
@@ -134,7 +147,7 @@ class PairTraining:
             )
         else:
             log(
-                "pairs: a micro-batch's rows run up to their longest (--pack-pairs true packs them)"
+                "pairs: a micro-batch's rows run up to their longest (--pack-pairs true packs them into one row)"
                 if self.cut_rows
                 else "pairs: rows padded to --seq-length (pipeline stages and context parallelism exchange fixed shapes)"
             )

@@ -22,8 +22,8 @@ the same count), so neither side pads: ours gets --seq-length 1024, TRL max_leng
 Throughput, counted alike on both sides: tokens/s = 2 x seq_length x pairs per step x timed steps / sum(step_s)
 (the chosen and the rejected row of a pair, no padding), pairs/s = tokens/s / (2 x seq_length). --length-spread F
 makes the pairs ragged (each prompt and completion drawn from 1 - F to 1 times its length): tokens/s then counts the
-text's tokens only (the data's mean per pair x pairs per step), whatever padding each side adds (ours pads a
-micro-batch's rows to their longest, as TRL's collator pads a batch, or with `pack` packs its sequences into one row),
+text's tokens only (the data's mean per pair x pairs per step), whatever padding each side adds (ours packs a
+micro-batch's sequences into one row, or with `pad` pads its rows to their longest, as TRL's collator pads a batch),
 and MFU keeps the full length's attention term. Our step_s is the
 trainer's; TRL's is the wall time from one optimizer step's end to the next (baseline_dpo_trl.py's callback, GPU
 synchronised; its `in_step_s`, without the batch fetch Trainer does before on_step_begin, is in the JSON too).
@@ -33,8 +33,8 @@ Memory = torch.cuda.max_memory_allocated over the steps (TRL: counted from on_tr
 Variants (comma lists, words joined by '+'): mbN micro-batch (pairs), compile (ours: --compile; TRL:
 DPOConfig(torch_compile=True), the whole model), rcompile (TRL: accelerate's regional, per-block compile), gc (TRL:
 gradient checkpointing, which DPOConfig turns on by default: off unless asked), ac-none / ac-selective / ac-full,
-chunk-on / chunk-off (ours: --chunked-loss; its default is auto) and pack (ours: --pack-pairs true: a micro-batch's
-sequences packed into one row instead of its rows padded to their longest). `--runs-from FILE` adds an earlier call's
+chunk-on / chunk-off (ours: --chunked-loss; its default is auto) and pack / pad (ours: --pack-pairs true / false: a
+micro-batch's sequences packed into one row, the default, or its rows padded to their longest). `--runs-from FILE` adds an earlier call's
 runs of the part (its JSON) to the table and the targets, for a part split over two calls.
 
 The GPU image lacks trl, datasets and their needs: carry them as wheels (`.whl/`, git-ignored), written here by
@@ -68,7 +68,7 @@ second call's table and targets then hold both calls' runs. TRL's whole-model co
 
 Ragged pairs (what padding costs each side; packed against padded rows, issue #28 item 3), one call of ~8 min
 (estimate): python3 bench/bench_dpo.py --part 1 --length-spread 0.5 --p1-trl mb8,mb8+compile
-    --p1-ours mb8+compile,mb8+compile+pack --steps 24 --warmup 8 --time-budget 560
+    --p1-ours mb8+compile,mb8+compile+pad --steps 24 --warmup 8 --time-budget 560
 
     python bench/bench_dpo.py --smoke              # CPU check, tiny shapes, both parts, both sides (about 30 s)
 """
@@ -123,7 +123,7 @@ WHEEL_PLATFORMS = [
 def parse_variant(text: str, default_mb: int) -> dict:
     v = {"label": text, "mb": default_mb, "compile": False, "rcompile": False, "gc": False, "ac": "none"}
     v["chunked_loss"] = None  # ours: --chunked-loss (None: its default, auto)
-    v["pack"] = False  # ours: --pack-pairs true (a micro-batch's sequences packed into one row)
+    v["pack"] = None  # ours: --pack-pairs true / false (None: the trainer's default, true)
     for word in text.split("+"):
         if word.startswith("mb") and word[2:].isdigit():
             v["mb"] = int(word[2:])
@@ -137,11 +137,11 @@ def parse_variant(text: str, default_mb: int) -> dict:
             v["ac"] = word[3:]
         elif word in ("chunk-on", "chunk-off"):
             v["chunked_loss"] = word[6:]
-        elif word == "pack":
-            v["pack"] = True
+        elif word in ("pack", "pad"):
+            v["pack"] = word == "pack"
         elif word not in ("eager", "bf16"):
             sys.exit(
-                f"bench_dpo: unknown variant word {word!r} in {text!r} (mbN, compile, rcompile, gc, ac-*, chunk-*, pack)"
+                f"bench_dpo: unknown variant word {word!r} in {text!r} (mbN, compile, rcompile, gc, ac-*, chunk-*, pack, pad)"
             )
     return v
 
@@ -310,7 +310,7 @@ def run_part(s: Session, args, part: str) -> dict:
             activation_checkpointing=v["ac"],
             extra=ours_flags
             + (["--chunked-loss", v["chunked_loss"]] if v["chunked_loss"] else [])
-            + (["--pack-pairs", "true"] if v["pack"] else []),
+            + (["--pack-pairs", str(v["pack"]).lower()] if v["pack"] is not None else []),
             flops=fpt,
             tokens_per_step=tokens_per_step,
         )

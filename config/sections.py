@@ -361,7 +361,7 @@ class ObjectiveConfig:
     )
     pack_pairs: bool = setting(
         "--pack-pairs",
-        False,
+        True,
         "pairs at pp=1 without context parallelism: true packs a micro-batch's sequences one after another into one "
         "row, as documents that do not see each other; false pads them to the micro-batch's longest (at pp > 1 rows "
         "are always padded to --seq-length)",

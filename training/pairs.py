@@ -7,12 +7,12 @@ training/reference_store.py), or a frozen copy of the starting weights with a pi
 `adapters` and `copy` run forward only, once per batch, before the policy's forward and backward. The rows reach the
 policy's loss inside the target (training/preference.py). SimPO and ORPO need no reference.
 
-Rows are padded to --seq-length. At pp=1 without context parallelism, a micro-batch's sequences stay in their rows or,
-with --pack-pairs true, are packed one after another into one row (`pack_pairs`: documents that do not see each other,
-positions restarting at each); either way the micro-batch runs (policy and reference alike) on its columns up to its
-last label only (`widths`, rounded up by `width_multiple`), as TRL pads a batch to its longest: a causal model's
-outputs at the labelled positions do not depend on the padding after them, so the losses are those of the padded rows.
-Pipeline stages exchange fixed shapes, so at pp > 1 rows stay padded to --seq-length.
+Rows are padded to --seq-length. At pp=1 without context parallelism, a micro-batch's sequences are packed one after
+another into one row (`pack_pairs`, --pack-pairs true: documents that do not see each other, positions restarting at
+each) or, with --pack-pairs false, stay in their rows; either way the micro-batch runs (policy and reference alike) on
+its columns up to its last label only (`widths`, rounded up by `width_multiple`), as TRL pads a batch to its longest:
+a causal model's outputs at the labelled positions do not depend on the padding after them, so the losses are those of
+the padded rows. Pipeline stages exchange fixed shapes, so at pp > 1 rows stay padded to --seq-length.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class PairTraining:
             )
         else:
             log(
-                "pairs: a micro-batch's rows run up to their longest (--pack-pairs true packs them into one row)"
+                "pairs: a micro-batch's rows run up to their longest (--pack-pairs false)"
                 if self.cut_rows
                 else "pairs: rows padded to --seq-length (pipeline stages and context parallelism exchange fixed shapes)"
             )

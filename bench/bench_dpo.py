@@ -19,23 +19,23 @@ the same count), so neither side pads: ours gets --seq-length 1024, TRL max_leng
   run of ours at no more peak memory than TRL's best eager run (c). "Best ours" is the fastest run of ours whose peak
   allocated memory is at most that TRL run's (the fastest of all when none is).
 
-Throughput, counted alike on both sides: tokens/s = 2 x seq_length x pairs per step x timed steps / sum(step_s)
-(the chosen and the rejected row of a pair, no padding), pairs/s = tokens/s / (2 x seq_length). --length-spread F
-makes the pairs ragged (each prompt and completion drawn from 1 - F to 1 times its length): tokens/s then counts the
-text's tokens only (the data's mean per pair x pairs per step), whatever padding each side adds (ours packs a
-micro-batch's sequences into one row, or with `pad` pads its rows to their longest, as TRL's collator pads a batch),
-and MFU keeps the full length's attention term. Our step_s is the
-trainer's; TRL's is the wall time from one optimizer step's end to the next (baseline_dpo_trl.py's callback, GPU
-synchronised; its `in_step_s`, without the batch fetch Trainer does before on_step_begin, is in the JSON too).
-DPO MFU = tokens/s x (4·N + 6·N_lora + 12·L·d·S for the policy + 2·N + 4·L·d·S for the reference forward) / peak.
-Memory = torch.cuda.max_memory_allocated over the steps (TRL: counted from on_train_begin).
+Throughput, counted alike on both sides: tokens/s = 2 x seq_length x pairs per step x timed steps / sum(step_s) (the
+chosen and the rejected row of a pair, no padding), pairs/s = tokens/s / (2 x seq_length). --length-spread F makes the
+pairs ragged (each prompt and completion drawn from 1 - F to 1 times its length): tokens/s then counts the text's
+tokens only (the data's mean per pair x pairs per step), whatever padding each side adds (ours packs a micro-batch's
+sequences into one row, or with `pad` pads its rows to their longest, as TRL's collator pads a batch), and MFU keeps
+the full length's attention term. Our step_s is the trainer's; TRL's is the wall time from one optimizer step's end to
+the next (baseline_dpo_trl.py's callback, GPU synchronised; its `in_step_s`, without the batch fetch Trainer does
+before on_step_begin, is in the JSON too). DPO MFU = tokens/s x (4·N + 6·N_lora + 12·L·d·S for the policy + 2·N +
+4·L·d·S for the reference forward) / peak. Memory = torch.cuda.max_memory_allocated over the steps (TRL: counted from
+on_train_begin).
 
 Variants (comma lists, words joined by '+'): mbN micro-batch (pairs), compile (ours: --compile; TRL:
 DPOConfig(torch_compile=True), the whole model), rcompile (TRL: accelerate's regional, per-block compile), gc (TRL:
 gradient checkpointing, which DPOConfig turns on by default: off unless asked), ac-none / ac-selective / ac-full,
 chunk-on / chunk-off (ours: --chunked-loss; its default is auto) and pack / pad (ours: --pack-pairs true / false: a
-micro-batch's sequences packed into one row, the default, or its rows padded to their longest). `--runs-from FILE` adds an earlier call's
-runs of the part (its JSON) to the table and the targets, for a part split over two calls.
+micro-batch's sequences packed into one row, the default, or its rows padded to their longest). `--runs-from FILE`
+adds an earlier call's runs of the part (its JSON) to the table and the targets, for a part split over two calls.
 
 The GPU image lacks trl, datasets and their needs: carry them as wheels (`.whl/`, git-ignored), written here by
 `python bench/bench_dpo.py --download-wheels` (pip download for CPython 3.12 / manylinux x86_64 from the registry, then
@@ -140,9 +140,8 @@ def parse_variant(text: str, default_mb: int) -> dict:
         elif word in ("pack", "pad"):
             v["pack"] = word == "pack"
         elif word not in ("eager", "bf16"):
-            sys.exit(
-                f"bench_dpo: unknown variant word {word!r} in {text!r} (mbN, compile, rcompile, gc, ac-*, chunk-*, pack, pad)"
-            )
+            known = "mbN, compile, rcompile, gc, ac-*, chunk-*, pack, pad"
+            sys.exit(f"bench_dpo: unknown variant word {word!r} in {text!r} ({known})")
     return v
 
 

@@ -174,13 +174,17 @@ def test_micro_batch_widths_reach_the_last_label_rounded_up():
     assert micro_batch_widths(labels, 4, multiple=24) == [24, 24, 40, 24]
 
 
-@pytest.mark.parametrize("kind", ["dpo", "orpo"])
-@pytest.mark.parametrize("chunked", [False, True], ids=["logits", "chunked-head"])
-def test_micro_batches_cut_or_packed_train_like_the_padded_rows(kind, chunked, tmp_path):
+@pytest.mark.parametrize(
+    "kind,chunked,family",
+    [("dpo", False, "llama"), ("orpo", False, "llama"), ("dpo", True, "llama"), ("orpo", True, "llama")]
+    + [("dpo", False, "gemma2")],  # sliding windows of 4 (within documents) and soft-capped scores
+)
+def test_micro_batches_cut_or_packed_train_like_the_padded_rows(kind, chunked, family, tmp_path):
     """pp=1 runs each micro-batch of pairs on its columns up to its last label only, its sequences left in their rows
     or packed into one row as documents: the loss, the statistics and every parameter's gradient equal those of the
     rows padded to --seq-length (fp32, within 1e-6)."""
-    path = make_model(tmp_path / "m", model_type="llama", hidden=32, layers=2, heads=4)
+    extra = ("--sliding-window", "4", "--tie-word-embeddings") if family == "gemma2" else ()
+    path = make_model(tmp_path / "m", model_type=family, hidden=32, layers=2, heads=4, extra=extra)
     cfg = modules.load_model_config(path)
     stage = modules.build_stage(cfg, 0, cfg.num_layers, True, True)
     modules.load_stage_weights(stage, path)

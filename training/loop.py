@@ -204,9 +204,11 @@ class Trainer:
         data, lay, meter = self.job.data, self.layout, self.step_log.meter
         rows = data.batch_size * (2 if self.pairs else 1)  # a pair is two sequences
         tokens_per_step = rows * lay.dp_size * data.accumulation * data.seq_length
+        counted = f"{tokens_per_step} tokens per step"
+        if self.pairs:  # rows x --seq-length: what a padded batch holds, and what tokens/s and MFU then count
+            counted += " (pairs: their rows at --seq-length, whatever a micro-batch runs on)"
         self.log.info(
-            f"training {self.steps_total} optimizer steps from step {self.step}; {tokens_per_step} tokens per step; "
-            f"peak {meter.peak_label}"
+            f"training {self.steps_total} optimizer steps from step {self.step}; {counted}; peak {meter.peak_label}"
         )
         try:
             with modules.attention_backend(self.job.model.attention_backend):

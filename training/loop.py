@@ -31,7 +31,7 @@ from training.loss import TokenMeanLoss
 from training.memory_plan import check_memory_plan
 from training.metrics import StepMeter
 from training.pairs import PairTraining
-from training.preference import PreferenceLoss, context_target
+from training.preference import PreferenceLoss
 from training.profiling import make_profiler
 from training.startup import StartupClock
 from training.step_log import StepLog
@@ -280,20 +280,14 @@ class Trainer:
 
     def _run_batch(self, batch: dict | None, train: bool = True) -> torch.Tensor | None:
         """One batch through the pipeline (this rank's stages); the summed loss on the last stage's ranks."""
+        if self.pairs:  # their layout, their reference's pass and their target are theirs
+            return self.pairs.run_batch(batch, self.pipeline, train)
         device = self.layout.device
-        if self.pairs:  # packed under --pack-pairs at pp=1, with document ids of its own
-            batch = self.pairs.pack(batch)
         input_ids = batch["input_ids"].to(device, non_blocking=True) if batch else None
-        stage_kwargs = self.pairs.stage_inputs(batch) if self.pairs else self._document_inputs(batch)
-        if self.pairs:  # the labels and the reference's log-probabilities (its pass runs now)
-            target = self.pairs.target(batch, self.pipeline, stage_kwargs)
-        else:
-            target = batch["labels"].to(device, non_blocking=True) if batch else None
+        target = batch["labels"].to(device, non_blocking=True) if batch else None
         if self.context is not None:  # this rank's tokens; position and document ids stay whole for the masks
-            input_ids = self.context.split(input_ids)
-            target = context_target(self.context, target) if self.pairs else self.context.split(target)
-        widths = self.pairs.widths(batch) if self.pairs else None  # pairs: each micro-batch up to its longest row
-        return self.pipeline.run(input_ids, target, train=train, widths=widths, **stage_kwargs)
+            input_ids, target = self.context.split(input_ids), self.context.split(target)
+        return self.pipeline.run(input_ids, target, train=train, **self._document_inputs(batch))
 
     def _document_inputs(self, batch: dict | None) -> dict:
         """The stages' position and document ids of a batch under --attention-mask document; none (plain causal

@@ -204,22 +204,34 @@ class PairTraining:
             return None
         return micro_batch_widths(batch["labels"], self.job.pipeline.micro_batches, self.width_multiple)
 
-    def target(self, batch: dict | None, policy: Pipeline, stage_kwargs: dict) -> torch.Tensor | None:
-        """The last stage's loss target of `batch` (as `pack` left it): its labels and the reference's sequence
-        log-probabilities (the reference pass runs here, on every rank of the pipeline); None on the other ranks."""
+    def run_batch(self, batch: dict | None, policy: Pipeline, train: bool) -> torch.Tensor | None:
+        """One batch through the policy's pipeline (this rank's stages), laid out by `pack`, after the reference's
+        pass over it (on every rank of the pipeline), each micro-batch on its `widths`; the summed loss on the last
+        stage's ranks, else None."""
         self._commit()  # the previous batch's statistics
+        batch = self.pack(batch)
+        widths, stage_kwargs = self.widths(batch), self.stage_inputs(batch)
         if self.reference == "stored":
             reference = self.stored.next_rows("eval" if self.evaluating else "train")
         elif self.reference is not None:
-            reference = self._reference_pass(batch, policy, stage_kwargs)
+            reference = self._reference_pass(batch, policy, stage_kwargs, widths)
         else:
             reference = None
-        return self._target(batch, reference)
+        return self._run(policy, batch, reference, stage_kwargs, widths, train)
 
-    def _target(self, batch: dict | None, reference: torch.Tensor | None) -> torch.Tensor | None:
-        """`with_reference` of a batch's labels (and a packed batch's document ids); None without a batch."""
-        if batch is None:
-            return None
+    def _run(self, pipeline: Pipeline, batch, reference, stage_kwargs: dict, widths, train: bool):
+        """`batch` and its loss target (labels, a packed batch's document ids, the reference's sequence
+        log-probabilities) through `pipeline`: under context parallelism this rank's tokens of them."""
+        input_ids = target = None
+        if batch is not None:
+            input_ids = batch["input_ids"].to(self.layout.device, non_blocking=True)
+            target = self._target(batch, reference)
+        if self.context is not None:
+            input_ids, target = self.context.split(input_ids), context_target(self.context, target)
+        return pipeline.run(input_ids, target, train=train, widths=widths, **stage_kwargs)
+
+    def _target(self, batch: dict, reference: torch.Tensor | None) -> torch.Tensor:
+        """`with_reference` of a batch's labels (and a packed batch's document ids)."""
         labels = batch["labels"].to(self.layout.device, non_blocking=True)
         if not self.packed:
             return with_reference(labels, reference)
@@ -227,7 +239,7 @@ class PairTraining:
             reference = torch.zeros(labels.shape[0] * 2 * self.job.data.micro_batch_size, dtype=torch.float64)
         return with_reference(labels, reference, batch["doc_ids"])
 
-    def _reference_pass(self, batch: dict | None, policy: Pipeline, stage_kwargs: dict) -> torch.Tensor | None:
+    def _reference_pass(self, batch: dict | None, policy: Pipeline, stage_kwargs: dict, widths) -> torch.Tensor | None:
         """The reference's sequence log-probabilities of one batch (forward only; on the last stage, else None): the
         policy's pipeline with the adapters off, the frozen copy's, or (stored, before step 1) the policy's own."""
         pipeline, loss_fn = policy, self.loss_fn
@@ -236,13 +248,9 @@ class PairTraining:
             pipeline, loss_fn = self.reference_pipeline, self.reference_loss
         rows: list[torch.Tensor] = []
         loss_fn.recording = rows
-        input_ids = batch["input_ids"].to(self.layout.device, non_blocking=True) if batch else None
-        target = self._target(batch, None)
-        if self.context is not None:  # this rank's tokens, as in the policy's pass
-            input_ids, target = self.context.split(input_ids), context_target(self.context, target)
         try:
             with off:
-                pipeline.run(input_ids, target, train=False, widths=self.widths(batch), **stage_kwargs)
+                self._run(pipeline, batch, None, stage_kwargs, widths, train=False)
         finally:
             loss_fn.recording = None
         return torch.cat(rows) if rows else None
@@ -265,7 +273,7 @@ class PairTraining:
 
         def run(batch: dict | None) -> torch.Tensor | None:
             batch = self.pack(batch)
-            return self._reference_pass(batch, policy, self.stage_inputs(batch))
+            return self._reference_pass(batch, policy, self.stage_inputs(batch), self.widths(batch))
 
         try:
             self.stored.compute(train, held_out, run, self.log)

@@ -42,11 +42,10 @@ class StepLog:
         tensors = {} if loss is None else {"loss": loss}
         if lay.device.type == "cuda":
             mine = torch.tensor([torch.cuda.max_memory_allocated(lay.device) / 2**30], device=lay.device)
-            if lay.world_size > 1:
+            if lay.world_size > 1:  # a world of one needs no collective
                 gathered = [torch.zeros_like(mine) for _ in range(lay.world_size)]
                 dist.all_gather(gathered, mine)
                 mine = torch.cat(gathered)
-            # (a world of one needs no collective)
             tensors["memory"] = mine
         if lay.is_logger:  # timed here, at the step's end on the host, however late the line is written
             values.update(self.meter.measure(step, tokens_per_step))

@@ -16,7 +16,7 @@ from config import ObjectiveConfig, PipelineConfig
 from pipeline_parallel import Pipeline, StagePlan
 from tests.helpers import make_model
 from training.chunked_logps import ChunkedHead
-from training.pairs import micro_batch_widths, pack_pairs, width_multiple
+from training.pairs import micro_batch_widths, pack_pairs, text_tokens, width_multiple
 from training.preference import PreferenceLoss, dpo_losses, orpo_losses, simpo_losses, split_target, with_reference
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -172,6 +172,23 @@ def test_micro_batch_widths_reach_the_last_label_rounded_up():
     assert width_multiple(types.SimpleNamespace(**{**vars(plain), "sliding_window": 512}), 1024, False) == 128
     assert width_multiple(types.SimpleNamespace(**{**vars(plain), "attn_softcap": 50.0}), 1000, False) == 128
     assert micro_batch_widths(labels, 4, multiple=24) == [24, 24, 40, 24]
+
+
+def test_text_tokens_are_each_rows_prompt_and_completion_without_its_padding():
+    """What tokens/s and MFU count for pairs: every row's prompt + completion (its EOS included, padding alike in
+    tokens, as where the tokenizer pads with EOS), a row the whole window long, an empty prompt, nothing for a filler
+    pair; rows as tasks.PreferenceStream lays them out."""
+    from tasks.preference import pair_rows
+
+    eos = 0
+    pairs = [
+        ([5, 6, 7], [8, 9, eos], [10, eos]),  # 6 and 5 tokens
+        ([], [11, 12, eos], [13, eos]),  # 3 and 2
+        None,  # a filler pair: 0
+        ([1, 2, 3, 4], [2] * 11 + [eos], [3, eos]),  # 16 (the window) and 6
+    ]
+    batch = pair_rows([(*pair, False) if pair else None for pair in pairs], seq_length=16, pad=eos)
+    assert text_tokens(batch["labels"]) == 6 + 5 + 3 + 2 + 16 + 6
 
 
 @pytest.mark.parametrize(

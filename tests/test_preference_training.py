@@ -5,7 +5,8 @@ bit-exactly without computing the stored reference again.
 
 Reference: the transformers model, the same global batches of pairs (tasks.PreferenceStream at dp=1), per-row
 log-probabilities of the completion tokens, the step's loss the mean over its pairs (ORPO: plus the chosen tokens'
-mean NLL), global clipping at 1.0, fp32 on CPU. Each layout is a real multi-process run of the entrypoint on gloo.
+mean NLL), global clipping at 1.0, fp32 on CPU. Each layout is a real multi-process run of the entrypoint on gloo,
+and its logged tokens/s counts the text tokens of each step's rows (every replica's), not their padding.
 """
 
 from __future__ import annotations
@@ -126,6 +127,33 @@ def setup(tmp_path_factory):
     return root, model_dir, make_pairs(root / "pairs.jsonl")
 
 
+@pytest.fixture(scope="module")
+def step_text_tokens(setup):
+    """The prompt + completion tokens of each step's rows (its global batch: tasks.PreferenceStream at dp=1), counted
+    from the rows' layout: a row's prompt ends where its labels start (its last token predicts the first completion
+    token) and each completion token is one label; only padding follows."""
+    from transformers import AutoTokenizer
+
+    from tasks import PreferenceStream
+
+    _, model_dir, data = setup
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stream = PreferenceStream(data_config(data, SEQ, PAIRS, seed=SEED), tokenizer)
+    per_step = []
+    for _ in range(STEPS):
+        batch, tokens = next(stream), 0
+        for ids, labels in zip(batch["input_ids"], batch["labels"]):
+            completion = (labels != -100).nonzero()[:, 0]
+            text = int(completion[0]) + 1 + len(completion)
+            assert (ids[text:] == pad).all()
+            tokens += text
+        per_step.append(tokens)
+    stream.close()
+    assert all(tokens < 2 * PAIRS * SEQ for tokens in per_step)  # padded rows would count more: the test can tell
+    return per_step
+
+
 def flags_of(model_dir, data, ckpt, kind, pp=1, dp=1, mode="gpipe", lora=False, **extra):
     flags = {
         "objective": kind,
@@ -200,7 +228,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("kind,lora,layouts", CASES, ids=[f"{k}-{'lora' if lo else 'full'}" for k, lo, _ in CASES])
-def test_objective_trains_like_the_formula_in_every_layout(setup, kind, lora, layouts, tmp_path):
+def test_objective_trains_like_the_formula_in_every_layout(setup, step_text_tokens, kind, lora, layouts, tmp_path):
     root, model_dir, data = setup
     expected = reference_run(model_dir, data, kind, lora)
     runs = {}
@@ -225,13 +253,14 @@ def test_objective_trains_like_the_formula_in_every_layout(setup, kind, lora, la
     steps = [m for m in metrics if "loss" in m]
     assert len(steps) == STEPS and all("rewards/accuracies" in m and "truncated_pairs" in m for m in steps)
     # every layout logs the one process's loss, gradient norm (Adam's update alone would hide a scaled gradient)
-    # and statistics
+    # and statistics; its tokens/s counts the text tokens of every replica's rows in the step, not their padding
     for layout, (ckpt, _) in runs.items():
         logged = [m for m in map(json.loads, open(ckpt / "metrics.jsonl")) if "loss" in m]
-        for got, want in zip(logged, steps, strict=True):
+        for got, want, text_tokens in zip(logged, steps, step_text_tokens, strict=True):
             keys = ["loss", "grad_norm"] + [k for k in want if k.startswith(("rewards/", "logps/", "nll_loss"))]
             for key in keys:
                 assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (layout, key, got[key], want[key])
+            assert round(got["tokens_per_s"] * got["step_s"]) == text_tokens, (layout, got["step"], text_tokens)
 
 
 def test_dpo_resumes_bit_exactly_without_computing_its_stored_reference_again(setup, tmp_path):

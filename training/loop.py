@@ -202,11 +202,10 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def train(self):
         data, lay, meter = self.job.data, self.layout, self.step_log.meter
-        rows = data.batch_size * (2 if self.pairs else 1)  # a pair is two sequences
-        tokens_per_step = rows * lay.dp_size * data.accumulation * data.seq_length
+        tokens_per_step = data.batch_size * lay.dp_size * data.accumulation * data.seq_length  # SFT's windows are full
         counted = f"{tokens_per_step} tokens per step"
-        if self.pairs:  # rows x --seq-length: what a padded batch holds, and what tokens/s and MFU then count
-            counted += " (pairs: their rows at --seq-length, whatever a micro-batch runs on)"
+        if self.pairs:  # what a step trains, whether its layout runs the padding (pp > 1) or skips it (packed, cut)
+            counted = "tokens/s and MFU count the pairs' text tokens (prompt + completion of every row), not padding"
         self.log.info(
             f"training {self.steps_total} optimizer steps from step {self.step}; {counted}; peak {meter.peak_label}"
         )
@@ -226,7 +225,9 @@ class Trainer:
         self.profiler.finish()
 
     def _steps(self, tokens_per_step: int):
+        """`tokens_per_step`: what an SFT step trains across the job (pairs count their text tokens instead)."""
         data, step_log = self.job.data, self.step_log
+        logged_step = self.step
         while self.step < self.steps_total:
             lr = self.optimizer.lr  # the rate this step uses (the scheduler advances inside the step)
             with self.profiler.step(self.step):
@@ -243,8 +244,10 @@ class Trainer:
             if self.step % self.job.log.every_steps == 0 or last:
                 # Written one step late: the values reach the host while the next step runs. Steps that wait anyway
                 # (first, evaluation, checkpoint, last) write at once.
-                values = self._step_values(lr, grad_norm, skipped)
-                step_log.step(self.step, self._reduce_loss(loss_sum), values, tokens_per_step)
+                values, pair_tokens = self._step_values(lr, grad_norm, skipped)
+                tokens = pair_tokens if self.pairs else tokens_per_step * (self.step - logged_step)
+                logged_step = self.step
+                step_log.step(self.step, self._reduce_loss(loss_sum), values, tokens)
             if first or last or evaluating or saving:
                 step_log.write()
             started = time.perf_counter()
@@ -312,8 +315,10 @@ class Trainer:
             dist.all_reduce(loss, group=self.layout.grad_group)
         return loss
 
-    def _step_values(self, lr: float, grad_norm, skipped: bool) -> dict:
-        values = {"lr": lr, "grad_norm": grad_norm}
+    def _step_values(self, lr: float, grad_norm, skipped: bool) -> tuple[dict, int | None]:
+        """The step line's values, and for pairs the text tokens trained since the last line (across the job, on the
+        last-stage ranks; None elsewhere and for SFT)."""
+        values, tokens = {"lr": lr, "grad_norm": grad_norm}, None
         if self.job.optimizer.fp16:
             values["loss_scale"] = self.optimizer.loss_scale
         if skipped:
@@ -323,8 +328,9 @@ class Trainer:
         if self.stream is not None:
             values["epochs"] = max(self.stream.epochs.values(), default=0)
         if self.pairs:
-            values.update(self.pairs.log_values(self.stream))
-        return values
+            pair_values, tokens = self.pairs.log_values(self.stream)
+            values.update(pair_values)
+        return values, tokens
 
     def evaluate(self):
         """Every rank runs the same evaluation batches (every stage must take part in each)."""

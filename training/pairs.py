@@ -67,6 +67,19 @@ def micro_batch_widths(labels: torch.Tensor, micro_batches: int, multiple: int =
     return widths
 
 
+def labelled_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """Each row's columns up to and including its last label; 0 for a row without labels (a filler pair's)."""
+    labelled = labels != -100
+    return torch.where(labelled.any(1), labels.shape[1] - labelled.flip(1).int().argmax(1), 0)
+
+
+def text_tokens(labels: torch.Tensor) -> int:
+    """The prompt + completion tokens of pair rows `labels` [rows, S] (on the host), their padding left out: a row's
+    text ends on the token its last label predicts, one column after that label (tasks/preference.py)."""
+    lengths = labelled_lengths(labels)
+    return int((lengths + (lengths > 0)).sum())
+
+
 def pack_pairs(batch: dict, micro_batches: int) -> dict:
     """A batch of pair rows [2B, S] (tasks.PreferenceStream) with each micro-batch's rows packed into one row of
     C = its rows x S columns: its sequences one after another, each cut after its last label (nothing later counts)
@@ -76,8 +89,7 @@ def pack_pairs(batch: dict, micro_batches: int) -> dict:
     rows, seq = ids.shape
     per = rows // micro_batches
     columns = per * seq
-    labelled = labels != -100
-    lengths = torch.where(labelled.any(1), seq - labelled.flip(1).int().argmax(1), 0).tolist()
+    lengths = labelled_lengths(labels).tolist()
     packed = {
         "input_ids": torch.zeros(micro_batches, columns, dtype=ids.dtype),
         "labels": torch.full((micro_batches, columns), -100, dtype=labels.dtype),
@@ -156,6 +168,9 @@ class PairTraining:
         self.stored = StoredReference(job, layout, steps_total, plan.holds_last) if self.reference == "stored" else None
         self.stored_ready = False
         self.evaluating = False
+        # This replica's text tokens trained since the last log line (last stage), counted on the host from the
+        # batches it read: tokens/s and MFU count these, not the rows' padding, and counting needs no device sync.
+        self.trained_text_tokens = 0
         if self.reference == "copy":  # the starting weights again, frozen, with a pipeline of their own
             frozen = modules.build_rank_stages(cfg, job.model, plan, layout.device)
             for param in (p for stage in frozen for p in stage.parameters()):
@@ -170,7 +185,7 @@ class PairTraining:
     def start_step(self, batches: list[dict], scale: float, step: int, policy: Pipeline) -> None:
         """Before optimizer step `step` + 1 (on every rank): the stored reference ready, and on the last stage the
         step's normalisation: loss scale / pairs of the step (every replica's), and for ORPO's SFT term loss scale /
-        chosen completion tokens of the step."""
+        chosen completion tokens of the step; and its text tokens, counted for tokens/s."""
         data, lay = self.job.data, self.layout
         if self.stored is not None:
             if not self.stored_ready:
@@ -178,6 +193,7 @@ class PairTraining:
             self.stored.cursor["train"] = step * data.accumulation
         if not self.holds_last:
             return
+        self.trained_text_tokens += sum(text_tokens(b["labels"]) for b in batches)
         self.loss_fn.factor = scale / (data.batch_size * data.accumulation * lay.dp_size)
         if self.job.objective.kind == "orpo":
             tokens = sum((b["labels"][0::2] != -100).sum() for b in batches).to(lay.device, torch.float32)
@@ -281,19 +297,26 @@ class PairTraining:
             if stream is not None:
                 stream.close()
 
-    def log_values(self, stream) -> dict[str, float]:
+    def log_values(self, stream) -> tuple[dict[str, float], int | None]:
         """TRL's statistics, averaged over the pairs since the last call and every replica (last-stage ranks), and
-        the pairs cut to --seq-length so far (`stream`: this rank's tasks.PreferenceStream, or None)."""
+        the pairs cut to --seq-length so far (`stream`: this rank's tasks.PreferenceStream, or None); with them the
+        text tokens every replica trained since the last call (None on ranks without the last stage)."""
         self._commit()
         sums = self.loss_fn.take_stats()
-        if not self.holds_last or sums is None:
-            return {}
+        tokens, self.trained_text_tokens = self.trained_text_tokens, 0
+        if not self.holds_last:
+            return {}, None
+        if sums is None:  # no pair since the last call, so no token either
+            return {}, 0
+        # The token count rides on the statistics' reduction (no collective of its own); float64 holds it exactly.
+        sums = torch.cat([sums, sums.new_full((1,), tokens)])
         if self.layout.dp_size > 1:
             dist.all_reduce(sums, group=self.layout.dp_group)
-        values = stat_means(sums, orpo=self.job.objective.kind == "orpo")
+        sums = sums.cpu()  # one copy for both: stat_means read the sums on the host anyway
+        values = stat_means(sums[:-1], orpo=self.job.objective.kind == "orpo")
         if stream is not None:
             values["truncated_pairs"] = stream.truncated_pairs
-        return values
+        return values, int(sums[-1])
 
     def evaluate(self, batches, run_batch: Callable[[dict], torch.Tensor | None]) -> dict[str, float] | None:
         """The held-out pairs: loss and TRL's statistics under `valid.` names, on the logging rank."""

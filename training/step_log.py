@@ -34,9 +34,10 @@ class StepLog:
         self.clock.lap("first_step")
         self.log.record(step, {"startup_s": self.clock.since_start()}, self.clock.line())
 
-    def step(self, step: int, loss: torch.Tensor | None, values: dict, tokens_per_step: int) -> None:
+    def step(self, step: int, loss: torch.Tensor | None, values: dict, tokens: int | None) -> None:
         """Queue step `step`'s line (`loss`: the step's global mean token loss on the last-stage ranks, still on the
-        device) after writing the one queued before it."""
+        device; `tokens`: what the job trained since the last line, for tokens/s and MFU on the logging rank) after
+        writing the one queued before it."""
         self.write()
         lay = self.layout
         tensors = {} if loss is None else {"loss": loss}
@@ -48,7 +49,7 @@ class StepLog:
                 mine = torch.cat(gathered)
             tensors["memory"] = mine
         if lay.is_logger:  # timed here, at the step's end on the host, however late the line is written
-            values.update(self.meter.measure(step, tokens_per_step))
+            values.update(self.meter.measure(step, tokens))
             if step == self.meter.start_step + 1:
                 values["launch_to_first_step_s"] = time.time() - self.clock.start
         self.pending = PendingStepLog(step, values, tensors)

@@ -36,8 +36,9 @@ PROG = "dist_lm_pretrain_and_finetune.py"
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
-        """One line instead of the full usage block (this command has ~80 flags)."""
-        self.exit(2, f"error: {message} (see --help)\n")
+        """One line instead of the full usage block (this command has ~80 flags), raised as the settings' own
+        problems are: the entrypoint prints it, exits 2, and under torchrun records it for the failure report."""
+        raise rules.ArgumentError(f"{message} (see --help)")
 
 
 def _value_type(section_type: type, field: dataclasses.Field) -> type:
@@ -107,7 +108,7 @@ def check_settings(job: JobConfig) -> None:
 
 
 def parse(argv: list[str] | None = None) -> JobConfig:
-    """The command line as sections, linked but not checked (argparse itself exits 2 on unknown flags)."""
+    """The command line as sections, linked but not checked (ArgumentError for an unknown flag or a bad value)."""
     namespace = build_parser().parse_args(argv)
     return rules.link(job_from_values(vars(namespace)))
 

@@ -4,6 +4,7 @@ In-process: the entrypoint's main() with these flags returns before any process 
 tests/test_cli.py proves the same output from a real process, and covers the inputs found later.
 """
 
+import json
 import os
 
 import pytest
@@ -28,10 +29,7 @@ class Result:
 
 
 def run_main(flags, capsys):
-    try:
-        code = entrypoint.main(flags)
-    except SystemExit as exc:  # argparse exits by itself
-        code = exc.code
+    code = entrypoint.main(flags)  # argparse's own errors too: they come back as the exit status, not SystemExit
     return Result(code, capsys.readouterr().err)
 
 
@@ -117,11 +115,16 @@ def test_fp8_without_torchao_says_how_to_install(setup, tmp_path, capsys, monkey
     assert_one_line_error(run_main(flags, capsys), "--fp8 tensorwise", "needs torchao: pip install torchao")
 
 
-def test_argparse_rejects_unknown_choice(setup, tmp_path, capsys):
+def test_argparse_rejects_unknown_choice(setup, tmp_path, capsys, monkeypatch):
+    """Under torchrun the line also goes into the worker's error file, so torchrun's failure report names it."""
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
     _, model_dir, data = setup
     result = run_main(base_flags(model_dir, data, str(tmp_path / "ck"), **{"pp-mode": "zero-bubble"}), capsys)
     assert_one_line_error(result, "--pp-mode", "invalid choice: 'zero-bubble'", "see --help")
     assert "usage:" not in result.stderr
+    recorded = json.loads(error_file.read_text())["message"]["message"]
+    assert "invalid choice: 'zero-bubble'" in recorded and "see --help" in recorded
 
 
 def test_load_checkpoint_false_never_replaces_another_runs_checkpoints(setup, tmp_path, capsys):

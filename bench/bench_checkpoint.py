@@ -58,14 +58,16 @@ so that the next periodic one does not come before the write is done):
   6.9B, 8-bit Adam (a full fine-tune with fp32 AdamW state is a 96 GB checkpoint, over the 64 GiB disk; 8-bit Adam's
   is ~55 GB: bf16 weights, fp32 master weights, 8-bit moments; ~65 GB on the GPU by the trainer's memory plan;
   `carry` [".whl"] with the bitsandbytes wheel and its pip line from bench/README.md). Two calls on one warm machine
-  (a run is ~5 min at ~0.5 s a step and ~90 s of writing):
-    python3 bench/bench_checkpoint.py --part wall --shape pythia-6.9b --optimizer 8bit-adam --wall-every 400 \
+  (the 1.4B write ran at 0.53 GB/s, so ~105 s for 55 GB; the 6.9B step time is not measured yet, estimated ~0.6-1
+  s: 200 steps cover the write and a run of 400 fits a call):
+    python3 bench/bench_checkpoint.py --part wall --shape pythia-6.9b --optimizer 8bit-adam --wall-every 200 \
         --wall-runs checkpointed --out /tmp/wall/ck.json --time-budget 560 --run-timeout 540; cp /tmp/wall/* $OUT/
-    python3 bench/bench_checkpoint.py --part wall --shape pythia-6.9b --optimizer 8bit-adam --wall-every 400 \
+    python3 bench/bench_checkpoint.py --part wall --shape pythia-6.9b --optimizer 8bit-adam --wall-every 200 \
         --wall-runs reference --wall-with /tmp/wall/ck.json --time-budget 560 --run-timeout 540
-  1.4B, fp32 AdamW state (~20 GB checkpoint), both runs in one call:
-    python3 bench/bench_checkpoint.py --part wall --shape pythia-1.4b --wall-every 800 --wall-checkpoints 2 \
-        --time-budget 570
+  1.4B, fp32 AdamW state (~20 GB checkpoint), both runs in one call (~6 min on an H100, 2026-12-07: 0.28-0.31 s a
+  step, a 37 s write):
+    python3 bench/bench_checkpoint.py --part wall --shape pythia-1.4b --wall-every 300 --wall-checkpoints 1 \
+        --time-budget 540 --run-timeout 300
   `--wall-runs checkpointed` / `reference` with `--wall-with JSON` split any pair over two calls this way (same
   flags; the first call's JSON keeps every step's record).
 

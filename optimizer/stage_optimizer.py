@@ -194,6 +194,11 @@ class StageOptimizer:
         else:
             self.scaler = NoScaler()
         self.max_grad_norm = cfg.max_grad_norm
+        # Without loss scaling, with torch's fused AdamW on the stage's own device, clipping and skipping a
+        # non-finite step happen inside the update's kernel (its grad_scale and found_inf): the step then never
+        # waits for the GPU to read the gradient norm back. fp16's scale, the offloaded update and 8-bit Adam
+        # decide on the host.
+        self.decides_on_device = not cfg.fp16 and not self.offload and cfg.kind != "8bit-adam"
         self.grad_chunks = self._grad_chunks()  # fixed by the parameters: worked out once, not every step
         self.host_step = None
         if self.offload:
@@ -281,10 +286,13 @@ class StageOptimizer:
         return ranges
 
     def step(self):
-        """Unscale, check overflow, clip, update. Returns (grad_norm: float, skipped: bool)."""
+        """Unscale, check overflow, clip, update. Returns (grad_norm, skipped): a float and a bool where the host
+        decides, 0-d device tensors (fp32, bool) where the update's kernel does (`decides_on_device`)."""
         grads = self._unit_grads()
         scale = self.scaler.scale
         scaled_norm = self._global_grad_norm([g for g, (i, _, _) in zip(grads, self.units) if self.in_norm[i]])
+        if self.decides_on_device:
+            return self._step_deciding_on_device(grads, scaled_norm)
         grad_norm = scaled_norm.item() / scale  # the step's one host sync: every rank decides the same way
         overflow = not math.isfinite(grad_norm)
         self.scaler.update(overflow)
@@ -303,12 +311,29 @@ class StageOptimizer:
             self._host_update(grads, 1.0 if fused else divisor)
         else:
             self._device_update(grads, 1.0 if fused else divisor)
+        self._finish_step()
+        return grad_norm, False
+
+    def _step_deciding_on_device(self, grads, norm):
+        """The update of `step` without reading the norm back: the divisor the host would work out in float64
+        (1 / clip, no loss scale), worked out on the device in float64, so the kernel gets the same fp32 bits; a
+        non-finite norm makes fused AdamW leave the weights, moments and step counts as they were. The schedule
+        advances on such a step too (it is not known on the host), as torch's GradScaler recipe does."""
+        wide = norm.double()
+        clip = (self.max_grad_norm / (wide + 1e-6)).clamp(max=1.0) if self.max_grad_norm > 0 else torch.ones_like(wide)
+        skipped = ~torch.isfinite(wide)
+        self.inner.grad_scale = (1.0 / clip).float()
+        self.inner.found_inf = skipped.float()
+        self._device_update(grads, 1.0)
+        self._finish_step()
+        return norm, skipped
+
+    def _finish_step(self):
         if self.sharded:
             self._shard_grads = None
             self.reducer.all_gather()
         self.scheduler.step()
         self.zero_grad()
-        return grad_norm, False
 
     def _device_update(self, grads, divisor):
         """Step the units chunk by chunk on the device; mixed precision: fp32 master gradients exist for one chunk

@@ -147,6 +147,55 @@ def test_fp16_unscale_and_clip_match_a_plain_fp32_reference():
             assert m.grad is None
 
 
+def test_bf16_step_clips_and_skips_in_the_kernel_without_reading_back_the_norm(monkeypatch):
+    """bf16 model, no loss scale: the step reads nothing back from the device (on a GPU it would wait there for the
+    backward to end while the update's launches could already be queued). Its clipped update equals torch AdamW on
+    fp32 copies with clip_grad_norm_, bit for bit with the host-deciding path; a step whose gradient is not finite
+    leaves weights, moments and step counts as they were and reports itself skipped."""
+    params = named_params(torch.bfloat16)
+    reference = [torch.nn.Parameter(p.detach().float().clone()) for _, p in params]
+    opt = make_optimizer(params, torch.bfloat16)
+    on_host = make_optimizer(named_params(torch.bfloat16), torch.bfloat16)
+    on_host.decides_on_device = False  # the same update, decided after reading the norm back
+    assert opt.decides_on_device
+    ref_opt = torch.optim.AdamW(
+        [{"params": [reference[0], reference[2]], "weight_decay": 0.01}, {"params": [reference[1]], "weight_decay": 0}],
+        lr=1e-2,
+        eps=1e-6,
+        foreach=False,
+    )
+    ref_schedule = torch.optim.lr_scheduler.LambdaLR(ref_opt, lr_multiplier("linear", 0, 10))
+
+    def read_back(*args, **kwargs):
+        raise AssertionError("the step read a device value back")
+
+    for _k in range(3):
+        grads = [(torch.randn(p.shape) * 0.2).bfloat16() for _, p in params]  # norm ~2.8: clipped to 1.0
+        for (_, p), q, r, g in zip(params, on_host.model_params, reference, grads):
+            p.grad, q.grad, r.grad = g.clone(), g.clone(), g.float()
+        want = torch.nn.utils.clip_grad_norm_(reference, 1.0).item()
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+                m.setattr(torch.Tensor, name, read_back)
+            got, skipped = opt.step()
+        on_host.step()
+        ref_opt.step()
+        ref_schedule.step()
+        assert torch.is_tensor(got) and not skipped and float(got) == pytest.approx(want, rel=1e-5)
+        for m, h, r in zip(opt.master_params, on_host.master_params, reference):
+            torch.testing.assert_close(m, r, rtol=1e-5, atol=1e-6)
+            assert torch.equal(m, h)
+    before = {k: v.clone() for k, v in opt.state_tensors([name for name, _ in params]).items()}
+    for i, (_, p) in enumerate(params):
+        p.grad = torch.full_like(p, float("inf") if i == 1 else 0.1)
+    got, skipped = opt.step()
+    assert bool(skipped) and not torch.isfinite(got)
+    after = opt.state_tensors([name for name, _ in params])
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    for (_, p), m in zip(params, opt.master_params):
+        assert torch.equal(p, m.to(torch.bfloat16)) and p.grad is None
+
+
 def test_master_gradients_in_chunks_update_like_one_chunk(monkeypatch):
     """bf16 model: fp32 master gradients are made one chunk of parameters at a time; the result is the same as
     with every gradient at once, and no gradient (model or master) is left over."""

@@ -1,4 +1,4 @@
-"""fp16 and bf16 paths: they train, keep fp32 master weights, and an fp16 overflow is decided for the whole job."""
+"""fp16 and bf16 paths: they train, keep fp32 master weights, and a non-finite step is skipped by the whole job."""
 
 import json
 
@@ -48,15 +48,19 @@ def test_half_precision_trains_with_fp32_master_weights(setup, precision, dtype)
         torch.testing.assert_close(master.to(dtype), weight, rtol=0, atol=0)  # model = rounded master
 
 
-def test_fp16_overflow_on_one_stage_skips_the_step_everywhere(setup):
-    """An inf gradient injected on rank 0 (first stage) at step 2: both stages skip step 2 and the scale halves.
-    With a constant LR, the weights after 2 steps (one skipped) then equal those of a clean 1-step run."""
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_overflow_on_one_stage_skips_the_step_everywhere(setup, precision):
+    """An inf gradient injected on rank 0 (first stage) at step 2: both stages skip step 2 (fp16: decided on the
+    host, and the scale halves; bf16: inside fused AdamW's kernel, nothing read back). With a constant LR, the
+    weights after 2 steps (one skipped) then equal those of a clean 1-step run."""
     root, model_dir, data = setup
-    common = {"fp16": True, "pipeline-group-size": 2, "lr-scheduler": "constant", "hysteresis": 1}
-    clean = root / "ck-clean"
+    common = {precision: True, "pipeline-group-size": 2, "lr-scheduler": "constant"}
+    if precision == "fp16":
+        common["hysteresis"] = 1
+    clean = root / f"ck-clean-{precision}"
     result = run_job(2, base_flags(model_dir, data, str(clean), **common, **{"total-steps": 1}))
     assert result.returncode == 0, result.stderr[-3000:]
-    injected, metrics = root / "ck-inf", root / "metrics-inf.jsonl"
+    injected, metrics = root / f"ck-inf-{precision}", root / f"metrics-inf-{precision}.jsonl"
     result = run_job(
         2,
         base_flags(model_dir, data, str(injected), **common, **{"total-steps": 2, "metrics-file": str(metrics)}),
@@ -65,7 +69,8 @@ def test_fp16_overflow_on_one_stage_skips_the_step_everywhere(setup):
     assert result.returncode == 0, result.stderr[-3000:]
     steps = read_metrics(metrics)
     assert "skipped" not in steps[1] and steps[2]["skipped"] == 1
-    assert steps[1]["loss_scale"] == 2**15 and steps[2]["loss_scale"] == 2**14
+    if precision == "fp16":
+        assert steps[1]["loss_scale"] == 2**15 and steps[2]["loss_scale"] == 2**14
     # step 2's loss is unscaled by the scale it ran with, not the halved one (that would log it doubled)
     assert 0.7 < steps[2]["loss"] / steps[1]["loss"] < 1.4, (steps[1]["loss"], steps[2]["loss"])
     want, got = read_checkpoint_weights(str(clean)), read_checkpoint_weights(str(injected))

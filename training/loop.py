@@ -233,7 +233,7 @@ class Trainer:
             with self.profiler.step(self.step):
                 loss_sum, grad_norm, skipped = self.train_step()
             self.step += 1
-            if not skipped:
+            if skipped is not True:  # a step skipped on the host (fp16 overflow) may have left no optimizer state yet
                 self.checkpoint.prepare(self.state)  # once: the snapshot's host buffers, allocated in the background
             self.checkpoint.poll()  # a background write that finished (on every rank) is reported, or its error raised
             first, last = self.step == step_log.meter.start_step + 1, self.step == self.steps_total
@@ -318,11 +318,13 @@ class Trainer:
     def _step_values(self, lr: float, grad_norm, skipped: bool) -> tuple[dict, int | None]:
         """The step line's values, and for pairs the text tokens trained since the last line (across the job, on the
         last-stage ranks; None elsewhere and for SFT)."""
+        # grad_norm and skipped may still be on the device (StageOptimizer.step): the step log copies them without
+        # waiting, and writes "skipped" only for a step that was
         values, tokens = {"lr": lr, "grad_norm": grad_norm}, None
         if self.job.optimizer.fp16:
             values["loss_scale"] = self.optimizer.loss_scale
-        if skipped:
-            values["skipped"] = 1
+        if torch.is_tensor(skipped) or skipped:
+            values["skipped"] = skipped if torch.is_tensor(skipped) else 1
         if self.optimizer.host_seconds is not None:  # --offload-optimizer cpu: the host update, and its copy waits
             values["optimizer_s"], values["optimizer_wait_s"] = self.optimizer.host_seconds
         if self.stream is not None:

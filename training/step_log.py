@@ -36,11 +36,13 @@ class StepLog:
 
     def step(self, step: int, loss: torch.Tensor | None, values: dict, tokens: int | None) -> None:
         """Queue step `step`'s line (`loss`: the step's global mean token loss on the last-stage ranks, still on the
-        device; `tokens`: what the job trained since the last line, for tokens/s and MFU on the logging rank) after
-        writing the one queued before it."""
+        device, as `values` may hold 0-d tensors; `tokens`: what the job trained since the last line, for tokens/s
+        and MFU on the logging rank) after writing the one queued before it."""
         self.write()
         lay = self.layout
-        tensors = {} if loss is None else {"loss": loss}
+        tensors = {key: value for key, value in values.items() if torch.is_tensor(value)}
+        if loss is not None:
+            tensors["loss"] = loss
         if lay.device.type == "cuda":
             mine = torch.tensor([torch.cuda.max_memory_allocated(lay.device) / 2**30], device=lay.device)
             if lay.world_size > 1:  # a world of one needs no collective
@@ -60,7 +62,11 @@ class StepLog:
         if pending is None or not self.layout.is_logger:
             return
         host = pending.wait()
-        values = {"loss": host["loss"].item() if "loss" in host else None, **pending.values}
+        values = {"loss": None, **pending.values}
+        for key in values.keys() & host.keys():  # the loss and the optimizer's device values, now on the host
+            values[key] = host[key].item()
+        if values.pop("skipped", False):  # written only on a step that was skipped
+            values["skipped"] = 1
         if "memory" in host:
             values["mem_gb_per_rank"] = [round(m, 2) for m in host["memory"].tolist()]
         self.log.metrics(pending.step, values)

@@ -174,9 +174,9 @@ def test_bf16_step_clips_and_skips_in_the_kernel_without_reading_back_the_norm(m
         for (_, p), q, r, g in zip(params, on_host.model_params, reference, grads):
             p.grad, q.grad, r.grad = g.clone(), g.clone(), g.float()
         want = torch.nn.utils.clip_grad_norm_(reference, 1.0).item()
-        with monkeypatch.context() as m:
+        with monkeypatch.context() as patched:
             for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-                m.setattr(torch.Tensor, name, read_back)
+                patched.setattr(torch.Tensor, name, read_back)
             got, skipped = opt.step()
         on_host.step()
         ref_opt.step()

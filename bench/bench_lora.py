@@ -7,9 +7,11 @@ unless said otherwise. All runs: r=16, alpha 32, seq 2048, 20 steps of which the
 
   part 1: Pythia-1.4B shape, all linear layers, 8 sequences per step. peft eager (mb4 x 2) and peft + torch.compile
           vs ours (default mb4, mb8+compile). Targets: best ours >= 1.3 x peft eager, >= 1.1 x peft compiled.
-  part 2: GPT-NeoX-20B shape on one GPU, query_key_value, micro-batch 1 x 4 per step. peft with and without
-          gradient checkpointing vs ours (default ac-none+compile). Targets: best ours >= 1.15 x peft's best, its
-          peak allocated <= 60 GB; with --load-from-disk also launch -> first step <= 90 s reading bf16 safetensors.
+  part 2: GPT-NeoX-20B shape on one GPU, query_key_value, micro-batch 1 x 4 per step. peft eager with and without
+          gradient checkpointing and + torch.compile (issue #31.6: its best, eager or compiled) vs ours (default
+          ac-none+compile). Targets: best ours >= 1.15 x peft's best, its peak allocated <= 60 GB; with
+          --load-from-disk also launch -> first step <= 90 s reading bf16 safetensors. If one call cannot hold every
+          run, split it as part 6 is split (`--p2-ours ''`, then `--p2-peft ''`) and divide by hand.
   part 3: the same 20B, QLoRA: ours --quantize-base nf4 --activation-checkpointing full vs transformers + peft +
           bitsandbytes 4-bit (NF4, double quant, bf16 compute) with gradient checkpointing, micro-batch 1 x 4.
           Targets: our peak allocated <= 24 GB, our tokens/s >= peft's. Our trainer quantises a stage after building
@@ -487,7 +489,7 @@ def main():
     g.add_argument("--p1-peft", default="mb4,mb4+compile")
     g.add_argument("--p1-ours", default="mb4,mb8+compile")
     g = ap.add_argument_group("parts 2 and 3 (GPT-NeoX-20B shape, one GPU)")
-    g.add_argument("--p2-peft", default="mb1,mb1+gc", help="add mb1+all for the all-linear figure")
+    g.add_argument("--p2-peft", default="mb1,mb1+gc,mb1+compile", help="add mb1+all for the all-linear figure")
     g.add_argument("--p2-ours", default="ac-none+compile", help="e.g. ac-none+compile,ac-selective,ac-none+all")
     g.add_argument("--p2-batch", type=int, default=4, help="sequences per step (micro-batch 1 x this)")
     g.add_argument("--layers", type=int, default=0, help="part 2 with this many of the 44 layers (0: all)")

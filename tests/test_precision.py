@@ -96,3 +96,33 @@ def test_compiled_blocks_and_loss_train_like_eager(setup):
         torch.testing.assert_close(weights[True][name], eager, rtol=1e-5, atol=4e-5, msg=name)
     name = "gpt_neox.layers.0.mlp.dense_h_to_4h.weight"
     assert (weights[True][name] - initial[name]).abs().max() > 1e-3  # the runs trained: the check has teeth
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's synchronization checks")
+def test_bf16_steps_after_the_first_never_wait_for_the_gpu(setup, tmp_path, monkeypatch, capsys):
+    """One GPU, bf16, no loss scaling, packed documents: from the second step on, a training step (its batches to the
+    device, the document masks, forward and backward, the loss normalisation, the gradient norm, clipping and the
+    update) queues its work without one synchronizing call, so the GPU never idles while the host catches up:
+    torch's sync debug mode raises on any. (The first step checks that its labels hold a token to learn.)"""
+    import dist_lm_pretrain_and_finetune as entrypoint
+    from training.loop import Trainer
+
+    train_step = Trainer.train_step
+
+    def checked(self):
+        if self.step == 0:
+            return train_step(self)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return train_step(self)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(Trainer, "train_step", checked)
+    root, _, data = setup
+    model_dir = make_model(tmp_path / "model", hidden=64, layers=2, heads=4)  # head size 16: FlexAttention's least
+    flags = base_flags(
+        model_dir, data, str(tmp_path / "ck"), bf16=True, **{"use-cuda": "true", "dp-backend": "nccl", "total-steps": 4}
+    )
+    code = entrypoint.main(flags)
+    assert code == 0, capsys.readouterr().err[-3000:]

@@ -49,7 +49,9 @@ class TokenMeanLoss:
         head forgets the sums of forwards whose backward never came."""
         if self.head is not None:
             self.head.sums.reset()
-        count = sum((b["labels"] != -100).sum() for b in batches).to(layout.device, torch.float32)
+        # Counted on the host, where the labels are, and put on the device by a fill: a copy from pageable host memory
+        # would wait for the GPU to finish the previous step's update.
+        count = torch.full((), float(sum(int((b["labels"] != -100).sum()) for b in batches)), device=layout.device)
         if layout.dp_size > 1:
             dist.all_reduce(count, group=layout.dp_group)
         if not self.checked:  # one host sync, on the run's first step only

@@ -196,7 +196,8 @@ class PairTraining:
         self.trained_text_tokens += sum(text_tokens(b["labels"]) for b in batches)
         self.loss_fn.factor = scale / (data.batch_size * data.accumulation * lay.dp_size)
         if self.job.objective.kind == "orpo":
-            tokens = sum((b["labels"][0::2] != -100).sum() for b in batches).to(lay.device, torch.float32)
+            chosen = sum(int((b["labels"][0::2] != -100).sum()) for b in batches)
+            tokens = torch.full((), float(chosen), device=lay.device)  # a fill: a host copy would wait for the GPU
             if lay.dp_size > 1:
                 dist.all_reduce(tokens, group=lay.dp_group)
             self.loss_fn.nll_factor = scale / tokens.clamp(min=1)

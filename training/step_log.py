@@ -44,7 +44,8 @@ class StepLog:
         if loss is not None:
             tensors["loss"] = loss
         if lay.device.type == "cuda":
-            mine = torch.tensor([torch.cuda.max_memory_allocated(lay.device) / 2**30], device=lay.device)
+            # a fill, not a copy from the host (that would wait for the GPU)
+            mine = torch.full((1,), torch.cuda.max_memory_allocated(lay.device) / 2**30, device=lay.device)
             if lay.world_size > 1:  # a world of one needs no collective
                 gathered = [torch.zeros_like(mine) for _ in range(lay.world_size)]
                 dist.all_gather(gathered, mine)

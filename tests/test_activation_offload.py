@@ -111,6 +111,7 @@ def test_a_new_tensor_at_a_freed_tensors_address_gets_its_own_copy():
     assert torch.equal(second.grad, torch.full((6,), 6.0))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_on_a_gpu_offloading_lowers_the_peak_and_changes_nothing(tmp_path):
     path = make_model(tmp_path / "m", model_type="llama", hidden=256, layers=8, heads=4)

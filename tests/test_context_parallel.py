@@ -30,7 +30,7 @@ def test_each_rank_holds_an_early_and_a_late_chunk_and_together_every_token_once
     assert split.split(batch).tolist() == [list(range(4, 12)), list(range(20, 28))]
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("window", [None, 6])
 def test_each_ranks_queries_against_the_gathered_keys_equal_whole_sequence_attention(device, window):
     """One process plays both ranks of a cp2 group: each rank's queries against the keys in gathered order, under

@@ -169,6 +169,7 @@ def test_wandb_offline_one_run_per_job_without_secrets(setup, tmp_path):
     assert secret not in result.stdout + result.stderr
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA allocator's history")
 def test_memory_profiling_writes_a_snapshot_after_its_steps(tmp_path):
     from comm import Layout

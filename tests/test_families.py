@@ -231,6 +231,7 @@ def test_flops_per_token_counts_the_matmuls_of_a_training_step(name, tmp_path):
         assert measured + 6 * outside_matmuls * batch * seq == modules.flops_per_token(cfg, seq) * batch * seq
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's GPU path (block masks, score_mod)")
 @pytest.mark.parametrize("name", ["qwen2", "mistral", "gemma2", "gemma3", "phi3"])
 def test_gpu_block_masks_and_softcaps_match_transformers(name, tmp_path):

@@ -98,6 +98,7 @@ def test_compiled_blocks_and_loss_train_like_eager(setup):
     assert (weights[True][name] - initial[name]).abs().max() > 1e-3  # the runs trained: the check has teeth
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's synchronization checks")
 def test_bf16_steps_after_the_first_never_wait_for_the_gpu(setup, tmp_path, monkeypatch, capsys):
     """One GPU, bf16, no loss scaling, packed documents: from the second step on, a training step (its batches to the

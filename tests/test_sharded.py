@@ -141,6 +141,7 @@ def test_reducer_sums_during_the_last_backward(tmp_path, world, sharded):
     assert errors == [""] * world, "\n".join(errors)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("sharded", [False, True])
 def test_reducer_on_cuda_with_nccl(tmp_path, sharded):
@@ -286,7 +287,12 @@ def test_8bit_adam_pieces_step_like_whole_tensors_and_resume_at_another_dp(monke
 
 @pytest.mark.parametrize(
     "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
+        ),
+    ],
 )
 def test_8bit_adam_kernels_step_block_aligned_pieces_like_the_whole(device):
     """What sharding 8-bit Adam rests on, for bitsandbytes' CPU and CUDA kernels alike: a tensor cut at a multiple of

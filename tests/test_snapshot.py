@@ -11,7 +11,11 @@ import torch
 from checkpoint import snapshot
 from checkpoint.snapshot import ALIGN, PAGE, HostBuffers
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-stream copies need a CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-stream copies need a CUDA device")
+
+
+def cuda(test):
+    return pytest.mark.gpu(needs_cuda(test))
 
 
 def state(device="cpu"):

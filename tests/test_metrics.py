@@ -45,7 +45,7 @@ def test_unknown_gpu_says_mfu_is_not_reported(monkeypatch, name):
 def test_cpu_run_logs_no_mfu():
     meter = metrics.StepMeter(torch.device("cpu"), flops_per_token=1e6, world_size=1, total_steps=10, start_step=0)
     assert meter.peak is None and "MFU is not reported" in meter.peak_label
-    values = meter.measure(1, tokens=100)
+    values = meter.measure(1, tokens_per_step=100)
     assert "mfu" not in values and values["tokens_per_s"] > 0
 
 

@@ -225,9 +225,7 @@ class Trainer:
         self.profiler.finish()
 
     def _steps(self, tokens_per_step: int):
-        """`tokens_per_step`: what an SFT step trains across the job (pairs count their text tokens instead)."""
         data, step_log = self.job.data, self.step_log
-        logged_step = self.step
         while self.step < self.steps_total:
             lr = self.optimizer.lr  # the rate this step uses (the scheduler advances inside the step)
             with self.profiler.step(self.step):
@@ -245,9 +243,7 @@ class Trainer:
                 # Written one step late: the values reach the host while the next step runs. Steps that wait anyway
                 # (first, evaluation, checkpoint, last) write at once.
                 values, pair_tokens = self._step_values(lr, grad_norm, skipped)
-                tokens = pair_tokens if self.pairs else tokens_per_step * (self.step - logged_step)
-                logged_step = self.step
-                step_log.step(self.step, self._reduce_loss(loss_sum), values, tokens)
+                step_log.step(self.step, self._reduce_loss(loss_sum), values, tokens_per_step, pair_tokens)
             if first or last or evaluating or saving:
                 step_log.write()
             started = time.perf_counter()
@@ -320,11 +316,9 @@ class Trainer:
         last-stage ranks; None elsewhere and for SFT)."""
         # grad_norm and skipped may still be on the device (StageOptimizer.step): the step log copies them without
         # waiting, and writes "skipped" only for a step that was
-        values, tokens = {"lr": lr, "grad_norm": grad_norm}, None
+        values, tokens = {"lr": lr, "grad_norm": grad_norm, "skipped": skipped}, None
         if self.job.optimizer.fp16:
             values["loss_scale"] = self.optimizer.loss_scale
-        if torch.is_tensor(skipped) or skipped:
-            values["skipped"] = skipped if torch.is_tensor(skipped) else 1
         if self.optimizer.host_seconds is not None:  # --offload-optimizer cpu: the host update, and its copy waits
             values["optimizer_s"], values["optimizer_wait_s"] = self.optimizer.host_seconds
         if self.stream is not None:

@@ -61,16 +61,19 @@ class StepMeter:
         self.started = time.perf_counter()
         self.last = self.started
         self.start_step = start_step
+        self.last_step = start_step
 
     def exclude(self, seconds):
         """Leave time spent outside training steps (evaluation, checkpoints) out of the next throughput figure."""
         self.last += seconds
 
-    def measure(self, step, tokens):
-        """Metrics since the last call; `tokens` = the tokens the job trained since then (every replica's)."""
+    def measure(self, step, tokens_per_step, trained=None):
+        """Metrics since the last call; `tokens_per_step` = tokens one optimizer step trains across the job, or
+        `trained` = the tokens the job trained since the last call (every replica's) where steps differ (pairs)."""
         now = time.perf_counter()
         seconds = now - self.last
-        self.last = now
+        tokens = trained if trained is not None else tokens_per_step * (step - self.last_step)
+        self.last, self.last_step = now, step
         values = {"tokens_per_s": tokens / seconds, "step_s": seconds}
         if self.peak:
             values["mfu"] = tokens * self.flops_per_token / seconds / (self.world_size * self.peak)

@@ -34,10 +34,13 @@ class StepLog:
         self.clock.lap("first_step")
         self.log.record(step, {"startup_s": self.clock.since_start()}, self.clock.line())
 
-    def step(self, step: int, loss: torch.Tensor | None, values: dict, tokens: int | None) -> None:
+    def step(
+        self, step: int, loss: torch.Tensor | None, values: dict, tokens_per_step: int, trained: int | None = None
+    ) -> None:
         """Queue step `step`'s line (`loss`: the step's global mean token loss on the last-stage ranks, still on the
-        device, as `values` may hold 0-d tensors; `tokens`: what the job trained since the last line, for tokens/s
-        and MFU on the logging rank) after writing the one queued before it."""
+        device, as `values` may hold 0-d tensors; `tokens_per_step`, or `trained`: the tokens the job trained since
+        the last line where steps differ (pairs), for tokens/s and MFU on the logging rank) after writing the one
+        queued before it."""
         self.write()
         lay = self.layout
         tensors = {key: value for key, value in values.items() if torch.is_tensor(value)}
@@ -52,7 +55,7 @@ class StepLog:
                 mine = torch.cat(gathered)
             tensors["memory"] = mine
         if lay.is_logger:  # timed here, at the step's end on the host, however late the line is written
-            values.update(self.meter.measure(step, tokens))
+            values.update(self.meter.measure(step, tokens_per_step, trained))
             if step == self.meter.start_step + 1:
                 values["launch_to_first_step_s"] = time.time() - self.clock.start
         self.pending = PendingStepLog(step, values, tensors)

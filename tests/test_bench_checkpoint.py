@@ -66,6 +66,24 @@ def test_control_and_unfinished_writes():
     assert row["lost_s"] == pytest.approx(0.01 * 6) and row["lost_adjusted_s"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_one_run_alone_is_read_against_its_own_rate_before_the_window():
+    """Without a reference run, a window's loss is its wall time less its steps at the run's own rate over the control
+    steps: the stall plus what the steps beside the write lost, as the two-run figure when both runs run alike."""
+    base = {s: 0.1 for s in range(1, 30)}
+    ck = records(base | {11: 0.4, 12: 0.3}, stalls={10: 0.5}, written={10: 12})
+    alone = cost(ck, None)
+    row = alone["checkpoints"][0]
+    assert alone["own_rate_s_per_step"] == pytest.approx(0.1)
+    assert row["lost_within_run_s"] == pytest.approx(1.0) and "lost_s" not in row and "not_measured" not in row
+    assert alone["lost_within_run_mean_s"] == pytest.approx(1.0) and alone["measured_within_run"] == 1
+    assert alone["lost_mean_s"] is None and alone["clock_reference"] is None
+    both = cost(ck, records(base))["checkpoints"][0]
+    assert both["lost_within_run_s"] == pytest.approx(both["lost_s"])
+    # a run that speeds up or slows down by itself moves this estimate, not the two-run one: why both are reported
+    drifting = records({s: 0.1 if s <= 8 else 0.12 for s in range(1, 30)}, stalls={10: 0.0}, written={10: 11})
+    assert cost(drifting, None)["checkpoints"][0]["lost_within_run_s"] == pytest.approx(0.02 * 6)  # steps 9..14
+
+
 def test_trainer_clock_is_the_step_meter_clock(monkeypatch):
     """The trainer's ETA is elapsed / steps done x steps left: the benchmark reads the elapsed time back from it."""
     now = [100.0]

@@ -172,6 +172,8 @@ def main():
     parts = [p.strip() for p in args.part.split(",") if p.strip()]
     if any(p not in ("1", "2") for p in parts):
         sys.exit(f"bench_fp8: --part {args.part!r}: parts are 1 and 2")
+    if not 0 <= args.p1_layers <= SHAPES[args.p1_shape]["num_layers"]:
+        sys.exit(f"bench_fp8: --p1-layers {args.p1_layers}: 0 (all) to {SHAPES[args.p1_shape]['num_layers']}")
     if any(r not in ("tensorwise", "rowwise") for r in args.recipes.split(",")):
         sys.exit(f"bench_fp8: --recipes {args.recipes!r}: recipes are tensorwise and rowwise")
     if args.smoke:

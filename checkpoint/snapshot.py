@@ -7,7 +7,8 @@ tensors are copied on a side stream, host tensors (offloaded optimizer state, CP
 step's forward and backward run: the weights and optimizer state change only in the optimizer step, which waits for
 those copies first (`CopiesInFlight.wait`). A background thread then waits for the copies and runs store.py's commit
 (files, fsync, sha256, the cross-rank agreement through the gloo commit group, meta.json, rename, `latest`,
-rotation). One write is in flight at a time: the next snapshot first waits for it.
+rotation). One write is in flight at a time: a periodic save that falls due during it is taken after the first
+step that finds it done (TrainingCheckpoint.due); only the final save waits for it.
 
 A write's outcome is the same on every rank (the commit agrees through the commit group). The training thread learns
 it where every rank is at the same point: after each step (`TrainingCheckpoint.poll`), the next snapshot, or the end

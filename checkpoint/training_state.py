@@ -121,14 +121,26 @@ class TrainingCheckpoint:
         self.buffers_prepared = False
         self.pending = None  # the BackgroundWrite in flight
         self.copying = None  # (step, CopiesInFlight) of the last snapshot, until the next optimizer step
+        self.owed = None  # the step a periodic save fell due at while the previous write was in flight
         self.metrics = []  # checkpoint timing records not yet in the metrics file
 
     def step_dir(self, step: int) -> str:
         return self.store.step_dir(step)
 
     def due(self, step: int, last_step: int) -> bool:
-        """A periodic save after optimizer step `step` (the final one is saved by the trainer in any case)."""
-        return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0 and step < last_step
+        """Whether to save after optimizer step `step`: every --checkpoint-steps (the final one is saved by the
+        trainer in any case). A save that falls due while the previous background write is still in flight is owed,
+        not waited for: it is taken after the first step that finds every rank's write done (`poll`, the same on
+        every rank), so training never waits for a write, and the host keeps one snapshot's buffers. Every rank
+        decides alike: a write leaves `pending` only where the ranks agree (`poll`, `save`, `wait`)."""
+        if self.cfg.every_steps and step % self.cfg.every_steps == 0 and self.owed is None:
+            self.owed = step
+            if self.pending is not None:
+                self.log(
+                    f"checkpoint {step} is due while checkpoint {self.pending.step} is still being written; it is "
+                    f"taken after the first step that finds that write done"
+                )
+        return self.owed is not None and self.pending is None and step < last_step
 
     # ------------------------------------------------------------------ save
     def metadata(self, state: TrainState, step: int) -> dict:
@@ -176,6 +188,7 @@ class TrainingCheckpoint:
         in flight, copy the state into host buffers, write it in the background; the outcome surfaces in `poll` or
         `wait`. Synchronous: write and commit now, raising CheckpointError on every rank if any rank failed."""
         started = time.perf_counter()
+        due_step, self.owed = self.owed, None
         waited = self._finish_pending()  # one write in flight at a time: host memory holds one checkpoint
         snap = Snapshot(
             step,
@@ -216,10 +229,15 @@ class TrainingCheckpoint:
         # Inline when the snapshot did not fit: the outcome still surfaces where every rank checks.
         self.pending = BackgroundWrite(step, write, stall, background=fits)
         wait = f" (of which {waited:.1f} s waiting for the previous write)" if waited > 0.05 else ""
+        owed = f" (due at step {due_step})" if due_step is not None and due_step != step else ""
         self.log(
-            f"checkpoint {step}: training stalled {stall:.1f} s for the snapshot{wait}; writing it in the background"
+            f"checkpoint {step}{owed}: training stalled {stall:.1f} s for the snapshot{wait}; writing it in the "
+            f"background"
         )
-        self.metrics.append({"checkpoint_step": step, "checkpoint_stall_s": stall, "checkpoint_wait_s": waited})
+        record = {"checkpoint_step": step, "checkpoint_stall_s": stall, "checkpoint_wait_s": waited}
+        if due_step is not None and due_step != step:
+            record["checkpoint_due_step"] = due_step  # owed since then: the previous write was still in flight
+        self.metrics.append(record)
 
     def prepare(self, state: TrainState) -> None:
         """After an optimizer step that created or updated the optimizer state: allocate and pin the asynchronous

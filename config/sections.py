@@ -464,7 +464,12 @@ class CheckpointConfig:
         "--checkpoint-path", "./model_ckpts/run", "folder of this run's checkpoints", group="checkpoints"
     )
     every_steps: int = setting(
-        "--checkpoint-steps", 0, "save every N optimizer steps (0: end only)", group="checkpoints", check=at_least(0)
+        "--checkpoint-steps",
+        0,
+        "save every N optimizer steps (0: end only); with --async-checkpoint true, a save due while the previous "
+        "one is still being written is taken after the first step that finds that write done",
+        group="checkpoints",
+        check=at_least(0),
     )
     resume: bool = setting("--load-checkpoint", True, "resume from <checkpoint-path>/latest", group="checkpoints")
     fallback: bool = setting(

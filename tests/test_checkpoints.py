@@ -241,6 +241,26 @@ def test_background_write_matches_sync_and_a_kill_during_it_loses_nothing(setup,
     assert {r["checkpoint_step"] for r in records if "checkpoint_copy_wait_s" in r} == {EVERY * 2}, records
 
 
+def test_a_save_due_during_a_slow_write_does_not_stop_training(setup, tmp_path):
+    """Checkpoint 2's write takes 6 s longer: the save due at step 4 is owed rather than waited for, training runs on
+    to the end, and the final save (step 6, which waits for the write in flight) equals the reference's bit for bit.
+    (When the write ends before the run does, the owed save is taken after the next step: tests/test_snapshot.py.)"""
+    ckpt, metrics = str(tmp_path / "ckpt"), str(tmp_path / "run.jsonl")
+    flags = flags_for(setup, ckpt, **{"metrics-file": metrics, "dist-timeout": 60})
+    result = run_job(2, flags, env={"CKPT_SLOW_WRITE": f"{EVERY}:6"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"checkpoint {EVERY * 2} is due while checkpoint {EVERY} is still being written" in result.stdout
+    saved = sorted(name for name in os.listdir(ckpt) if name.startswith("checkpoint_"))
+    assert saved == [f"checkpoint_{EVERY}", f"checkpoint_{STEPS}"], os.listdir(ckpt)
+    records = [json.loads(line) for line in open(metrics)]
+    assert {r["checkpoint_step"] for r in records if "checkpoint_stall_s" in r} == {EVERY, STEPS}, records
+    steps = {r["step"]: r["step_s"] for r in records if "step_s" in r}
+    assert max(steps[s] for s in range(EVERY + 1, STEPS + 1)) < 3.0, steps  # no step waited for the write
+    final = [r for r in records if r.get("checkpoint_step") == STEPS and "checkpoint_wait_s" in r]
+    assert final and final[0]["checkpoint_wait_s"] > 1.0, records  # the end of the run waited for it instead
+    assert_bit_identical(ckpt, setup["ref"])  # both `latest`: step 6
+
+
 def test_resume_under_another_layout(setup, tmp_path):
     """Saved with pp=4 x dp=1, resumed with pp=1 x dp=2 (same global batch): weights, optimizer state and the data
     position carry over; the result equals an uninterrupted run within fp32 tolerance."""

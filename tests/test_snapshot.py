@@ -5,11 +5,16 @@ On a GPU the device copies run on a side stream after the work already queued, a
 (`CopiesInFlight.wait`); those tests run where CUDA is (the GPU benchmark machine) and are skipped here.
 """
 
+import threading
+import types
+
 import pytest
 import torch
 
 from checkpoint import snapshot
-from checkpoint.snapshot import ALIGN, PAGE, HostBuffers
+from checkpoint.snapshot import ALIGN, PAGE, BackgroundWrite, HostBuffers
+from checkpoint.training_state import TrainingCheckpoint
+from config import CheckpointConfig
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-stream copies need a CUDA device")
 
@@ -117,6 +122,35 @@ def test_a_piece_that_cannot_be_pinned_leaves_the_arena_unpinned(monkeypatch):
     copies.wait()
     assert fake.registered == {} and not buffers.pin  # the two pinned pieces were let go again
     assert all(torch.equal(host["stage"][k], t) for k, t in groups["stage"].items())
+
+
+def test_a_save_due_during_the_previous_write_is_taken_after_the_step_that_finds_it_done(tmp_path):
+    """Training never waits for a background write: the save due at step 4 while checkpoint 2 is still being written
+    is owed, then taken after the first step at which the write is over (agreed by every rank in `poll`); a due step
+    that passes meanwhile does not move it. The final step is the trainer's own save."""
+    lines = []
+    cfg = CheckpointConfig(path=str(tmp_path), every_steps=2, async_write=True)
+    checkpoint = TrainingCheckpoint(cfg, types.SimpleNamespace(device=torch.device("cpu")), None, lines.append)
+    assert not checkpoint.due(1, 10) and checkpoint.due(2, 10)  # nothing in flight: due on time
+    checkpoint.owed = None  # as save(2) leaves it
+    writing = threading.Event()
+    checkpoint.pending = BackgroundWrite(2, writing.wait, stall_s=0.0)
+    assert not checkpoint.due(3, 10) and not lines
+    assert not checkpoint.due(4, 10) and not checkpoint.due(5, 10) and not checkpoint.due(6, 10)
+    assert lines == [
+        "checkpoint 4 is due while checkpoint 2 is still being written; it is taken after the first step that "
+        "finds that write done"
+    ]
+    writing.set()
+    checkpoint.pending.join()
+    assert not checkpoint.due(7, 10)  # done here, but this rank has not heard that every rank is done
+    checkpoint._finish_pending()  # what poll does once every rank's write is done
+    assert checkpoint.due(7, 10) and checkpoint.owed == 4  # save(7) records it as due at step 4
+    checkpoint.owed = None
+    checkpoint.pending = BackgroundWrite(7, writing.wait, stall_s=0.0)  # already set: over at once
+    assert not checkpoint.due(8, 10)  # owed, the write not reported done yet
+    checkpoint._finish_pending()
+    assert not checkpoint.due(10, 10)  # the last step: the trainer saves it whatever is owed
 
 
 @cuda

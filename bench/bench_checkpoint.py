@@ -391,6 +391,16 @@ def checkpoint_events(records: list[dict]) -> dict[int, dict]:
     return out
 
 
+def taken_steps(records: list[dict]) -> dict[int, int]:
+    """{due step: the step its checkpoint was taken at}: later than due when the previous write was still in flight
+    (the trainer takes it after the first step that finds that write done)."""
+    return {
+        r.get("checkpoint_due_step", r["checkpoint_step"]): r["checkpoint_step"]
+        for r in records
+        if "checkpoint_stall_s" in r
+    }
+
+
 def window_end(step: int, event: dict, after: int, settle: int) -> int | None:
     """The last step of a checkpoint's window: `after` steps past it and `settle` past its write (None: not written)."""
     if "written_after_step" not in event:
@@ -417,7 +427,7 @@ def wall_cost(
     ck_clock, ck_name = run_clock(checkpointed, total_steps)
     ck_sum = summed_clock(checkpointed)
     ref_clock, ref_name = run_clock(reference, total_steps) if reference is not None else ({}, None)
-    events = checkpoint_events(checkpointed)
+    events, taken = checkpoint_events(checkpointed), taken_steps(checkpointed)
     ref_steps = [r["step_s"] for r in reference or [] if "step_s" in r and r["step"] > warmup]
     ck_steps = [r["step_s"] for r in checkpointed if "step_s" in r and r["step"] > warmup]
     # the control: both runs over the steps before the first checkpoint's window (after warmup and the first half,
@@ -429,11 +439,12 @@ def wall_cost(
     own_rate = control_ck / (c1 - c0) if control_ck is not None and c1 > c0 else None  # s per undisturbed step
     rows = []
     for j in range(1, count + 1):
-        n = j * every
+        n = taken.get(j * every, j * every)
         event = events.get(n, {})
         a, b = n - before, window_end(n, event, after, settle)
         row = {
             "checkpoint_step": n,
+            "due_step": j * every,
             "window": [a, b],
             "stall_s": event.get("checkpoint_stall_s"),
             "wait_for_previous_write_s": event.get("checkpoint_wait_s"),
@@ -463,7 +474,7 @@ def wall_cost(
                 unaccounted_s=with_ckpt - summed if summed is not None else None,
             )
             if j < count and b > (j + 1) * every - before:
-                row["overlaps_next_window"] = True  # the write outlasted the interval: the next one waited for it
+                row["overlaps_next_window"] = True  # the write outlasted the interval: the next one came after it
         rows.append(row)
     measured = [r["lost_s"] for r in rows if "lost_s" in r]
     mean = statistics.fmean(measured) if measured else None
@@ -488,7 +499,7 @@ def wall_cost(
 
 def last_window_end(records: list[dict], every: int, count: int, after: int, settle: int) -> int | None:
     """The step the checkpointed run must reach: the end of its last checkpoint's window, once that is known."""
-    last = count * every
+    last = taken_steps(records).get(count * every, count * every)
     return window_end(last, checkpoint_events(records).get(last, {}), after, settle)
 
 

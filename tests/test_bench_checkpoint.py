@@ -66,6 +66,19 @@ def test_control_and_unfinished_writes():
     assert row["lost_s"] == pytest.approx(0.01 * 6) and row["lost_adjusted_s"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_a_checkpoint_taken_after_its_due_step_is_read_where_it_was_taken():
+    """The write of checkpoint 10 outlasts the interval: the one due at 20 is taken after step 23, the first step that
+    found that write done; its window starts 2 steps before 23, and the run must reach that window's end."""
+    base = {s: 0.1 for s in range(1, 40)}
+    ck = records(base | {24: 0.3}, stalls={10: 0.5, 23: 0.4}, written={10: 23, 23: 25})
+    ck[[i for i, r in enumerate(ck) if r.get("checkpoint_step") == 23][0]]["checkpoint_due_step"] = 20
+    assert bc.taken_steps(ck) == {10: 10, 20: 23}
+    rows = cost(ck, records(base), count=2)["checkpoints"]
+    assert [(r["due_step"], r["checkpoint_step"], r["window"]) for r in rows] == [(10, 10, [8, 26]), (20, 23, [21, 28])]
+    assert rows[0]["overlaps_next_window"] and rows[1]["lost_s"] == pytest.approx(0.4 + 0.2)
+    assert bc.last_window_end(ck, EVERY, 2, after=2, settle=3) == 28
+
+
 def test_one_run_alone_is_read_against_its_own_rate_before_the_window():
     """Without a reference run, a window's loss is its wall time less its steps at the run's own rate over the control
     steps: the stall plus what the steps beside the write lost, as the two-run figure when both runs run alike."""

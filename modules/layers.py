@@ -248,9 +248,13 @@ def _kv_block_lists(selected: torch.Tensor):
 
 @functools.cache
 def _flex_attention():
-    """flex_attention compiled once: uncompiled it materialises the whole score matrix."""
+    """flex_attention compiled once: uncompiled it materialises the whole score matrix. It is compiled per shape
+    (training, evaluation, the last short batch, each mask and score kind): room for more than torch.compile's
+    default of 8 recompilations, past which it would silently run uncompiled."""
+    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -105,9 +105,14 @@ def test_bf16_steps_after_the_first_never_wait_for_the_gpu(setup, tmp_path, monk
     device, the document masks, forward and backward, the loss normalisation, the gradient norm, clipping and the
     update) queues its work without one synchronizing call, so the GPU never idles while the host catches up:
     torch's sync debug mode raises on any. (The first step checks that its labels hold a token to learn.)"""
+    import torch._dynamo
+
     import dist_lm_pretrain_and_finetune as entrypoint
     from training.loop import Trainer
 
+    # FlexAttention compiles per shape, and the GPU tests before this one in the same process compile it for theirs:
+    # past torch.compile's recompile limit it would run uncompiled here (and synchronize). Start from a clean slate.
+    torch._dynamo.reset()
     train_step = Trainer.train_step
 
     def checked(self):

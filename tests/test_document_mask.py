@@ -117,3 +117,20 @@ def test_gpu_block_mask_equals_flex_reference(seq):
             rtol=1e-5,
             atol=1e-5,
         )
+
+
+def test_flex_attention_may_compile_for_many_shapes(monkeypatch):
+    """Past torch.compile's recompile limit (8 by default) FlexAttention would run uncompiled, silently, and
+    materialise every score: a run has more shapes than that (training, evaluation, the last short batch, each mask
+    kind; the GPU test suite hit it in one process). Its compile raises the limit, never lowers a larger one."""
+    import torch._dynamo
+
+    from modules import layers
+
+    config = torch._dynamo.config
+    for before, after in ((8, 32), (100, 100)):
+        monkeypatch.setattr(config, "recompile_limit", before)
+        layers._flex_attention.cache_clear()
+        layers._flex_attention()
+        assert config.recompile_limit == after
+    layers._flex_attention.cache_clear()

@@ -8,7 +8,8 @@ step's forward and backward run: the weights and optimizer state change only in 
 those copies first (`CopiesInFlight.wait`). A background thread then waits for the copies and runs store.py's commit
 (files, fsync, sha256, the cross-rank agreement through the gloo commit group, meta.json, rename, `latest`,
 rotation). One write is in flight at a time: a periodic save that falls due during it is taken after the first
-step that finds it done (TrainingCheckpoint.due); only the final save waits for it.
+step that finds it done (TrainingCheckpoint.due; with --defer-checkpoints false it waits for it, as the final save
+always does).
 
 A write's outcome is the same on every rank (the commit agrees through the commit group). The training thread learns
 it where every rank is at the same point: after each step (`TrainingCheckpoint.poll`), the next snapshot, or the end

@@ -129,18 +129,19 @@ class TrainingCheckpoint:
 
     def due(self, step: int, last_step: int) -> bool:
         """Whether to save after optimizer step `step`: every --checkpoint-steps (the final one is saved by the
-        trainer in any case). A save that falls due while the previous background write is still in flight is owed,
-        not waited for: it is taken after the first step that finds every rank's write done (`poll`, the same on
-        every rank), so training never waits for a write, and the host keeps one snapshot's buffers. Every rank
-        decides alike: a write leaves `pending` only where the ranks agree (`poll`, `save`, `wait`)."""
+        trainer in any case). With --defer-checkpoints, a save that falls due while the previous background write is
+        still in flight is owed, not waited for: it is taken after the first step that finds every rank's write done
+        (`poll`, the same on every rank), so training never waits for a write, and the host keeps one snapshot's
+        buffers. Every rank decides alike: a write leaves `pending` only where the ranks agree (`poll`, `save`,
+        `wait`). Without it, the save waits for the write (`save`) and keeps its step."""
         if self.cfg.every_steps and step % self.cfg.every_steps == 0 and self.owed is None:
             self.owed = step
-            if self.pending is not None:
+            if self.pending is not None and self.cfg.defer:
                 self.log(
                     f"checkpoint {step} is due while checkpoint {self.pending.step} is still being written; it is "
                     f"taken after the first step that finds that write done"
                 )
-        return self.owed is not None and self.pending is None and step < last_step
+        return self.owed is not None and (self.pending is None or not self.cfg.defer) and step < last_step
 
     # ------------------------------------------------------------------ save
     def metadata(self, state: TrainState, step: int) -> dict:

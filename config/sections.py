@@ -466,8 +466,7 @@ class CheckpointConfig:
     every_steps: int = setting(
         "--checkpoint-steps",
         0,
-        "save every N optimizer steps (0: end only); with --async-checkpoint true, a save due while the previous "
-        "one is still being written is taken after the first step that finds that write done",
+        "save every N optimizer steps (0: end only; see --defer-checkpoints)",
         group="checkpoints",
         check=at_least(0),
     )
@@ -501,6 +500,14 @@ class CheckpointConfig:
         True,
         "true: copy the state to host memory and write the checkpoint in a background thread while training goes "
         "on (host memory for one checkpoint per host); false: training waits for the whole write",
+        group="checkpoints",
+    )
+    defer: bool = setting(
+        "--defer-checkpoints",
+        True,
+        "with --async-checkpoint true, a periodic save that falls due while the previous checkpoint is still being "
+        "written: true: taken after the first step that finds that write done (training never waits for a write; "
+        "its step may pass the multiple of --checkpoint-steps); false: it waits for the write and keeps its step",
         group="checkpoints",
     )
 

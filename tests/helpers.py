@@ -131,6 +131,8 @@ def base_flags(model_dir, data, ckpt, **overrides):
         "dp-backend": "gloo",
         "load-checkpoint": "false",
         "dist-timeout": 60,
+        # every checkpoint at its own step, however long the tiny writes take on a loaded machine: tests name them
+        "defer-checkpoints": "false",
     }
     flags.update(overrides)
     out = []

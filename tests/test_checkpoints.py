@@ -242,11 +242,12 @@ def test_background_write_matches_sync_and_a_kill_during_it_loses_nothing(setup,
 
 
 def test_a_save_due_during_a_slow_write_does_not_stop_training(setup, tmp_path):
-    """Checkpoint 2's write takes 6 s longer: the save due at step 4 is owed rather than waited for, training runs on
+    """--defer-checkpoints (the default; the other tests keep every checkpoint at its step): checkpoint 2's write takes
+    6 s longer, so the save due at step 4 is owed rather than waited for, training runs on
     to the end, and the final save (step 6, which waits for the write in flight) equals the reference's bit for bit.
     (When the write ends before the run does, the owed save is taken after the next step: tests/test_snapshot.py.)"""
     ckpt, metrics = str(tmp_path / "ckpt"), str(tmp_path / "run.jsonl")
-    flags = flags_for(setup, ckpt, **{"metrics-file": metrics, "dist-timeout": 60})
+    flags = flags_for(setup, ckpt, **{"metrics-file": metrics, "dist-timeout": 60, "defer-checkpoints": "true"})
     result = run_job(2, flags, env={"CKPT_SLOW_WRITE": f"{EVERY}:6"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"checkpoint {EVERY * 2} is due while checkpoint {EVERY} is still being written" in result.stdout

@@ -152,6 +152,14 @@ def test_a_save_due_during_the_previous_write_is_taken_after_the_step_that_finds
     checkpoint._finish_pending()
     assert not checkpoint.due(10, 10)  # the last step: the trainer saves it whatever is owed
 
+    # --defer-checkpoints false: due at its step; save() waits for the write in flight
+    cfg = CheckpointConfig(path=str(tmp_path), every_steps=2, async_write=True, defer=False)
+    checkpoint = TrainingCheckpoint(cfg, types.SimpleNamespace(device=torch.device("cpu")), None, lines.append)
+    writing = threading.Event()
+    checkpoint.pending = BackgroundWrite(2, writing.wait, stall_s=0.0)
+    assert not checkpoint.due(3, 10) and checkpoint.due(4, 10) and checkpoint.due(5, 10)  # 4 still owed: no save ran
+    writing.set()
+
 
 @cuda
 def test_device_copies_take_the_queued_values_and_the_update_waits_for_them():

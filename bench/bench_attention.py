@@ -1,6 +1,7 @@
 """Attention alone, forward + backward, the way a stage runs it: SDPA causal over the whole window against the
-document mask of --attention-mask document (modules.layers: a FlexAttention block mask built once, compiled
-flex_attention), at several mean document lengths; and the mask's build time. One GPU.
+document mask of --attention-mask document, at several mean document lengths: varlen flash attention (what a
+half-precision stage runs, modules.layers.VarlenMask over the lengths counted on the host) and FlexAttention (a
+block mask built once, compiled flex_attention: the fp32 path); and each mask's build time. One GPU.
 
     python bench/bench_attention.py --out results.json      # B8 H16 S2048 D128, bf16
 """
@@ -55,7 +56,8 @@ def main():
 
     import torch
 
-    from modules.layers import causal_attention, document_mask
+    from modules.layers import VarlenMask, causal_attention, document_mask
+    from tasks.packing import document_lengths
 
     device = torch.device("cuda")
     shape = (args.batch, args.heads, args.seq, args.head_dim)
@@ -69,14 +71,21 @@ def main():
     results = {"shape": list(shape), "causal_ms": timed(lambda: step(None), args.repeats), "document": []}
     generator = torch.Generator().manual_seed(0)
     for mean_len in (int(x) for x in args.doc_lengths.split(",")):
-        doc_ids = doc_ids_of(args.batch, args.seq, mean_len, generator).to(device)
+        host_ids = doc_ids_of(args.batch, args.seq, mean_len, generator)
+        doc_ids, lengths = host_ids.to(device), document_lengths(host_ids).to(device)
         mask = document_mask(doc_ids)
+        varlen = VarlenMask(lengths, args.batch, args.seq, None, device)
         row = {
             "mean_doc_len": mean_len,
             "ms": timed(lambda mask=mask: step(mask), args.repeats),
             "mask_build_ms": timed(lambda doc_ids=doc_ids: document_mask(doc_ids), args.repeats),
+            "varlen_ms": timed(lambda mask=varlen: step(mask), args.repeats),
+            "varlen_mask_build_ms": timed(
+                lambda lengths=lengths: VarlenMask(lengths, args.batch, args.seq, None, device), args.repeats
+            ),
         }
         row["ratio_to_causal"] = row["ms"] / results["causal_ms"]
+        row["varlen_ratio_to_causal"] = row["varlen_ms"] / results["causal_ms"]
         results["document"].append(row)
         print(json.dumps(row), flush=True)
     results["device"] = torch.cuda.get_device_name(device)

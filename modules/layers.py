@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 
 import torch
@@ -122,7 +123,10 @@ def causal_attention(
     the whole window; a boolean [B|1, 1, S, S] (True: visible; CPU) or a FlexMask (GPU) from `attention_masks`.
     `scale` multiplies the scores (default D ** -0.5); `softcap` squashes them to cap * tanh(score / cap) before
     the mask (Gemma 2): FlexAttention's score_mod on GPUs, the scores written out elsewhere. A ContextMask
-    (context parallelism) gathers the keys and values of the whole sequence first."""
+    (context parallelism) gathers the keys and values of the whole sequence first; a VarlenMask runs each document
+    (or window row) as its own sequence of the flash kernel."""
+    if isinstance(mask, VarlenMask):
+        return mask.attend(q, k, v, scale)
     if isinstance(mask, ContextMask):
         k, v, mask = gather_sequence(k, mask.context), gather_sequence(v, mask.context), mask.mask
     if isinstance(mask, FlexMask):
@@ -258,6 +262,74 @@ def _flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+class VarlenMask:
+    """Packed documents and sliding windows through varlen flash attention (`torch.nn.attention.varlen`): every
+    document of every row is a sequence of its own, so cross-document blocks cost nothing and nothing is compiled:
+    the first step loads no inductor, which FlexAttention's kernel needs. `doc_lengths` [B, K] are the rows'
+    document lengths in order, zero-padded (tasks.packing.document_lengths, counted on the host: the number of
+    sequences must be known without asking the device); None: one sequence per row. `window`: a token sees itself
+    and the window - 1 tokens before it, within its document."""
+
+    def __init__(self, doc_lengths: torch.Tensor | None, batch: int, seq: int, window: int | None, device):
+        if doc_lengths is None:
+            ends = torch.arange(1, batch + 1, dtype=torch.int32, device=device) * seq
+        else:
+            ends = doc_lengths.flatten().cumsum(0, dtype=torch.int32)
+        self.cu_seqlens = F.pad(ends, (1, 0))
+        self.seq = seq
+        self.window = (-1, 0) if window is None else (window - 1, 0)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """q [B, H, S, D], k/v [B, Hkv, S, D] -> [B, S, H*D]."""
+        from torch.nn.attention.varlen import varlen_attn
+
+        b, h, s, d = q.shape
+        gqa = {}
+        if k.shape[1] != h:
+            if _varlen_takes_gqa():
+                gqa = {"enable_gqa": True}
+            else:
+                k, v = (x.repeat_interleave(h // k.shape[1], dim=1) for x in (k, v))
+
+        def tokens(x):  # [B, H, S, D] -> [B*S, H, D]; free when x was made as [B, S, H, D] and transposed
+            return x.transpose(1, 2).reshape(b * s, x.shape[1], d)
+
+        cu = self.cu_seqlens
+        out = varlen_attn(tokens(q), tokens(k), tokens(v), cu, cu, s, s, scale=scale, window_size=self.window, **gqa)
+        return out.reshape(b, s, h * d)
+
+
+@functools.cache
+def _varlen_attention_available(device_index: int) -> bool:
+    """torch's varlen flash attention with sliding windows (torch >= 2.11) on an Ampere or newer GPU."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    takes_window = "window_size" in inspect.signature(varlen_attn).parameters
+    return takes_window and torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+@functools.cache
+def _varlen_takes_gqa() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def varlen_applies(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a stage's attention can run on the varlen flash kernel: a half-precision model on a recent GPU, no
+    soft-capped scores (the kernel cannot squash them), a head size the kernel takes."""
+    return (
+        device.type == "cuda"
+        and dtype in (torch.bfloat16, torch.float16)
+        and not cfg.attn_softcap
+        and cfg.head_dim % 8 == 0
+        and cfg.head_dim <= 256
+        and _varlen_attention_available(device.index if device.index is not None else torch.cuda.current_device())
+    )
+
+
 def document_mask(doc_ids: torch.Tensor):
     """The attention mask of packed documents `doc_ids` [B, S], built once per stage forward and shared by its
     blocks: a FlexAttention block mask on GPUs, a boolean [B, 1, S, S] mask for SDPA elsewhere."""
@@ -268,19 +340,29 @@ def document_mask(doc_ids: torch.Tensor):
     return (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
 
 
-def attention_masks(cfg: ModelConfig, x: torch.Tensor, doc_ids: torch.Tensor | None) -> dict[str, object]:
-    """{layer type: the mask its blocks take} for a stage's input `x` [B, S, ...]: the document mask (or None:
+def attention_masks(
+    cfg: ModelConfig, x: torch.Tensor, doc_ids: torch.Tensor | None, doc_lengths: torch.Tensor | None = None
+) -> dict[str, object]:
+    """{layer type: the mask its blocks take} for a stage's hidden states `x` [B, S, H]: the document mask (or None:
     plain causal) for full layers, the window (within documents) for sliding ones. A window as long as the
-    sequence is no window; soft-capped scores on a GPU go through FlexAttention, so they get a block mask there."""
+    sequence is no window. On a GPU, with `doc_lengths` where there are documents, the masks are VarlenMasks where
+    the kernel applies (varlen_applies), else FlexAttention block masks where SDPA cannot express them (documents,
+    windows, soft-capped scores)."""
     batch, seq, device = x.shape[0], x.shape[1], x.device
+    window = cfg.sliding_window if "sliding" in cfg.layer_types and cfg.sliding_window < seq else None
+    if (doc_ids is None or doc_lengths is not None) and varlen_applies(cfg, x.dtype, device):
+        full = VarlenMask(doc_lengths, batch, seq, None, device) if doc_ids is not None else None
+        masks = {"full": full}
+        if "sliding" in cfg.layer_types:
+            masks["sliding"] = VarlenMask(doc_lengths, batch, seq, window, device) if window else full
+        return masks
     full = document_mask(doc_ids) if doc_ids is not None else None
     if full is None and cfg.attn_softcap and device.type == "cuda":
         full = CausalBlockMask(seq, device)
     masks = {"full": full}
-    window = cfg.sliding_window
     if "sliding" not in cfg.layer_types:
         return masks
-    if window >= seq:
+    if window is None:
         masks["sliding"] = full
     elif device.type == "cuda":
         masks["sliding"] = WindowBlockMask(doc_ids, batch, seq, window, device)

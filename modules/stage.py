@@ -131,7 +131,11 @@ class Stage(nn.Module):
         return self.activation_checkpointing == "selective" and local_index % 2 == 0
 
     def forward(
-        self, x: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        doc_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: input_ids [B, S] (first stage) or hidden [B, S, H]; returns logits [B, S, V] (last; with `head_in_loss`
         the final-normed hidden states, which the loss takes through the head) or hidden. Under context parallelism
@@ -139,7 +143,8 @@ class Stage(nn.Module):
         sequences.
         `position_ids` [B, S] (default 0..S-1) place the rotary embedding; with `doc_ids` [B, S] a token attends
         only to earlier tokens of its own document (packed documents), else to every earlier token (a sliding
-        layer: of its window)."""
+        layer: of its window); `doc_lengths` [B, K] (tasks.packing.document_lengths of the same rows) let a GPU run
+        the documents through varlen flash attention."""
         cfg, fam = self.cfg, family(self.cfg)
         body = getattr(self, fam.PREFIX)
         h = getattr(body, fam.EMBED)(x) if self.is_first else x
@@ -153,7 +158,7 @@ class Stage(nn.Module):
                 position_ids = position_ids[:, mine] if position_ids is not None else mine[None]
                 masks = context_masks(cfg, self.context, seq, doc_ids, h.device)
             else:
-                masks = attention_masks(cfg, h, doc_ids)
+                masks = attention_masks(cfg, h, doc_ids, doc_lengths)
             # Once per stage, shared by its blocks: rotary and mask per layer type
             rotary = {"full": self.rotary(h.shape[1], h.dtype, position_ids)}
             rotary["sliding"] = (

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tasks import Renderer, TaskError, count_tokens, parse_task_spec
+from tasks.packing import document_lengths
 from tasks.reader import Mixture
 from tests.conftest import CHATML
 from tests.helpers import eval_batches, packed_stream
@@ -351,6 +352,18 @@ def test_windows_overlap_and_positions(tmp_path, tok):
                 assert pos[t] == 0 and doc[t] == doc[t - 1] + 1
             else:
                 assert pos[t] == pos[t - 1] + 1 and doc[t] == doc[t - 1]
+    for b in batches:  # the varlen attention's sequences: each row's documents, in order
+        lengths = document_lengths(b["doc_ids"])
+        for doc, row in zip(b["doc_ids"], lengths):
+            assert torch.equal(torch.repeat_interleave(torch.arange(len(row)), row), doc)
+
+
+def test_document_lengths_count_each_rows_documents_in_order():
+    doc_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 3, 3]])
+    assert document_lengths(doc_ids).tolist() == [[2, 3, 1, 0], [6, 0, 0, 0], [1, 3, 0, 2]]
+    assert document_lengths(doc_ids).dtype == torch.int32
+    with pytest.raises(ValueError, match="ascend along each row"):
+        document_lengths(torch.tensor([[0, 1, 0]]))
 
 
 # ------------------------------------------------------------------ determinism across layouts and workers

@@ -24,6 +24,7 @@ from context_parallel import ContextSplit, attach_context
 from modules.compile_cache import use_compile_cache
 from optimizer import StageOptimizer
 from pipeline_parallel import Pipeline, StagePlan, plan_stages
+from tasks.packing import document_lengths
 from training.chunked_logps import attach_chunked_head
 from training.evaluation import evaluate, pair_batches
 from training.inputs import adapters_of, check_inputs, check_offload_memory, total_optimizer_steps, use_data_cache
@@ -289,8 +290,9 @@ class Trainer:
         return self.pipeline.run(input_ids, target, train=train, **self._document_inputs(batch))
 
     def _document_inputs(self, batch: dict | None) -> dict:
-        """The stages' position and document ids of a batch under --attention-mask document; none (plain causal
-        attention over the window) when every row holds one document, decided on the host: no device sync."""
+        """The stages' position and document ids (and the documents' lengths) of a batch under --attention-mask
+        document; none (plain causal attention over the window) when every row holds one document. Decided and
+        counted on the host: no device sync."""
         if not self.documents or batch is None:
             return {}
         doc_ids = batch["doc_ids"]
@@ -300,6 +302,7 @@ class Trainer:
         return {
             "position_ids": batch["position_ids"].to(device, non_blocking=True),
             "doc_ids": doc_ids.to(device, non_blocking=True),
+            "doc_lengths": document_lengths(doc_ids).to(device, non_blocking=True),
         }
 
     def _reduce_loss(self, loss_sum: torch.Tensor) -> torch.Tensor | None:

@@ -40,14 +40,13 @@ class Pipeline:
         """pp=1: the same micro-batch split and loss, in a plain loop."""
         model = self.modules[0]
         n = self.n_microbatches
-        if widths and "doc_lengths" in stage_kwargs:
-            raise ValueError("micro-batch widths cut columns: the documents' lengths would no longer add up")
         chunked = {k: v.chunk(n) for k, v in stage_kwargs.items()}
         losses = []
         for i, (ids, lab) in enumerate(zip(input_ids.chunk(n), labels.chunk(n))):
             width = widths[i] if widths else None  # None: every column (under cp the ids stay whole, the tokens not)
             with torch.set_grad_enabled(train):
-                outputs = model(ids[:, :width], **{k: v[i][:, :width] for k, v in chunked.items()})
+                kwargs = {k: v[i] if k == "doc_lengths" else v[i][:, :width] for k, v in chunked.items()}
+                outputs = model(ids[:, :width], **kwargs)
                 loss = self.loss_fn(outputs, lab)
             if train:
                 loss.backward()
@@ -58,9 +57,9 @@ class Pipeline:
         """One batch. Returns the summed micro-batch losses on the rank holding the last stage, else None.
         `stage_kwargs` ([B, S] tensors: position_ids, doc_ids; [B, K]: doc_lengths) reach every stage, split like
         the batch: every rank of the pipeline passes them. `widths` (pp=1 only: a schedule's stages have fixed
-        shapes): micro-batch i runs on its first widths[i] columns of the batch and of every [B, S] stage kwarg (so
-        not with doc_lengths), its loss function still gets the whole target (columns past the outputs must take
-        no loss)."""
+        shapes): micro-batch i runs on its first widths[i] columns of the batch and of every [B, S] stage kwarg
+        (doc_lengths must already count the cut rows), its loss function still gets the whole target (columns past
+        the outputs must take no loss)."""
         if widths is not None and self.schedule is not None:
             raise ValueError("micro-batch widths need pp=1: pipeline stages exchange fixed shapes")
         if self.schedule is None:

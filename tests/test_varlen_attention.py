@@ -166,31 +166,58 @@ def test_compiled_blocks_take_batches_with_any_number_of_documents(tmp_path):
         torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2 * eager.abs().max().item())
 
 
-def test_a_bf16_run_on_varlen_attention_trains_as_on_flex_attention(tmp_path, monkeypatch, capsys):
-    """The trainer hands the stages the documents' lengths (counted on the host): a bf16 run with packed
-    documents on varlen flash attention logs the losses of the same run on FlexAttention, to bf16's precision."""
+def losses_on_both_kernels(flags_of_run, monkeypatch, capsys) -> dict:
+    """{kernel: {step: loss}} of the in-process run `flags_of_run(name, metrics_file)` on varlen flash attention,
+    then on FlexAttention; the varlen run must have built its masks from documents' lengths."""
     import dist_lm_pretrain_and_finetune as entrypoint
 
-    model_dir = make_model(tmp_path / "model", model_type="llama", hidden=128, layers=2, heads=2)
-    data = make_chat_data(tmp_path / "chat.jsonl")
     losses, built = {}, []
     monkeypatch.setattr(layers.VarlenMask, "__init__", spy(layers.VarlenMask.__init__, built))
     for kernel in ("varlen", "flex"):
         if kernel == "flex":
             monkeypatch.setattr(layers, "varlen_applies", lambda *args: False)
-        metrics = tmp_path / f"{kernel}.jsonl"
-        flags = base_flags(
-            model_dir,
-            data,
-            str(tmp_path / f"ck-{kernel}"),
-            bf16=True,
-            **{"use-cuda": "true", "dp-backend": "nccl", "total-steps": 4, "seq-length": 128},
-            **{"metrics-file": str(metrics)},
-        )
-        assert entrypoint.main(flags) == 0, capsys.readouterr().err[-3000:]
-        losses[kernel] = {r["step"]: r["loss"] for r in map(json.loads, open(metrics)) if "loss" in r}
+        metrics = flags_of_run(kernel)
+        assert entrypoint.main(metrics["flags"]) == 0, capsys.readouterr().err[-3000:]
+        losses[kernel] = {r["step"]: r["loss"] for r in map(json.loads, open(metrics["file"])) if "loss" in r}
         if kernel == "varlen":
             assert built and all(args[0] is not None for args in built)  # documents' lengths reached the stages
+    return losses
+
+
+GPU_RUN = {"bf16": True, "use-cuda": "true", "dp-backend": "nccl"}
+
+
+def test_a_bf16_run_on_varlen_attention_trains_as_on_flex_attention(tmp_path, monkeypatch, capsys):
+    """The trainer hands the stages the documents' lengths (counted on the host): a bf16 run with packed
+    documents on varlen flash attention logs the losses of the same run on FlexAttention, to bf16's precision."""
+    model_dir = make_model(tmp_path / "model", model_type="llama", hidden=128, layers=2, heads=2)
+    data = make_chat_data(tmp_path / "chat.jsonl")
+
+    def run(kernel):
+        file = tmp_path / f"{kernel}.jsonl"
+        overrides = {**GPU_RUN, "total-steps": 4, "seq-length": 128, "metrics-file": str(file)}
+        return {"file": file, "flags": base_flags(model_dir, data, str(tmp_path / f"ck-{kernel}"), **overrides)}
+
+    losses = losses_on_both_kernels(run, monkeypatch, capsys)
     assert sorted(losses["varlen"]) == [1, 2, 3, 4]
     for step, loss in losses["flex"].items():
         assert losses["varlen"][step] == pytest.approx(loss, rel=1e-2), step
+
+
+def test_packed_preference_pairs_on_varlen_attention_train_as_on_flex_attention(tmp_path, monkeypatch, capsys):
+    """DPO with --pack-pairs: each micro-batch runs on its own width, and the lengths are counted on the rows as cut
+    to it; the losses are those of the same run on FlexAttention, to bf16's precision."""
+    from tests.test_preference_training import flags_of, make_pairs
+
+    model_dir = make_model(tmp_path / "model", model_type="llama", hidden=128, layers=2, heads=2)
+    data = make_pairs(tmp_path / "pairs.jsonl")
+
+    def run(kernel):
+        file = tmp_path / f"{kernel}.jsonl"
+        extra = {**GPU_RUN, "pack-pairs": "true", "micro-batch-size": 2, "metrics-file": str(file)}
+        return {"file": file, "flags": flags_of(model_dir, data, tmp_path / f"ck-{kernel}", "dpo", **extra)}
+
+    losses = losses_on_both_kernels(run, monkeypatch, capsys)
+    assert losses["varlen"] and sorted(losses["varlen"]) == sorted(losses["flex"])
+    for step, loss in losses["flex"].items():
+        assert losses["varlen"][step] == pytest.approx(loss, rel=1e-2, abs=1e-3), step

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import modules
 import tasks
@@ -30,6 +31,7 @@ from comm import Layout
 from config import JobConfig
 from context_parallel import ContextSplit, attach_context
 from pipeline_parallel import Pipeline, StagePlan
+from tasks.packing import document_lengths
 from training.chunked_logps import ChunkedHead, attach_chunked_head
 from training.evaluation import pair_batches
 from training.preference import STATS_SIZE, PreferenceLoss, context_target, stat_means, with_reference
@@ -208,12 +210,19 @@ class PairTraining:
             return batch
         return pack_pairs(batch, self.job.pipeline.micro_batches)
 
-    def stage_inputs(self, batch: dict | None) -> dict:
-        """The stages' position and document ids of a packed batch (on the device), else none."""
+    def stage_inputs(self, batch: dict | None, widths: list[int] | None) -> dict:
+        """The stages' position and document ids of a packed batch (on the device), and its documents' lengths as
+        each micro-batch runs them (cut to its width; counted on the host), else none."""
         if not self.packed or batch is None:
             return {}
         device = self.layout.device
-        return {k: batch[k].to(device, non_blocking=True) for k in ("position_ids", "doc_ids")}
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("position_ids", "doc_ids")}
+        micro_batches = batch["doc_ids"].chunk(self.job.pipeline.micro_batches)
+        lengths = [document_lengths(ids[:, : widths[i]] if widths else ids) for i, ids in enumerate(micro_batches)]
+        most = max(part.shape[1] for part in lengths)
+        lengths = torch.cat([F.pad(part, (0, most - part.shape[1])) for part in lengths])
+        inputs["doc_lengths"] = lengths.to(device, non_blocking=True)
+        return inputs
 
     def widths(self, batch: dict | None) -> list[int] | None:
         """The columns each micro-batch of `batch` runs on (pp=1 and no context parallelism), else None: all."""
@@ -227,7 +236,8 @@ class PairTraining:
         stage's ranks, else None."""
         self._commit()  # the previous batch's statistics
         batch = self.pack(batch)
-        widths, stage_kwargs = self.widths(batch), self.stage_inputs(batch)
+        widths = self.widths(batch)
+        stage_kwargs = self.stage_inputs(batch, widths)
         if self.reference == "stored":
             reference = self.stored.next_rows("eval" if self.evaluating else "train")
         elif self.reference is not None:
@@ -290,7 +300,8 @@ class PairTraining:
 
         def run(batch: dict | None) -> torch.Tensor | None:
             batch = self.pack(batch)
-            return self._reference_pass(batch, policy, self.stage_inputs(batch), self.widths(batch))
+            widths = self.widths(batch)
+            return self._reference_pass(batch, policy, self.stage_inputs(batch, widths), widths)
 
         try:
             self.stored.compute(train, held_out, run, self.log)

@@ -276,7 +276,6 @@ class VarlenMask:
         else:
             ends = doc_lengths.flatten().cumsum(0, dtype=torch.int32)
         self.cu_seqlens = F.pad(ends, (1, 0))
-        self.seq = seq
         self.window = (-1, 0) if window is None else (window - 1, 0)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:

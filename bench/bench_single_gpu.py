@@ -13,7 +13,7 @@ steps that make the batch), so all runs train the same tokens per step. A varian
   mbN           micro-batch size N (must divide the step's batch)     compile      --compile (torch.compile blocks)
   fp16          --fp16 instead of --bf16                               bsN          this variant's batch per step
   ac-full, ac-selective   --activation-checkpointing               flash, cudnn, efficient   --attention-backend
-  causal       --attention-mask causal (default: document)
+  causal       --attention-mask causal (default: document)           varlen    --masked-attention varlen
 
     python bench/bench_single_gpu.py --variants mb4,mb4+compile,mb8+compile,mb4+compile+fp16   # ~9 min (estimate)
     python bench/bench_single_gpu.py --smoke        # CPU check, tiny model
@@ -38,6 +38,7 @@ def parse_variant(text: str, default_batch: int) -> dict:
         "activation_checkpointing": "none",
         "attention_backend": "auto",
         "attention_mask": "document",
+        "masked_attention": "flex",
     }
     for word in text.split("+"):
         if word.startswith("mb") and word[2:].isdigit():
@@ -50,6 +51,8 @@ def parse_variant(text: str, default_batch: int) -> dict:
             v["fp16"] = True
         elif word == "causal":
             v["attention_mask"] = "causal"
+        elif word == "varlen":
+            v["masked_attention"] = "varlen"
         elif word == "bf16":
             pass
         elif word.startswith("ac-") and word[3:] in ("none", "full", "selective"):
@@ -127,7 +130,10 @@ def main():
             compile=v["compile"],
             fp16=v["fp16"],
             activation_checkpointing=v["activation_checkpointing"],
-            extra=["--attention-backend", v["attention_backend"], "--attention-mask", v["attention_mask"]],
+            extra=[
+                *("--attention-backend", v["attention_backend"], "--attention-mask", v["attention_mask"]),
+                *("--masked-attention", v["masked_attention"]),
+            ],
         )
 
     bf16 = [r for r in ours.values() if r["precision"] != "fp16" and r.get("tokens_per_s")]

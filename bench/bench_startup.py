@@ -116,6 +116,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, steps=2, warmup=1)
     parser.add_argument("--shape", default="pythia-1.4b", help="bench/common.py SHAPES key")
+    parser.add_argument(
+        "--masked-attention",
+        choices=("flex", "varlen"),
+        default=None,
+        help="ours: this kernel (default: the trainer's)",
+    )
     args = parser.parse_args()
     apply_smoke(args, parser)
     if args.smoke and args.steps == 3:
@@ -126,6 +132,8 @@ def main():
     weights_dir = write_weights(session, model_dir)
     data = session.data_file(tokens=MICRO_BATCH * args.seq_length * (args.steps + 2))
     common = dict(data=data, nproc=1, micro_batch=MICRO_BATCH, batch=MICRO_BATCH, launcher="entrypoint")
+    if args.masked_attention:
+        common["extra"] = ["--masked-attention", args.masked_attention]
 
     # the reference first: it is what target a compares with, and a short time budget skips the last runs
     reference = session.baseline(
@@ -138,7 +146,8 @@ def main():
         describe={"precision": "bf16 (from_pretrained) + autocast"},
     )
     # random init first: the first run of ours on a machine also builds FlexAttention's document-mask kernel into
-    # the compile cache (~8 s once); the load, target a's run, then starts as every later launch does
+    # the compile cache (~8 s once; not with --masked-attention varlen, which compiles nothing); the load, target
+    # a's run, then starts as every later launch does
     random_init = session.ours("random init", model_dir=model_dir, **common)
     loaded = session.ours("load bf16 safetensors", model_dir=weights_dir, load_pretrained=True, **common)
     start = os.path.getsize(session.log_path)

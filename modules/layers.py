@@ -340,16 +340,20 @@ def document_mask(doc_ids: torch.Tensor):
 
 
 def attention_masks(
-    cfg: ModelConfig, x: torch.Tensor, doc_ids: torch.Tensor | None, doc_lengths: torch.Tensor | None = None
+    cfg: ModelConfig,
+    x: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    doc_lengths: torch.Tensor | None = None,
+    varlen: bool = False,
 ) -> dict[str, object]:
     """{layer type: the mask its blocks take} for a stage's hidden states `x` [B, S, H]: the document mask (or None:
     plain causal) for full layers, the window (within documents) for sliding ones. A window as long as the
-    sequence is no window. On a GPU, with `doc_lengths` where there are documents, the masks are VarlenMasks where
-    the kernel applies (varlen_applies), else FlexAttention block masks where SDPA cannot express them (documents,
-    windows, soft-capped scores)."""
+    sequence is no window. On a GPU the masks are VarlenMasks with `varlen` where the kernel applies
+    (varlen_applies; with `doc_lengths` where there are documents), else FlexAttention block masks where SDPA cannot
+    express them (documents, windows, soft-capped scores)."""
     batch, seq, device = x.shape[0], x.shape[1], x.device
     window = cfg.sliding_window if "sliding" in cfg.layer_types and cfg.sliding_window < seq else None
-    if (doc_ids is None or doc_lengths is not None) and varlen_applies(cfg, x.dtype, device):
+    if varlen and (doc_ids is None or doc_lengths is not None) and varlen_applies(cfg, x.dtype, device):
         full = VarlenMask(doc_lengths, batch, seq, None, device) if doc_ids is not None else None
         masks = {"full": full}
         if "sliding" in cfg.layer_types:

@@ -113,6 +113,7 @@ class Stage(nn.Module):
         self.head_in_loss = False
         self.activation_offload: ActivationOffload | None = None  # --activation-offload cpu
         self.context: ContextSplit | None = None  # --context-parallel-size > 1: the rank's share of each sequence
+        self.masked_attention = "flex"  # --masked-attention: varlen runs documents and windows on varlen attention
 
     @property
     def output_layer(self) -> nn.Linear:
@@ -144,7 +145,7 @@ class Stage(nn.Module):
         `position_ids` [B, S] (default 0..S-1) place the rotary embedding; with `doc_ids` [B, S] a token attends
         only to earlier tokens of its own document (packed documents), else to every earlier token (a sliding
         layer: of its window); `doc_lengths` [B, K] (tasks.packing.document_lengths of the same rows) let a GPU run
-        the documents through varlen flash attention."""
+        the documents through varlen flash attention under --masked-attention varlen."""
         cfg, fam = self.cfg, family(self.cfg)
         body = getattr(self, fam.PREFIX)
         h = getattr(body, fam.EMBED)(x) if self.is_first else x
@@ -158,7 +159,7 @@ class Stage(nn.Module):
                 position_ids = position_ids[:, mine] if position_ids is not None else mine[None]
                 masks = context_masks(cfg, self.context, seq, doc_ids, h.device)
             else:
-                masks = attention_masks(cfg, h, doc_ids, doc_lengths)
+                masks = attention_masks(cfg, h, doc_ids, doc_lengths, varlen=self.masked_attention == "varlen")
             # Once per stage, shared by its blocks: rotary and mask per layer type
             rotary = {"full": self.rotary(h.shape[1], h.dtype, position_ids)}
             rotary["sliding"] = (
@@ -282,6 +283,7 @@ def build_rank_stages(
                 block.compile()
         if run.activation_offload == "cpu":
             stage.activation_offload = ActivationOffload(device)
+        stage.masked_attention = run.masked_attention
         on_phase("weights")
         stages.append(stage)
     return stages

@@ -100,11 +100,13 @@ def test_compiled_blocks_and_loss_train_like_eager(setup):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's synchronization checks")
-def test_bf16_steps_after_the_first_never_wait_for_the_gpu(setup, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("kernel", ["flex", "varlen"])
+def test_bf16_steps_after_the_first_never_wait_for_the_gpu(setup, tmp_path, monkeypatch, capsys, kernel):
     """One GPU, bf16, no loss scaling, packed documents: from the second step on, a training step (its batches to the
     device, the document masks, forward and backward, the loss normalisation, the gradient norm, clipping and the
     update) queues its work without one synchronizing call, so the GPU never idles while the host catches up:
-    torch's sync debug mode raises on any. (The first step checks that its labels hold a token to learn.)"""
+    torch's sync debug mode raises on any. (The first step checks that its labels hold a token to learn.) On either
+    kernel of the document masks: varlen attention's lengths are counted on the host."""
     import torch._dynamo
 
     import dist_lm_pretrain_and_finetune as entrypoint
@@ -128,7 +130,11 @@ def test_bf16_steps_after_the_first_never_wait_for_the_gpu(setup, tmp_path, monk
     root, _, data = setup
     model_dir = make_model(tmp_path / "model", hidden=64, layers=2, heads=4)  # head size 16: FlexAttention's least
     flags = base_flags(
-        model_dir, data, str(tmp_path / "ck"), bf16=True, **{"use-cuda": "true", "dp-backend": "nccl", "total-steps": 4}
+        model_dir,
+        data,
+        str(tmp_path / "ck"),
+        bf16=True,
+        **{"use-cuda": "true", "dp-backend": "nccl", "total-steps": 4, "masked-attention": kernel},
     )
     code = entrypoint.main(flags)
     assert code == 0, capsys.readouterr().err[-3000:]

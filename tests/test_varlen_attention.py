@@ -1,5 +1,5 @@
-"""Packed documents and sliding windows through varlen flash attention (modules.layers.VarlenMask), the GPU path of
-half-precision models: the rows' document lengths counted on the host, the kernel against a float64 reference and
+"""Packed documents and sliding windows through varlen flash attention (modules.layers.VarlenMask, --masked-attention
+varlen), a GPU path of half-precision models: the rows' document lengths counted on the host, the kernel against a float64 reference and
 against FlexAttention (the fp32 path, proven equal to transformers in test_families), the families' stages, the
 compiled blocks over batches holding different numbers of documents, and whole training runs."""
 
@@ -112,22 +112,23 @@ def test_half_precision_stages_on_varlen_match_flex_attention(name, tmp_path, mo
     position_ids = (index - torch.cummax(torch.where(starts, index, 0), 1).values).cuda()
     kwargs = {"position_ids": position_ids, "doc_ids": doc_ids.cuda(), "doc_lengths": document_lengths(doc_ids).cuda()}
 
-    def run(dtype):
+    def run(dtype, kernel):
         stage = modules.build_stage(cfg, 0, cfg.num_layers, True, True)
         modules.load_stage_weights(stage, str(tmp_path))
         stage = stage.to("cuda", dtype)
+        stage.masked_attention = kernel
         logits = stage(ids, **kwargs)
         loss_of(logits.float(), labels).backward()
         return [logits.detach().float()] + [p.grad.float() for p in stage.parameters() if p.grad is not None]
 
     built = []
     monkeypatch.setattr(layers.VarlenMask, "__init__", spy(layers.VarlenMask.__init__, built))
-    want = [x.double() for x in run(torch.float32)]
+    want = [x.double() for x in run(torch.float32, "varlen")]
     assert not built  # fp32 stays on FlexAttention
-    varlen = relative_errors(run(torch.bfloat16), want)
+    varlen = relative_errors(run(torch.bfloat16, "varlen"), want)
     assert built  # and bf16 takes the varlen kernel
-    monkeypatch.setattr(layers, "varlen_applies", lambda *args: False)
-    flex = relative_errors(run(torch.bfloat16), want)
+    flex = relative_errors(run(torch.bfloat16, "flex"), want)
+    assert len(built) == 1 + ("sliding" in cfg.layer_types)  # the flex run built none
     assert varlen[0] <= 2 * flex[0] + 1e-3, (varlen[0], flex[0])  # logits
     assert max(varlen[1:]) <= 2 * max(flex[1:]) + 1e-3, (max(varlen[1:]), max(flex[1:]))  # gradients
 
@@ -152,6 +153,7 @@ def test_compiled_blocks_take_batches_with_any_number_of_documents(tmp_path):
         stage = modules.build_stage(cfg, 0, cfg.num_layers, True, True)
         modules.load_stage_weights(stage, str(tmp_path))
         stage = stage.to("cuda", torch.bfloat16)
+        stage.masked_attention = "varlen"
         if compiled:
             for block in stage.blocks:
                 block.compile()
@@ -167,24 +169,24 @@ def test_compiled_blocks_take_batches_with_any_number_of_documents(tmp_path):
 
 
 def losses_on_both_kernels(flags_of_run, monkeypatch, capsys) -> dict:
-    """{kernel: {step: loss}} of the in-process run `flags_of_run(name, metrics_file)` on varlen flash attention,
-    then on FlexAttention; the varlen run must have built its masks from documents' lengths."""
+    """{kernel: {step: loss}} of the in-process run `flags_of_run(kernel)` (its --masked-attention) on varlen flash
+    attention, then on FlexAttention; the varlen run must have built its masks from documents' lengths."""
     import dist_lm_pretrain_and_finetune as entrypoint
 
     losses, built = {}, []
     monkeypatch.setattr(layers.VarlenMask, "__init__", spy(layers.VarlenMask.__init__, built))
     for kernel in ("varlen", "flex"):
-        if kernel == "flex":
-            monkeypatch.setattr(layers, "varlen_applies", lambda *args: False)
-        metrics = flags_of_run(kernel)
-        assert entrypoint.main(metrics["flags"]) == 0, capsys.readouterr().err[-3000:]
-        losses[kernel] = {r["step"]: r["loss"] for r in map(json.loads, open(metrics["file"])) if "loss" in r}
-        if kernel == "varlen":
-            assert built and all(args[0] is not None for args in built)  # documents' lengths reached the stages
+        run = flags_of_run(kernel)
+        assert entrypoint.main(run["flags"]) == 0, capsys.readouterr().err[-3000:]
+        losses[kernel] = {r["step"]: r["loss"] for r in map(json.loads, open(run["file"])) if "loss" in r}
+        assert bool(built) == (kernel == "varlen")
+        assert all(args[0] is not None for args in built)  # documents' lengths reached the stages
+        built.clear()
     return losses
 
 
-GPU_RUN = {"bf16": True, "use-cuda": "true", "dp-backend": "nccl"}
+def gpu_run(kernel: str) -> dict:
+    return {"bf16": True, "use-cuda": "true", "dp-backend": "nccl", "masked-attention": kernel}
 
 
 def test_a_bf16_run_on_varlen_attention_trains_as_on_flex_attention(tmp_path, monkeypatch, capsys):
@@ -195,7 +197,7 @@ def test_a_bf16_run_on_varlen_attention_trains_as_on_flex_attention(tmp_path, mo
 
     def run(kernel):
         file = tmp_path / f"{kernel}.jsonl"
-        overrides = {**GPU_RUN, "total-steps": 4, "seq-length": 128, "metrics-file": str(file)}
+        overrides = {**gpu_run(kernel), "total-steps": 4, "seq-length": 128, "metrics-file": str(file)}
         return {"file": file, "flags": base_flags(model_dir, data, str(tmp_path / f"ck-{kernel}"), **overrides)}
 
     losses = losses_on_both_kernels(run, monkeypatch, capsys)
@@ -214,7 +216,7 @@ def test_packed_preference_pairs_on_varlen_attention_train_as_on_flex_attention(
 
     def run(kernel):
         file = tmp_path / f"{kernel}.jsonl"
-        extra = {**GPU_RUN, "pack-pairs": "true", "micro-batch-size": 2, "metrics-file": str(file)}
+        extra = {**gpu_run(kernel), "pack-pairs": "true", "micro-batch-size": 2, "metrics-file": str(file)}
         return {"file": file, "flags": flags_of(model_dir, data, tmp_path / f"ck-{kernel}", "dpo", **extra)}
 
     losses = losses_on_both_kernels(run, monkeypatch, capsys)

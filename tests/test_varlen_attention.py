@@ -4,6 +4,9 @@ against FlexAttention (the fp32 path, proven equal to transformers in test_famil
 compiled blocks over batches holding different numbers of documents, and whole training runs."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ import torch.nn.functional as F
 import modules
 from modules import layers
 from tasks.packing import document_lengths
-from tests.helpers import base_flags, make_chat_data, make_model
+from tests.helpers import REPO, base_flags, make_chat_data, make_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -85,7 +88,7 @@ def test_varlen_attention_equals_a_float64_reference(window, packed, kv_heads):
     assert max(ours) < 2e-2, ours
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, theirs):
         assert a <= 2 * b + 2e-3, (name, ours, theirs)
-    unmasked = relative_errors(attention_and_grads(*half, None)[:1], want[:1])[0]
+    unmasked = relative_errors([attention_and_grads(*half, None)[0].cpu()], want[:1])[0]
     assert unmasked > 0.1  # plain causal attention is far off: the masks matter here
 
 
@@ -143,45 +146,52 @@ def spy(init, calls: list):
 
 def test_compiled_blocks_take_batches_with_any_number_of_documents(tmp_path):
     """The blocks compiled once serve micro-batches holding different numbers of documents (the lengths' shape
-    changes from batch to batch), each as the eager stage computes it."""
+    changes from batch to batch): each batch's bf16 logits as close to the fp32 stage's as the eager bf16 stage's
+    (bf16 logits of compiled and eager blocks differ by their own rounding, a few tenths at the extremes)."""
     from tests.test_models import VOCAB, make_hf_model
 
     make_hf_model("llama_gqa", tmp_path)
     cfg = modules.load_model_config(str(tmp_path))
-    stages = []
-    for compiled in (False, True):
+    stages = {}
+    for name, dtype, compiled in (
+        ("fp32", torch.float32, False),
+        ("eager", torch.bfloat16, False),
+        ("compiled", torch.bfloat16, True),
+    ):
         stage = modules.build_stage(cfg, 0, cfg.num_layers, True, True)
         modules.load_stage_weights(stage, str(tmp_path))
-        stage = stage.to("cuda", torch.bfloat16)
+        stage = stage.to("cuda", dtype)
         stage.masked_attention = "varlen"
         if compiled:
             for block in stage.blocks:
                 block.compile()
-        stages.append(stage)
+        stages[name] = stage
     g = torch.Generator().manual_seed(2)
     for density in (0.01, 0.03, 0.05, 0.002):
         doc_ids = random_doc_ids([density, density / 2], 256, g)
         ids = torch.randint(0, VOCAB, doc_ids.shape, generator=g).cuda()
         kwargs = {"doc_ids": doc_ids.cuda(), "doc_lengths": document_lengths(doc_ids).cuda()}
         with torch.no_grad():
-            eager, compiled = (stage(ids, **kwargs).float() for stage in stages)
-        torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2 * eager.abs().max().item())
+            logits = {name: stage(ids, **kwargs).double().cpu() for name, stage in stages.items()}
+        compiled, eager = (relative_errors([logits[k]], [logits["fp32"]])[0] for k in ("compiled", "eager"))
+        assert compiled <= 2 * eager + 1e-3, (density, compiled, eager)
 
 
-def losses_on_both_kernels(flags_of_run, monkeypatch, capsys) -> dict:
-    """{kernel: {step: loss}} of the in-process run `flags_of_run(kernel)` (its --masked-attention) on varlen flash
-    attention, then on FlexAttention; the varlen run must have built its masks from documents' lengths."""
-    import dist_lm_pretrain_and_finetune as entrypoint
-
-    losses, built = {}, []
-    monkeypatch.setattr(layers.VarlenMask, "__init__", spy(layers.VarlenMask.__init__, built))
+def losses_on_both_kernels(flags_of_run) -> dict:
+    """{kernel: {step: loss}} of the run `flags_of_run(kernel)` (its --masked-attention) on varlen flash attention,
+    then on FlexAttention, each in a process of its own (two NCCL jobs in one process do not clean up after each
+    other); the varlen run must say it runs on varlen attention."""
+    entrypoint = os.path.join(REPO, "dist_lm_pretrain_and_finetune.py")
+    losses = {}
     for kernel in ("varlen", "flex"):
         run = flags_of_run(kernel)
-        assert entrypoint.main(run["flags"]) == 0, capsys.readouterr().err[-3000:]
+        done = subprocess.run(
+            [sys.executable, entrypoint, *run["flags"]], cwd=REPO, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        says_varlen = "attention: packed documents and sliding windows on varlen flash attention" in done.stdout
+        assert says_varlen == (kernel == "varlen"), done.stdout[-3000:]
         losses[kernel] = {r["step"]: r["loss"] for r in map(json.loads, open(run["file"])) if "loss" in r}
-        assert bool(built) == (kernel == "varlen")
-        assert all(args[0] is not None for args in built)  # documents' lengths reached the stages
-        built.clear()
     return losses
 
 
@@ -189,7 +199,7 @@ def gpu_run(kernel: str) -> dict:
     return {"bf16": True, "use-cuda": "true", "dp-backend": "nccl", "masked-attention": kernel}
 
 
-def test_a_bf16_run_on_varlen_attention_trains_as_on_flex_attention(tmp_path, monkeypatch, capsys):
+def test_a_bf16_run_on_varlen_attention_trains_as_on_flex_attention(tmp_path):
     """The trainer hands the stages the documents' lengths (counted on the host): a bf16 run with packed
     documents on varlen flash attention logs the losses of the same run on FlexAttention, to bf16's precision."""
     model_dir = make_model(tmp_path / "model", model_type="llama", hidden=128, layers=2, heads=2)
@@ -200,13 +210,13 @@ def test_a_bf16_run_on_varlen_attention_trains_as_on_flex_attention(tmp_path, mo
         overrides = {**gpu_run(kernel), "total-steps": 4, "seq-length": 128, "metrics-file": str(file)}
         return {"file": file, "flags": base_flags(model_dir, data, str(tmp_path / f"ck-{kernel}"), **overrides)}
 
-    losses = losses_on_both_kernels(run, monkeypatch, capsys)
+    losses = losses_on_both_kernels(run)
     assert sorted(losses["varlen"]) == [1, 2, 3, 4]
     for step, loss in losses["flex"].items():
         assert losses["varlen"][step] == pytest.approx(loss, rel=1e-2), step
 
 
-def test_packed_preference_pairs_on_varlen_attention_train_as_on_flex_attention(tmp_path, monkeypatch, capsys):
+def test_packed_preference_pairs_on_varlen_attention_train_as_on_flex_attention(tmp_path):
     """DPO with --pack-pairs: each micro-batch runs on its own width, and the lengths are counted on the rows as cut
     to it; the losses are those of the same run on FlexAttention, to bf16's precision."""
     from tests.test_preference_training import flags_of, make_pairs
@@ -219,7 +229,7 @@ def test_packed_preference_pairs_on_varlen_attention_train_as_on_flex_attention(
         extra = {**gpu_run(kernel), "pack-pairs": "true", "micro-batch-size": 2, "metrics-file": str(file)}
         return {"file": file, "flags": flags_of(model_dir, data, tmp_path / f"ck-{kernel}", "dpo", **extra)}
 
-    losses = losses_on_both_kernels(run, monkeypatch, capsys)
+    losses = losses_on_both_kernels(run)
     assert losses["varlen"] and sorted(losses["varlen"]) == sorted(losses["flex"])
     for step, loss in losses["flex"].items():
         assert losses["varlen"][step] == pytest.approx(loss, rel=1e-2, abs=1e-3), step

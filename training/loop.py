@@ -131,6 +131,15 @@ class Trainer:
         self.context = attach_context(self.stages, lay)  # --context-parallel-size: each rank's share of a sequence
         if job.model.fp8 != "none":
             self.log.info(modules.float8_summary(self.stages, job.model.fp8))
+        if job.model.masked_attention == "varlen" and job.model.attention_mask == "document":
+            dtype = getattr(torch, job.model.dtype)
+            if self.context is None and modules.varlen_applies(self.cfg, dtype, lay.device):
+                self.log.info("attention: packed documents and sliding windows on varlen flash attention")
+            else:
+                self.log.info(
+                    "WARNING: --masked-attention varlen does not apply here (it needs a bf16/fp16 model on a GPU, "
+                    "no soft-capped scores, no context parallelism): its usual masks instead"
+                )
         # The frozen base of a LoRA run gets no gradient, master copy or optimizer state.
         self.named_params = [(n, p) for m in self.stages for n, p in m.named_parameters() if p.requires_grad]
         self.log.info(

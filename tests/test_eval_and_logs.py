@@ -97,10 +97,13 @@ def test_tidy_profiling_writes_per_rank_and_merged_traces(setup):
             "profiling": "tidy_profiling",
             "profiling-dir": str(out),
             "profiling-steps": 1,
+            "masked-attention": "varlen",  # a GPU's choice: here it says, once, that it does not apply
         },
     )
     result = run_job(2, flags)
     assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stdout.splitlines() if "--masked-attention varlen does not apply" in line]
+    assert len(warnings) == 1, result.stdout[-3000:]
     assert sorted(os.listdir(out)) == ["merged.json", "rank_0.json", "rank_1.json"]
     events = [e for e in json.load(open(out / "merged.json"))["traceEvents"] if e["ph"] == "X"]
     assert {e["pid"] for e in events} == {0, 1}

@@ -1,7 +1,8 @@
-"""Packed documents and sliding windows through varlen flash attention (modules.layers.VarlenMask, --masked-attention
-varlen), a GPU path of half-precision models: the rows' document lengths counted on the host, the kernel against a float64 reference and
-against FlexAttention (the fp32 path, proven equal to transformers in test_families), the families' stages, the
-compiled blocks over batches holding different numbers of documents, and whole training runs."""
+"""Packed documents and sliding windows through varlen flash attention (modules.layers.VarlenMask,
+--masked-attention varlen), a GPU path of half-precision models: the kernel against a float64 reference and against
+FlexAttention (the fp32 path, proven equal to transformers in test_families), the families' stages, the compiled
+blocks over batches holding different numbers of documents, and whole training runs that count the documents'
+lengths on the host."""
 
 import json
 import os

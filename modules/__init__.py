@@ -13,7 +13,7 @@ from .config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelError, load_model_c
 from .export import save_hf_directory
 from .flops import count_lora_parameters, count_parameters, flops_per_token, head_cost_in_layers, lora_flops_per_token
 from .fp8 import check_fp8_device, convert_blocks_to_float8, float8_summary, gains_from_float8
-from .layers import attention_backend, varlen_applies
+from .layers import attention_backend, varlen_note
 from .lora import (
     LoraConfig,
     LoraLinear,
@@ -44,7 +44,7 @@ from .weights import Checkpoint, expected_names, expected_shapes, init_stage_wei
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "attention_backend",
-    "varlen_applies",
+    "varlen_note",
     "adapters_off",
     "apply_lora",
     "Checkpoint",

@@ -329,6 +329,17 @@ def varlen_applies(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -
     )
 
 
+def varlen_note(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, context) -> str:
+    """The log line of --masked-attention varlen: whether the stages run on it (`context`: the stages' context
+    parallelism split, None without)."""
+    if context is None and varlen_applies(cfg, dtype, device):
+        return "attention: packed documents and sliding windows on varlen flash attention"
+    return (
+        "WARNING: --masked-attention varlen does not apply here (it needs a bf16/fp16 model on a GPU, no "
+        "soft-capped scores, no context parallelism): its usual masks instead"
+    )
+
+
 def document_mask(doc_ids: torch.Tensor):
     """The attention mask of packed documents `doc_ids` [B, S], built once per stage forward and shared by its
     blocks: a FlexAttention block mask on GPUs, a boolean [B, 1, S, S] mask for SDPA elsewhere."""

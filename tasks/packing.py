@@ -67,6 +67,22 @@ def document_lengths(doc_ids: torch.Tensor) -> torch.Tensor:
     return lengths.scatter_add_(1, doc_ids, torch.ones_like(doc_ids, dtype=torch.int32))
 
 
+def document_inputs(
+    batch: dict, device: torch.device, lengths: bool, micro_batches: int = 1, widths: list[int] | None = None
+) -> dict:
+    """The stages' keyword inputs of a packed batch on `device`: position_ids and doc_ids, and with `lengths` the
+    documents' lengths (varlen attention), counted on the host for each of its `micro_batches` as it runs (cut to
+    its first widths[i] columns when given) and zero-padded to one width."""
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in ("position_ids", "doc_ids")}
+    if lengths:
+        parts = batch["doc_ids"].chunk(micro_batches)
+        counted = [document_lengths(ids[:, : widths[i]] if widths else ids) for i, ids in enumerate(parts)]
+        most = max(part.shape[1] for part in counted)
+        padded = torch.cat([torch.nn.functional.pad(part, (0, most - part.shape[1])) for part in counted])
+        inputs["doc_lengths"] = padded.to(device, non_blocking=True)
+    return inputs
+
+
 class Packer:
     def __init__(
         self, seq_length: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1, windows_done: int = 0, eos: int = 0

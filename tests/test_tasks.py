@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tasks import Renderer, TaskError, count_tokens, parse_task_spec
-from tasks.packing import document_lengths
+from tasks.packing import document_inputs, document_lengths
 from tasks.reader import Mixture
 from tests.conftest import CHATML
 from tests.helpers import eval_batches, packed_stream
@@ -364,6 +364,18 @@ def test_document_lengths_count_each_rows_documents_in_order():
     assert document_lengths(doc_ids).dtype == torch.int32
     with pytest.raises(ValueError, match="ascend along each row"):
         document_lengths(torch.tensor([[0, 1, 0]]))
+
+
+def test_document_inputs_count_each_micro_batch_as_it_runs():
+    """Lengths only when asked (varlen attention), per micro-batch on its first widths[i] columns, padded to one
+    width: each row's lengths add up to the columns its micro-batch runs on."""
+    doc_ids = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+    batch = {"doc_ids": doc_ids, "position_ids": torch.zeros_like(doc_ids)}
+    assert sorted(document_inputs(batch, torch.device("cpu"), lengths=False)) == ["doc_ids", "position_ids"]
+    whole = document_inputs(batch, torch.device("cpu"), lengths=True, micro_batches=2)["doc_lengths"]
+    assert torch.equal(whole, document_lengths(doc_ids))
+    cut = document_inputs(batch, torch.device("cpu"), lengths=True, micro_batches=2, widths=[3, 6])["doc_lengths"]
+    assert cut.tolist() == [[2, 1], [1, 2], [3, 3], [6, 0]]  # the cut rows hold fewer documents
 
 
 # ------------------------------------------------------------------ determinism across layouts and workers

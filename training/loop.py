@@ -24,7 +24,7 @@ from context_parallel import ContextSplit, attach_context
 from modules.compile_cache import use_compile_cache
 from optimizer import StageOptimizer
 from pipeline_parallel import Pipeline, StagePlan, plan_stages
-from tasks.packing import document_lengths
+from tasks.packing import document_inputs
 from training.chunked_logps import attach_chunked_head
 from training.evaluation import evaluate, pair_batches
 from training.inputs import adapters_of, check_inputs, check_offload_memory, total_optimizer_steps, use_data_cache
@@ -132,14 +132,7 @@ class Trainer:
         if job.model.fp8 != "none":
             self.log.info(modules.float8_summary(self.stages, job.model.fp8))
         if job.model.masked_attention == "varlen" and job.model.attention_mask == "document":
-            dtype = getattr(torch, job.model.dtype)
-            if self.context is None and modules.varlen_applies(self.cfg, dtype, lay.device):
-                self.log.info("attention: packed documents and sliding windows on varlen flash attention")
-            else:
-                self.log.info(
-                    "WARNING: --masked-attention varlen does not apply here (it needs a bf16/fp16 model on a GPU, "
-                    "no soft-capped scores, no context parallelism): its usual masks instead"
-                )
+            self.log.info(modules.varlen_note(self.cfg, getattr(torch, job.model.dtype), lay.device, self.context))
         # The frozen base of a LoRA run gets no gradient, master copy or optimizer state.
         self.named_params = [(n, p) for m in self.stages for n, p in m.named_parameters() if p.requires_grad]
         self.log.info(
@@ -299,20 +292,12 @@ class Trainer:
         return self.pipeline.run(input_ids, target, train=train, **self._document_inputs(batch))
 
     def _document_inputs(self, batch: dict | None) -> dict:
-        """The stages' position and document ids (and the documents' lengths) of a batch under --attention-mask
-        document; none (plain causal attention over the window) when every row holds one document. Decided and
-        counted on the host: no device sync."""
-        if not self.documents or batch is None:
+        """The stages' position and document ids (and under --masked-attention varlen the documents' lengths) of a
+        batch under --attention-mask document; none (plain causal attention over the window) when every row holds
+        one document. Decided and counted on the host: no device sync."""
+        if not self.documents or batch is None or bool((batch["doc_ids"][:, 0] == batch["doc_ids"][:, -1]).all()):
             return {}
-        doc_ids = batch["doc_ids"]
-        if bool((doc_ids[:, 0] == doc_ids[:, -1]).all()):
-            return {}
-        device = self.layout.device
-        return {
-            "position_ids": batch["position_ids"].to(device, non_blocking=True),
-            "doc_ids": doc_ids.to(device, non_blocking=True),
-            "doc_lengths": document_lengths(doc_ids).to(device, non_blocking=True),
-        }
+        return document_inputs(batch, self.layout.device, lengths=self.job.model.masked_attention == "varlen")
 
     def _reduce_loss(self, loss_sum: torch.Tensor) -> torch.Tensor | None:
         """Global mean token loss of the step on the last-stage ranks, still on the device (None elsewhere)."""

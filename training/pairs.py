@@ -23,7 +23,6 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import modules
 import tasks
@@ -31,7 +30,7 @@ from comm import Layout
 from config import JobConfig
 from context_parallel import ContextSplit, attach_context
 from pipeline_parallel import Pipeline, StagePlan
-from tasks.packing import document_lengths
+from tasks.packing import document_inputs
 from training.chunked_logps import ChunkedHead, attach_chunked_head
 from training.evaluation import pair_batches
 from training.preference import STATS_SIZE, PreferenceLoss, context_target, stat_means, with_reference
@@ -211,18 +210,12 @@ class PairTraining:
         return pack_pairs(batch, self.job.pipeline.micro_batches)
 
     def stage_inputs(self, batch: dict | None, widths: list[int] | None) -> dict:
-        """The stages' position and document ids of a packed batch (on the device), and its documents' lengths as
-        each micro-batch runs them (cut to its width; counted on the host), else none."""
+        """The stages' position and document ids of a packed batch (on the device), and under --masked-attention
+        varlen its documents' lengths as each micro-batch runs them (cut to its width), else none."""
         if not self.packed or batch is None:
             return {}
-        device = self.layout.device
-        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("position_ids", "doc_ids")}
-        micro_batches = batch["doc_ids"].chunk(self.job.pipeline.micro_batches)
-        lengths = [document_lengths(ids[:, : widths[i]] if widths else ids) for i, ids in enumerate(micro_batches)]
-        most = max(part.shape[1] for part in lengths)
-        lengths = torch.cat([F.pad(part, (0, most - part.shape[1])) for part in lengths])
-        inputs["doc_lengths"] = lengths.to(device, non_blocking=True)
-        return inputs
+        varlen = self.job.model.masked_attention == "varlen"
+        return document_inputs(batch, self.layout.device, varlen, self.job.pipeline.micro_batches, widths)
 
     def widths(self, batch: dict | None) -> list[int] | None:
         """The columns each micro-batch of `batch` runs on (pp=1 and no context parallelism), else None: all."""

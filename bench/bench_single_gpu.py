@@ -62,7 +62,7 @@ def parse_variant(text: str, default_batch: int) -> dict:
         else:
             sys.exit(
                 f"--variants: unknown word {word!r} in {text!r} (mbN, bsN, compile, fp16, ac-full, "
-                f"ac-selective, flash, cudnn, efficient, causal)"
+                f"ac-selective, flash, cudnn, efficient, causal, varlen)"
             )
     if v["batch"] % v["micro_batch"]:
         sys.exit(f"--variants {text!r}: micro-batch {v['micro_batch']} does not divide the batch {v['batch']}")

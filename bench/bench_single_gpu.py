@@ -69,6 +69,14 @@ def parse_variant(text: str, default_batch: int) -> dict:
     return v
 
 
+def variant_flags(v: dict) -> list[str]:
+    """The trainer's flags for a variant's attention settings (the rest go through Session.ours' arguments)."""
+    return [
+        *("--attention-backend", v["attention_backend"], "--attention-mask", v["attention_mask"]),
+        *("--masked-attention", v["masked_attention"]),
+    ]
+
+
 def twin_without_fp16(variant: dict, runs: dict) -> dict | None:
     words = [w for w in variant["label"].split("+") if w != "fp16"]
     return runs.get("+".join(words))
@@ -130,10 +138,7 @@ def main():
             compile=v["compile"],
             fp16=v["fp16"],
             activation_checkpointing=v["activation_checkpointing"],
-            extra=[
-                *("--attention-backend", v["attention_backend"], "--attention-mask", v["attention_mask"]),
-                *("--masked-attention", v["masked_attention"]),
-            ],
+            extra=variant_flags(v),
         )
 
     bf16 = [r for r in ours.values() if r["precision"] != "fp16" and r.get("tokens_per_s")]

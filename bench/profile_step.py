@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_single_gpu import parse_variant  # noqa: E402
+from bench_single_gpu import parse_variant, variant_flags  # noqa: E402
 from common import Session, add_common_args, apply_smoke  # noqa: E402
 
 KINDS = [  # first match wins
@@ -145,16 +145,12 @@ def main():
         micro_batch=v["micro_batch"],
         batch=v["batch"],
         compile=v["compile"],
+        fp16=v["fp16"],
         activation_checkpointing=v["activation_checkpointing"],
         extra=[
-            "--profiling",
-            "pytorch_profiling",
-            "--profiling-dir",
-            trace_dir,
-            "--profiling-steps",
-            str(args.profiling_steps),
-            "--attention-mask",
-            v["attention_mask"],
+            *("--profiling", "pytorch_profiling", "--profiling-dir", trace_dir),
+            *("--profiling-steps", str(args.profiling_steps)),
+            *variant_flags(v),
         ],
     )
     traces = sorted(glob.glob(os.path.join(trace_dir, "torch_rank_0*.json")))

@@ -16,11 +16,14 @@ steps that make the batch), so all runs train the same tokens per step. A varian
   causal       --attention-mask causal (default: document)           varlen    --masked-attention varlen
 
     python bench/bench_single_gpu.py --variants mb4,mb4+compile,mb8+compile,mb4+compile+fp16   # ~9 min (estimate)
+    python bench/bench_single_gpu.py --variants mb8+compile+varlen,mb8+compile --references mb8+compile --rounds 3
+                                                    # flex against varlen, three rounds in turn (~5 min, estimate)
     python bench/bench_single_gpu.py --smoke        # CPU check, tiny model
 """
 
 import argparse
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -97,6 +100,13 @@ def main():
         default="mb4,mb4+compile,mb8+compile,mb4+compile+fp16",
         help="comma-separated; see the module docstring",
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the --variants list this many times in turn (labels of later rounds end in '@2', '@3', ...): "
+        "the spread of each variant's tokens/s over the rounds is the run-to-run noise to read a difference against",
+    )
     args = ap.parse_args()
     apply_smoke(args, ap)
     if args.smoke:
@@ -126,10 +136,10 @@ def main():
     ]
     finished = [r for r in reference_runs if r.get("tokens_per_s")]
     base = max(finished, key=lambda r: r["tokens_per_s"], default=reference_runs[0] if reference_runs else {})
-    ours = {}
-    for v in variants:
-        ours[v["label"]] = s.ours(
-            v["label"],
+    ours, rounds = {}, {}
+    for v, label in [(v, v["label"] + (f"@{k}" if k > 1 else "")) for k in range(1, args.rounds + 1) for v in variants]:
+        ours[label] = s.ours(
+            label,
             model_dir=model,
             data=data,
             nproc=1,
@@ -140,6 +150,12 @@ def main():
             activation_checkpointing=v["activation_checkpointing"],
             extra=variant_flags(v),
         )
+        rounds.setdefault(v["label"], []).append(ours[label].get("tokens_per_s"))
+    if args.rounds > 1:
+        for label, figures in rounds.items():
+            done = sorted(f for f in figures if f)
+            spread = f", spread {(done[-1] - done[0]) / statistics.median(done):.1%} of the median" if done else ""
+            s.note(f"{label}: tokens/s over {args.rounds} rounds: {', '.join(f'{f:,.0f}' for f in done)}{spread}")
 
     bf16 = [r for r in ours.values() if r["precision"] != "fp16" and r.get("tokens_per_s")]
     best = max(bf16, key=lambda r: r["tokens_per_s"], default=None)
@@ -179,7 +195,7 @@ def main():
                 ours=run,
                 reference=twin,
             )
-    s.finish(extra={"shape_name": args.shape, "batch_per_step": args.batch_size}, ratio_to=base)
+    s.finish(extra={"shape_name": args.shape, "batch_per_step": args.batch_size, "rounds": rounds}, ratio_to=base)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ unless said otherwise. All runs: r=16, alpha 32, seq 2048, 20 steps of which the
           gradient checkpointing and + torch.compile (issue #31.6: its best, eager or compiled) vs ours (default
           ac-none+compile). Targets: best ours >= 1.15 x peft's best, its peak allocated <= 60 GB; with
           --load-from-disk also launch -> first step <= 90 s reading bf16 safetensors. If one call cannot hold every
-          run, split it as part 6 is split (`--p2-ours ''`, then `--p2-peft ''`) and divide by hand.
+          run, split it as part 6 is split (`--p2-ours ''`, then `--p2-peft ''`) and divide by hand. Micro-batch 2
+          (x 2 per step) is the sweep's next point on both sides (`--p2-peft mb1+compile,mb2+compile --p2-ours
+          ac-none+compile+causal,mb2+ac-none+compile+causal`; at micro-batch 1 ours peaked at 49.3 GB, peft at 53.1
+          GB on an H100, 2026-12-07); peft's compile takes ~115 s before its first step.
   part 3: the same 20B, QLoRA: ours --quantize-base nf4 --activation-checkpointing full vs transformers + peft +
           bitsandbytes 4-bit (NF4, double quant, bf16 compute) with gradient checkpointing, micro-batch 1 x 4.
           Targets: our peak allocated <= 24 GB, our tokens/s >= peft's. Our trainer quantises a stage after building
@@ -303,7 +306,7 @@ def part2(s: Session, args) -> dict:
             run["reference"] = ref and ref["label"]
     layers = f"{modules_layers(model)} layers"
     s.target(
-        f"14.2a: 20B ({layers}) LoRA query_key_value mb1, best ours / peft's best",
+        f"14.2a / 31.6: 20B ({layers}) LoRA query_key_value, best ours / peft's best (any micro-batch, eager or compiled)",
         ratio(qkv_ours and qkv_ours["tokens_per_s"], qkv_peft and qkv_peft.get("tokens_per_s")),
         1.15,
         detail=(f"ours: {qkv_ours['label']}" if qkv_ours else "no run of ours finished")

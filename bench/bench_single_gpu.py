@@ -72,12 +72,24 @@ def parse_variant(text: str, default_batch: int) -> dict:
     return v
 
 
-def variant_flags(v: dict) -> list[str]:
-    """The trainer's flags for a variant's attention settings (the rest go through Session.ours' arguments)."""
-    return [
-        *("--attention-backend", v["attention_backend"], "--attention-mask", v["attention_mask"]),
-        *("--masked-attention", v["masked_attention"]),
-    ]
+def run_variant(s: Session, v: dict, label: str, model_dir: str, data: str, extra: tuple = ()) -> dict:
+    """One run of our trainer on one GPU as variant `v` says, with `extra` flags of the caller's."""
+    return s.ours(
+        label,
+        model_dir=model_dir,
+        data=data,
+        nproc=1,
+        micro_batch=v["micro_batch"],
+        batch=v["batch"],
+        compile=v["compile"],
+        fp16=v["fp16"],
+        activation_checkpointing=v["activation_checkpointing"],
+        extra=[
+            *extra,
+            *("--attention-backend", v["attention_backend"], "--attention-mask", v["attention_mask"]),
+            *("--masked-attention", v["masked_attention"]),
+        ],
+    )
 
 
 def twin_without_fp16(variant: dict, runs: dict) -> dict | None:
@@ -140,19 +152,7 @@ def main():
     for k in range(1, args.rounds + 1):
         for v in variants:
             label = v["label"] + (f"@{k}" if k > 1 else "")
-            run = s.ours(
-                label,
-                model_dir=model,
-                data=data,
-                nproc=1,
-                micro_batch=v["micro_batch"],
-                batch=v["batch"],
-                compile=v["compile"],
-                fp16=v["fp16"],
-                activation_checkpointing=v["activation_checkpointing"],
-                extra=variant_flags(v),
-            )
-            runs_of.setdefault(v["label"], []).append(run)
+            runs_of.setdefault(v["label"], []).append(run_variant(s, v, label, model, data))
     # Each variant is judged by its median round (the lower one of an even count), not by its luckiest.
     ours, rounds = {}, {}
     for label, runs in runs_of.items():

@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_single_gpu import parse_variant, variant_flags  # noqa: E402
+from bench_single_gpu import parse_variant, run_variant  # noqa: E402
 from common import Session, add_common_args, apply_smoke  # noqa: E402
 
 KINDS = [  # first match wins
@@ -137,21 +137,9 @@ def main():
     model_dir = s.model_dir(shape)
     data = s.data_file(v["batch"] * args.seq_length * (args.steps + 2) * 2)
     trace_dir = os.path.join(s.workdir, "trace")
-    run = s.ours(
-        args.variant,
-        model_dir=model_dir,
-        data=data,
-        nproc=1,
-        micro_batch=v["micro_batch"],
-        batch=v["batch"],
-        compile=v["compile"],
-        fp16=v["fp16"],
-        activation_checkpointing=v["activation_checkpointing"],
-        extra=[
-            *("--profiling", "pytorch_profiling", "--profiling-dir", trace_dir),
-            *("--profiling-steps", str(args.profiling_steps)),
-            *variant_flags(v),
-        ],
+    profiling = ("--profiling", "pytorch_profiling", "--profiling-dir", trace_dir)
+    run = run_variant(
+        s, v, args.variant, model_dir, data, extra=(*profiling, "--profiling-steps", str(args.profiling_steps))
     )
     traces = sorted(glob.glob(os.path.join(trace_dir, "torch_rank_0*.json")))
     run["profile"] = summarize_trace(traces[0]) if traces else {"error": f"no trace in {trace_dir}"}

@@ -4,8 +4,6 @@ FlexAttention (the fp32 path, proven equal to transformers in test_families), th
 blocks over batches holding different numbers of documents, and whole training runs that count the documents'
 lengths on the host."""
 
-import json
-import os
 import subprocess
 import sys
 
@@ -16,7 +14,7 @@ import torch.nn.functional as F
 import modules
 from modules import layers
 from tasks.packing import document_lengths
-from tests.helpers import REPO, base_flags, make_chat_data, make_model
+from tests.helpers import ENTRYPOINT, REPO, base_flags, make_chat_data, make_model, read_metrics
 
 pytestmark = [
     pytest.mark.gpu,
@@ -186,15 +184,9 @@ def test_compiled_blocks_take_batches_with_any_number_of_documents(tmp_path):
 def run_trainer(flags: list[str]) -> str:
     """The entrypoint in a process of its own (two NCCL jobs in one process do not clean up after each other):
     returns its stdout once it has exited 0."""
-    entrypoint = os.path.join(REPO, "dist_lm_pretrain_and_finetune.py")
-    done = subprocess.run([sys.executable, entrypoint, *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, ENTRYPOINT, *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
-
-
-def logged(file) -> dict:
-    """{step: record} of a metrics file's step records."""
-    return {r["step"]: r for r in map(json.loads, open(file)) if "loss" in r}
 
 
 def losses_on_both_kernels(flags_of_run) -> dict:
@@ -206,7 +198,7 @@ def losses_on_both_kernels(flags_of_run) -> dict:
         stdout = run_trainer(run["flags"])
         says_varlen = "attention: packed documents and sliding windows on varlen flash attention" in stdout
         assert says_varlen == (kernel == "varlen"), stdout[-3000:]
-        losses[kernel] = {step: record["loss"] for step, record in logged(run["file"]).items()}
+        losses[kernel] = read_metrics(run["file"])
     return losses
 
 
@@ -261,6 +253,6 @@ def test_two_bf16_runs_on_flex_attention_log_the_same_numbers_bit_for_bit(tmp_pa
         file = tmp_path / f"{attempt}.jsonl"
         overrides = {**gpu_run("flex"), "total-steps": 6, "seq-length": 128, "metrics-file": str(file)}
         run_trainer(base_flags(model_dir, data, str(tmp_path / f"ck-{attempt}"), **overrides))
-        records.append({step: (r["loss"], r["grad_norm"]) for step, r in logged(file).items()})
-    assert sorted(records[0]) == [1, 2, 3, 4, 5, 6]
+        records.append((read_metrics(file), read_metrics(file, "grad_norm")))
+    assert sorted(records[0][0]) == sorted(records[0][1]) == [1, 2, 3, 4, 5, 6]
     assert records[0] == records[1]

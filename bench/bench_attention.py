@@ -1,7 +1,9 @@
 """Attention alone, forward + backward, the way a stage runs it: SDPA causal over the whole window against the
 document mask of --attention-mask document, at several mean document lengths: varlen flash attention (what a
-half-precision stage runs, modules.layers.VarlenMask over the lengths counted on the host) and FlexAttention (a
-block mask built once, compiled flex_attention: the fp32 path); and each mask's build time. One GPU.
+half-precision stage runs under --masked-attention varlen, modules.varlen.VarlenMask over the lengths counted on the
+host, its backward deterministic), torch's own `varlen_attn` (the same kernels, the backward in a run-dependent
+order) and FlexAttention (a block mask built once, compiled flex_attention: the default); each mask's build time;
+and whether five backward passes give bit-identical query gradients on each varlen path. One GPU.
 
     python bench/bench_attention.py --out results.json      # B8 H16 S2048 D128, bf16
 """
@@ -56,7 +58,8 @@ def main():
 
     import torch
 
-    from modules.layers import VarlenMask, causal_attention, document_mask
+    from modules.layers import causal_attention, document_mask
+    from modules.varlen import VarlenMask
     from tasks.packing import document_lengths
 
     device = torch.device("cuda")
@@ -67,6 +70,24 @@ def main():
     def step(mask):
         out = causal_attention(q, k, v, mask)
         out.backward(grad)
+
+    def torch_varlen_step(mask):
+        from torch.nn.attention.varlen import varlen_attn
+
+        b, h, s, d = shape
+        cu = mask.cu_seqlens
+        out = varlen_attn(
+            *(x.transpose(1, 2).reshape(b * s, h, d) for x in (q, k, v)), cu, cu, s, s, window_size=(-1, 0)
+        )
+        out.reshape(b, s, h * d).backward(grad)
+
+    def repeats_bit_for_bit(step_once, times=5):
+        grads = []
+        for _ in range(times):
+            q.grad = None
+            step_once()
+            grads.append(q.grad.clone())
+        return all(torch.equal(grads[0], later) for later in grads[1:])
 
     results = {"shape": list(shape), "causal_ms": timed(lambda: step(None), args.repeats), "document": []}
     generator = torch.Generator().manual_seed(0)
@@ -80,12 +101,16 @@ def main():
             "ms": timed(lambda mask=mask: step(mask), args.repeats),
             "mask_build_ms": timed(lambda doc_ids=doc_ids: document_mask(doc_ids), args.repeats),
             "varlen_ms": timed(lambda mask=varlen: step(mask), args.repeats),
+            "varlen_torch_ms": timed(lambda mask=varlen: torch_varlen_step(mask), args.repeats),
+            "varlen_repeats_bit_for_bit": repeats_bit_for_bit(lambda mask=varlen: step(mask)),
+            "varlen_torch_repeats_bit_for_bit": repeats_bit_for_bit(lambda mask=varlen: torch_varlen_step(mask)),
             "varlen_mask_build_ms": timed(
                 lambda lengths=lengths: VarlenMask(lengths, args.batch, args.seq, None, device), args.repeats
             ),
         }
         row["ratio_to_causal"] = row["ms"] / results["causal_ms"]
         row["varlen_ratio_to_causal"] = row["varlen_ms"] / results["causal_ms"]
+        row["varlen_ratio_to_torch_varlen"] = row["varlen_ms"] / row["varlen_torch_ms"]
         results["document"].append(row)
         print(json.dumps(row), flush=True)
     results["device"] = torch.cuda.get_device_name(device)

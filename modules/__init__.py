@@ -13,7 +13,7 @@ from .config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelError, load_model_c
 from .export import save_hf_directory
 from .flops import count_lora_parameters, count_parameters, flops_per_token, head_cost_in_layers, lora_flops_per_token
 from .fp8 import check_fp8_device, convert_blocks_to_float8, float8_summary, gains_from_float8
-from .layers import attention_backend, varlen_note
+from .layers import attention_backend
 from .lora import (
     LoraConfig,
     LoraLinear,
@@ -39,6 +39,7 @@ from .stage import (
     materialize_stage,
     tied_parameter_names,
 )
+from .varlen import varlen_note
 from .weights import Checkpoint, expected_names, expected_shapes, init_stage_weights, load_stage_weights
 
 __all__ = [

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import math
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 from context_parallel import ContextMask, gather_sequence
 
 from .config import ModelConfig
+from .varlen import VarlenMask, varlen_applies
 
 
 def rotary_inv_freq(cfg: ModelConfig, device: torch.device | str | None = "cpu", local: bool = False) -> torch.Tensor:
@@ -260,84 +260,6 @@ def _flex_attention():
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     return torch.compile(flex_attention, dynamic=False)
-
-
-class VarlenMask:
-    """Packed documents and sliding windows through varlen flash attention (`torch.nn.attention.varlen`): every
-    document of every row is a sequence of its own, so cross-document blocks cost nothing and nothing is compiled:
-    the first step loads no inductor, which FlexAttention's kernel needs. `doc_lengths` [B, K] are the rows'
-    document lengths in order, zero-padded (tasks.packing.document_lengths, counted on the host: the number of
-    sequences must be known without asking the device); None: one sequence per row. `window`: a token sees itself
-    and the window - 1 tokens before it, within its document."""
-
-    def __init__(self, doc_lengths: torch.Tensor | None, batch: int, seq: int, window: int | None, device):
-        if doc_lengths is None:
-            ends = torch.arange(1, batch + 1, dtype=torch.int32, device=device) * seq
-        else:
-            ends = doc_lengths.flatten().cumsum(0, dtype=torch.int32)
-        self.cu_seqlens = F.pad(ends, (1, 0))
-        self.window = (-1, 0) if window is None else (window - 1, 0)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-        """q [B, H, S, D], k/v [B, Hkv, S, D] -> [B, S, H*D]."""
-        from torch.nn.attention.varlen import varlen_attn
-
-        b, h, s, d = q.shape
-        gqa = {}
-        if k.shape[1] != h:
-            if _varlen_takes_gqa():
-                gqa = {"enable_gqa": True}
-            else:
-                k, v = (x.repeat_interleave(h // k.shape[1], dim=1) for x in (k, v))
-
-        def tokens(x):  # [B, H, S, D] -> [B*S, H, D]; free when x was made as [B, S, H, D] and transposed
-            return x.transpose(1, 2).reshape(b * s, x.shape[1], d)
-
-        cu = self.cu_seqlens
-        out = varlen_attn(tokens(q), tokens(k), tokens(v), cu, cu, s, s, scale=scale, window_size=self.window, **gqa)
-        return out.reshape(b, s, h * d)
-
-
-@functools.cache
-def _varlen_attention_available(device_index: int) -> bool:
-    """torch's varlen flash attention with sliding windows (torch >= 2.11) on an Ampere or newer GPU."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return False
-    takes_window = "window_size" in inspect.signature(varlen_attn).parameters
-    return takes_window and torch.cuda.get_device_capability(device_index) >= (8, 0)
-
-
-@functools.cache
-def _varlen_takes_gqa() -> bool:
-    from torch.nn.attention.varlen import varlen_attn
-
-    return "enable_gqa" in inspect.signature(varlen_attn).parameters
-
-
-def varlen_applies(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a stage's attention can run on the varlen flash kernel: a half-precision model on a recent GPU, no
-    soft-capped scores (the kernel cannot squash them), a head size the kernel takes."""
-    return (
-        device.type == "cuda"
-        and dtype in (torch.bfloat16, torch.float16)
-        and not cfg.attn_softcap
-        and cfg.head_dim % 8 == 0
-        and cfg.head_dim <= 256
-        and _varlen_attention_available(device.index if device.index is not None else torch.cuda.current_device())
-    )
-
-
-def varlen_note(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, context) -> str:
-    """The log line of --masked-attention varlen: whether the stages run on it (`context`: the stages' context
-    parallelism split, None without)."""
-    if context is None and varlen_applies(cfg, dtype, device):
-        return "attention: packed documents and sliding windows on varlen flash attention"
-    return (
-        "WARNING: --masked-attention varlen does not apply here (it needs a bf16/fp16 model on a GPU, no "
-        "soft-capped scores, no context parallelism): its usual masks instead"
-    )
 
 
 def document_mask(doc_ids: torch.Tensor):

@@ -60,7 +60,7 @@ KEYS = ("input_ids", "labels", "position_ids", "doc_ids")
 def document_lengths(doc_ids: torch.Tensor) -> torch.Tensor:
     """[B, K] int32: the lengths of each row's documents in order, K the most documents a row holds (rows with
     fewer end in zeros), from `doc_ids` [B, S] that ascend along each row from 0 (as window_arrays counts them):
-    the sequences of varlen attention (modules.layers.VarlenMask). Counted where the ids are, on the host."""
+    the sequences of varlen attention (modules.varlen.VarlenMask). Counted where the ids are, on the host."""
     if bool((doc_ids[:, 1:] < doc_ids[:, :-1]).any()):
         raise ValueError("document ids must ascend along each row: a document's tokens are contiguous")
     lengths = torch.zeros(doc_ids.shape[0], int(doc_ids.max()) + 1, dtype=torch.int32)

@@ -128,8 +128,9 @@ FAMILIES = {  # make_tiny_model flags; Gemma 2's final soft-cap is on by default
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_trains_the_same_with_the_head_in_the_loss(family, tmp_path):
     """One stage holding the whole model: the loss and every parameter's gradient (head, tied embedding, blocks)
-    with --chunked-loss (chunks of 7 tokens) equal the plain logits path in fp32 within 1e-6 (relative), labels
-    masked in part."""
+    with --chunked-loss (chunks of 7 tokens) equal the plain logits path in fp32, labels masked in part: the loss
+    within 1e-6 (relative), each gradient within 1e-5 of its scale (the embedding's sums the blocks' backward of
+    differently rounded head gradients: 4e-6 of its scale apart on an AVX-512 EPYC)."""
     path = make_model(tmp_path / family, model_type=family, hidden=32, layers=2, heads=4, extra=FAMILIES[family])
     cfg = modules.load_model_config(path)
     stage = modules.build_stage(cfg, 0, cfg.num_layers, True, True)
@@ -150,8 +151,8 @@ def test_every_family_trains_the_same_with_the_head_in_the_loss(family, tmp_path
     got, got_grads = loss_and_grads(TokenMeanLoss(head=ChunkedHead(stage.output_layer, cfg.final_softcap, chunk=7)))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * want.abs().item())
     assert sorted(got_grads) == sorted(want_grads)
-    for name, grad in want_grads.items():  # within 1e-6 of the gradient's scale (Gemma's embedding ones are ~10)
-        atol = 1e-6 * max(1.0, grad.abs().max().item())
+    for name, grad in want_grads.items():  # the gradient's scale: Gemma's embedding ones are ~10
+        atol = 1e-5 * max(1.0, grad.abs().max().item())
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=atol, msg=name)
 
 

@@ -5,7 +5,8 @@
     load_stage_weights(stage, model_dir)                     # or init_stage_weights(stage, cfg, seed)
     hidden = stage(input_ids)
 
-Reading order: config.py, seeding.py (per-tensor seeds), layers.py, gptneox.py / gptj.py / llama.py, stage.py, weights.py, flops.py, export.py,
+Reading order: config.py, seeding.py (per-tensor seeds), layers.py, varlen.py (packed documents on varlen flash
+attention), gptneox.py / gptj.py / llama.py, stage.py, weights.py, flops.py, export.py,
 lora.py (LoRA adapters on a stage, peft's adapter files), fp8.py (torchao float8 linears in the blocks).
 """
 

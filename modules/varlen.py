@@ -55,7 +55,9 @@ class VarlenMask:
 @contextlib.contextmanager
 def deterministic_kernels():
     """torch's deterministic mode (strict: FlashAttention reads only that) for the calls inside, then as it was.
-    Uninitialised memory stays unfilled: the kernel writes every gradient it returns."""
+    The mode is process-wide: held only around one kernel call, while the trainer's other threads (data, checkpoint
+    writes) run no kernels it would refuse. Uninitialised memory stays unfilled: the kernel writes every gradient
+    it returns."""
     was_on, warn_only = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -19,6 +20,8 @@ import torch
 
 import tasks
 from tasks import cache as token_cache
+from tasks.build_workers import encoded_in_processes
+from tasks.reader import Mixture
 from tests.helpers import base_flags, data_config, make_chat_data, make_model, read_checkpoint_weights, run_job
 from tools.prepare_data import main as prepare_data
 
@@ -179,6 +182,36 @@ def test_a_killed_worker_ctrl_c_or_a_killed_build_leave_no_worker_behind(sources
         "sigterm": (143, "prepare_data: stopped by SIGTERM"),
     }[how]
     assert build.returncode == want[0] and want[1] in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_a_worker_killed_while_sending_a_chunk_back_ends_the_build_with_its_one_line(tok, tmp_path):
+    """The out-of-memory killer may take a worker halfway through writing a result larger than its pipe holds: the
+    build ends with the one line (a pool whose workers share one result pipe and its lock waited there forever)."""
+    psutil = pytest.importorskip("psutil")
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"text": f"document {i} " + "word " * 1000}) + "\n" for i in range(600)))
+    stream = tasks.PackedStream(data_config(str(data), seq_length=64), tok)
+    started = time.time() - 1
+    chunks = encoded_in_processes(stream._pipe, Mixture(stream.tasks, stream.seed, stream.shuffle_buffer), 1)
+    try:
+        meta, chunk = next(chunks)  # meanwhile the worker encodes the next chunk, and sends it: nobody reads it yet
+        assert len(chunk.tokens) * 6 > 1 << 20  # ~6 bytes a token: far more than a pipe's buffer
+        me = psutil.Process()
+        (worker,) = [p for p in me.children(recursive=True) if p.ppid() != me.pid and p.create_time() >= started]
+        busy, deadline = -1.0, time.monotonic() + 60
+        while sum(worker.cpu_times()[:2]) != busy:  # encoded and blocked in its send
+            assert time.monotonic() < deadline
+            busy = sum(worker.cpu_times()[:2])
+            time.sleep(0.5)
+        worker.kill()
+        outcome = []
+        reader = threading.Thread(target=lambda: outcome.append(pytest.raises(tasks.TaskError, next, chunks)))
+        reader.start()
+        reader.join(timeout=60)
+        assert outcome and "ended abruptly (killed: out of memory, or kill -9)" in str(outcome[0].value)
+    finally:
+        chunks.close()
+        stream.close()
 
 
 def test_other_settings_a_damaged_cache_and_a_newer_format_are_refused(tok, sources, tmp_path):

@@ -84,8 +84,13 @@ class _Worker:
     def __init__(self, context, renderer: Renderer):
         self.connection, theirs = context.Pipe()
         self.process = context.Process(target=_serve, args=(theirs, renderer), daemon=True, name="prepare-data-worker")
-        self.process.start()
-        theirs.close()  # only the worker holds that end now: its death ends this one
+        try:
+            self.process.start()
+        except (OSError, EOFError):  # it ended before it had read what it is (killed as it started)
+            self.connection.close()
+            raise _ended_abruptly("while starting") from None
+        finally:
+            theirs.close()  # only the worker holds that end now: its death ends this one
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.sender = threading.Thread(target=self._send_all, daemon=True, name="prepare-data-send")
         self.sender.start()
@@ -98,11 +103,7 @@ class _Worker:
             ok, value = self.connection.recv()
         except (EOFError, OSError):
             self.process.join(timeout=10)
-            raise TaskError(
-                f"prepare_data: a tokenizer worker process ended abruptly ({_how_it_ended(self.process.exitcode)}); "
-                "nothing was published: run it again to continue from the last saved progress (fewer --data-workers "
-                "use less memory)"
-            ) from None
+            raise _ended_abruptly(f"({_how_it_ended(self.process.exitcode)})") from None
         if not ok:
             raise value
         return value
@@ -120,6 +121,13 @@ class _Worker:
                 self.connection.send(task)
             except OSError:  # the worker ended: result() says how
                 return
+
+
+def _ended_abruptly(how: str) -> TaskError:
+    return TaskError(
+        f"prepare_data: a tokenizer worker process ended abruptly {how}; nothing was published: run it again to "
+        "continue from the last saved progress (fewer --data-workers use less memory)"
+    )
 
 
 def _how_it_ended(exitcode: int | None) -> str:

@@ -110,10 +110,13 @@ class _Worker:
 
     def stop(self) -> None:
         self.process.terminate()  # it holds nothing another process waits on
+        self.process.join(timeout=10)
+        if self.process.is_alive():  # SIGTERM caught by something it loaded
+            self.process.kill()
+            self.process.join()
         self.outbox.put(None)
-        self.sender.join()  # its send ends once the worker has (a broken pipe)
+        self.sender.join()  # a send it was in has ended with the worker (a broken pipe)
         self.connection.close()
-        self.process.join()
 
     def _send_all(self) -> None:
         while (task := self.outbox.get()) is not None:

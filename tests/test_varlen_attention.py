@@ -1,4 +1,4 @@
-"""Packed documents and sliding windows through varlen flash attention (modules.VarlenMask,
+"""Packed documents and sliding windows through varlen flash attention (modules.varlen.VarlenMask,
 --masked-attention varlen), a GPU path of half-precision models: the kernel against a float64 reference and against
 FlexAttention (the fp32 path, proven equal to transformers in test_families), its gradients repeated bit for bit,
 the families' stages, the compiled blocks over batches holding different numbers of documents, and whole training

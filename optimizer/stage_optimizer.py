@@ -17,7 +17,9 @@ import torch.distributed as dist
 
 from config import OptimizerConfig
 from data_parallel import GradientReducer
+from optimizer import one_pass
 from optimizer.offload import HostStep, host_threads
+from optimizer.one_pass import OnePassAdamW
 from optimizer.scaler import LossScaler, NoScaler
 from utils.errors import UserError
 from utils.host import host_memory_available, local_ranks
@@ -108,7 +110,7 @@ def _inner_optimizer(kind, groups, lr, betas, eps, whole_numels):
 
         return AdamW8bitOfPieces(groups, lr=lr, betas=betas, eps=eps)
     # Fused on CPU too, so that the tests run the same update (and its in-kernel unscaling) as the GPUs.
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    return OnePassAdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 
 def check_host_memory(elements_per_rank):
@@ -200,6 +202,14 @@ class StageOptimizer:
         # decide on the host.
         self.decides_on_device = not cfg.fp16 and not self.offload and cfg.kind != "8bit-adam"
         self.grad_chunks = self._grad_chunks()  # fixed by the parameters: worked out once, not every step
+        # 16-bit weights with fp32 masters on a GPU: widening, update and rounding in one kernel (one_pass.py).
+        self.one_pass = (
+            self.mixed
+            and not self.offload
+            and cfg.kind != "8bit-adam"
+            and one_pass.runs_on(layout.device)
+            and all(self._unit_target(k).is_contiguous() for k in range(len(self.units)))
+        )
         self.host_step = None
         if self.offload:
             dtypes = [self.model_params[i].dtype for i, _, _ in self.units]
@@ -337,7 +347,14 @@ class StageOptimizer:
 
     def _device_update(self, grads, divisor):
         """Step the units chunk by chunk on the device; mixed precision: fp32 master gradients exist for one chunk
-        at a time, and the updated masters are rounded into the model's parameters."""
+        at a time, and the updated masters are rounded into the model's parameters (or all of it in one pass)."""
+        if self.one_pass:  # its divisor is the fused step's grad_scale, like the three passes'
+            masters = self.master_params
+            self.inner.step(
+                grads={m: grads[k] for k, m in enumerate(masters)},
+                params={m: self._unit_target(k) for k, m in enumerate(masters)},
+            )
+            return
         for chunk in self.grad_chunks:
             masters = [self.master_params[k] for k in chunk]
             given = [k for k, m in zip(chunk, masters) if m is not grads[k] and m.grad is not grads[k]]

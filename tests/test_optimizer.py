@@ -7,7 +7,7 @@ import torch
 
 from comm import Layout
 from config import OptimizerConfig
-from optimizer import StageOptimizer, lr_multiplier, no_decay
+from optimizer import StageOptimizer, lr_multiplier, no_decay, one_pass
 from optimizer.scaler import LossScaler
 
 
@@ -217,3 +217,76 @@ def test_master_gradients_in_chunks_update_like_one_chunk(monkeypatch):
             assert torch.equal(p, m.to(torch.bfloat16))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.fixture
+def interpreted_one_pass(monkeypatch):
+    """The one-pass kernel on the CPU through triton's interpreter (which rounds to bf16 by truncation, where a GPU
+    rounds to nearest even: weights compare to within one bf16 step here)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(one_pass, "runs_on", lambda device: True)
+    one_pass._kernel.cache_clear()
+    yield
+    one_pass._kernel.cache_clear()
+
+
+def steps_on_both_paths(dtype, grads_of_step, device="cpu"):
+    """Two optimizers over the same 16-bit parameters, one stepping in one pass, one in three (widen, fused AdamW,
+    round back), each given the same gradients by `grads_of_step(k)`; after each step yields both (names, params,
+    optimizer state tensors)."""
+    layout = Layout(0, 1, 1, 1, 0, 0, 0, torch.device(device))
+    pairs = []
+    for takes_one_pass in (True, False):
+        params = [(n, torch.nn.Parameter(p.detach().to(device))) for n, p in named_params(dtype, shapes=SHAPES)]
+        opt = make_optimizer(params, dtype, layout=layout)
+        assert opt.one_pass
+        opt.one_pass = takes_one_pass
+        pairs.append((params, opt))
+    names = [n for n, _ in pairs[0][0]]
+    for k in range(len(STEP_GRADS)):
+        for params, opt in pairs:
+            for (_, p), g in zip(params, grads_of_step(k)):
+                p.grad = (g * opt.loss_scale).to(device, dtype)
+            opt.step()
+        yield [([p.detach() for _, p in params], opt.state_tensors(names)) for params, opt in pairs]
+
+
+SHAPES = ((300, 17), (17,), (4099,))  # odd sizes: programs that end part-way through their block
+# Per step, the gradients' scale: normal, clipped (norm well over 1), non-finite (the step is skipped), normal.
+STEP_GRADS = (0.01, 1.0, float("nan"), 0.02)
+
+
+def step_grads(k):
+    generator = torch.Generator().manual_seed(k)
+    if STEP_GRADS[k] != STEP_GRADS[k]:
+        grads = [torch.randn(s, generator=generator) for s in SHAPES]
+        grads[1][3] = float("inf")
+        return grads
+    return [torch.randn(s, generator=generator) * STEP_GRADS[k] for s in SHAPES]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_one_pass_step_updates_as_the_three_pass_step_does(interpreted_one_pass, dtype):
+    """Clipping, bf16's skip decided inside the kernel, fp16's loss scale and its skipped overflow: after every step
+    the one-pass step has left the same masters, moments and step counts as torch's fused AdamW between a widening
+    and a rounding (to float32's rounding: torch's CPU kernel orders its arithmetic differently), and the
+    parameters hold the masters rounded."""
+    for k, ((params, got), (_, want)) in enumerate(steps_on_both_paths(dtype, step_grads)):
+        assert sorted(got) == sorted(want)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-8, msg=f"step {k + 1}: {key}")
+        for i, p in enumerate(params):
+            step = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10  # truncated by the interpreter: < one step
+            torch.testing.assert_close(p.float(), got[f"p{i}/master"], rtol=step, atol=0)
+    assert want["p0/step"].item() < len(STEP_GRADS)  # the non-finite step was skipped (fp16: and overflows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-pass step runs on a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_on_a_gpu_the_one_pass_step_leaves_the_bits_of_the_three_pass_step(dtype):
+    for k, ((params, got), (reference, want)) in enumerate(steps_on_both_paths(dtype, step_grads, device="cuda")):
+        for key in want:
+            assert torch.equal(got[key], want[key]), f"step {k + 1}: {key}"
+        assert all(torch.equal(a, b) for a, b in zip(params, reference)), f"step {k + 1}"

@@ -2,15 +2,17 @@
 
 torch's fused AdamW steps tensors of one dtype, so a bf16/fp16 model's step otherwise takes three passes: widen the
 16-bit gradients into fp32 copies, run the fused kernel on the masters, round the masters back into the parameters
-(40 bytes of memory traffic per parameter, 26 ms of the 1.4B step on an H100). The kernel here reads the 16-bit
-gradient, the master and both moments once and writes the moments, the master and the rounded parameter (28 bytes),
-with no fp32 gradient in memory at all.
+(40 bytes of memory traffic per parameter, and an fp32 copy of up to 1 GiB of gradients at a time). The kernel here
+reads the 16-bit gradient, the master and both moments once and writes the moments, the master and the rounded
+parameter (28 bytes), with no fp32 gradient in memory at all.
 
-The state is torch AdamW's own (`step`, `exp_avg`, `exp_avg_sq` in `optimizer.state`), so checkpoints and the
-three-pass path read and write the same tensors; the arithmetic is the fused CUDA kernel's, term by term (its
-double-precision terms in float64, its float terms in correctly rounded float32), and it honours the optimizer's
-`grad_scale` and `found_inf` as torch's fused step does: divide every gradient by the first, skip the whole step
-(weights, moments and step counts) where the second is 1.
+The state is torch AdamW's own (`step`, `exp_avg`, `exp_avg_sq` in `optimizer.state`), so checkpoints are those of
+the three-pass path and either path resumes the other's. The update is torch's AdamW in float32 (decoupled weight
+decay, bias corrections from each tensor's step count, divisions and square root correctly rounded), honouring the
+optimizer's `grad_scale` and `found_inf` as torch's fused step does: every gradient divided by the first, the whole
+step (weights, moments and step counts) skipped where the second is 1. It is not torch's fused kernel bit for bit
+(that kernel orders its float operations its own way; the two differ in the last bits of the weights from the first
+step), so a run steps one way throughout: this way wherever it can run.
 """
 
 import functools
@@ -44,31 +46,26 @@ def _kernel():
         bias_correction2_sqrt,
         grad_scale,
         found_inf,
-        lr_times_decay: tl.float64,
-        beta1: tl.float64,
-        beta2: tl.float64,
-        eps: tl.float64,
+        lr_times_decay,
+        beta1,
+        beta2,
+        eps,
         DECAY: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < numel
-        # The 0-d inputs are read as blocks of one repeated element: triton's interpreter (the CPU tests) cannot
-        # combine a loaded scalar with a block mask.
-        same = offsets * 0
-        live = inside & (tl.load(found_inf + same) == 0)
-        g = tl.div_rn(tl.load(grad + offsets, mask=inside, other=0.0).to(tl.float32), tl.load(grad_scale + same))
+        # A skipped step stores nothing (a scalar bound, not a scalar in the mask: triton's interpreter, which runs
+        # the CPU tests, cannot combine the two).
+        live = offsets < tl.where(tl.load(found_inf) == 0, numel, 0)
+        g = tl.div_rn(tl.load(grad + offsets, mask=inside, other=0.0).to(tl.float32), tl.load(grad_scale))
         p = tl.load(master + offsets, mask=inside, other=0.0)
-        m = tl.load(exp_avg + offsets, mask=inside, other=0.0)
-        v = tl.load(exp_avg_sq + offsets, mask=inside, other=0.0)
         if DECAY:
-            p = (p.to(tl.float64) - lr_times_decay * p.to(tl.float64)).to(tl.float32)
-        g64 = g.to(tl.float64)
-        m = (beta1 * m.to(tl.float64) + (1.0 - beta1) * g64).to(tl.float32)
-        v = (beta2 * v.to(tl.float64) + (1.0 - beta2) * g64 * g64).to(tl.float32)
-        root = tl.div_rn(tl.sqrt_rn(v), tl.load(bias_correction2_sqrt + same))
-        denom = (root.to(tl.float64) + eps).to(tl.float32)
-        p = p - tl.div_rn(tl.load(step_size + same) * m, denom)
+            p = p - lr_times_decay * p
+        m = beta1 * tl.load(exp_avg + offsets, mask=inside, other=0.0) + (1.0 - beta1) * g
+        v = beta2 * tl.load(exp_avg_sq + offsets, mask=inside, other=0.0) + (1.0 - beta2) * g * g
+        denom = tl.div_rn(tl.sqrt_rn(v), tl.load(bias_correction2_sqrt)) + eps
+        p = p - tl.div_rn(tl.load(step_size) * m, denom)
         tl.store(exp_avg + offsets, m, mask=live)
         tl.store(exp_avg_sq + offsets, v, mask=live)
         tl.store(master + offsets, p, mask=live)
@@ -110,11 +107,11 @@ class OnePassAdamW(torch.optim.AdamW):
             states = [_state(self, m) for m in masters]
             steps = [state["step"] for state in states]
             torch._foreach_add_(steps, 1.0)
-            # The fused kernel's bias corrections: pow in double, rounded to float, then lr / it in double.
+            # Bias corrections in float64 from each tensor's step count, rounded once to float32.
             beta1, beta2 = group["betas"]
             counts = torch.stack(steps).double()
-            step_sizes = (group["lr"] / (1.0 - torch.pow(beta1, counts)).float().double()).float()
-            corrections2_sqrt = (1.0 - torch.pow(beta2, counts)).float().sqrt()
+            step_sizes = (group["lr"] / (1.0 - torch.pow(beta1, counts))).float()
+            corrections2_sqrt = (1.0 - torch.pow(beta2, counts)).sqrt().float()
             divisor = torch.ones((), device=device) if scale is None else scale
             skip = torch.zeros((), device=device) if found_inf is None else found_inf
             decay = group["weight_decay"]

@@ -19,7 +19,6 @@ from config import OptimizerConfig
 from data_parallel import GradientReducer
 from optimizer import one_pass
 from optimizer.offload import HostStep, host_threads
-from optimizer.one_pass import OnePassAdamW
 from optimizer.scaler import LossScaler, NoScaler
 from utils.errors import UserError
 from utils.host import host_memory_available, local_ranks
@@ -110,7 +109,7 @@ def _inner_optimizer(kind, groups, lr, betas, eps, whole_numels):
 
         return AdamW8bitOfPieces(groups, lr=lr, betas=betas, eps=eps)
     # Fused on CPU too, so that the tests run the same update (and its in-kernel unscaling) as the GPUs.
-    return OnePassAdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    return one_pass.OnePassAdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 
 def check_host_memory(elements_per_rank):

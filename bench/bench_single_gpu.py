@@ -13,10 +13,10 @@ steps that make the batch), so all runs train the same tokens per step. A varian
   mbN           micro-batch size N (must divide the step's batch)     compile      --compile (torch.compile blocks)
   fp16          --fp16 instead of --bf16                               bsN          this variant's batch per step
   ac-full, ac-selective   --activation-checkpointing               flash, cudnn, efficient   --attention-backend
-  causal       --attention-mask causal (default: document)           varlen    --masked-attention varlen
+  causal       --attention-mask causal (default: document)           varlen, flex   --masked-attention (default: auto)
 
     python bench/bench_single_gpu.py --variants mb4,mb4+compile,mb8+compile,mb4+compile+fp16   # ~9 min (estimate)
-    python bench/bench_single_gpu.py --variants mb8+compile+varlen,mb8+compile --references mb8+compile --rounds 3
+    python bench/bench_single_gpu.py --variants mb8+compile+varlen,mb8+compile+flex --references mb8+compile --rounds 3
                                                     # flex against varlen, three rounds in turn (~5 min, estimate)
     python bench/bench_single_gpu.py --smoke        # CPU check, tiny model
 """
@@ -41,7 +41,7 @@ def parse_variant(text: str, default_batch: int) -> dict:
         "activation_checkpointing": "none",
         "attention_backend": "auto",
         "attention_mask": "document",
-        "masked_attention": "flex",
+        "masked_attention": "auto",
     }
     for word in text.split("+"):
         if word.startswith("mb") and word[2:].isdigit():
@@ -54,8 +54,8 @@ def parse_variant(text: str, default_batch: int) -> dict:
             v["fp16"] = True
         elif word == "causal":
             v["attention_mask"] = "causal"
-        elif word == "varlen":
-            v["masked_attention"] = "varlen"
+        elif word in ("varlen", "flex"):
+            v["masked_attention"] = word
         elif word == "bf16":
             pass
         elif word.startswith("ac-") and word[3:] in ("none", "full", "selective"):
@@ -65,7 +65,7 @@ def parse_variant(text: str, default_batch: int) -> dict:
         else:
             sys.exit(
                 f"--variants: unknown word {word!r} in {text!r} (mbN, bsN, compile, fp16, ac-full, "
-                f"ac-selective, flash, cudnn, efficient, causal, varlen)"
+                f"ac-selective, flash, cudnn, efficient, causal, varlen, flex)"
             )
     if v["batch"] % v["micro_batch"]:
         sys.exit(f"--variants {text!r}: micro-batch {v['micro_batch']} does not divide the batch {v['batch']}")

@@ -167,12 +167,13 @@ class ModelRunConfig:
     )
     masked_attention: str = setting(
         "--masked-attention",
-        "flex",
-        "GPU kernel of packed documents and sliding windows in a bf16/fp16 model: varlen (torch's varlen flash "
-        "attention, each document a sequence of its own; nothing to compile) or flex (FlexAttention block masks, "
-        "compiled); fp32 models, soft-capped scores and context parallelism take flex",
+        "auto",
+        "GPU kernel of packed documents and sliding windows: varlen (torch's varlen flash attention, each document "
+        "a sequence of its own; nothing to compile; bf16/fp16 models without soft-capped scores or context "
+        "parallelism) or flex (FlexAttention block masks, compiled; every model); auto: varlen where it applies, "
+        "else flex",
         group="model",
-        choices=("flex", "varlen"),
+        choices=("auto", "flex", "varlen"),
     )
     fp16: bool = setting(
         "--fp16", False, "fp16 model, fp32 master weights, loss scaling", group="precision", switch=True

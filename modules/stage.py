@@ -113,7 +113,7 @@ class Stage(nn.Module):
         self.head_in_loss = False
         self.activation_offload: ActivationOffload | None = None  # --activation-offload cpu
         self.context: ContextSplit | None = None  # --context-parallel-size > 1: the rank's share of each sequence
-        self.masked_attention = "flex"  # --masked-attention: varlen runs documents and windows on varlen attention
+        self.masked_attention = "flex"  # --masked-attention: auto/varlen run documents and windows on varlen attention
 
     @property
     def output_layer(self) -> nn.Linear:
@@ -159,7 +159,7 @@ class Stage(nn.Module):
                 position_ids = position_ids[:, mine] if position_ids is not None else mine[None]
                 masks = context_masks(cfg, self.context, seq, doc_ids, h.device)
             else:
-                masks = attention_masks(cfg, h, doc_ids, doc_lengths, varlen=self.masked_attention == "varlen")
+                masks = attention_masks(cfg, h, doc_ids, doc_lengths, varlen=self.masked_attention != "flex")
             # Once per stage, shared by its blocks: rotary and mask per layer type
             rotary = {"full": self.rotary(h.shape[1], h.dtype, position_ids)}
             rotary["sliding"] = (

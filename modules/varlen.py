@@ -160,11 +160,14 @@ def varlen_applies(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -
     )
 
 
-def varlen_note(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, context) -> str:
-    """The log line of --masked-attention varlen: whether the stages run on it (`context`: the stages' context
-    parallelism split, None without)."""
+def varlen_note(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, context, asked: bool) -> str | None:
+    """The log line of --masked-attention auto or varlen (`asked`): that the stages run on varlen attention, or,
+    where they cannot and varlen was asked for, a warning; None where auto falls back to FlexAttention. `context`:
+    the stages' context parallelism split, None without."""
     if context is None and varlen_applies(cfg, dtype, device):
         return "attention: packed documents and sliding windows on varlen flash attention"
+    if not asked:
+        return None
     return (
         "WARNING: --masked-attention varlen does not apply here (it needs a bf16/fp16 model on a GPU, no "
         "soft-capped scores, no context parallelism): its usual masks instead"

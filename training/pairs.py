@@ -210,11 +210,11 @@ class PairTraining:
         return pack_pairs(batch, self.job.pipeline.micro_batches)
 
     def stage_inputs(self, batch: dict | None, widths: list[int] | None) -> dict:
-        """The stages' position and document ids of a packed batch (on the device), and under --masked-attention
-        varlen its documents' lengths as each micro-batch runs them (cut to its width), else none."""
+        """The stages' position and document ids of a packed batch (on the device), and unless --masked-attention
+        is flex its documents' lengths as each micro-batch runs them (cut to its width)."""
         if not self.packed or batch is None:
             return {}
-        varlen = self.job.model.masked_attention == "varlen"
+        varlen = self.job.model.masked_attention != "flex"
         return document_inputs(batch, self.layout.device, varlen, self.job.pipeline.micro_batches, widths)
 
     def widths(self, batch: dict | None) -> list[int] | None:

@@ -1,5 +1,6 @@
 """The optimizer step of a pipeline stage: see stage_optimizer.py (master weights, clipping, schedules) and
-scaler.py (fp16 loss scaling), offload.py (the host step of --offload-optimizer cpu)."""
+scaler.py (fp16 loss scaling), offload.py (the host step of --offload-optimizer cpu), one_pass.py (the GPU step of
+16-bit weights with fp32 masters, one triton kernel)."""
 
 from .stage_optimizer import (
     OptimizerError,

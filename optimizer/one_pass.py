@@ -15,6 +15,7 @@ step (weights, moments and step counts) skipped where the second is 1. It is not
 step), so a run steps one way throughout: this way wherever it can run.
 """
 
+import contextlib
 import functools
 import importlib.util
 
@@ -84,6 +85,10 @@ def _state(optimizer: torch.optim.Optimizer, master: torch.Tensor) -> dict:
     return state
 
 
+def _launching_on(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class OnePassAdamW(torch.optim.AdamW):
     """torch's AdamW, whose step() may instead be given the 16-bit gradients and parameters of its fp32 masters:
     `step(grads={master: its gradient}, params={master: the model tensor it is the master of})` steps those masters
@@ -115,28 +120,29 @@ class OnePassAdamW(torch.optim.AdamW):
             divisor = torch.ones((), device=device) if scale is None else scale
             skip = torch.zeros((), device=device) if found_inf is None else found_inf
             decay = group["weight_decay"]
-            for k, master in enumerate(masters):
-                grad, param = grads[master], params[master]
-                if grad.shape != master.shape or param.shape != master.shape or not param.is_contiguous():
-                    raise ValueError("the one-pass AdamW step needs contiguous tensors of the master's shape")
-                kernel[(-(-master.numel() // BLOCK),)](
-                    grad.contiguous(),
-                    master,
-                    states[k]["exp_avg"],
-                    states[k]["exp_avg_sq"],
-                    param,
-                    master.numel(),
-                    step_sizes[k],
-                    corrections2_sqrt[k],
-                    divisor,
-                    skip,
-                    group["lr"] * decay,
-                    beta1,
-                    beta2,
-                    group["eps"],
-                    DECAY=decay != 0,
-                    BLOCK=BLOCK,
-                )
+            with _launching_on(device):  # triton launches on the current CUDA device
+                for k, master in enumerate(masters):
+                    grad, param = grads[master], params[master]
+                    if grad.shape != master.shape or param.shape != master.shape or not param.is_contiguous():
+                        raise ValueError("the one-pass AdamW step needs contiguous tensors of the master's shape")
+                    kernel[(-(-master.numel() // BLOCK),)](
+                        grad.contiguous(),
+                        master,
+                        states[k]["exp_avg"],
+                        states[k]["exp_avg_sq"],
+                        param,
+                        master.numel(),
+                        step_sizes[k],
+                        corrections2_sqrt[k],
+                        divisor,
+                        skip,
+                        group["lr"] * decay,
+                        beta1,
+                        beta2,
+                        group["eps"],
+                        DECAY=decay != 0,
+                        BLOCK=BLOCK,
+                    )
             if found_inf is not None:
                 torch._foreach_sub_(steps, [found_inf] * len(steps))
         return None

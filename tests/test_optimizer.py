@@ -1,6 +1,7 @@
 """Optimizer pieces on their own: loss-scaler rules, LR schedules, state round trip through checkpoint tensors."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -233,8 +234,8 @@ def interpreted_one_pass(monkeypatch):
 
 def steps_on_both_paths(dtype, grads_of_step, device="cpu"):
     """Two optimizers over the same 16-bit parameters, one stepping in one pass, one in three (widen, fused AdamW,
-    round back), each given the same gradients by `grads_of_step(k)`; after each step yields both (names, params,
-    optimizer state tensors)."""
+    round back), each given the same gradients by `grads_of_step(k)`; after each step yields both (parameters,
+    optimizer state tensors by name)."""
     layout = Layout(0, 1, 1, 1, 0, 0, 0, torch.device(device))
     pairs = []
     for takes_one_pass in (True, False):
@@ -259,7 +260,7 @@ STEP_GRADS = (0.01, 1.0, float("nan"), 0.02)
 
 def step_grads(k):
     generator = torch.Generator().manual_seed(k)
-    if STEP_GRADS[k] != STEP_GRADS[k]:
+    if math.isnan(STEP_GRADS[k]):
         grads = [torch.randn(s, generator=generator) for s in SHAPES]
         grads[1][3] = float("inf")
         return grads

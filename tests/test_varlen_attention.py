@@ -245,7 +245,7 @@ def test_a_bf16_run_on_varlen_attention_trains_as_on_flex_attention(tmp_path):
         assert losses["varlen"][step] == pytest.approx(loss, rel=1e-2), step
 
 
-def test_packed_preference_pairs_on_varlen_attention_train_as_on_flex_attention(tmp_path):
+def test_packed_preference_pairs_on_varlen_attention_trains_as_on_flex_attention(tmp_path):
     """DPO with --pack-pairs: each micro-batch runs on its own width, and the lengths are counted on the rows as cut
     to it; the losses are those of the same run on FlexAttention, to bf16's precision."""
     from tests.test_preference_training import flags_of, make_pairs

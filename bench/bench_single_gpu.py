@@ -14,6 +14,7 @@ steps that make the batch), so all runs train the same tokens per step. A varian
   fp16          --fp16 instead of --bf16                               bsN          this variant's batch per step
   ac-full, ac-selective   --activation-checkpointing               flash, cudnn, efficient   --attention-backend
   causal       --attention-mask causal (default: document)           varlen, flex   --masked-attention (default: auto)
+  fp8, fp8-rowwise   --fp8 tensorwise / rowwise (needs torchao and a GPU of compute capability 8.9+)
 
     python bench/bench_single_gpu.py --variants mb4,mb4+compile,mb8+compile,mb4+compile+fp16   # ~9 min (estimate)
     python bench/bench_single_gpu.py --variants mb8+compile+varlen,mb8+compile+flex --references mb8+compile --rounds 3
@@ -42,6 +43,7 @@ def parse_variant(text: str, default_batch: int) -> dict:
         "attention_backend": "auto",
         "attention_mask": "document",
         "masked_attention": "auto",
+        "fp8": "none",
     }
     for word in text.split("+"):
         if word.startswith("mb") and word[2:].isdigit():
@@ -56,6 +58,8 @@ def parse_variant(text: str, default_batch: int) -> dict:
             v["attention_mask"] = "causal"
         elif word in ("varlen", "flex"):
             v["masked_attention"] = word
+        elif word in ("fp8", "fp8-rowwise"):
+            v["fp8"] = "rowwise" if word == "fp8-rowwise" else "tensorwise"
         elif word == "bf16":
             pass
         elif word.startswith("ac-") and word[3:] in ("none", "full", "selective"):
@@ -65,7 +69,7 @@ def parse_variant(text: str, default_batch: int) -> dict:
         else:
             sys.exit(
                 f"--variants: unknown word {word!r} in {text!r} (mbN, bsN, compile, fp16, ac-full, "
-                f"ac-selective, flash, cudnn, efficient, causal, varlen, flex)"
+                f"ac-selective, flash, cudnn, efficient, causal, varlen, flex, fp8, fp8-rowwise)"
             )
     if v["batch"] % v["micro_batch"]:
         sys.exit(f"--variants {text!r}: micro-batch {v['micro_batch']} does not divide the batch {v['batch']}")
@@ -88,6 +92,7 @@ def run_variant(s: Session, v: dict, label: str, model_dir: str, data: str, extr
             *extra,
             *("--attention-backend", v["attention_backend"], "--attention-mask", v["attention_mask"]),
             *("--masked-attention", v["masked_attention"]),
+            *(("--fp8", v["fp8"]) if v["fp8"] != "none" else ()),
         ],
     )
 

@@ -8,6 +8,8 @@ time not covered by any kernel. Numbers of a traced step are a little slower tha
 where time goes, bench_single_gpu.py says how fast.
 
     python bench/profile_step.py --variant mb8+compile          # one H100/H200
+    python bench/profile_step.py --shape pythia-6.9b --layers 16 --batch-size 4 --variant mb1+compile+fp8
+                                                                # the float8 step of bench_fp8.py's 6.9B row (#31.4)
     python bench/profile_step.py --smoke                        # CPU check of the plumbing (no GPU kernels)
 """
 
@@ -126,6 +128,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, steps=4, warmup=1)
     ap.add_argument("--shape", default="pythia-1.4b")
+    ap.add_argument("--layers", type=int, default=0, help="train this many of the shape's layers (0: all)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--variant", default="mb8+compile", help="as in bench_single_gpu.py")
     ap.add_argument("--profiling-steps", type=int, default=2)
@@ -134,7 +137,7 @@ def main():
     s = Session("profile_step", args)
     shape = "tiny" if args.smoke else args.shape
     v = parse_variant(args.variant, args.batch_size)
-    model_dir = s.model_dir(shape)
+    model_dir = s.model_dir(shape, None if args.smoke else args.layers or None)
     data = s.data_file(v["batch"] * args.seq_length * (args.steps + 2) * 2)
     trace_dir = os.path.join(s.workdir, "trace")
     profiling = ("--profiling", "pytorch_profiling", "--profiling-dir", trace_dir)

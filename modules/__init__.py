@@ -40,12 +40,13 @@ from .stage import (
     materialize_stage,
     tied_parameter_names,
 )
-from .varlen import varlen_note
+from .varlen import varlen_chosen, varlen_note
 from .weights import Checkpoint, expected_names, expected_shapes, init_stage_weights, load_stage_weights
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "attention_backend",
+    "varlen_chosen",
     "varlen_note",
     "adapters_off",
     "apply_lora",

@@ -160,13 +160,20 @@ def varlen_applies(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -
     )
 
 
-def varlen_note(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, context, asked: bool) -> str | None:
-    """The log line of --masked-attention auto or varlen (`asked`): that the stages run on varlen attention, or,
-    where they cannot and varlen was asked for, a warning; None where auto falls back to FlexAttention. `context`:
-    the stages' context parallelism split, None without."""
-    if context is None and varlen_applies(cfg, dtype, device):
+def varlen_chosen(choice: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, context) -> bool:
+    """Whether a run's stages take packed documents through varlen attention (and so need their lengths):
+    --masked-attention `choice` auto or varlen, where the kernel applies, without context parallelism (`context`:
+    the stages' split, None without)."""
+    return choice != "flex" and context is None and varlen_applies(cfg, dtype, device)
+
+
+def varlen_note(choice: str, chosen: bool) -> str | None:
+    """The log line of --masked-attention `choice` where varlen_chosen said `chosen`: that the stages run on varlen
+    attention, or, where they cannot and varlen was asked for by name, a warning; None where auto (or flex) takes
+    FlexAttention."""
+    if chosen:
         return "attention: packed documents and sliding windows on varlen flash attention"
-    if not asked:
+    if choice != "varlen":
         return None
     return (
         "WARNING: --masked-attention varlen does not apply here (it needs a bf16/fp16 model on a GPU, no "

@@ -74,13 +74,16 @@ def test_deterministic_kernels_restores_the_callers_mode():
 
 
 def test_the_default_falls_back_to_flex_attention_silently_where_varlen_cannot_run():
-    """--masked-attention auto (the default) says nothing on a CPU or an fp32 model, where FlexAttention or SDPA run;
-    asked for by name, varlen warns there that it does not apply."""
+    """--masked-attention auto (the default) is not varlen on a CPU or for an fp32 model, and says nothing; asked for
+    by name, varlen warns there that it does not apply; flex never takes varlen."""
     from modules.config import model_config_from_dict
 
     cfg = model_config_from_dict(
         {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 32}
     )
     for dtype in (torch.float32, torch.bfloat16):
-        assert varlen.varlen_note(cfg, dtype, torch.device("cpu"), None, asked=False) is None
-        assert varlen.varlen_note(cfg, dtype, torch.device("cpu"), None, asked=True).startswith("WARNING")
+        for choice in ("auto", "flex", "varlen"):
+            assert not varlen.varlen_chosen(choice, cfg, dtype, torch.device("cpu"), None)
+    assert varlen.varlen_note("auto", False) is None and varlen.varlen_note("flex", False) is None
+    assert varlen.varlen_note("varlen", False).startswith("WARNING")
+    assert varlen.varlen_note("auto", True).startswith("attention: packed documents")

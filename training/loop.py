@@ -131,10 +131,10 @@ class Trainer:
         self.context = attach_context(self.stages, lay)  # --context-parallel-size: each rank's share of a sequence
         if job.model.fp8 != "none":
             self.log.info(modules.float8_summary(self.stages, job.model.fp8))
-        if job.model.masked_attention != "flex" and job.model.attention_mask == "document":
-            asked = job.model.masked_attention == "varlen"
-            if note := modules.varlen_note(self.cfg, getattr(torch, job.model.dtype), lay.device, self.context, asked):
-                self.log.info(note)
+        choice = job.model.masked_attention  # packed documents' kernel: their lengths are counted only for varlen
+        self.varlen = modules.varlen_chosen(choice, self.cfg, getattr(torch, job.model.dtype), lay.device, self.context)
+        if job.model.attention_mask == "document" and (note := modules.varlen_note(choice, self.varlen)):
+            self.log.info(note)
         # The frozen base of a LoRA run gets no gradient, master copy or optimizer state.
         self.named_params = [(n, p) for m in self.stages for n, p in m.named_parameters() if p.requires_grad]
         self.log.info(
@@ -294,12 +294,12 @@ class Trainer:
         return self.pipeline.run(input_ids, target, train=train, **self._document_inputs(batch))
 
     def _document_inputs(self, batch: dict | None) -> dict:
-        """The stages' position and document ids (and unless --masked-attention is flex the documents' lengths) of a
+        """The stages' position and document ids (and on varlen attention the documents' lengths) of a
         batch under --attention-mask document; none (plain causal attention over the window) when every row holds
         one document. Decided and counted on the host: no device sync."""
         if not self.documents or batch is None or bool((batch["doc_ids"][:, 0] == batch["doc_ids"][:, -1]).all()):
             return {}
-        return document_inputs(batch, self.layout.device, lengths=self.job.model.masked_attention != "flex")
+        return document_inputs(batch, self.layout.device, lengths=self.varlen)
 
     def _reduce_loss(self, loss_sum: torch.Tensor) -> torch.Tensor | None:
         """Global mean token loss of the step on the last-stage ranks, still on the device (None elsewhere)."""

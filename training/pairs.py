@@ -147,6 +147,8 @@ class PairTraining:
         self.stream, self.tokenizer, self.log, self.context = stream, tokenizer, log, context
         self.cut_rows = plan.num_stages == 1 and context is None  # `widths` (module docstring)
         self.packed = self.cut_rows and job.objective.pack_pairs
+        dtype = getattr(torch, job.model.dtype)
+        self.varlen = modules.varlen_chosen(job.model.masked_attention, cfg, dtype, layout.device, context)
         micro_rows = 2 * job.data.micro_batch_size
         columns = micro_rows * job.data.seq_length if self.packed else job.data.seq_length
         self.width_multiple = width_multiple(cfg, columns, self.packed)
@@ -210,12 +212,11 @@ class PairTraining:
         return pack_pairs(batch, self.job.pipeline.micro_batches)
 
     def stage_inputs(self, batch: dict | None, widths: list[int] | None) -> dict:
-        """The stages' position and document ids of a packed batch (on the device), and unless --masked-attention
-        is flex its documents' lengths as each micro-batch runs them (cut to its width)."""
+        """The stages' position and document ids of a packed batch (on the device), and on varlen attention its
+        documents' lengths as each micro-batch runs them (cut to its width)."""
         if not self.packed or batch is None:
             return {}
-        varlen = self.job.model.masked_attention != "flex"
-        return document_inputs(batch, self.layout.device, varlen, self.job.pipeline.micro_batches, widths)
+        return document_inputs(batch, self.layout.device, self.varlen, self.job.pipeline.micro_batches, widths)
 
     def widths(self, batch: dict | None) -> list[int] | None:
         """The columns each micro-batch of `batch` runs on (pp=1 and no context parallelism), else None: all."""

@@ -22,6 +22,7 @@ import importlib.util
 import torch
 
 BLOCK = 2048  # elements per program: 5 loads and 4 stores each, memory-bound
+NUM_WARPS = 4
 
 
 def runs_on(device: torch.device) -> bool:
@@ -142,6 +143,7 @@ class OnePassAdamW(torch.optim.AdamW):
                         group["eps"],
                         DECAY=decay != 0,
                         BLOCK=BLOCK,
+                        num_warps=NUM_WARPS,
                     )
             if found_inf is not None:
                 torch._foreach_sub_(steps, [found_inf] * len(steps))

@@ -3,7 +3,8 @@
 Runs the real entrypoint with `--profiling pytorch_profiling` (two traced optimizer steps after a warm-up step), then
 reads the Chrome trace of rank 0 and sums the GPU kernels' time by kind: matmul (cuBLAS / CUTLASS / nvjet / triton
 mm), attention (flash / cuDNN / efficient / flex), optimizer (multi-tensor / fused Adam), copies and memsets,
-collectives, everything else (elementwise, norms, rotary, cross-entropy: fused or not). "GPU idle" is the step's wall
+collectives, float8 casts (`--fp8`'s absolute maxima and clamped casts: any kernel named after amax, abs+max or
+clamp), everything else (elementwise, norms, rotary, cross-entropy: fused or not). "GPU idle" is the step's wall
 time not covered by any kernel. Numbers of a traced step are a little slower than an untraced one: the profile says
 where time goes, bench_single_gpu.py says how fast.
 
@@ -31,6 +32,8 @@ KINDS = [  # first match wins
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("collective", ("nccl",)),
     ("copy/memset", ("memcpy", "memset", "copy_kernel", "fill")),
+    # --fp8: finding each operand's scale (an absolute max) and casting it; inductor names its fused kernels after them
+    ("float8 casts", ("amax", "abs_max", "clamp")),
 ]
 
 

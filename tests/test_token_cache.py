@@ -155,6 +155,7 @@ def _start_build(sources, output):
     return build, workers
 
 
+@pytest.mark.e2e  # starts a build script and kills its processes
 @pytest.mark.parametrize("how", ["killed worker", "ctrl-c", "sigterm", "killed build"])
 def test_a_killed_worker_ctrl_c_or_a_killed_build_leave_no_worker_behind(sources, tmp_path, how):
     """A worker killed (the out-of-memory killer), Ctrl-C (SIGINT to the whole process group) or SIGTERM to the build

@@ -11,9 +11,9 @@ the three-pass path and either path resumes the other's. The update is torch's A
 decay, bias corrections from each tensor's step count, divisions and square root correctly rounded), honouring the
 optimizer's `grad_scale` and `found_inf` as torch's fused step does: every gradient divided by the first, the whole
 step (weights, moments and step counts) skipped where the second is 1. The bias corrections are worked out in double
-from each step count and rounded once, as torch's CPU and for-loop AdamW do; torch's CUDA kernel rounds the betas and
-the corrections to float first (1 - 0.999 comes out 1.3e-5 off), so the two GPU paths differ by up to ~6e-6 of each
-update: a run steps one way throughout, this way wherever it can run.
+from each step count and rounded once, as torch's CPU and for-loop AdamW do; torch's CUDA kernel rounds the betas
+and the corrections to float first (1 - 0.999 in float is off by 1.3e-5 of itself), so the two GPU paths differ by
+up to ~6e-6 of each update: a run steps one way throughout, this way wherever it can run.
 """
 
 import contextlib

@@ -41,7 +41,7 @@ def parameters(shape, device):
 
 
 def timings(opt, params, grads, repeats):
-    """(GPU ms, wall ms) of each of `repeats` steps."""
+    """(GPU ms of each, wall ms of each) of `repeats` timed steps, taken in turn: half on each clock."""
     import torch
 
     gpu, wall = [], []
@@ -90,7 +90,7 @@ def main():
     ap.add_argument("--shape", default="pythia-1.4b")
     ap.add_argument("--blocks", default="1024,2048,4096,8192")
     ap.add_argument("--warps", default="4,8,16")
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=10, help="timed steps per configuration, half on each clock")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 

@@ -53,7 +53,9 @@ def _kernel():
         found_inf,
         lr_times_decay,
         beta1,
-        beta2,
+        one_minus_beta1,  # worked out on the host: triton takes float arguments as float32, and 1 - 0.999 in
+        beta2,  # float32 is off by 1.3e-5 of itself
+        one_minus_beta2,
         eps,
         DECAY: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -67,8 +69,8 @@ def _kernel():
         p = tl.load(master + offsets, mask=inside, other=0.0)
         if DECAY:
             p = p - lr_times_decay * p
-        m = beta1 * tl.load(exp_avg + offsets, mask=inside, other=0.0) + (1.0 - beta1) * g
-        v = beta2 * tl.load(exp_avg_sq + offsets, mask=inside, other=0.0) + (1.0 - beta2) * g * g
+        m = beta1 * tl.load(exp_avg + offsets, mask=inside, other=0.0) + one_minus_beta1 * g
+        v = beta2 * tl.load(exp_avg_sq + offsets, mask=inside, other=0.0) + one_minus_beta2 * g * g
         denom = tl.div_rn(tl.sqrt_rn(v), tl.load(bias_correction2_sqrt)) + eps
         p = p - tl.div_rn(tl.load(step_size) * m, denom)
         tl.store(exp_avg + offsets, m, mask=live)
@@ -142,7 +144,9 @@ class OnePassAdamW(torch.optim.AdamW):
                         skip,
                         group["lr"] * decay,
                         beta1,
+                        1.0 - beta1,
                         beta2,
+                        1.0 - beta2,
                         group["eps"],
                         DECAY=decay != 0,
                         BLOCK=BLOCK,

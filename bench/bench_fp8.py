@@ -26,6 +26,11 @@ The GPU image has no torchao: carry its wheel and install it first (python 3.12,
     python3 bench/bench_fp8.py --part 1 --recipes tensorwise,rowwise --p1-layers 16 --out $OUT/fp8_6.9b.json \
         --time-budget 280 && python3 bench/bench_fp8.py --part 1 --recipes tensorwise,rowwise --p1-shape neox-20b \
         --p1-layers 6 --out $OUT/fp8_20b.json --time-budget 280
+    # the same at micro-batch 4, where float8 gains most (one H100, 2026-12-08: 12 of 6.9B's layers 50 GB, 6 of 20B's
+    # 54 GB; about 110 s each)
+    python3 bench/bench_fp8.py --part 1 --recipes tensorwise --p1-layers 12 --p1-micro-batch 4 --p1-batch 4
+    python3 bench/bench_fp8.py --part 1 --recipes tensorwise --p1-shape neox-20b --p1-layers 6 --p1-micro-batch 4 \
+        --p1-batch 4
     python3 bench/bench_fp8.py --smoke      # CPU: plumbing only; float8 needs a GPU, so part 1's fp8 run must be
                                             # refused with the trainer's one line (part 2's is not launched)
 """

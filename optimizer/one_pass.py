@@ -10,11 +10,11 @@ The state is torch AdamW's own (`step`, `exp_avg`, `exp_avg_sq` in `optimizer.st
 the three-pass path and either path resumes the other's. The update is torch's AdamW in float32 (decoupled weight
 decay, bias corrections from each tensor's step count, divisions and square root correctly rounded), honouring the
 optimizer's `grad_scale` and `found_inf` as torch's fused step does: every gradient divided by the first, the whole
-step (weights, moments and step counts) skipped where the second is 1. The bias corrections and `1 - beta` are worked out in
-double on the host and rounded once, as torch's CPU and for-loop AdamW do (triton takes float arguments as float32,
-and 1 - 0.999 taken in float32 is off by 1.3e-5 of itself). torch's CUDA fused AdamW rounds its scalars otherwise: on
-an H100 it agreed with this step at the first step and differed from the second on, by up to 3e-8 on masters of
-order 1, so a run steps one way throughout, this way wherever it can run.
+step (weights, moments and step counts) skipped where the second is 1. The bias corrections and `1 - beta` are
+worked out in double on the host and rounded once, as torch's CPU and for-loop AdamW do (triton takes float
+arguments as float32, and 1 - 0.999 taken in float32 is off by 1.3e-5 of itself). torch's CUDA fused AdamW rounds
+its scalars otherwise: on an H100 it agreed with this step at the first step and differed from the second on, by up
+to 3e-8 on masters of order 1, so a run steps one way throughout, this way wherever it can run.
 """
 
 import contextlib
@@ -54,8 +54,8 @@ def _kernel():
         found_inf,
         lr_times_decay,
         beta1,
-        one_minus_beta1,  # worked out on the host: triton takes float arguments as float32, and 1 - 0.999 in
-        beta2,  # float32 is off by 1.3e-5 of itself
+        one_minus_beta1,  # from the host, in double: 1 - 0.999 taken in float32 is 1.3e-5 off
+        beta2,
         one_minus_beta2,
         eps,
         DECAY: tl.constexpr,
